@@ -1,0 +1,311 @@
+"""Fixtures: a real PostgreSQL with the migration applied, the local stand-ins, a fleet builder,
+and a runner that starts aggregator.py the way cron does."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from fakes.google import FakeGoogle
+from fakes.matomo import FakeMatomo
+from fakes.postgrest import FakePostgrest
+
+ROOT = Path(__file__).resolve().parent.parent
+AGGREGATOR = ROOT / "aggregator.py"
+MIGRATIONS = sorted((ROOT / "supabase" / "migrations").glob("*.sql"))
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+SERVICE_KEY = "sb_secret_SERVICEkey0test0aggregator0Zq"
+ANON_KEY = "sb_publishable_ANONkey0test0aggregator"
+MATOMO_TOKEN = "matomoTOKEN0a1b2c3d4e5f6a7b8c9d0"
+CLIENT_ID = "1234567890-test.apps.googleusercontent.com"
+CLIENT_SECRET = "GOCSPX-CLIENTsecret0test0Yk"
+CONFIG_NAMES = (
+    "SUPABASE_URL",
+    "SUPABASE_SERVICE_ROLE_KEY",
+    "MATOMO_URL",
+    "MATOMO_TOKEN_AUTH",
+    "GOOGLE_CLIENT_ID",
+    "GOOGLE_CLIENT_SECRET",
+    "GOOGLE_TOKEN_URI",
+    "GSC_API_ENDPOINT",
+    "HTTP_TIMEOUT",
+    "HTTP_RETRIES",
+    "MATOMO_BULK_SIZE",
+    "UPSERT_CHUNK_SIZE",
+    "GSC_ACCOUNT_WORKERS",
+)
+
+# What Supabase sets up before any migration: its API roles and their default grants.
+SUPABASE_BOOTSTRAP = """
+do $$ begin
+  if not exists (select from pg_roles where rolname = 'anon') then create role anon nologin; end if;
+  if not exists (select from pg_roles where rolname = 'authenticated') then create role authenticated nologin; end if;
+  if not exists (select from pg_roles where rolname = 'service_role') then create role service_role nologin bypassrls; end if;
+end $$;
+grant anon, authenticated, service_role to current_user;
+grant usage on schema public to anon, authenticated, service_role;
+alter default privileges in schema public grant all on tables to anon, authenticated, service_role;
+alter default privileges in schema public grant all on sequences to anon, authenticated, service_role;
+"""
+
+TODAY = dt.date.today()
+DAY = TODAY - dt.timedelta(days=2)  # the default target date
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def database() -> str:
+    """A throwaway database with Supabase's roles and our migration; yields its conninfo."""
+    url = os.environ.get("TEST_DATABASE_URL", DEFAULT_DATABASE_URL)
+    try:
+        admin = psycopg.connect(url, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as error:
+        pytest.exit(
+            f"No PostgreSQL reachable at {conninfo_to_dict(url).get('host')}:"
+            f"{conninfo_to_dict(url).get('port')} ({str(error).strip()}). Set TEST_DATABASE_URL to a "
+            "server where you may create databases, or run `bash .ci/run`, which installs one.",
+            returncode=1,
+        )
+    name = f"aggregator_test_{os.getpid()}"
+    admin.execute(f"drop database if exists {name}")
+    admin.execute(f"create database {name}")
+    conninfo = make_conninfo(url, dbname=name)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(SUPABASE_BOOTSTRAP)
+        for migration in MIGRATIONS:
+            conn.execute(migration.read_text())
+    yield conninfo
+    admin.execute(f"drop database if exists {name} with (force)")
+    admin.close()
+
+
+@pytest.fixture
+def db(database: str):
+    """A connection to the test database, every table empty."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("truncate daily_analytics, sites, gsc_accounts restart identity cascade")
+        yield conn
+
+
+def stored(db, day: dt.date = DAY) -> dict[int, dict]:
+    """{site_id: row} of daily_analytics for one day, as a user would select it."""
+    cursor = db.execute(
+        "select site_id, matomo_visits, gsc_clicks, gsc_impressions, gsc_ctr, gsc_position "
+        "from daily_analytics where date = %s order by site_id",
+        [day],
+    )
+    names = [c.name for c in cursor.description]
+    return {row[0]: dict(zip(names[1:], row[1:])) for row in cursor.fetchall()}
+
+
+# ---------------------------------------------------------------------------
+# Stand-in servers
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gateway(database: str, db):
+    server = FakePostgrest(database, SERVICE_KEY, ANON_KEY).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def matomo():
+    server = FakeMatomo(MATOMO_TOKEN).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def google():
+    server = FakeGoogle(CLIENT_ID, CLIENT_SECRET).start()
+    yield server
+    server.stop()
+
+
+# ---------------------------------------------------------------------------
+# A fleet: rows in `sites` and `gsc_accounts`, and the numbers the stand-ins will answer
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class AccountRef:
+    id: int
+    refresh_token: str
+
+
+@dataclass
+class SiteRef:
+    id: int
+    domain: str
+    matomo_id: int | None
+    property: str | None
+
+
+class Fleet:
+    def __init__(self, db, matomo: FakeMatomo, google: FakeGoogle):
+        self.db, self.matomo, self.google = db, matomo, google
+        self._matomo_ids = itertools.count(1)
+
+    def account(self, revoked: bool = False) -> AccountRef:
+        n = self.db.execute("select count(*) from gsc_accounts").fetchone()[0] + 1
+        token = f"1//0refreshTOKEN-{n}-Xq8vL2pR7sT"
+        account_id = self.db.execute(
+            "insert into gsc_accounts (label, oauth_refresh_token) values (%s, %s) returning id",
+            [f"owner{n}@example.com", token],
+        ).fetchone()[0]
+        self.google.add_account(token, {}).revoked = revoked
+        return AccountRef(account_id, token)
+
+    def site(
+        self,
+        domain: str,
+        account: AccountRef | None = None,
+        matomo: bool = True,
+        prop: str | None = "domain",
+        status: str = "deployed",
+        permission: str = "siteOwner",
+    ) -> SiteRef:
+        """A site; prop is 'domain' (sc-domain:), a property URL, or None for no property."""
+        matomo_id = next(self._matomo_ids) if matomo else None
+        site_id = self.db.execute(
+            "insert into sites (domain, status_deployment, matomo_site_id, gsc_account_id) "
+            "values (%s, %s, %s, %s) returning id",
+            [domain, status, matomo_id, account.id if account else None],
+        ).fetchone()[0]
+        if matomo_id:
+            self.matomo.site_ids.add(matomo_id)
+        site_url = f"sc-domain:{domain}" if prop == "domain" else prop
+        if account and site_url:
+            self.google.accounts[account.refresh_token].properties[site_url] = permission
+        return SiteRef(site_id, domain, matomo_id, site_url)
+
+    def many(self, count: int, accounts: list[AccountRef]) -> list[SiteRef]:
+        """count sites spread over accounts, each with a domain property, in one insert."""
+        base = next(self._matomo_ids)
+        self._matomo_ids = itertools.count(base + count)
+        rows = [(f"site{n}.example.net", base + n, accounts[n % len(accounts)].id) for n in range(count)]
+        with self.db.cursor() as cursor:
+            cursor.executemany(
+                "insert into sites (domain, status_deployment, matomo_site_id, gsc_account_id) "
+                "values (%s, 'deployed', %s, %s) returning id",
+                rows,
+                returning=True,
+            )
+            ids = []
+            while True:
+                ids.append(cursor.fetchone()[0])
+                if not cursor.nextset():
+                    break
+        sites = []
+        for n, (site_id, (domain, matomo_id, _)) in enumerate(zip(ids, rows)):
+            account = accounts[n % len(accounts)]
+            self.matomo.site_ids.add(matomo_id)
+            self.google.accounts[account.refresh_token].properties[f"sc-domain:{domain}"] = "siteOwner"
+            sites.append(SiteRef(site_id, domain, matomo_id, f"sc-domain:{domain}"))
+        return sites
+
+    def visits(self, site: SiteRef, visits: int, day: dt.date = DAY) -> None:
+        self.matomo.visits[(site.matomo_id, day.isoformat())] = visits
+
+    def search(
+        self, site: SiteRef, clicks: int, impressions: int, position: float = 7.5, day: dt.date = DAY
+    ) -> None:
+        ctr = clicks / impressions if impressions else 0.0
+        self.google.search[(site.property, day.isoformat())] = (clicks, impressions, ctr, position)
+
+    def store(self, site: SiteRef, day: dt.date = DAY, **values) -> None:
+        """A row already in daily_analytics, as an earlier good run left it."""
+        columns = ["date", "site_id", *values]
+        self.db.execute(
+            f"insert into daily_analytics ({', '.join(columns)}) values ({', '.join(['%s'] * len(columns))})",
+            [day, site.id, *values.values()],
+        )
+
+
+@pytest.fixture
+def fleet(db, matomo, google) -> Fleet:
+    return Fleet(db, matomo, google)
+
+
+# ---------------------------------------------------------------------------
+# Running the script as cron does
+# ---------------------------------------------------------------------------
+
+SECRETS = (SERVICE_KEY, MATOMO_TOKEN, CLIENT_SECRET)
+SUMMARY = re.compile(
+    r"Processed \d+ sites\. Fetched Matomo data for \d+\. Fetched GSC data for \d+\. Stored \d+ records\."
+)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def summary(self) -> str | None:
+        found = SUMMARY.findall(self.stderr)
+        return found[-1] if found else None
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+@pytest.fixture
+def config(gateway, matomo, google) -> dict[str, str]:
+    """The .env a test's run uses; a test may change or delete entries before running."""
+    return {
+        "SUPABASE_URL": gateway.url,
+        "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+        "MATOMO_URL": matomo.url,
+        "MATOMO_TOKEN_AUTH": MATOMO_TOKEN,
+        "GOOGLE_CLIENT_ID": CLIENT_ID,
+        "GOOGLE_CLIENT_SECRET": CLIENT_SECRET,
+        "GOOGLE_TOKEN_URI": google.token_uri,
+        "GSC_API_ENDPOINT": google.api_endpoint,
+        "HTTP_TIMEOUT": "10",
+    }
+
+
+@pytest.fixture
+def run_aggregator(tmp_path, config, google):
+    """Run `python aggregator.py ARGS` with the config written to a .env; check no secret leaked."""
+
+    def run(*args: str, timeout: float = 180) -> Result:
+        env_file = tmp_path / ".env"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in config.items()))
+        env_file.chmod(0o600)
+        environ = {k: v for k, v in os.environ.items() if k not in CONFIG_NAMES}
+        process = subprocess.run(
+            [sys.executable, str(AGGREGATOR), "--env-file", str(env_file), *args],
+            env=environ,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        result = Result(process.returncode, process.stdout, process.stderr)
+        for secret in (*SECRETS, *google.accounts):
+            assert secret not in result.output, "a secret was printed"
+        return result
+
+    return run

@@ -1,0 +1,1 @@
+"""Local stand-ins for the services the aggregator talks to, on 127.0.0.1."""

@@ -1,0 +1,147 @@
+"""A small threaded HTTP server that the stand-ins share, with faults a test can inject."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+from urllib.parse import parse_qs, parse_qsl, urlsplit
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def form(self) -> dict[str, str]:
+        return dict(parse_qsl(self.body.decode(), keep_blank_values=True))
+
+    def json(self):
+        return json.loads(self.body or b"null")
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes | str | dict | list = b""
+    content_type: str = "application/json; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def payload(self) -> bytes:
+        if isinstance(self.body, (dict, list)):
+            return json.dumps(self.body).encode()
+        return self.body.encode() if isinstance(self.body, str) else self.body
+
+
+@dataclass
+class Fault:
+    """Answer the next `times` matching requests with `response` (or never answer, if hang)."""
+
+    match: Callable[[Request], bool]
+    response: Response | None = None
+    times: int = 1
+    hang: bool = False
+    delay: float = 0.0
+
+
+class FakeServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.faults: list[Fault] = []
+        self.requests: list[Request] = []
+        self.latency = 0.0
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def start(self) -> FakeServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.shutdown()
+        self.server_close()
+
+    def inject(
+        self,
+        match: Callable[[Request], bool] | str = "",
+        status: int = 500,
+        body: bytes | str | dict | list = b"",
+        content_type: str = "application/json; charset=utf-8",
+        times: int = 1,
+        hang: bool = False,
+        delay: float = 0.0,
+    ) -> None:
+        """Make matching requests (a predicate, or a substring of the path) fail."""
+        predicate = match if callable(match) else (lambda r, s=match: s in r.path)
+        response = None if hang else Response(status, body, content_type)
+        self.faults.append(Fault(predicate, response, times, hang, delay))
+
+    def count(self, predicate: Callable[[Request], bool] | str = "") -> int:
+        test = predicate if callable(predicate) else (lambda r, s=predicate: s in r.path)
+        return sum(1 for r in self.requests if test(r))
+
+    def take_fault(self, request: Request) -> Fault | None:
+        with self._lock:
+            self.requests.append(request)
+            for fault in self.faults:
+                if fault.times > 0 and fault.match(request):
+                    fault.times -= 1
+                    return fault
+        return None
+
+    def handle_request_of(self, request: Request) -> Response:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FakeServer
+
+    def log_message(self, format: str, *args) -> None:  # keep test output quiet
+        pass
+
+    def _serve(self) -> None:
+        parts = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        request = Request(
+            method=self.command,
+            path=parts.path,
+            query={k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()},
+            headers={k.lower(): v for k, v in self.headers.items()},
+            body=self.rfile.read(length) if length else b"",
+        )
+        if self.server.latency:
+            time.sleep(self.server.latency)
+        fault = self.server.take_fault(request)
+        if fault and fault.delay:
+            time.sleep(fault.delay)
+        if fault and fault.hang:
+            self.server.stopping.wait(120)
+            self.close_connection = True
+            return
+        response = fault.response if fault else self.server.handle_request_of(request)
+        payload = response.payload()
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _serve

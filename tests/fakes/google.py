@@ -1,0 +1,156 @@
+"""Google's OAuth token endpoint and the Search Console API, as ../shared/reference/google.md
+records them: refresh-token grants, sites.list, searchAnalytics.query, and their error bodies."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from .base import FakeServer, Request, Response
+
+PREFIX = "/webmasters/v3/sites"
+
+
+@dataclass
+class Account:
+    refresh_token: str
+    properties: dict[str, str] = field(default_factory=dict)  # siteUrl -> permissionLevel
+    revoked: bool = False
+
+
+class FakeGoogle(FakeServer):
+    """Plays both https://oauth2.googleapis.com/token (at /token) and the Search Console API."""
+
+    def __init__(self, client_id: str, client_secret: str):
+        super().__init__()
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.accounts: dict[str, Account] = {}  # refresh token -> account
+        self.access_tokens: dict[str, Account] = {}
+        self.search: dict[tuple[str, str], tuple[float, float, float, float]] = {}
+        self._numbers = itertools.count(1)
+
+    @property
+    def token_uri(self) -> str:
+        return self.url + "/token"
+
+    @property
+    def api_endpoint(self) -> str:
+        return self.url + "/"
+
+    def add_account(self, refresh_token: str, properties: dict[str, str]) -> Account:
+        account = Account(refresh_token, dict(properties))
+        self.accounts[refresh_token] = account
+        return account
+
+    def handle_request_of(self, request: Request) -> Response:
+        if request.path == "/token" and request.method == "POST":
+            return self.token(request.form)
+        if not request.path.startswith(PREFIX):
+            return Response(404, "<html><body>Not Found</body></html>", "text/html")
+        account = self.access_tokens.get(request.headers.get("authorization", "").removeprefix("Bearer "))
+        if account is None:
+            return error(
+                401,
+                "Request had invalid authentication credentials. Expected OAuth 2 access token, "
+                "login cookie or other valid authentication credential.",
+                "UNAUTHENTICATED",
+                "authError",
+            )
+        rest = request.path[len(PREFIX) :]
+        if rest == "" and request.method == "GET":
+            entries = [{"siteUrl": u, "permissionLevel": p} for u, p in account.properties.items()]
+            return Response(200, {"siteEntry": entries} if entries else {})
+        if rest.startswith("/") and rest.endswith("/searchAnalytics/query") and request.method == "POST":
+            site_url = unquote(rest[1 : -len("/searchAnalytics/query")])
+            return self.query(account, site_url, request.json())
+        return Response(404, "<html><body>Not Found</body></html>", "text/html")
+
+    def token(self, form: dict[str, str]) -> Response:
+        if form.get("client_id") != self.client_id or form.get("client_secret") != self.client_secret:
+            return Response(401, {"error": "invalid_client", "error_description": "Unauthorized"})
+        account = self.accounts.get(form.get("refresh_token", ""))
+        if form.get("grant_type") != "refresh_token" or account is None or account.revoked:
+            return Response(
+                400, {"error": "invalid_grant", "error_description": "Token has been expired or revoked."}
+            )
+        access_token = f"ya29.fake-{next(self._numbers)}"
+        self.access_tokens[access_token] = account
+        return Response(
+            200,
+            {
+                "access_token": access_token,
+                "expires_in": 3599,
+                "token_type": "Bearer",
+                "scope": "https://www.googleapis.com/auth/webmasters.readonly",
+            },
+        )
+
+    def query(self, account: Account, site_url: str, body: dict) -> Response:
+        if account.properties.get(site_url) in (None, "siteUnverifiedUser"):
+            return error(
+                403,
+                f"User does not have sufficient permission for site '{site_url}'. See also: "
+                "https://support.google.com/webmasters/answer/2451999.",
+                "PERMISSION_DENIED",
+                "forbidden",
+            )
+        start = dt.date.fromisoformat(body["startDate"])
+        end = dt.date.fromisoformat(body["endDate"])
+        days = [start + dt.timedelta(n) for n in range((end - start).days + 1)]
+        found = [
+            (d.isoformat(), self.search[(site_url, d.isoformat())])
+            for d in days
+            if (site_url, d.isoformat()) in self.search
+        ]
+        answer: dict = {"responseAggregationType": "byProperty"}
+        if body.get("dimensions") == ["date"]:
+            rows = [
+                {"keys": [d], "clicks": float(c), "impressions": float(i), "ctr": ctr, "position": pos}
+                for d, (c, i, ctr, pos) in found
+            ]
+        elif found:
+            clicks = sum(m[0] for _, m in found)
+            impressions = sum(m[1] for _, m in found)
+            rows = [
+                {
+                    "clicks": float(clicks),
+                    "impressions": float(impressions),
+                    "ctr": clicks / impressions if impressions else 0.0,
+                    "position": found[0][1][3],
+                }
+            ]
+        else:
+            rows = []
+        start_row = body.get("startRow", 0)
+        rows = rows[start_row : start_row + body.get("rowLimit", 1000)]
+        if rows:
+            answer["rows"] = rows  # no data: `rows` is absent, not []
+        return Response(200, answer)
+
+
+def error(status: int, message: str, state: str, reason: str) -> Response:
+    return Response(
+        status,
+        {
+            "error": {
+                "code": status,
+                "message": message,
+                "errors": [{"message": message, "domain": "global", "reason": reason}],
+                "status": state,
+            }
+        },
+    )
+
+
+RATE_LIMIT_BODY = {
+    "error": {
+        "errors": [
+            {"domain": "usageLimits", "reason": "rateLimitExceeded", "message": "Rate Limit Exceeded"}
+        ],
+        "code": 429,
+        "message": "Rate Limit Exceeded",
+    }
+}

@@ -1,0 +1,233 @@
+"""A PostgREST-compatible gateway in front of a real PostgreSQL: the subset supabase-py uses.
+
+Reads (select, eq/neq/gt/gte/lt/lte/is/in filters, order, offset/limit with a max-rows cap) and
+bulk inserts (columns, on_conflict, Prefer: resolution / return) become real SQL, so constraints,
+types, row level security and ON CONFLICT are Postgres's own. Errors come back as PostgREST's
+JSON with its status codes. The key decides the database role, as on Supabase.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import psycopg
+from psycopg import sql
+
+from .base import FakeServer, Request, Response
+
+OPERATORS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+# PostgREST's mapping of SQLSTATE to HTTP status (the part that can happen here).
+STATUS_BY_SQLSTATE = {"23503": 409, "23505": 409, "42P01": 404, "42501": 403, "57014": 500}
+
+
+class GatewayError(Exception):
+    def __init__(self, status: int, code: str, message: str, details=None, hint=None):
+        super().__init__(message)
+        self.response = Response(status, {"code": code, "details": details, "hint": hint, "message": message})
+
+
+class FakePostgrest(FakeServer):
+    def __init__(self, conninfo: str, service_key: str, anon_key: str, max_rows: int = 1000):
+        super().__init__()
+        self.conninfo = conninfo
+        self.roles = {service_key: "service_role", anon_key: "anon"}
+        self.max_rows = max_rows
+        self._local = threading.local()
+
+    def connection(self) -> psycopg.Connection:
+        if getattr(self._local, "conn", None) is None or self._local.conn.closed:
+            self._local.conn = psycopg.connect(self.conninfo, autocommit=True)
+        return self._local.conn
+
+    def handle_request_of(self, request: Request) -> Response:
+        role = None
+        try:
+            role = self.role_for(request)
+            table = self.table_of(request.path)
+            if request.method == "GET":
+                return self.select(role, table, request)
+            if request.method == "POST":
+                return self.insert(role, table, request)
+            raise GatewayError(405, "PGRST117", f"Unsupported HTTP method: {request.method}")
+        except GatewayError as error:
+            return error.response
+        except psycopg.Error as error:
+            diag = error.diag
+            state = error.sqlstate or ""
+            status = STATUS_BY_SQLSTATE.get(state, 400 if state[:2] in ("22", "23", "42") else 500)
+            if state == "42501" and role == "anon":
+                status = 401
+            return Response(
+                status,
+                {
+                    "code": state,
+                    "details": diag.message_detail,
+                    "hint": diag.message_hint,
+                    "message": diag.message_primary,
+                },
+            )
+
+    def role_for(self, request: Request) -> str:
+        key = request.headers.get("apikey", "")
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if key not in self.roles or bearer not in self.roles:
+            raise GatewayError(401, "PGRST301", "JWSError JWSInvalidSignature")
+        return self.roles[bearer]
+
+    def table_of(self, path: str) -> str:
+        if not path.startswith("/rest/v1/") or "/" in path[len("/rest/v1/") :]:
+            raise GatewayError(404, "PGRST125", f"Invalid path specified in request URL: {path}")
+        table = path[len("/rest/v1/") :]
+        found = self.connection().execute("select to_regclass(%s)", [f"public.{table}"]).fetchone()[0]
+        if found is None:
+            raise GatewayError(
+                404, "PGRST205", f"Could not find the table 'public.{table}' in the schema cache"
+            )
+        return table
+
+    def columns_of(self, table: str) -> list[str]:
+        rows = (
+            self.connection()
+            .execute(
+                "select column_name from information_schema.columns "
+                "where table_schema = 'public' and table_name = %s order by ordinal_position",
+                [table],
+            )
+            .fetchall()
+        )
+        return [r[0] for r in rows]
+
+    def primary_key_of(self, table: str) -> list[str]:
+        rows = (
+            self.connection()
+            .execute(
+                "select a.attname from pg_index i join pg_attribute a "
+                "on a.attrelid = i.indrelid and a.attnum = any(i.indkey) "
+                "where i.indrelid = %s::regclass and i.indisprimary",
+                [f"public.{table}"],
+            )
+            .fetchall()
+        )
+        return [r[0] for r in rows]
+
+    # -- reads --------------------------------------------------------------
+
+    def select(self, role: str, table: str, request: Request) -> Response:
+        params = dict(request.query)
+        select = params.pop("select", "*")
+        order = params.pop("order", None)
+        offset = int(params.pop("offset", 0))
+        limit = min(int(params.pop("limit", self.max_rows)), self.max_rows)
+        columns = (
+            sql.SQL("*")
+            if select == "*"
+            else sql.SQL(", ").join(sql.Identifier(c.strip()) for c in select.split(","))
+        )
+        where, values = self.filters(params)
+        query = sql.SQL("select {} from {}{}{} limit {} offset {}").format(
+            columns,
+            sql.Identifier("public", table),
+            where,
+            self.order_by(order),
+            sql.Literal(limit),
+            sql.Literal(offset),
+        )
+        wrapped = sql.SQL("select coalesce(json_agg(t), '[]'::json) from ({}) t").format(query)
+        conn = self.connection()
+        with conn.transaction():
+            conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
+            rows = conn.execute(wrapped, values).fetchone()[0]
+        end = offset + len(rows) - 1
+        content_range = f"{offset}-{end}/*" if rows else "*/*"
+        return Response(200, rows, headers={"Content-Range": content_range})
+
+    def filters(self, params: dict[str, str]) -> tuple[sql.Composable, list]:
+        clauses, values = [], []
+        for column, expression in params.items():
+            op, _, value = expression.partition(".")
+            target = sql.Identifier(column)
+            if op in OPERATORS:
+                clauses.append(sql.SQL("{} {} %s").format(target, sql.SQL(OPERATORS[op])))
+                values.append(value)
+            elif op == "is" and value in ("null", "true", "false"):
+                clauses.append(sql.SQL("{} is {}").format(target, sql.SQL(value)))
+            elif op == "in" and value.startswith("(") and value.endswith(")"):
+                items = [v.strip('"') for v in value[1:-1].split(",")]
+                placeholders = sql.SQL(", ").join(sql.Placeholder() for _ in items)
+                clauses.append(sql.SQL("{} in ({})").format(target, placeholders))
+                values.extend(items)
+            else:
+                raise GatewayError(400, "PGRST100", f'"failed to parse filter ({expression})"')
+        if not clauses:
+            return sql.SQL(""), values
+        return sql.SQL(" where ") + sql.SQL(" and ").join(clauses), values
+
+    def order_by(self, order: str | None) -> sql.Composable:
+        if not order:
+            return sql.SQL("")
+        terms = []
+        for term in order.split(","):
+            column, *modifiers = term.split(".")
+            words = [
+                {"asc": "asc", "desc": "desc", "nullsfirst": "nulls first", "nullslast": "nulls last"}[m]
+                for m in modifiers
+            ]
+            terms.append(sql.SQL(" ").join([sql.Identifier(column), *map(sql.SQL, words)]))
+        return sql.SQL(" order by ") + sql.SQL(", ").join(terms)
+
+    # -- writes -------------------------------------------------------------
+
+    def insert(self, role: str, table: str, request: Request) -> Response:
+        prefer = {
+            k.strip(): v.strip()
+            for k, _, v in (p.partition("=") for p in request.headers.get("prefer", "").split(","))
+            if k.strip()
+        }
+        body = request.json()
+        rows = body if isinstance(body, list) else [body]
+        known = self.columns_of(table)
+        if "columns" in request.query:
+            columns = [c.strip().strip('"') for c in request.query["columns"].split(",")]
+        else:
+            columns = list(rows[0]) if rows else []
+            if any(set(r) != set(columns) for r in rows):
+                raise GatewayError(400, "PGRST102", "All object keys must match")
+        for column in columns:
+            if column not in known:
+                raise GatewayError(
+                    400, "PGRST204", f"Could not find the '{column}' column of '{table}' in the schema cache"
+                )
+        target = sql.Identifier("public", table)
+        names = sql.SQL(", ").join(map(sql.Identifier, columns))
+        statement = sql.SQL(
+            "insert into {} ({}) select {} from json_populate_recordset(null::{}, %s::json)"
+        ).format(target, names, names, target)
+        resolution = prefer.get("resolution")
+        if resolution:
+            conflict = request.query.get("on_conflict")
+            keys = [c.strip() for c in conflict.split(",")] if conflict else self.primary_key_of(table)
+            updates = [c for c in columns if c not in keys]
+            if resolution == "merge-duplicates" and updates:
+                action = sql.SQL("do update set ") + sql.SQL(", ").join(
+                    sql.SQL("{} = excluded.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in updates
+                )
+            else:
+                action = sql.SQL("do nothing")
+            statement += (
+                sql.SQL(" on conflict ({}) ").format(sql.SQL(", ").join(map(sql.Identifier, keys))) + action
+            )
+        representation = prefer.get("return") == "representation"
+        if representation:
+            statement += sql.SQL(" returning *")
+            statement = sql.SQL(
+                "with ins as ({}) select coalesce(json_agg(ins), '[]'::json) from ins"
+            ).format(statement)
+        conn = self.connection()
+        with conn.transaction():
+            conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
+            cursor = conn.execute(statement, [json.dumps(rows)])
+            result = cursor.fetchone()[0] if representation else None
+        if representation:
+            return Response(201, result)
+        return Response(201, b"", content_type="text/plain")
