@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import html
 import logging
 import os
 import re
@@ -53,8 +54,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 # Search Console publishes a day's data after about two days.
 DEFAULT_LAG_DAYS = 2
-# Search Console keeps about 16 months of data.
-GSC_RETENTION_DAYS = 486
+# Search Console keeps about 16 months (~486 days). Older days answer "no rows", which must
+# not be stored as 0 over numbers fetched back then: stay a little inside the limit.
+GSC_RETENTION_DAYS = 480
 GSC_SCOPE = "https://www.googleapis.com/auth/webmasters.readonly"
 MIGRATION = "supabase/migrations/20261125000000_analytics.sql"
 T = TypeVar("T")
@@ -84,6 +86,7 @@ TUNING_DEFAULTS = {
     "MATOMO_BULK_SIZE": 100,  # VisitsSummary.get sub-requests per bulk request
     "UPSERT_CHUNK_SIZE": 500,  # rows per upsert request
     "GSC_ACCOUNT_WORKERS": 4,  # Search Console accounts fetched at once
+    "RUN_DEADLINE": 7200,  # seconds after which no new fetch starts
 }
 
 
@@ -102,9 +105,25 @@ class Config:
     matomo_bulk_size: int = 100
     upsert_chunk_size: int = 500
     gsc_account_workers: int = 4
+    run_deadline: int = 7200
 
     def secrets(self) -> tuple[str, ...]:
         return (self.supabase_key, self.matomo_token, self.google_client_secret)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """The moment after which no new fetch starts, so that a hung service cannot hold the
+    run (and tomorrow's) forever; what was fetched by then is still stored."""
+
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds)
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
 
 
 def default_env_file() -> Path:
@@ -131,8 +150,9 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
     tuning = {}
     for name, default in TUNING_DEFAULTS.items():
         raw = env.get(name) or str(default)
-        if not raw.isdigit() or int(raw) < 1:
-            problems.append(f"{name} must be a whole number of at least 1, got {raw!r}")
+        least = 0 if name == "HTTP_RETRIES" else 1
+        if not raw.isdigit() or int(raw) < least:
+            problems.append(f"{name} must be a whole number of at least {least}, got {raw!r}")
         else:
             tuning[name.lower()] = int(raw)
     if problems:
@@ -257,9 +277,18 @@ def target_days(args: argparse.Namespace, today: dt.date) -> list[dt.date]:
         raise UsageError(f"the range ends ({end}) before it starts ({start})")
     if end > today:
         raise UsageError(f"{end} is in the future: the latest day accepted is today ({today})")
-    if start < today - dt.timedelta(days=GSC_RETENTION_DAYS):
-        log.warning("%s is older than Search Console keeps (about 16 months): expect no GSC data", start)
+    if start < gsc_oldest_day(today):
+        log.warning(
+            "%s is older than Search Console keeps (about 16 months): GSC is fetched only from %s on; "
+            "Matomo for every day",
+            start,
+            gsc_oldest_day(today),
+        )
     return days_between(start, end)
+
+
+def gsc_oldest_day(today: dt.date) -> dt.date:
+    return today - dt.timedelta(days=GSC_RETENTION_DAYS)
 
 
 # ---------------------------------------------------------------------------
@@ -380,8 +409,8 @@ class MatomoError(Exception):
     """A whole Matomo bulk request failed."""
 
 
-class MatomoAuthError(MatomoError):
-    """The token was rejected: every request would fail the same way."""
+class MatomoConfigError(MatomoError):
+    """The token or the URL is wrong: every request would fail the same way."""
 
 
 @dataclass(frozen=True)
@@ -390,10 +419,12 @@ class MatomoClient:
     endpoint: str
     token: str
     timeout: int
+    retries: int
     bulk_size: int
+    deadline: Deadline
 
 
-def matomo_client(cfg: Config) -> MatomoClient:
+def matomo_client(cfg: Config, deadline: Deadline) -> MatomoClient:
     # Reports are read-only, so a POST is as safe to retry as a GET.
     retry = Retry(
         total=cfg.http_retries,
@@ -407,7 +438,15 @@ def matomo_client(cfg: Config) -> MatomoClient:
     session.mount("https://", HTTPAdapter(max_retries=retry))
     base = cfg.matomo_url.rstrip("/")
     endpoint = base if base.endswith("index.php") else base + "/index.php"
-    return MatomoClient(session, endpoint, cfg.matomo_token, cfg.http_timeout, cfg.matomo_bulk_size)
+    return MatomoClient(
+        session,
+        endpoint,
+        cfg.matomo_token,
+        cfg.http_timeout,
+        cfg.http_retries,
+        cfg.matomo_bulk_size,
+        deadline,
+    )
 
 
 def matomo_date_param(days: list[dt.date]) -> str:
@@ -429,25 +468,28 @@ def post_bulk_request(matomo: MatomoClient, sub_queries: list[str]) -> list:
         )
     except requests.RequestException as error:
         raise MatomoError(f"Matomo request failed: {error}") from None
+    status = response.status_code
+    if status >= 500:
+        raise MatomoError(f"Matomo answered HTTP {status} (retried {matomo.retries} times)")
     try:
         answer = response.json()
     except ValueError:
         if "html" in response.headers.get("Content-Type", ""):
-            raise MatomoError(
-                f"Matomo answered HTTP {response.status_code} with an HTML page, not JSON: "
-                "MATOMO_URL is probably wrong (it must be the base URL of the Matomo install)"
+            raise MatomoConfigError(
+                f"Matomo answered HTTP {status} with an HTML page, not JSON: MATOMO_URL is "
+                f"probably wrong (it must be the base URL of the Matomo install, where index.php is)"
             ) from None
-        raise MatomoError(f"Matomo answered HTTP {response.status_code} with malformed JSON") from None
+        raise MatomoError(f"Matomo answered HTTP {status} with malformed JSON") from None
     if isinstance(answer, dict) and answer.get("result") == "error":
-        message = answer.get("message", "")
-        if response.status_code == 401 or "authenticate" in message:
-            raise MatomoAuthError(
-                f"Matomo rejected MATOMO_TOKEN_AUTH: {message} Create a new token "
-                "(Administration > Personal > Security) with view access to every site."
+        message = html.unescape(str(answer.get("message", "")))
+        if status == 401 and "authenticate" in message:
+            raise MatomoConfigError(
+                f"Matomo rejected MATOMO_TOKEN_AUTH ({message}): create a new token "
+                "(Administration > Personal > Security) with view access to every site"
             )
-        raise MatomoError(f"Matomo error: {message}")
-    if response.status_code != 200 or not isinstance(answer, list):
-        raise MatomoError(f"Matomo answered HTTP {response.status_code} with an unexpected body")
+        raise MatomoError(f"Matomo error (HTTP {status}): {message}")
+    if status != 200 or not isinstance(answer, list):
+        raise MatomoError(f"Matomo answered HTTP {status} with an unexpected body")
     if len(answer) != len(sub_queries):
         raise MatomoError(f"Matomo answered {len(answer)} results for {len(sub_queries)} queries")
     return answer
@@ -489,14 +531,19 @@ def get_matomo_data(
     ids = sorted(set(site_ids))
     date = matomo_date_param(days)
     result: dict[int, dict[dt.date, int]] = {}
-    for chunk in chunks(ids, matomo.bulk_size):
+    for n, chunk in enumerate(chunks(ids, matomo.bulk_size)):
+        if matomo.deadline.passed():
+            log.warning(
+                "RUN_DEADLINE reached: no Matomo values for %d sites", len(ids) - n * matomo.bulk_size
+            )
+            break
         queries = [
             urlencode({"method": "VisitsSummary.get", "idSite": i, "date": date, "period": "day"})
             for i in chunk
         ]
         try:
             slots = post_bulk_request(matomo, queries)
-        except MatomoAuthError as error:
+        except MatomoConfigError as error:
             log.error("%s", error)
             return result
         except MatomoError as error:
@@ -606,7 +653,11 @@ def metrics_by_day(answer: Any, days: list[dt.date]) -> dict[dt.date, GscMetrics
 
 
 def get_gsc_data(
-    gsc_client: Any, site_urls: Mapping[Any, str], days: list[dt.date], retries: int = 3
+    gsc_client: Any,
+    site_urls: Mapping[Any, str],
+    days: list[dt.date],
+    retries: int = 3,
+    deadline: Deadline | None = None,
 ) -> dict[Any, dict[dt.date, GscMetrics]]:
     """{site id: {day: metrics}} for each site whose property answered; one query per site."""
     # One query covers the whole range: it can hold 25,000 rows, far beyond GSC's 16 months.
@@ -618,7 +669,10 @@ def get_gsc_data(
         "rowLimit": 25000,
     }
     result = {}
-    for site_id, site_url in site_urls.items():
+    for n, (site_id, site_url) in enumerate(site_urls.items()):
+        if deadline and deadline.passed():
+            log.warning("RUN_DEADLINE reached: %d Search Console properties not queried", len(site_urls) - n)
+            break
         try:
             answer = (
                 gsc_client.searchanalytics().query(siteUrl=site_url, body=body).execute(num_retries=retries)
@@ -639,9 +693,17 @@ def http_error_reason(error: HttpError) -> str:
 
 
 def gsc_data_for_account(
-    cfg: Config, account_id: Any, refresh_token: str, sites: list[Site], days: list[dt.date]
+    cfg: Config,
+    account_id: Any,
+    refresh_token: str,
+    sites: list[Site],
+    days: list[dt.date],
+    deadline: Deadline,
 ) -> dict[Any, dict[dt.date, GscMetrics]]:
     """Search Console metrics for one account's sites; a failure here costs only these sites."""
+    if deadline.passed():
+        log.warning("RUN_DEADLINE reached: GSC account %s not queried (%d sites)", account_id, len(sites))
+        return {}
     try:
         client = get_google_client(cfg, refresh_token)
         listing = client.sites().list().execute(num_retries=cfg.http_retries)
@@ -691,11 +753,15 @@ def gsc_data_for_account(
             )
         else:
             site_urls[site.id] = site_url
-    return get_gsc_data(client, site_urls, days, cfg.http_retries)
+    return get_gsc_data(client, site_urls, days, cfg.http_retries, deadline)
 
 
 def gsc_data_for_fleet(
-    cfg: Config, sites: list[Site], refresh_tokens: Mapping[Any, str], days: list[dt.date]
+    cfg: Config,
+    sites: list[Site],
+    refresh_tokens: Mapping[Any, str],
+    days: list[dt.date],
+    deadline: Deadline,
 ) -> dict[Any, dict[dt.date, GscMetrics]]:
     """Search Console metrics for every site with an account; accounts run in parallel.
 
@@ -703,16 +769,15 @@ def gsc_data_for_fleet(
     """
     by_account = sites_by_account(sites)
     for account_id in by_account.keys() - refresh_tokens.keys():
-        log.warning(
-            "GSC account %s does not exist in gsc_accounts; no GSC data for sites %s",
-            account_id,
-            id_list([s.id for s in by_account[account_id]]),
-        )
+        for site in by_account[account_id]:
+            log.warning(
+                "Site %s: gsc_account_id %s matches no row of gsc_accounts; GSC skipped", site.id, account_id
+            )
     runnable = [a for a in by_account if a in refresh_tokens]
     result: dict[Any, dict[dt.date, GscMetrics]] = {}
     with ThreadPoolExecutor(max_workers=cfg.gsc_account_workers) as pool:
         futures = [
-            pool.submit(gsc_data_for_account, cfg, a, refresh_tokens[a], by_account[a], days)
+            pool.submit(gsc_data_for_account, cfg, a, refresh_tokens[a], by_account[a], days, deadline)
             for a in runnable
         ]
         for future in futures:
@@ -847,7 +912,7 @@ class Outcome:
 
 
 def matomo_data_for_fleet(
-    cfg: Config, sites: list[Site], days: list[dt.date]
+    cfg: Config, sites: list[Site], days: list[dt.date], deadline: Deadline
 ) -> dict[Any, dict[dt.date, int]]:
     """{site id: {day: visits}} for every site with a usable Matomo id."""
     ids = {}
@@ -864,25 +929,27 @@ def matomo_data_for_fleet(
             ids[site.id] = matomo_id(site)
     if not ids:
         return {}
-    by_matomo_id = get_matomo_data(matomo_client(cfg), ids.values(), days)
+    by_matomo_id = get_matomo_data(matomo_client(cfg, deadline), ids.values(), days)
     return {site_id: by_matomo_id[m] for site_id, m in ids.items() if m in by_matomo_id}
 
 
-def run(cfg: Config, days: list[dt.date], secret_filter: SecretFilter) -> Outcome:
+def run(cfg: Config, days: list[dt.date], today: dt.date, secret_filter: SecretFilter) -> Outcome:
+    deadline = Deadline.after(cfg.run_deadline)
     client = supabase_client(cfg)
     sites = deployed_sites(client)
     refresh_tokens = refresh_tokens_by_account(client)
     secret_filter.add(*refresh_tokens.values())
     log.info("Aggregating %s to %s for %d deployed sites", days[0], days[-1], len(sites))
 
-    visits = matomo_data_for_fleet(cfg, sites, days)
-    gsc = gsc_data_for_fleet(cfg, sites, refresh_tokens, days)
+    visits = matomo_data_for_fleet(cfg, sites, days, deadline)
+    gsc_days = [day for day in days if day >= gsc_oldest_day(today)]
+    gsc = gsc_data_for_fleet(cfg, sites, refresh_tokens, gsc_days, deadline) if gsc_days else {}
     stored, not_stored = store_rows(client, analytics_rows(sites, days, visits, gsc), cfg)
     return Outcome(
         sites=len(sites),
         matomo_wanted=sum(1 for s in sites if s.matomo_site_id is not None),
         matomo_fetched=len(visits),
-        gsc_wanted=sum(1 for s in sites if s.gsc_account_id is not None),
+        gsc_wanted=sum(1 for s in sites if s.gsc_account_id is not None) if gsc_days else 0,
         gsc_fetched=len(gsc),
         stored=stored,
         not_stored=not_stored,
@@ -926,7 +993,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.env_file and not args.env_file.is_file():
             raise UsageError(f"--env-file {args.env_file}: no such file")
         secret_filter = setup_logging(args.log_level)
-        days = target_days(args, dt.date.today())
+        today = dt.date.today()
+        days = target_days(args, today)
     except UsageError as error:
         print(f"aggregator.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -937,9 +1005,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     secret_filter.add(*cfg.secrets())
     try:
-        outcome = run(cfg, days, secret_filter)
+        outcome = run(cfg, days, today, secret_filter)
     except SupabaseError as error:
         log.error("%s", error)
+        log.info("%s", Outcome(0, 0, 0, 0, 0, 0, 0).summary())
         return EXIT_FAILED
     except KeyboardInterrupt:
         log.error("Interrupted; re-run the same dates to complete them")

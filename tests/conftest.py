@@ -286,26 +286,47 @@ def config(gateway, matomo, google) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def run_aggregator(tmp_path, config, google):
-    """Run `python aggregator.py ARGS` with the config written to a .env; check no secret leaked."""
+# Every scenario runs at DEBUG unless told otherwise, so that the secret check below also covers
+# what urllib3, httpx, httplib2 and google-auth log about URLs, headers and bodies.
+LOG_LEVEL = os.environ.get("TEST_LOG_LEVEL", "DEBUG")
 
-    def run(*args: str, timeout: float = 180) -> Result:
+
+def assert_no_secret(text: str, google: FakeGoogle) -> None:
+    for secret in (*SECRETS, *google.accounts):
+        assert secret not in text, "a secret was printed"
+
+
+@pytest.fixture
+def launch(tmp_path, config, google):
+    """Start `python aggregator.py ARGS` as cron would, with the config written to a .env."""
+
+    def start(*args: str, log_level: str = LOG_LEVEL) -> subprocess.Popen:
         env_file = tmp_path / ".env"
         env_file.write_text("".join(f"{k}={v}\n" for k, v in config.items()))
         env_file.chmod(0o600)
         environ = {k: v for k, v in os.environ.items() if k not in CONFIG_NAMES}
-        process = subprocess.run(
-            [sys.executable, str(AGGREGATOR), "--env-file", str(env_file), *args],
+        command = [sys.executable, str(AGGREGATOR), "--env-file", str(env_file), "--log-level", log_level]
+        return subprocess.Popen(
+            [*command, *args],
             env=environ,
             cwd=tmp_path,
-            capture_output=True,
             text=True,
-            timeout=timeout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
-        result = Result(process.returncode, process.stdout, process.stderr)
-        for secret in (*SECRETS, *google.accounts):
-            assert secret not in result.output, "a secret was printed"
+
+    return start
+
+
+@pytest.fixture
+def run_aggregator(launch, google):
+    """Run the script to its end; every run is checked for leaked secrets."""
+
+    def run(*args: str, log_level: str = LOG_LEVEL, timeout: float = 180) -> Result:
+        process = launch(*args, log_level=log_level)
+        stdout, stderr = process.communicate(timeout=timeout)
+        result = Result(process.returncode, stdout, stderr)
+        assert_no_secret(result.output, google)
         return result
 
     return run

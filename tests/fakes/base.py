@@ -142,6 +142,9 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in response.headers.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(payload)
+        try:
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout, a kill)
+            self.close_connection = True
 
     do_GET = do_POST = do_PATCH = do_DELETE = _serve

@@ -1,0 +1,161 @@
+"""The pure middle of aggregator.py: no server, no database."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+
+import pytest
+
+import aggregator as ag
+
+D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("example.com", "example.com"),
+        ("  WWW.Example.COM ", "example.com"),
+        ("https://www.example.com/", "example.com"),
+        ("http://shop.example.co.uk", "shop.example.co.uk"),
+        ("example.com.", "example.com"),
+        ("bücher.de", "bücher.de"),
+        ("example.com/blog", None),
+        ("example.com:8080", None),
+        ("localhost", None),
+        ("", None),
+        (None, None),
+        (42, None),
+        ("-bad-.example.com", None),
+    ],
+)
+def test_normalised_domain(raw, expected):
+    assert ag.normalised_domain(raw) == expected
+
+
+def test_property_for_domain_prefers_the_domain_property_then_https_then_http():
+    listing = {
+        "siteEntry": [
+            {"siteUrl": "http://example.com/", "permissionLevel": "siteOwner"},
+            {"siteUrl": "https://www.example.com/", "permissionLevel": "siteFullUser"},
+            {"siteUrl": "sc-domain:other.org", "permissionLevel": "siteUnverifiedUser"},
+            {"siteUrl": "https://other.org/", "permissionLevel": "siteRestrictedUser"},
+        ]
+    }
+    properties = ag.verified_properties(listing)
+    assert ag.property_for_domain("example.com", properties) == "https://www.example.com/"
+    assert ag.property_for_domain("other.org", properties) == "https://other.org/"
+    properties["sc-domain:example.com"] = "sc-domain:example.com"
+    assert ag.property_for_domain("example.com", properties) == "sc-domain:example.com"
+    assert ag.property_for_domain("missing.net", properties) is None
+    assert ag.verified_properties({}) == {}
+
+
+def test_visits_by_day_reads_every_matomo_shape():
+    zero = {"nb_visits": 0, "bounce_rate": "0%"}
+    assert ag.visits_by_day({"nb_visits": 5, "bounce_rate": "50%"}, [D1]) == {D1: 5}
+    assert ag.visits_by_day(zero, [D1]) == {D1: 0}
+    assert ag.visits_by_day([], [D1]) == {D1: 0}
+    ranged = {"2026-11-01": {"nb_visits": 2}, "2026-11-02": [], "2026-11-03": {"nb_visits": 0}}
+    assert ag.visits_by_day(ranged, [D1, D2, D3]) == {D1: 2, D2: 0, D3: 0}
+    with pytest.raises(ValueError, match="website id"):
+        ag.visits_by_day({"result": "error", "message": "website id was set to '99'"}, [D1])
+    with pytest.raises(ValueError):
+        ag.visits_by_day({"2026-11-01": []}, [D1, D2])  # a day missing from the answer is no value
+
+
+def test_metrics_by_day_treats_absent_rows_as_no_traffic():
+    answer = {
+        "rows": [{"keys": ["2026-11-02"], "clicks": 3.0, "impressions": 40.0, "ctr": 0.075, "position": 5.5}]
+    }
+    assert ag.metrics_by_day(answer, [D1, D2]) == {
+        D1: ag.NO_SEARCH_TRAFFIC,
+        D2: ag.GscMetrics(3, 40, 0.075, 5.5),
+    }
+    assert ag.metrics_by_day({"responseAggregationType": "byProperty"}, [D1]) == {D1: ag.NO_SEARCH_TRAFFIC}
+    with pytest.raises(ValueError):
+        ag.metrics_by_day("<html>", [D1])
+
+
+def test_rows_carry_only_the_columns_whose_source_answered():
+    sites = [ag.Site(1, "a.com", 1, 1), ag.Site(2, "b.com", 2, 1), ag.Site(3, "c.com", 3, 1)]
+    visits = {1: {D1: 5}, 2: {D1: 0}}
+    gsc = {1: {D1: ag.GscMetrics(1, 10, 0.1, 2.0)}, 3: {D1: ag.NO_SEARCH_TRAFFIC}}
+    rows = ag.analytics_rows(sites, [D1], visits, gsc)
+    assert rows == [
+        {
+            "date": "2026-11-01",
+            "site_id": 1,
+            "matomo_visits": 5,
+            "gsc_clicks": 1,
+            "gsc_impressions": 10,
+            "gsc_ctr": 0.1,
+            "gsc_position": 2.0,
+        },
+        {"date": "2026-11-01", "site_id": 2, "matomo_visits": 0},
+        {
+            "date": "2026-11-01",
+            "site_id": 3,
+            "gsc_clicks": 0,
+            "gsc_impressions": 0,
+            "gsc_ctr": None,
+            "gsc_position": None,
+        },
+    ]
+    groups = ag.rows_by_columns(rows)
+    assert sorted(len(g) for g in groups.values()) == [1, 1, 1]
+    assert all(len({tuple(sorted(r)) for r in g}) == 1 for g in groups.values())
+    assert ag.analytics_rows([ag.Site(4, "d.com", 4, 1)], [D1], {}, {}) == []
+
+
+def test_target_days():
+    today = dt.date(2026, 11, 25)
+
+    def days(**kw):
+        return ag.target_days(argparse.Namespace(**{"date": None, "start": None, "end": None, **kw}), today)
+
+    assert days() == [dt.date(2026, 11, 23)]
+    assert days(date="2026-11-20") == [dt.date(2026, 11, 20)]
+    assert days(start="2026-11-21") == [dt.date(2026, 11, 21), dt.date(2026, 11, 22), dt.date(2026, 11, 23)]
+    assert len(days(start="2026-10-01", end="2026-10-31")) == 31
+    with pytest.raises(ag.UsageError, match="needs --from"):
+        days(end="2026-10-31")
+    with pytest.raises(ag.UsageError, match="in the future"):
+        days(date="2026-11-26")
+
+
+def test_the_secret_filter_redacts_messages_arguments_encodings_and_tracebacks():
+    secret = "s3cr3t/token+with=chars"
+    secret_filter = ag.SecretFilter()
+    secret_filter.add(secret, None, "")
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(logging.Formatter().format(record))
+    handler.addFilter(secret_filter)
+    logger = logging.getLogger("test-secret-filter")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("plain %s and url-encoded %s", secret, "s3cr3t%2Ftoken%2Bwith%3Dchars")
+        try:
+            raise RuntimeError(f"token {secret} refused")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    text = "\n".join(records)
+    assert secret not in text and "s3cr3t%2F" not in text
+    assert text.count("[redacted]") == 3
+    assert "RuntimeError: token [redacted] refused" in text
+
+
+def test_exit_status():
+    ok = ag.Outcome(
+        sites=2, matomo_wanted=2, matomo_fetched=2, gsc_wanted=1, gsc_fetched=1, stored=2, not_stored=0
+    )
+    assert ok.exit_status() == 0
+    assert ag.Outcome(2, 2, 1, 1, 1, 2, 0).exit_status() == 3
+    assert ag.Outcome(2, 2, 2, 1, 1, 1, 1).exit_status() == 3
+    assert ag.Outcome(2, 2, 2, 1, 1, 0, 2).exit_status() == 1
