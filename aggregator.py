@@ -19,16 +19,18 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import html
+import itertools
 import logging
 import os
 import re
 import stat
 import sys
+import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import quote, quote_plus, urlencode, urlsplit
@@ -44,16 +46,17 @@ from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 from postgrest.exceptions import APIError
 from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
-
 from supabase import Client, ClientOptions, create_client
+from urllib3.util.retry import Retry
 
 log = logging.getLogger("aggregator")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
-# Search Console publishes a day's data after about two days.
+# Search Console publishes a day's data after about two days, and keeps revising the last
+# few: the nightly run refreshes a short window that ends two days ago.
 DEFAULT_LAG_DAYS = 2
+DEFAULT_LOOKBACK_DAYS = 3
 # Search Console keeps about 16 months (~486 days). Older days answer "no rows", which must
 # not be stored as 0 over numbers fetched back then: stay a little inside the limit.
 GSC_RETENTION_DAYS = 480
@@ -80,13 +83,18 @@ REQUIRED = (
     "GOOGLE_CLIENT_SECRET",
 )
 URL_VARIABLES = ("SUPABASE_URL", "MATOMO_URL", "GOOGLE_TOKEN_URI", "GSC_API_ENDPOINT")
+# Concurrency defaults were chosen with bench/bench.py (see the README's "Performance").
 TUNING_DEFAULTS = {
     "HTTP_TIMEOUT": 60,  # seconds, for every single network call
     "HTTP_RETRIES": 3,  # retries of a transient failure (5xx, 429, connection)
-    "MATOMO_BULK_SIZE": 100,  # VisitsSummary.get sub-requests per bulk request
-    "UPSERT_CHUNK_SIZE": 500,  # rows per upsert request
-    "GSC_ACCOUNT_WORKERS": 4,  # Search Console accounts fetched at once
     "RUN_DEADLINE": 7200,  # seconds after which no new fetch starts
+    "MATOMO_BULK_SIZE": 100,  # VisitsSummary.get sub-requests per bulk request
+    "MATOMO_WORKERS": 3,  # bulk requests in flight
+    "GSC_WORKERS": 32,  # Search Console queries in flight, all accounts together
+    "GSC_ACCOUNT_WORKERS": 8,  # ... and per account
+    "GSC_QPM": 1200,  # queries per minute per account: Search Console's per-user quota
+    "UPSERT_CHUNK_SIZE": 500,  # rows per upsert request
+    "UPSERT_WORKERS": 3,  # upsert requests in flight
 }
 
 
@@ -102,28 +110,17 @@ class Config:
     gsc_api_endpoint: str = "https://searchconsole.googleapis.com/"
     http_timeout: int = 60
     http_retries: int = 3
-    matomo_bulk_size: int = 100
-    upsert_chunk_size: int = 500
-    gsc_account_workers: int = 4
     run_deadline: int = 7200
+    matomo_bulk_size: int = 100
+    matomo_workers: int = 3
+    gsc_workers: int = 32
+    gsc_account_workers: int = 8
+    gsc_qpm: int = 1200
+    upsert_chunk_size: int = 500
+    upsert_workers: int = 3
 
     def secrets(self) -> tuple[str, ...]:
         return (self.supabase_key, self.matomo_token, self.google_client_secret)
-
-
-@dataclass(frozen=True)
-class Deadline:
-    """The moment after which no new fetch starts, so that a hung service cannot hold the
-    run (and tomorrow's) forever; what was fetched by then is still stored."""
-
-    at: float
-
-    @classmethod
-    def after(cls, seconds: float) -> Deadline:
-        return cls(time.monotonic() + seconds)
-
-    def passed(self) -> bool:
-        return time.monotonic() >= self.at
 
 
 def default_env_file() -> Path:
@@ -241,6 +238,49 @@ def setup_logging(level: str) -> SecretFilter:
 
 
 # ---------------------------------------------------------------------------
+# Run-wide helpers
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """The moment after which no new fetch starts, so that a hung service cannot hold the
+    run (and tomorrow's) forever; what was fetched by then is still stored."""
+
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds)
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+
+class Once:
+    """Says yes to the first caller only: one log line for a failure that every thread meets."""
+
+    def __init__(self) -> None:
+        self.happened = False
+        self._lock = threading.Lock()
+
+    def first(self) -> bool:
+        with self._lock:
+            first, self.happened = not self.happened, True
+            return first
+
+
+def chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def id_list(ids: list, limit: int = 10) -> str:
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+# ---------------------------------------------------------------------------
 # Dates
 # ---------------------------------------------------------------------------
 
@@ -264,15 +304,23 @@ def days_between(start: dt.date, end: dt.date) -> list[dt.date]:
 
 def target_days(args: argparse.Namespace, today: dt.date) -> list[dt.date]:
     """The inclusive list of days to aggregate, validated."""
-    default = today - dt.timedelta(days=DEFAULT_LAG_DAYS)
+    latest = today - dt.timedelta(days=DEFAULT_LAG_DAYS)
     if args.date and (args.start or args.end):
         raise UsageError("use either --date or --from/--to, not both")
     if args.end and not args.start:
         raise UsageError("--to needs --from, e.g. --from 2026-10-01 --to 2026-10-31")
-    start = parse_day(args.date or args.start) if (args.date or args.start) else default
-    end = parse_day(args.end) if args.end else (start if args.date else default)
-    if args.start and not args.end:
-        end = max(default, start)
+    if args.lookback is not None and (args.date or args.start):
+        raise UsageError("--lookback is for the nightly run; with --date or --from, name the days instead")
+    if args.lookback is not None and not 1 <= args.lookback <= 90:
+        raise UsageError(f"--lookback takes 1 to 90 days, got {args.lookback}")
+    if args.date:
+        start = end = parse_day(args.date)
+    elif args.start:
+        start = parse_day(args.start)
+        end = parse_day(args.end) if args.end else max(latest, start)
+    else:
+        end = latest
+        start = latest - dt.timedelta(days=(args.lookback or DEFAULT_LOOKBACK_DAYS) - 1)
     if start > end:
         raise UsageError(f"the range ends ({end}) before it starts ({start})")
     if end > today:
@@ -421,7 +469,9 @@ class MatomoClient:
     timeout: int
     retries: int
     bulk_size: int
+    workers: int
     deadline: Deadline
+    broken: Once = field(default_factory=Once)  # the URL or the token is wrong
 
 
 def matomo_client(cfg: Config, deadline: Deadline) -> MatomoClient:
@@ -445,6 +495,7 @@ def matomo_client(cfg: Config, deadline: Deadline) -> MatomoClient:
         cfg.http_timeout,
         cfg.http_retries,
         cfg.matomo_bulk_size,
+        cfg.matomo_workers,
         deadline,
     )
 
@@ -516,50 +567,49 @@ def visits_by_day(slot: Any, days: list[dt.date]) -> dict[dt.date, int]:
     return visits
 
 
-def chunks(items: list[T], size: int) -> Iterator[list[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def get_matomo_data(
     matomo: MatomoClient, site_ids: Iterable[int], days: list[dt.date]
 ) -> dict[int, dict[dt.date, int]]:
-    """{matomo site id: {day: visits}} for every site Matomo answered for.
+    """{matomo site id: {day: visits}} for every site Matomo answered for, a few requests at a time.
 
     A site that is missing from the result has no value: it must not be stored as 0.
     """
-    ids = sorted(set(site_ids))
-    date = matomo_date_param(days)
+    batches = list(chunks(sorted(set(site_ids)), matomo.bulk_size))
     result: dict[int, dict[dt.date, int]] = {}
-    for n, chunk in enumerate(chunks(ids, matomo.bulk_size)):
-        if matomo.deadline.passed():
-            log.warning(
-                "RUN_DEADLINE reached: no Matomo values for %d sites", len(ids) - n * matomo.bulk_size
-            )
-            break
-        queries = [
-            urlencode({"method": "VisitsSummary.get", "idSite": i, "date": date, "period": "day"})
-            for i in chunk
-        ]
-        try:
-            slots = post_bulk_request(matomo, queries)
-        except MatomoConfigError as error:
-            log.error("%s", error)
-            return result
-        except MatomoError as error:
-            log.warning("%s; no Matomo values for %d sites (ids %s)", error, len(chunk), id_list(chunk))
-            continue
-        for site_id, slot in zip(chunk, slots):
-            try:
-                result[site_id] = visits_by_day(slot, days)
-            except ValueError as error:
-                log.warning("Matomo site id %s: %s", site_id, error)
+    with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
+        for visits in pool.map(lambda batch: visits_for_batch(matomo, batch, days), batches):
+            result.update(visits)
     return result
 
 
-def id_list(ids: list, limit: int = 10) -> str:
-    shown = ", ".join(str(i) for i in ids[:limit])
-    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+def visits_for_batch(
+    matomo: MatomoClient, ids: list[int], days: list[dt.date]
+) -> dict[int, dict[dt.date, int]]:
+    if matomo.broken.happened:
+        return {}
+    if matomo.deadline.passed():
+        log.warning("RUN_DEADLINE reached: no Matomo values for %d sites (ids %s)", len(ids), id_list(ids))
+        return {}
+    date = matomo_date_param(days)
+    queries = [
+        urlencode({"method": "VisitsSummary.get", "idSite": i, "date": date, "period": "day"}) for i in ids
+    ]
+    try:
+        slots = post_bulk_request(matomo, queries)
+    except MatomoConfigError as error:
+        if matomo.broken.first():
+            log.error("%s", error)
+        return {}
+    except MatomoError as error:
+        log.warning("%s; no Matomo values for %d sites (ids %s)", error, len(ids), id_list(ids))
+        return {}
+    result = {}
+    for site_id, slot in zip(ids, slots):
+        try:
+            result[site_id] = visits_by_day(slot, days)
+        except ValueError as error:
+            log.warning("Matomo site id %s: %s", site_id, error)
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -578,9 +628,8 @@ class GscMetrics:
 NO_SEARCH_TRAFFIC = GscMetrics(0, 0, None, None)
 
 
-def get_google_client(cfg: Config, refresh_token: str) -> Any:
-    """A Search Console service for one account; building it makes no network call."""
-    credentials = Credentials(
+def google_credentials(cfg: Config, refresh_token: str) -> Credentials:
+    return Credentials(
         token=None,
         refresh_token=refresh_token,
         client_id=cfg.google_client_id,
@@ -588,6 +637,10 @@ def get_google_client(cfg: Config, refresh_token: str) -> Any:
         token_uri=cfg.google_token_uri,
         scopes=[GSC_SCOPE],
     )
+
+
+def get_google_client(cfg: Config, credentials: Credentials) -> Any:
+    """A Search Console service for one account; building it makes no network call."""
     # Our own Http carries the timeout; the token refresh goes through it as well.
     http = google_auth_httplib2.AuthorizedHttp(credentials, http=httplib2.Http(timeout=cfg.http_timeout))
     return build(
@@ -598,6 +651,55 @@ def get_google_client(cfg: Config, refresh_token: str) -> Any:
         cache_discovery=False,
         static_discovery=True,
     )
+
+
+class QuotaWindow:
+    """At most `limit` queries in any rolling minute: Search Console's per-account quota.
+
+    Pacing ourselves costs nothing under the quota and avoids a storm of 429s and backoffs above it.
+    """
+
+    SECONDS = 60.5  # a little over a minute, so that the server's own window never counts limit + 1
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._sent: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        # Sleeping with the lock held is the point: the account's other threads must wait too.
+        with self._lock:
+            now = time.monotonic()
+            while self._sent and now - self._sent[0] >= self.SECONDS:
+                self._sent.popleft()
+            if len(self._sent) >= self.limit:
+                time.sleep(self.SECONDS - (now - self._sent[0]))
+                self._sent.popleft()
+            self._sent.append(time.monotonic())
+
+
+@dataclass(frozen=True)
+class GscAccount:
+    id: Any
+    credentials: Credentials
+    analytics: Any  # the service's searchanalytics() resource, shared by all threads
+    properties: dict[str, str]
+    quota: QuotaWindow
+    slots: threading.Semaphore
+
+
+_this_thread = threading.local()
+
+
+def http_for_this_thread(credentials: Credentials, timeout: int) -> google_auth_httplib2.AuthorizedHttp:
+    """An authorized Http whose connections belong to the calling thread.
+
+    httplib2.Http is not thread-safe (google-api-python-client's docs/thread_safety.md): each
+    thread keeps one, shared by the accounts it serves; the credentials are shared by all threads.
+    """
+    if not hasattr(_this_thread, "http"):
+        _this_thread.http = httplib2.Http(timeout=timeout)
+    return google_auth_httplib2.AuthorizedHttp(credentials, http=_this_thread.http)
 
 
 def verified_properties(site_list_answer: dict) -> dict[str, str]:
@@ -652,12 +754,123 @@ def metrics_by_day(answer: Any, days: list[dt.date]) -> dict[dt.date, GscMetrics
     return metrics
 
 
+def http_error_reason(error: HttpError) -> str:
+    reason = error._get_reason() if hasattr(error, "_get_reason") else str(error)
+    if error.status_code == 403:
+        return f"{reason} (grant this account access to the property in Search Console)"
+    return reason
+
+
+def connect_account(cfg: Config, account_id: Any, refresh_token: str, sites: int) -> GscAccount | None:
+    """An account ready to query (token refreshed, properties listed), or None after one warning."""
+    credentials = google_credentials(cfg, refresh_token)
+    try:
+        service = get_google_client(cfg, credentials)
+        listing = service.sites().list().execute(num_retries=cfg.http_retries)
+        if not isinstance(listing, dict):
+            raise ValueError("unexpected answer to sites.list; check GSC_API_ENDPOINT")
+    except RefreshError as error:
+        reason = (
+            "the refresh token has expired or been revoked: re-authorize this account "
+            "and store the new refresh token in gsc_accounts"
+            if "invalid_grant" in str(error)
+            else "the Google token endpoint failed; the next run will retry"
+        )
+        log.warning("GSC account %s: %s (%s); no GSC data for its %d sites", account_id, reason, error, sites)
+        return None
+    except HttpError as error:
+        reason = f"cannot list properties: HTTP {error.status_code}: {http_error_reason(error)}"
+        log.warning("GSC account %s: %s; no GSC data for its %d sites", account_id, reason, sites)
+        return None
+    except Exception as error:  # noqa: BLE001 - one account must never sink the run
+        log.warning("GSC account %s: %s; no GSC data for its %d sites", account_id, error, sites)
+        return None
+    return GscAccount(
+        account_id,
+        credentials,
+        service.searchanalytics(),
+        verified_properties(listing),
+        QuotaWindow(cfg.gsc_qpm),
+        threading.Semaphore(cfg.gsc_account_workers),
+    )
+
+
+def connected_accounts(
+    cfg: Config, sites: list[Site], refresh_tokens: Mapping[Any, str], pool: Executor
+) -> dict[Any, GscAccount]:
+    """Every account that deployed sites use, connected in parallel; failures were logged."""
+    by_account = sites_by_account(sites)
+    for account_id in by_account.keys() - refresh_tokens.keys():
+        for site in by_account[account_id]:
+            log.warning(
+                "Site %s: gsc_account_id %s matches no row of gsc_accounts; GSC skipped", site.id, account_id
+            )
+    futures = {
+        account_id: pool.submit(connect_account, cfg, account_id, refresh_tokens[account_id], len(group))
+        for account_id, group in by_account.items()
+        if account_id in refresh_tokens
+    }
+    return {account_id: f.result() for account_id, f in futures.items() if f.result() is not None}
+
+
+def query_targets(
+    sites: Iterable[Site], accounts: Mapping[Any, GscAccount]
+) -> dict[Any, tuple[GscAccount, str]]:
+    """{site id: (account, property)} for the sites whose account holds a property for their domain."""
+    targets = {}
+    for site in sites:
+        account = accounts.get(site.gsc_account_id)
+        if account is None:
+            continue  # no account, or one that failed: already logged
+        domain = normalised_domain(site.domain)
+        site_url = property_for_domain(domain, account.properties) if domain else None
+        if domain is None:
+            log.warning(
+                "Site %s: domain %r is not a bare domain like example.com; GSC skipped", site.id, site.domain
+            )
+        elif site_url is None:
+            log.warning(
+                "Site %s: account %s has no verified Search Console property for %s "
+                "(looked for sc-domain:%s and https/http URL prefixes)",
+                site.id,
+                account.id,
+                domain,
+                domain,
+            )
+        else:
+            targets[site.id] = (account, site_url)
+    return targets
+
+
+def query_property(
+    account: GscAccount, site_url: str, body: dict, days: list[dt.date], cfg: Config, deadline: Deadline
+) -> dict[dt.date, GscMetrics] | None:
+    """One searchanalytics.query for the whole range, paced to the account's quota; None if too late."""
+    account.quota.wait()
+    with account.slots:
+        if deadline.passed():  # checked once a slot is ours: waiting for it can take long
+            return None
+        request = account.analytics.query(siteUrl=site_url, body=body)
+        http = http_for_this_thread(account.credentials, cfg.http_timeout)
+        answer = request.execute(http=http, num_retries=cfg.http_retries)
+    return metrics_by_day(answer, days)
+
+
+def round_robin(targets: Mapping[Any, tuple[GscAccount, str]]) -> list[Any]:
+    """Site ids ordered one account after another, so that the pool's threads spread over accounts."""
+    queues: dict[Any, list[Any]] = defaultdict(list)
+    for site_id, (account, _) in targets.items():
+        queues[account.id].append(site_id)
+    rounds = itertools.zip_longest(*queues.values())
+    return [site_id for one_round in rounds for site_id in one_round if site_id is not None]
+
+
 def get_gsc_data(
-    gsc_client: Any,
-    site_urls: Mapping[Any, str],
+    targets: Mapping[Any, tuple[GscAccount, str]],
     days: list[dt.date],
-    retries: int = 3,
-    deadline: Deadline | None = None,
+    cfg: Config,
+    pool: Executor,
+    deadline: Deadline,
 ) -> dict[Any, dict[dt.date, GscMetrics]]:
     """{site id: {day: metrics}} for each site whose property answered; one query per site."""
     # One query covers the whole range: it can hold 25,000 rows, far beyond GSC's 16 months.
@@ -668,120 +881,26 @@ def get_gsc_data(
         "type": "web",
         "rowLimit": 25000,
     }
-    result = {}
-    for n, (site_id, site_url) in enumerate(site_urls.items()):
-        if deadline and deadline.passed():
-            log.warning("RUN_DEADLINE reached: %d Search Console properties not queried", len(site_urls) - n)
-            break
+    futures = {
+        site_id: pool.submit(query_property, *targets[site_id], body, days, cfg, deadline)
+        for site_id in round_robin(targets)
+    }
+    result, too_late = {}, 0
+    for site_id, future in futures.items():
+        site_url = targets[site_id][1]
         try:
-            answer = (
-                gsc_client.searchanalytics().query(siteUrl=site_url, body=body).execute(num_retries=retries)
-            )
-            result[site_id] = metrics_by_day(answer, days)
+            metrics = future.result()
         except HttpError as error:
             log.warning("GSC %s: HTTP %s: %s", site_url, error.status_code, http_error_reason(error))
-        except (ValueError, KeyError, TypeError, OSError, httplib2.HttpLib2Error) as error:
+        except (ValueError, KeyError, TypeError, OSError, httplib2.HttpLib2Error, RefreshError) as error:
             log.warning("GSC %s: %s", site_url, error)
-    return result
-
-
-def http_error_reason(error: HttpError) -> str:
-    reason = error._get_reason() if hasattr(error, "_get_reason") else str(error)
-    if error.status_code == 403:
-        return f"{reason} (grant this account access to the property in Search Console)"
-    return reason
-
-
-def gsc_data_for_account(
-    cfg: Config,
-    account_id: Any,
-    refresh_token: str,
-    sites: list[Site],
-    days: list[dt.date],
-    deadline: Deadline,
-) -> dict[Any, dict[dt.date, GscMetrics]]:
-    """Search Console metrics for one account's sites; a failure here costs only these sites."""
-    if deadline.passed():
-        log.warning("RUN_DEADLINE reached: GSC account %s not queried (%d sites)", account_id, len(sites))
-        return {}
-    try:
-        client = get_google_client(cfg, refresh_token)
-        listing = client.sites().list().execute(num_retries=cfg.http_retries)
-    except RefreshError as error:
-        fix = (
-            "the refresh token has expired or been revoked: re-authorize this account "
-            "and store the new refresh token in gsc_accounts"
-            if "invalid_grant" in str(error)
-            else "the Google token endpoint failed; the next run will retry"
-        )
-        log.warning(
-            "GSC account %s: %s (%s); no GSC data for its %d sites", account_id, fix, error, len(sites)
-        )
-        return {}
-    except HttpError as error:
-        log.warning(
-            "GSC account %s: cannot list properties: HTTP %s: %s; no GSC data for its %d sites",
-            account_id,
-            error.status_code,
-            http_error_reason(error),
-            len(sites),
-        )
-        return {}
-    except Exception as error:  # noqa: BLE001 - one account must never sink the run
-        log.warning("GSC account %s: %s; no GSC data for its %d sites", account_id, error, len(sites))
-        return {}
-    if not isinstance(listing, dict):
-        log.warning("GSC account %s: unexpected answer to sites.list; check GSC_API_ENDPOINT", account_id)
-        return {}
-    properties = verified_properties(listing)
-    site_urls = {}
-    for site in sites:
-        domain = normalised_domain(site.domain)
-        site_url = property_for_domain(domain, properties) if domain else None
-        if domain is None:
-            log.warning(
-                "Site %s: domain %r is not a bare domain like example.com; GSC skipped", site.id, site.domain
-            )
-        elif site_url is None:
-            log.warning(
-                "Site %s: account %s has no verified Search Console property for %s "
-                "(looked for sc-domain:%s and https/http URL prefixes)",
-                site.id,
-                account_id,
-                domain,
-                domain,
-            )
         else:
-            site_urls[site.id] = site_url
-    return get_gsc_data(client, site_urls, days, cfg.http_retries, deadline)
-
-
-def gsc_data_for_fleet(
-    cfg: Config,
-    sites: list[Site],
-    refresh_tokens: Mapping[Any, str],
-    days: list[dt.date],
-    deadline: Deadline,
-) -> dict[Any, dict[dt.date, GscMetrics]]:
-    """Search Console metrics for every site with an account; accounts run in parallel.
-
-    Each account has its own Http object and is handled by one thread, as httplib2 requires.
-    """
-    by_account = sites_by_account(sites)
-    for account_id in by_account.keys() - refresh_tokens.keys():
-        for site in by_account[account_id]:
-            log.warning(
-                "Site %s: gsc_account_id %s matches no row of gsc_accounts; GSC skipped", site.id, account_id
-            )
-    runnable = [a for a in by_account if a in refresh_tokens]
-    result: dict[Any, dict[dt.date, GscMetrics]] = {}
-    with ThreadPoolExecutor(max_workers=cfg.gsc_account_workers) as pool:
-        futures = [
-            pool.submit(gsc_data_for_account, cfg, a, refresh_tokens[a], by_account[a], days, deadline)
-            for a in runnable
-        ]
-        for future in futures:
-            result.update(future.result())
+            if metrics is None:
+                too_late += 1
+            else:
+                result[site_id] = metrics
+    if too_late:
+        log.warning("RUN_DEADLINE reached: %d Search Console properties not queried", too_late)
     return result
 
 
@@ -806,6 +925,28 @@ def matomo_id(site: Site) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def matomo_ids_by_site(sites: Iterable[Site]) -> dict[Any, int]:
+    """{site id: Matomo id} for the sites that have a usable one; a malformed one is warned about."""
+    ids = {}
+    for site in sites:
+        if site.matomo_site_id is None:
+            continue
+        if matomo_id(site) is None:
+            log.warning(
+                "Site %s: matomo_site_id %r is not a positive number; Matomo skipped",
+                site.id,
+                site.matomo_site_id,
+            )
+        else:
+            ids[site.id] = matomo_id(site)
+    return ids
+
+
+def slices(sites: list[Site], days: int, rows_per_slice: int) -> Iterator[list[Site]]:
+    """The fleet in slices of about rows_per_slice rows, so that memory stays bounded."""
+    return chunks(sites, max(1, rows_per_slice // days))
+
+
 def analytics_rows(
     sites: Iterable[Site],
     days: list[dt.date],
@@ -828,10 +969,7 @@ def analytics_rows(
             if day in site_gsc:
                 m = site_gsc[day]
                 row.update(
-                    gsc_clicks=m.clicks,
-                    gsc_impressions=m.impressions,
-                    gsc_ctr=m.ctr,
-                    gsc_position=m.position,
+                    gsc_clicks=m.clicks, gsc_impressions=m.impressions, gsc_ctr=m.ctr, gsc_position=m.position
                 )
             if len(row) > 2:
                 rows.append(row)
@@ -856,27 +994,39 @@ def rows_by_columns(rows: Iterable[dict]) -> dict[tuple[str, ...], list[dict]]:
 
 
 def store_rows(client: Client, rows: list[dict], cfg: Config) -> tuple[int, int]:
-    """Upsert rows in chunks of one shape; returns (stored, not stored)."""
-    stored = not_stored = 0
-    pending = [
+    """Upsert rows in chunks of one shape, a few at a time; returns (stored, not stored)."""
+    batches = [
         chunk for group in rows_by_columns(rows).values() for chunk in chunks(group, cfg.upsert_chunk_size)
     ]
-    for n, chunk in enumerate(pending):
+    hopeless = Once()
+
+    def store(chunk: list[dict]) -> bool:
+        if hopeless.happened:
+            return False
         request = client.table("daily_analytics").upsert(
             chunk, on_conflict="date,site_id", returning="minimal"
         )
         try:
             with_retries(request.execute, cfg.http_retries + 1)
-            stored += len(chunk)
+            return True
         except (APIError, httpx.HTTPError) as error:
-            log.error("%s; %d records not stored", describe_supabase_error(error, "storing rows"), len(chunk))
-            not_stored += len(chunk)
-            if isinstance(error, APIError) and str(error.code) in SCHEMA_ERRORS | {"401", "PGRST301"}:
-                rest = sum(len(c) for c in pending[n + 1 :])
-                if rest:
-                    log.error("Not trying the other %d records: every request would fail the same way", rest)
-                return stored, not_stored + rest
-    return stored, not_stored
+            if not is_hopeless(error):
+                log.error(
+                    "%s; %d records not stored", describe_supabase_error(error, "storing rows"), len(chunk)
+                )
+            elif hopeless.first():
+                log.error("%s; no further upsert is tried", describe_supabase_error(error, "storing rows"))
+            return False
+
+    with ThreadPoolExecutor(max_workers=cfg.upsert_workers) as pool:
+        done = list(pool.map(store, batches))
+    stored = sum(len(chunk) for chunk, ok in zip(batches, done) if ok)
+    return stored, len(rows) - stored
+
+
+def is_hopeless(error: Exception) -> bool:
+    """An error every other upsert would meet too (the schema, the key)."""
+    return isinstance(error, APIError) and str(error.code) in SCHEMA_ERRORS | {"401", "PGRST301"}
 
 
 # ---------------------------------------------------------------------------
@@ -884,15 +1034,15 @@ def store_rows(client: Client, rows: list[dict], cfg: Config) -> tuple[int, int]
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class Outcome:
-    sites: int
-    matomo_wanted: int
-    matomo_fetched: int
-    gsc_wanted: int
-    gsc_fetched: int
-    stored: int
-    not_stored: int
+    sites: int = 0
+    matomo_wanted: int = 0
+    matomo_fetched: int = 0
+    gsc_wanted: int = 0
+    gsc_fetched: int = 0
+    stored: int = 0
+    not_stored: int = 0
 
     def summary(self) -> str:
         return (
@@ -911,49 +1061,65 @@ class Outcome:
         return EXIT_OK if complete else EXIT_PARTIAL
 
 
-def matomo_data_for_fleet(
-    cfg: Config, sites: list[Site], days: list[dt.date], deadline: Deadline
-) -> dict[Any, dict[dt.date, int]]:
-    """{site id: {day: visits}} for every site with a usable Matomo id."""
-    ids = {}
-    for site in sites:
-        if site.matomo_site_id is None:
-            continue
-        if matomo_id(site) is None:
-            log.warning(
-                "Site %s: matomo_site_id %r is not a positive number; Matomo skipped",
-                site.id,
-                site.matomo_site_id,
-            )
-        else:
-            ids[site.id] = matomo_id(site)
-    if not ids:
-        return {}
-    by_matomo_id = get_matomo_data(matomo_client(cfg, deadline), ids.values(), days)
-    return {site_id: by_matomo_id[m] for site_id, m in ids.items() if m in by_matomo_id}
+# A slice of the fleet is fetched, shaped and stored before the next; this bounds memory
+# (a year for 10,000 sites is 3.65 million rows) while the nightly run stays one slice.
+ROWS_PER_SLICE = 50_000
 
 
 def run(cfg: Config, days: list[dt.date], today: dt.date, secret_filter: SecretFilter) -> Outcome:
     deadline = Deadline.after(cfg.run_deadline)
     client = supabase_client(cfg)
-    sites = deployed_sites(client)
-    refresh_tokens = refresh_tokens_by_account(client)
+    with ThreadPoolExecutor(max_workers=2) as side:
+        sites_read = side.submit(deployed_sites, client)
+        refresh_tokens = refresh_tokens_by_account(client)
+        sites = sites_read.result()
     secret_filter.add(*refresh_tokens.values())
     log.info("Aggregating %s to %s for %d deployed sites", days[0], days[-1], len(sites))
 
-    visits = matomo_data_for_fleet(cfg, sites, days, deadline)
+    matomo = matomo_client(cfg, deadline)
+    matomo_ids = matomo_ids_by_site(sites)
     gsc_days = [day for day in days if day >= gsc_oldest_day(today)]
-    gsc = gsc_data_for_fleet(cfg, sites, refresh_tokens, gsc_days, deadline) if gsc_days else {}
-    stored, not_stored = store_rows(client, analytics_rows(sites, days, visits, gsc), cfg)
-    return Outcome(
+    outcome = Outcome(
         sites=len(sites),
         matomo_wanted=sum(1 for s in sites if s.matomo_site_id is not None),
-        matomo_fetched=len(visits),
         gsc_wanted=sum(1 for s in sites if s.gsc_account_id is not None) if gsc_days else 0,
-        gsc_fetched=len(gsc),
-        stored=stored,
-        not_stored=not_stored,
     )
+    # side runs the Matomo fetch beside the Search Console queries, and the previous slice's
+    # upserts beside the next slice's fetches.
+    with (
+        ThreadPoolExecutor(max_workers=cfg.gsc_workers) as gsc_pool,
+        ThreadPoolExecutor(max_workers=2) as side,
+    ):
+        accounts = connected_accounts(cfg, sites, refresh_tokens, gsc_pool) if gsc_days else {}
+        targets = query_targets(sites, accounts)
+        storing = None
+        for part in slices(sites, len(days), ROWS_PER_SLICE):
+            part_ids = {s.id: matomo_ids[s.id] for s in part if s.id in matomo_ids}
+            visits_read = side.submit(matomo_data_by_site, matomo, part_ids, days)
+            part_targets = {s.id: targets[s.id] for s in part if s.id in targets}
+            gsc = get_gsc_data(part_targets, gsc_days, cfg, gsc_pool, deadline) if part_targets else {}
+            visits = visits_read.result()
+            outcome.matomo_fetched += len(visits)
+            outcome.gsc_fetched += len(gsc)
+            rows = analytics_rows(part, days, visits, gsc)
+            del visits, gsc
+            if storing:
+                add_stored(outcome, storing.result())
+            storing = side.submit(store_rows, client, rows, cfg)
+        if storing:
+            add_stored(outcome, storing.result())
+    return outcome
+
+
+def matomo_data_by_site(matomo: MatomoClient, ids: Mapping[Any, int], days: list[dt.date]) -> dict[Any, dict]:
+    """{site id: {day: visits}} for the sites Matomo answered for."""
+    by_matomo_id = get_matomo_data(matomo, ids.values(), days) if ids else {}
+    return {site_id: by_matomo_id[m] for site_id, m in ids.items() if m in by_matomo_id}
+
+
+def add_stored(outcome: Outcome, counts: tuple[int, int]) -> None:
+    outcome.stored += counts[0]
+    outcome.not_stored += counts[1]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -966,13 +1132,19 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(
         allow_abbrev=False,
-        description="Store yesterday's Matomo and Search Console numbers for every deployed site.",
+        description="Store Matomo and Search Console numbers for every deployed site, one row per site and day.",
         epilog="Exit status: 0 ok, 1 nothing could be done, 2 usage error, 3 some values missing.",
     )
-    parser.add_argument("--date", help="one day, e.g. 2026-11-20 (default: today minus 2 days)")
+    parser.add_argument("--date", help="one day, e.g. 2026-11-20")
     parser.add_argument("--from", dest="start", help="first day of a backfill, e.g. 2026-10-01")
     parser.add_argument(
         "--to", dest="end", help="last day of a backfill, e.g. 2026-10-31 (default: today minus 2)"
+    )
+    parser.add_argument(
+        "--lookback",
+        type=int,
+        help=f"the nightly run refreshes this many days ending today minus 2, e.g. --lookback 7 "
+        f"(default {DEFAULT_LOOKBACK_DAYS}: Search Console keeps revising its last days)",
     )
     parser.add_argument(
         "--env-file", type=Path, help="read configuration from this file instead of .env beside the script"
@@ -1008,7 +1180,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run(cfg, days, today, secret_filter)
     except SupabaseError as error:
         log.error("%s", error)
-        log.info("%s", Outcome(0, 0, 0, 0, 0, 0, 0).summary())
+        log.info("%s", Outcome().summary())
         return EXIT_FAILED
     except KeyboardInterrupt:
         log.error("Interrupted; re-run the same dates to complete them")

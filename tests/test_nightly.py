@@ -30,7 +30,7 @@ def test_a_normal_night_over_three_accounts(fleet, db, run_aggregator):
 
     assert result.returncode == 0, result.stderr
     assert result.summary == (
-        "Processed 6 sites. Fetched Matomo data for 5. Fetched GSC data for 5. Stored 6 records."
+        "Processed 6 sites. Fetched Matomo data for 5. Fetched GSC data for 5. Stored 18 records."
     )
     rows = stored(db)
     assert rows == {
@@ -47,12 +47,22 @@ def test_a_normal_night_over_three_accounts(fleet, db, run_aggregator):
     }
 
 
-def test_the_default_date_is_today_minus_two_days(fleet, db, run_aggregator):
+def test_the_nightly_run_refreshes_the_three_days_ending_today_minus_two(fleet, db, run_aggregator):
     site = fleet.site("example.com", fleet.account())
     fleet.visits(site, 5, day=DAY)
 
     assert run_aggregator().returncode == 0
-    assert db.execute("select distinct date from daily_analytics").fetchall() == [(DAY,)]
+    days = db.execute("select date from daily_analytics order by date").fetchall()
+    assert days == [(DAY - dt.timedelta(days=2),), (DAY - dt.timedelta(days=1),), (DAY,)]
+
+
+def test_lookback_sets_the_nightly_window(fleet, db, google, run_aggregator):
+    site = fleet.site("example.com", fleet.account())
+    fleet.search(site, 2, 20, day=DAY - dt.timedelta(days=6))
+
+    assert run_aggregator("--lookback", "7").returncode == 0
+    assert db.execute("select count(*), sum(gsc_clicks) from daily_analytics").fetchone() == (7, 2)
+    assert google.count("/searchAnalytics/query") == 1
 
 
 def test_a_fleet_larger_than_supabases_row_cap_is_read_whole(fleet, db, gateway, run_aggregator):
@@ -66,9 +76,9 @@ def test_a_fleet_larger_than_supabases_row_cap_is_read_whole(fleet, db, gateway,
 
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.summary == (
-        "Processed 1205 sites. Fetched Matomo data for 1205. Fetched GSC data for 1205. Stored 1205 records."
+        "Processed 1205 sites. Fetched Matomo data for 1205. Fetched GSC data for 1205. Stored 3615 records."
     )
-    assert db.execute("select count(*), sum(matomo_visits) from daily_analytics").fetchone() == (1205, 3 * 13)
+    assert db.execute("select count(*), sum(matomo_visits) from daily_analytics").fetchone() == (3615, 3 * 13)
 
 
 def test_rerunning_a_date_updates_values_without_duplicating_rows(fleet, db, run_aggregator):
@@ -109,7 +119,7 @@ def test_failed_sources_never_overwrite_stored_values(fleet, db, matomo, run_agg
 
     assert result.returncode == 3
     assert result.summary == (
-        "Processed 3 sites. Fetched Matomo data for 2. Fetched GSC data for 2. Stored 3 records."
+        "Processed 3 sites. Fetched Matomo data for 2. Fetched GSC data for 2. Stored 9 records."
     )
     rows = stored(db)
     assert rows[broken_matomo.id] == dict(
@@ -161,7 +171,7 @@ def test_a_revoked_refresh_token_costs_only_that_accounts_gsc_values(fleet, db, 
 
     assert result.returncode == 3
     assert result.summary == (
-        "Processed 2 sites. Fetched Matomo data for 2. Fetched GSC data for 1. Stored 2 records."
+        "Processed 2 sites. Fetched Matomo data for 2. Fetched GSC data for 1. Stored 6 records."
     )
     rows = stored(db)
     assert (rows[orphan.id]["matomo_visits"], rows[orphan.id]["gsc_clicks"]) == (9, 3)

@@ -114,9 +114,14 @@ def test_target_days():
     today = dt.date(2026, 11, 25)
 
     def days(**kw):
-        return ag.target_days(argparse.Namespace(**{"date": None, "start": None, "end": None, **kw}), today)
+        return ag.target_days(
+            argparse.Namespace(**{"date": None, "start": None, "end": None, "lookback": None, **kw}), today
+        )
 
-    assert days() == [dt.date(2026, 11, 23)]
+    assert days() == [dt.date(2026, 11, 21), dt.date(2026, 11, 22), dt.date(2026, 11, 23)]
+    assert days(lookback=1) == [dt.date(2026, 11, 23)]
+    with pytest.raises(ag.UsageError, match="--lookback is for the nightly run"):
+        days(lookback=2, date="2026-11-20")
     assert days(date="2026-11-20") == [dt.date(2026, 11, 20)]
     assert days(start="2026-11-21") == [dt.date(2026, 11, 21), dt.date(2026, 11, 22), dt.date(2026, 11, 23)]
     assert len(days(start="2026-10-01", end="2026-10-31")) == 31
