@@ -30,7 +30,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import quote, quote_plus, urlencode, urlsplit
@@ -74,53 +74,32 @@ class ConfigError(Exception):
     """The configuration is missing or malformed; the message says what to set."""
 
 
-REQUIRED = (
-    "SUPABASE_URL",
-    "SUPABASE_SERVICE_ROLE_KEY",
-    "MATOMO_URL",
-    "MATOMO_TOKEN_AUTH",
-    "GOOGLE_CLIENT_ID",
-    "GOOGLE_CLIENT_SECRET",
-)
-URL_VARIABLES = ("SUPABASE_URL", "MATOMO_URL", "GOOGLE_TOKEN_URI", "GSC_API_ENDPOINT")
-# Concurrency defaults were chosen with bench/bench.py (see the README's "Performance").
-TUNING_DEFAULTS = {
-    "HTTP_TIMEOUT": 60,  # seconds, for every single network call
-    "HTTP_RETRIES": 3,  # retries of a transient failure (5xx, 429, connection)
-    "RUN_DEADLINE": 7200,  # seconds after which no new fetch starts
-    "MATOMO_BULK_SIZE": 100,  # VisitsSummary.get sub-requests per bulk request
-    "MATOMO_WORKERS": 3,  # bulk requests in flight
-    "GSC_WORKERS": 32,  # Search Console queries in flight, all accounts together
-    "GSC_ACCOUNT_WORKERS": 8,  # ... and per account
-    "GSC_QPM": 1200,  # queries per minute per account: Search Console's per-user quota
-    "UPSERT_CHUNK_SIZE": 500,  # rows per upsert request
-    "UPSERT_WORKERS": 3,  # upsert requests in flight
-}
-
-
 @dataclass(frozen=True)
 class Config:
+    """Every setting; each field is read from the environment variable of its upper-cased name."""
+
     supabase_url: str
-    supabase_key: str
+    supabase_service_role_key: str
     matomo_url: str
-    matomo_token: str
+    matomo_token_auth: str
     google_client_id: str
     google_client_secret: str
     google_token_uri: str = "https://oauth2.googleapis.com/token"
     gsc_api_endpoint: str = "https://searchconsole.googleapis.com/"
-    http_timeout: int = 60
-    http_retries: int = 3
-    run_deadline: int = 7200
-    matomo_bulk_size: int = 100
-    matomo_workers: int = 3
-    gsc_workers: int = 32
-    gsc_account_workers: int = 8
-    gsc_qpm: int = 1200
-    upsert_chunk_size: int = 500
-    upsert_workers: int = 3
+    # Tuning. The concurrency defaults were chosen with bench/bench.py (README: "Performance").
+    http_timeout: int = 60  # seconds, for every single network call
+    http_retries: int = 3  # retries of a transient failure (5xx, 429, connection)
+    run_deadline: int = 7200  # seconds after which no new fetch starts
+    matomo_bulk_size: int = 100  # VisitsSummary.get sub-requests per bulk request
+    matomo_workers: int = 3  # bulk requests in flight
+    gsc_workers: int = 32  # Search Console queries in flight, all accounts together
+    gsc_account_workers: int = 8  # ... and per account
+    gsc_qpm: int = 1200  # queries per minute per account: Search Console's per-user quota
+    upsert_chunk_size: int = 500  # rows per upsert request
+    upsert_workers: int = 3  # upsert requests in flight
 
     def secrets(self) -> tuple[str, ...]:
-        return (self.supabase_key, self.matomo_token, self.google_client_secret)
+        return (self.supabase_service_role_key, self.matomo_token_auth, self.google_client_secret)
 
 
 def default_env_file() -> Path:
@@ -132,46 +111,28 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
     if env_file.exists():
         warn_if_readable_by_others(env_file)
         load_dotenv(env_file, override=False)
-    env = {k: v.strip() for k, v in environ.items()}
-    missing = [name for name in REQUIRED if not env.get(name)]
+    env = {name: value.strip() for name, value in environ.items()}
+    missing = [f.name.upper() for f in fields(Config) if f.default is MISSING and not env.get(f.name.upper())]
     if missing:
         raise ConfigError(
             f"Missing configuration: {', '.join(missing)}. "
             f"Set them in {env_file} (see .env.example) or in the environment."
         )
-    problems = [
-        f"{name} must be an http(s) URL, got {env[name]!r}"
-        for name in URL_VARIABLES
-        if env.get(name) and not is_http_url(env[name])
-    ]
-    tuning = {}
-    for name, default in TUNING_DEFAULTS.items():
-        raw = env.get(name) or str(default)
-        least = 0 if name == "HTTP_RETRIES" else 1
-        if not raw.isdigit() or int(raw) < least:
+    values, problems = {}, []
+    for f in fields(Config):
+        name, raw = f.name.upper(), env.get(f.name.upper())
+        least = 0 if f.name == "http_retries" else 1
+        if not raw:
+            continue
+        if f.type == "int" and not (raw.isdigit() and int(raw) >= least):
             problems.append(f"{name} must be a whole number of at least {least}, got {raw!r}")
+        elif name.endswith(("_URL", "_URI", "_ENDPOINT")) and not is_http_url(raw):
+            problems.append(f"{name} must be an http(s) URL, got {raw!r}")
         else:
-            tuning[name.lower()] = int(raw)
+            values[f.name] = int(raw) if f.type == "int" else raw
     if problems:
         raise ConfigError("Bad configuration: " + "; ".join(problems) + ".")
-    optional = {
-        key: env[name]
-        for key, name in (
-            ("google_token_uri", "GOOGLE_TOKEN_URI"),
-            ("gsc_api_endpoint", "GSC_API_ENDPOINT"),
-        )
-        if env.get(name)
-    }
-    return Config(
-        supabase_url=env["SUPABASE_URL"],
-        supabase_key=env["SUPABASE_SERVICE_ROLE_KEY"],
-        matomo_url=env["MATOMO_URL"],
-        matomo_token=env["MATOMO_TOKEN_AUTH"],
-        google_client_id=env["GOOGLE_CLIENT_ID"],
-        google_client_secret=env["GOOGLE_CLIENT_SECRET"],
-        **optional,
-        **tuning,
-    )
+    return Config(**values)
 
 
 def is_http_url(value: str) -> bool:
@@ -366,7 +327,7 @@ def supabase_client(cfg: Config) -> Client:
         auto_refresh_token=False,
         persist_session=False,
     )
-    return create_client(cfg.supabase_url, cfg.supabase_key, options)
+    return create_client(cfg.supabase_url, cfg.supabase_service_role_key, options)
 
 
 def fetch_all(client: Client, table: str, columns: str, **equals: str) -> list[dict]:
@@ -491,7 +452,7 @@ def matomo_client(cfg: Config, deadline: Deadline) -> MatomoClient:
     return MatomoClient(
         session,
         endpoint,
-        cfg.matomo_token,
+        cfg.matomo_token_auth,
         cfg.http_timeout,
         cfg.http_retries,
         cfg.matomo_bulk_size,

@@ -223,3 +223,16 @@ def test_bad_command_line_is_one_line_and_exit_2(args, message, gateway, matomo,
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert gateway.requests == matomo.requests == google.requests == []
+
+
+def test_malformed_settings_are_all_named_at_once(config, gateway, run_aggregator):
+    config.update(MATOMO_URL="matomo.example.com", HTTP_TIMEOUT="soon", GSC_QPM="0")
+
+    result = run_aggregator()
+
+    assert result.returncode == 1
+    (line,) = lines = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert "MATOMO_URL must be an http(s) URL, got 'matomo.example.com'" in line, lines
+    assert "HTTP_TIMEOUT must be a whole number of at least 1, got 'soon'" in line
+    assert "GSC_QPM must be a whole number of at least 1, got '0'" in line
+    assert gateway.requests == []
