@@ -14,16 +14,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
+from fakes.database import create_database, drop_database, server_url
 from fakes.google import FakeGoogle
 from fakes.matomo import FakeMatomo
 from fakes.postgrest import FakePostgrest
 
 ROOT = Path(__file__).resolve().parent.parent
 AGGREGATOR = ROOT / "aggregator.py"
-MIGRATIONS = sorted((ROOT / "supabase" / "migrations").glob("*.sql"))
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 SERVICE_KEY = "sb_secret_SERVICEkey0test0aggregator0Zq"
 ANON_KEY = "sb_publishable_ANONkey0test0aggregator"
@@ -46,19 +45,6 @@ CONFIG_NAMES = (
     "GSC_ACCOUNT_WORKERS",
 )
 
-# What Supabase sets up before any migration: its API roles and their default grants.
-SUPABASE_BOOTSTRAP = """
-do $$ begin
-  if not exists (select from pg_roles where rolname = 'anon') then create role anon nologin; end if;
-  if not exists (select from pg_roles where rolname = 'authenticated') then create role authenticated nologin; end if;
-  if not exists (select from pg_roles where rolname = 'service_role') then create role service_role nologin bypassrls; end if;
-end $$;
-grant anon, authenticated, service_role to current_user;
-grant usage on schema public to anon, authenticated, service_role;
-alter default privileges in schema public grant all on tables to anon, authenticated, service_role;
-alter default privileges in schema public grant all on sequences to anon, authenticated, service_role;
-"""
-
 TODAY = dt.date.today()
 DAY = TODAY - dt.timedelta(days=2)  # the default target date
 
@@ -71,26 +57,20 @@ DAY = TODAY - dt.timedelta(days=2)  # the default target date
 @pytest.fixture(scope="session")
 def database() -> str:
     """A throwaway database with Supabase's roles and our migration; yields its conninfo."""
-    url = os.environ.get("TEST_DATABASE_URL", DEFAULT_DATABASE_URL)
+    url = server_url()
     try:
         admin = psycopg.connect(url, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as error:
+        where = conninfo_to_dict(url)
         pytest.exit(
-            f"No PostgreSQL reachable at {conninfo_to_dict(url).get('host')}:"
-            f"{conninfo_to_dict(url).get('port')} ({str(error).strip()}). Set TEST_DATABASE_URL to a "
-            "server where you may create databases, or run `bash .ci/run`, which installs one.",
+            f"No PostgreSQL reachable at {where.get('host')}:{where.get('port')} ({str(error).strip()}). "
+            "Set TEST_DATABASE_URL to a server where you may create databases, "
+            "or run `bash tests/run-tests`, which starts one.",
             returncode=1,
         )
     name = f"aggregator_test_{os.getpid()}"
-    admin.execute(f"drop database if exists {name}")
-    admin.execute(f"create database {name}")
-    conninfo = make_conninfo(url, dbname=name)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(SUPABASE_BOOTSTRAP)
-        for migration in MIGRATIONS:
-            conn.execute(migration.read_text())
-    yield conninfo
-    admin.execute(f"drop database if exists {name} with (force)")
+    yield create_database(admin, url, name)
+    drop_database(admin, name)
     admin.close()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -58,6 +59,8 @@ class FakeServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.faults: list[Fault] = []
         self.requests: list[Request] = []
+        self.keep_requests = True  # a benchmark turns this off and reads `counts`
+        self.counts: Counter[str] = Counter()  # requests per kind(request)
         self.latency = 0.0
         self.stopping = threading.Event()
         self._lock = threading.Lock()
@@ -95,9 +98,15 @@ class FakeServer(ThreadingHTTPServer):
         test = predicate if callable(predicate) else (lambda r, s=predicate: s in r.path)
         return sum(1 for r in self.requests if test(r))
 
+    def kind(self, request: Request) -> str:
+        """What a benchmark counts a request as; the stand-ins name their endpoints."""
+        return request.path
+
     def take_fault(self, request: Request) -> Fault | None:
         with self._lock:
-            self.requests.append(request)
+            self.counts[self.kind(request)] += 1
+            if self.keep_requests:
+                self.requests.append(request)
             for fault in self.faults:
                 if fault.times > 0 and fault.match(request):
                     fault.times -= 1

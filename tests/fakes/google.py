@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import unquote
 
 from .base import FakeServer, Request, Response
@@ -18,6 +22,7 @@ class Account:
     refresh_token: str
     properties: dict[str, str] = field(default_factory=dict)  # siteUrl -> permissionLevel
     revoked: bool = False
+    recent_queries: deque = field(default_factory=deque)  # arrival times, for the QPM quota
 
 
 class FakeGoogle(FakeServer):
@@ -30,7 +35,16 @@ class FakeGoogle(FakeServer):
         self.accounts: dict[str, Account] = {}  # refresh token -> account
         self.access_tokens: dict[str, Account] = {}
         self.search: dict[tuple[str, str], tuple[float, float, float, float]] = {}
+        # Instead of `search`, a benchmark may generate (clicks, impressions, ctr, position) or None.
+        self.search_fn: Callable[[str, str], tuple | None] | None = None
+        self.qpm: int | None = None  # answer 429 above this many queries per account per minute
         self._numbers = itertools.count(1)
+        self._quota_lock = threading.Lock()
+
+    def kind(self, request: Request) -> str:
+        if request.path == "/token":
+            return "token"
+        return "query" if request.path.endswith("/searchAnalytics/query") else "sites.list"
 
     @property
     def token_uri(self) -> str:
@@ -65,8 +79,29 @@ class FakeGoogle(FakeServer):
             return Response(200, {"siteEntry": entries} if entries else {})
         if rest.startswith("/") and rest.endswith("/searchAnalytics/query") and request.method == "POST":
             site_url = unquote(rest[1 : -len("/searchAnalytics/query")])
+            if self.over_quota(account):
+                return Response(429, RATE_LIMIT_BODY)
             return self.query(account, site_url, request.json())
         return Response(404, "<html><body>Not Found</body></html>", "text/html")
+
+    def over_quota(self, account: Account) -> bool:
+        """Search Console's per-user quota: at most qpm queries in any 60 seconds."""
+        if self.qpm is None:
+            return False
+        with self._quota_lock:
+            now = time.monotonic()
+            while account.recent_queries and now - account.recent_queries[0] >= 60:
+                account.recent_queries.popleft()
+            if len(account.recent_queries) >= self.qpm:
+                self.counts["429"] += 1
+                return True
+            account.recent_queries.append(now)
+            return False
+
+    def metrics(self, site_url: str, day: str) -> tuple | None:
+        if self.search_fn:
+            return self.search_fn(site_url, day)
+        return self.search.get((site_url, day))
 
     def token(self, form: dict[str, str]) -> Response:
         if form.get("client_id") != self.client_id or form.get("client_secret") != self.client_secret:
@@ -100,11 +135,7 @@ class FakeGoogle(FakeServer):
         start = dt.date.fromisoformat(body["startDate"])
         end = dt.date.fromisoformat(body["endDate"])
         days = [start + dt.timedelta(n) for n in range((end - start).days + 1)]
-        found = [
-            (d.isoformat(), self.search[(site_url, d.isoformat())])
-            for d in days
-            if (site_url, d.isoformat()) in self.search
-        ]
+        found = [(d.isoformat(), m) for d in days if (m := self.metrics(site_url, d.isoformat()))]
         answer: dict = {"responseAggregationType": "byProperty"}
         if body.get("dimensions") == ["date"]:
             rows = [

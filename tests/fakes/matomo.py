@@ -4,6 +4,7 @@ VisitsSummary.get sub-requests, error slots, [] for empty days, 401 for a bad to
 from __future__ import annotations
 
 import datetime as dt
+from typing import Callable
 from urllib.parse import parse_qsl
 
 from .base import FakeServer, Request, Response
@@ -35,6 +36,19 @@ class FakeMatomo(FakeServer):
         self.site_ids: set[int] = set()
         self.visits: dict[tuple[int, str], int] = {}
         self.error_slots: dict[int, str] = {}  # Matomo site id -> message of its error slot
+        # Instead of `site_ids` and `visits`, a benchmark may generate visits (None: unknown site).
+        self.visits_fn: Callable[[int, str], int | None] | None = None
+
+    def kind(self, request: Request) -> str:
+        return "bulk"
+
+    def visits_on(self, site: int, day: str) -> int:
+        if self.visits_fn:
+            return self.visits_fn(site, day) or 0
+        return self.visits.get((site, day), 0)
+
+    def knows(self, site: int) -> bool:
+        return self.visits_fn(site, "") is not None if self.visits_fn else site in self.site_ids
 
     def handle_request_of(self, request: Request) -> Response:
         if request.path not in ("/index.php", "/") or request.query.get("module") != "API":
@@ -66,19 +80,19 @@ class FakeMatomo(FakeServer):
         site = int(sub["idSite"])
         if site in self.error_slots:
             return {"result": "error", "message": self.error_slots[site]}
-        if site not in self.site_ids:
+        if not self.knows(site):
             return {
                 "result": "error",
                 "message": f"An unexpected website was found in the request: website id was set to '{site}' .",
             }
         dates = sub["date"].split(",")
         if len(dates) == 1:
-            return visits_summary(self.visits.get((site, dates[0]), 0))
+            return visits_summary(self.visits_on(site, dates[0]))
         start, end = (dt.date.fromisoformat(d) for d in dates)
         answer = {}
         while start <= end:
             day = start.isoformat()
-            visits = self.visits.get((site, day), 0)
+            visits = self.visits_on(site, day)
             answer[day] = visits_summary(visits) if visits else []
             start += dt.timedelta(days=1)
         return answer

@@ -40,6 +40,9 @@ class FakePostgrest(FakeServer):
             self._local.conn = psycopg.connect(self.conninfo, autocommit=True)
         return self._local.conn
 
+    def kind(self, request: Request) -> str:
+        return "upsert" if request.method == "POST" else "select"
+
     def handle_request_of(self, request: Request) -> Response:
         role = None
         try:

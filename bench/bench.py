@@ -1,0 +1,236 @@
+"""Benchmark aggregator.py against the local stand-ins with an injected latency per request and
+the real PostgreSQL behind the PostgREST stand-in. Run by hand, not part of the test suite:
+
+    .venv/bin/python bench/bench.py                      # every scenario, 50 ms per request
+    .venv/bin/python bench/bench.py --only nightly,quota --latency 0.02
+
+Prints one table: scenario, sites, days, wall seconds (the median of --repeat runs), peak RSS of
+the aggregator, requests per service (of the last run), the round-trip lower bound (the round trips the job cannot avoid, given its concurrency
+limits, times the latency; or Search Console's quota, when that is larger) and wall / bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from aggregator import DEFAULT_LAG_DAYS, DEFAULT_LOOKBACK_DAYS, PAGE_SIZE, Config  # noqa: E402
+from fakes.database import create_database, drop_database, server_url  # noqa: E402
+from fakes.google import FakeGoogle  # noqa: E402
+from fakes.matomo import FakeMatomo  # noqa: E402
+from fakes.postgrest import FakePostgrest  # noqa: E402
+
+SERVICE_KEY, ANON_KEY = "bench-service-key", "bench-anon-key"
+MATOMO_TOKEN, CLIENT_ID, CLIENT_SECRET = "bench-matomo-token", "bench-client", "bench-secret"
+LATEST = dt.date.today() - dt.timedelta(days=DEFAULT_LAG_DAYS)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    sites: int
+    accounts: int
+    days: int
+    target: str
+    qpm: int | None = None
+
+    def args(self) -> list[str]:
+        if self.days == DEFAULT_LOOKBACK_DAYS:
+            return []  # the nightly run, as cron starts it
+        start = LATEST - dt.timedelta(days=self.days - 1)
+        return ["--from", start.isoformat(), "--to", LATEST.isoformat()]
+
+
+SCENARIOS = [
+    Scenario("nightly", 1000, 10, DEFAULT_LOOKBACK_DAYS, "wall <= 3 s; <= 1 GSC query per site"),
+    Scenario("backfill-30", 1000, 10, 30, "wall <= 4 s; as many requests as one day"),
+    Scenario("backfill-365", 10000, 20, 365, "peak RSS <= 250 MB; every row stored"),
+    Scenario("quota", 3000, 1, DEFAULT_LOOKBACK_DAYS, "0 failed sites; wall <= 1.2 x quota bound", qpm=1200),
+]
+
+
+def domain(n: int) -> str:
+    return f"site{n}.bench.example"
+
+
+def search_metrics(site_url: str, day: str) -> tuple | None:
+    """Deterministic Search Console numbers; every fifth site-day has no data (no row)."""
+    h = zlib.crc32(f"{site_url}{day}".encode())
+    if h % 5 == 0:
+        return None
+    clicks, impressions = h % 40, 100 + h % 900
+    return (clicks, impressions, clicks / impressions, 1 + (h % 300) / 10)
+
+
+def seed(conn: psycopg.Connection, google: FakeGoogle, matomo: FakeMatomo, s: Scenario) -> None:
+    conn.execute("truncate daily_analytics, sites, gsc_accounts restart identity cascade")
+    for a in range(1, s.accounts + 1):
+        conn.execute("insert into gsc_accounts (oauth_refresh_token) values (%s)", [f"bench-token-{a}"])
+        google.add_account(f"bench-token-{a}", {})
+    with conn.cursor().copy(
+        "copy sites (domain, status_deployment, matomo_site_id, gsc_account_id) from stdin"
+    ) as copy:
+        for n in range(1, s.sites + 1):
+            account = 1 + n % s.accounts
+            copy.write_row((domain(n), "deployed", n, account))
+            google.accounts[f"bench-token-{account}"].properties[f"sc-domain:{domain(n)}"] = "siteOwner"
+    google.search_fn = search_metrics
+    google.qpm = s.qpm
+    matomo.visits_fn = lambda site, day: (site * 7 + len(day)) % 50 if site <= s.sites else None
+
+
+def lower_bound(s: Scenario, latency: float, settings: list[str]) -> float:
+    """Seconds the job cannot go below, given the latency and its concurrency limits."""
+    overrides = {k.lower(): int(v) for k, _, v in (setting.partition("=") for setting in settings)}
+    cfg = Config("", "", "", "", "", "", **overrides)
+    reads = s.sites // PAGE_SIZE + 1  # pages of sites, the last one empty; accounts are read beside them
+    per_account = math.ceil(s.sites / s.accounts)
+    gsc = 2 + max(  # a token refresh and sites.list, then the queries
+        math.ceil(s.sites / cfg.gsc_workers), math.ceil(per_account / cfg.gsc_account_workers)
+    )
+    matomo = math.ceil(math.ceil(s.sites / cfg.matomo_bulk_size) / cfg.matomo_workers)
+    upserts = math.ceil(math.ceil(s.sites * s.days / cfg.upsert_chunk_size) / cfg.upsert_workers)
+    bound = latency * (reads + max(gsc, matomo) + upserts)
+    if s.qpm and per_account > s.qpm:
+        bound = max(bound, (math.ceil(per_account / s.qpm) - 1) * 60 + latency * (reads + 3 + upserts))
+    return bound
+
+
+def run_aggregator(env_file: Path, args: list[str]) -> tuple[float, int, int, str]:
+    """(wall seconds, peak RSS in MB, exit status, log) of one run; prints its CPU seconds."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "aggregator.py"),
+            "--env-file",
+            str(env_file),
+            "--log-level",
+            "WARNING",
+            *args,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.monotonic() - started
+    print(f"  wall {wall:.2f} s, cpu {usage.ru_utime + usage.ru_stime:.2f} s", file=sys.stderr)
+    return wall, usage.ru_maxrss // 1024, os.waitstatus_to_exitcode(status), stderr
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency", type=float, default=0.05, help="seconds per request, e.g. 0.05")
+    parser.add_argument("--only", help="comma-separated scenario names, e.g. nightly,quota")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per scenario; the table shows the median")
+    parser.add_argument(
+        "--set", action="append", default=[], help="a setting for the run's .env, e.g. --set GSC_WORKERS=64"
+    )
+    options = parser.parse_args()
+    chosen = [s for s in SCENARIOS if not options.only or s.name in options.only.split(",")]
+
+    url = server_url()
+    admin = psycopg.connect(url, autocommit=True)
+    name = f"aggregator_bench_{os.getpid()}"
+    conninfo = create_database(admin, url, name)
+    rows = []
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as conn, tempfile.TemporaryDirectory() as tmp:
+            for s in chosen:
+                gateway = FakePostgrest(conninfo, SERVICE_KEY, ANON_KEY).start()
+                matomo, google = (
+                    FakeMatomo(MATOMO_TOKEN).start(),
+                    FakeGoogle(CLIENT_ID, CLIENT_SECRET).start(),
+                )
+                for server in (gateway, matomo, google):
+                    server.latency, server.keep_requests = options.latency, False
+                seed(conn, google, matomo, s)
+                env_file = Path(tmp) / ".env"
+                env_file.write_text(
+                    f"SUPABASE_URL={gateway.url}\nSUPABASE_SERVICE_ROLE_KEY={SERVICE_KEY}\n"
+                    f"MATOMO_URL={matomo.url}\nMATOMO_TOKEN_AUTH={MATOMO_TOKEN}\n"
+                    f"GOOGLE_CLIENT_ID={CLIENT_ID}\nGOOGLE_CLIENT_SECRET={CLIENT_SECRET}\n"
+                    f"GOOGLE_TOKEN_URI={google.token_uri}\nGSC_API_ENDPOINT={google.api_endpoint}\n"
+                    f"RUN_DEADLINE=3600\n" + "".join(f"{setting}\n" for setting in options.set)
+                )
+                env_file.chmod(0o600)
+                print(f"running {s.name}: {s.sites} sites, {s.days} days ...", file=sys.stderr, flush=True)
+                runs = []
+                for _ in range(options.repeat):
+                    for server in (gateway, matomo, google):
+                        server.counts.clear()
+                    runs.append(run_aggregator(env_file, s.args()))
+                wall = statistics.median(r[0] for r in runs)
+                rss, status, log = max(r[1] for r in runs), max(r[2] for r in runs), runs[-1][3]
+                stored = conn.execute("select count(*) from daily_analytics").fetchone()[0]
+                for server in (gateway, matomo, google):
+                    server.stop()
+                bound = lower_bound(s, options.latency, options.set)
+                rows.append(
+                    [
+                        s.name,
+                        s.sites,
+                        s.days,
+                        f"{wall:.2f}",
+                        rss,
+                        status,
+                        f"{stored}/{s.sites * s.days}",
+                        f"{gateway.counts['select']}+{gateway.counts['upsert']}",
+                        matomo.counts["bulk"],
+                        f"{google.counts['token']}+{google.counts['sites.list']}+{google.counts['query']}",
+                        google.counts["429"],
+                        f"{bound:.2f}",
+                        f"{wall / bound:.2f}",
+                        s.target,
+                    ]
+                )
+                if status != 0:
+                    print(log[-2000:], file=sys.stderr)
+    finally:
+        drop_database(admin, name)
+    print_table(rows, options.latency)
+    return 0
+
+
+def print_table(rows: list[list], latency: float) -> None:
+    header = [
+        "scenario",
+        "sites",
+        "days",
+        "wall s",
+        "peak RSS MB",
+        "exit",
+        "rows stored",
+        "supabase sel+ups",
+        "matomo bulk",
+        "google tok+list+query",
+        "429s",
+        "bound s",
+        "wall/bound",
+        "target",
+    ]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\nlatency {latency * 1000:.0f} ms per request, {os.cpu_count()} cores, defaults from Config\n")
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print("| " + " | ".join(str(v).ljust(w) for v, w in zip(r, widths)) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
