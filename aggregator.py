@@ -1,12 +1,11 @@
 #!/usr/bin/env python3
 """Nightly analytics aggregator.
 
-For every deployed site in Supabase, fetch one day's (or a range of days') Matomo
-visits and Google Search Console clicks/impressions, and upsert one row per
-(date, site_id) into `daily_analytics`. A value that could not be fetched never
-replaces a stored one.
+For every deployed site in Supabase, fetch Matomo visits and Google Search Console
+clicks/impressions, and upsert one row per (date, site_id) into `daily_analytics`.
+A value that could not be fetched never replaces a stored one.
 
-    python aggregator.py                        # the day before yesterday
+    python aggregator.py                        # nightly: the 3 days ending today minus 2
     python aggregator.py --date 2026-11-20      # one day
     python aggregator.py --from 2026-10-01 --to 2026-10-31   # a backfill
 
@@ -1011,6 +1010,7 @@ class Outcome:
     matomo_fetched: int = 0
     gsc_wanted: int = 0
     gsc_fetched: int = 0
+    rows: int = 0
     stored: int = 0
     not_stored: int = 0
 
@@ -1031,7 +1031,14 @@ class Outcome:
         return EXIT_OK if complete else EXIT_PARTIAL
 
 
-def run(cfg: Config, days: list[dt.date], today: dt.date, secret_filter: SecretFilter) -> Outcome:
+def run(
+    cfg: Config,
+    days: list[dt.date],
+    today: dt.date,
+    secret_filter: SecretFilter,
+    only_domains: Iterable[str] = (),
+    dry_run: bool = False,
+) -> Outcome:
     deadline = Deadline.after(cfg.run_deadline)
     client = supabase_client(cfg)
     with ThreadPoolExecutor(max_workers=2) as side:
@@ -1039,11 +1046,30 @@ def run(cfg: Config, days: list[dt.date], today: dt.date, secret_filter: SecretF
         refresh_tokens = refresh_tokens_by_account(client)
         sites = sites_read.result()
     secret_filter.add(*refresh_tokens.values())
+    if only_domains:
+        sites = sites_with_domains(sites, only_domains)
     log.info("Aggregating %s to %s for %d deployed sites", days[0], days[-1], len(sites))
+    if dry_run:
+        print(ROW_FORMAT.format(*ROW_COLUMNS), flush=True)
+        store: Callable[[list[dict]], tuple[int, int]] = print_rows
+    else:
+        store = lambda rows: store_rows(client, rows, cfg)  # noqa: E731
+    gsc_days = [day for day in days if day >= gsc_oldest_day(today)]
+    return aggregate(cfg, sites, refresh_tokens, days, gsc_days, deadline, store)
 
+
+def aggregate(
+    cfg: Config,
+    sites: list[Site],
+    refresh_tokens: Mapping[Any, str],
+    days: list[dt.date],
+    gsc_days: list[dt.date],
+    deadline: Deadline,
+    store: Callable[[list[dict]], tuple[int, int]],
+) -> Outcome:
+    """Fetch, shape and store slice after slice; the counts for the summary."""
     matomo = matomo_client(cfg, deadline)
     matomo_ids = matomo_ids_by_site(sites)
-    gsc_days = [day for day in days if day >= gsc_oldest_day(today)]
     outcome = Outcome(
         sites=len(sites),
         matomo_wanted=sum(1 for s in sites if s.matomo_site_id is not None),
@@ -1051,29 +1077,54 @@ def run(cfg: Config, days: list[dt.date], today: dt.date, secret_filter: SecretF
     )
     # side runs the Matomo fetch beside the Search Console queries, and the previous slice's
     # upserts beside the next slice's fetches.
-    with (
-        ThreadPoolExecutor(max_workers=cfg.gsc_workers) as gsc_pool,
-        ThreadPoolExecutor(max_workers=2) as side,
-    ):
-        accounts = connected_accounts(cfg, sites, refresh_tokens, gsc_pool) if gsc_days else {}
-        targets = query_targets(sites, accounts)
-        storing = None
-        for part in slices(sites, len(days), cfg.matomo_bulk_size):
-            part_ids = {s.id: matomo_ids[s.id] for s in part if s.id in matomo_ids}
-            visits_read = side.submit(matomo_data_by_site, matomo, part_ids, days)
-            part_targets = {s.id: targets[s.id] for s in part if s.id in targets}
-            gsc = get_gsc_data(part_targets, gsc_days, cfg, gsc_pool, deadline) if part_targets else {}
-            visits = visits_read.result()
-            outcome.matomo_fetched += len(visits)
-            outcome.gsc_fetched += len(gsc)
-            rows = analytics_rows(part, days, visits, gsc)
-            del visits, gsc
+    with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as gsc_pool:
+        with ThreadPoolExecutor(max_workers=2) as side:
+            accounts = connected_accounts(cfg, sites, refresh_tokens, gsc_pool) if gsc_days else {}
+            targets = query_targets(sites, accounts)
+            storing = None
+            for part in slices(sites, len(days), cfg.matomo_bulk_size):
+                part_ids = {s.id: matomo_ids[s.id] for s in part if s.id in matomo_ids}
+                visits_read = side.submit(matomo_data_by_site, matomo, part_ids, days)
+                part_targets = {s.id: targets[s.id] for s in part if s.id in targets}
+                gsc = get_gsc_data(part_targets, gsc_days, cfg, gsc_pool, deadline) if part_targets else {}
+                visits = visits_read.result()
+                outcome.matomo_fetched += len(visits)
+                outcome.gsc_fetched += len(gsc)
+                rows = analytics_rows(part, days, visits, gsc)
+                outcome.rows += len(rows)
+                del visits, gsc
+                if storing:
+                    add_stored(outcome, storing.result())
+                storing = side.submit(store, rows)
             if storing:
                 add_stored(outcome, storing.result())
-            storing = side.submit(store_rows, client, rows, cfg)
-        if storing:
-            add_stored(outcome, storing.result())
     return outcome
+
+
+def sites_with_domains(sites: list[Site], domains: Iterable[str]) -> list[Site]:
+    """The sites whose domain is one of `domains` (compared normalised); warns about the rest."""
+    wanted = {normalised_domain(d) or d for d in domains}
+    chosen = [site for site in sites if normalised_domain(site.domain) in wanted]
+    for domain in sorted(wanted - {normalised_domain(site.domain) for site in chosen}):
+        log.warning("--site %s: no deployed site has this domain", domain)
+    return chosen
+
+
+ROW_COLUMNS = ("date", "site_id", "matomo_visits", "gsc_clicks", "gsc_impressions", "gsc_ctr", "gsc_position")
+ROW_FORMAT = "{:<10}  {:>10}  {:>13}  {:>10}  {:>15}  {:>8}  {:>12}"
+
+
+def print_rows(rows: list[dict]) -> tuple[int, int]:
+    """--dry-run's stand-in for store_rows: the rows as an aligned table; '-' is a column not written."""
+    for row in rows:
+        cells = [row.get(column, "-") for column in ROW_COLUMNS]
+        print(ROW_FORMAT.format(*("" if c is None else format_cell(c) for c in cells)))
+    sys.stdout.flush()
+    return 0, 0
+
+
+def format_cell(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def matomo_data_by_site(matomo: MatomoClient, ids: Mapping[Any, int], days: list[dt.date]) -> dict[Any, dict]:
@@ -1112,6 +1163,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"(default {DEFAULT_LOOKBACK_DAYS}: Search Console keeps revising its last days)",
     )
     parser.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="only this site, e.g. --site example.com (repeat for more); the others are not touched",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="fetch everything, write nothing: print the rows that would be stored",
+    )
+    parser.add_argument(
         "--env-file", type=Path, help="read configuration from this file instead of .env beside the script"
     )
     parser.add_argument(
@@ -1142,7 +1205,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     secret_filter.add(*cfg.secrets())
     try:
-        outcome = run(cfg, days, today, secret_filter)
+        outcome = run(cfg, days, today, secret_filter, args.site, args.dry_run)
     except SupabaseError as error:
         log.error("%s", error)
         log.info("%s", Outcome().summary())
@@ -1154,6 +1217,8 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("Unexpected error; please report it with this log")
         return EXIT_FAILED
     log.info("%s", outcome.summary())
+    if args.dry_run:
+        log.info("Dry run: nothing was written; %d records would have been stored", outcome.rows)
     if outcome.not_stored:
         log.error("%d records were not stored; re-run the same dates to store them", outcome.not_stored)
     return outcome.exit_status()

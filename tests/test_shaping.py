@@ -157,10 +157,10 @@ def test_the_secret_filter_redacts_messages_arguments_encodings_and_tracebacks()
 
 
 def test_exit_status():
-    ok = ag.Outcome(
-        sites=2, matomo_wanted=2, matomo_fetched=2, gsc_wanted=1, gsc_fetched=1, stored=2, not_stored=0
-    )
-    assert ok.exit_status() == 0
-    assert ag.Outcome(2, 2, 1, 1, 1, 2, 0).exit_status() == 3
-    assert ag.Outcome(2, 2, 2, 1, 1, 1, 1).exit_status() == 3
-    assert ag.Outcome(2, 2, 2, 1, 1, 0, 2).exit_status() == 1
+    def outcome(**counts):
+        return ag.Outcome(sites=2, matomo_wanted=2, matomo_fetched=2, gsc_wanted=1, gsc_fetched=1, **counts)
+
+    assert outcome(stored=2).exit_status() == 0
+    assert ag.Outcome(sites=2, matomo_wanted=2, matomo_fetched=1, stored=2).exit_status() == 3
+    assert outcome(stored=1, not_stored=1).exit_status() == 3
+    assert outcome(stored=0, not_stored=2).exit_status() == 1

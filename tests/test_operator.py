@@ -1,0 +1,49 @@
+"""What an operator does by hand: restrict a run to some sites, look before writing."""
+
+from __future__ import annotations
+
+from conftest import DAY, stored
+
+
+def test_site_restricts_the_run_and_leaves_the_others_untouched(fleet, db, run_aggregator):
+    account = fleet.account()
+    chosen, other = fleet.site("chosen.example.com", account), fleet.site("other.example.com", account)
+    fleet.store(other, matomo_visits=70)
+    fleet.visits(chosen, 5)
+    fleet.visits(other, 6)
+
+    result = run_aggregator("--site", "https://WWW.Chosen.example.com/", "--site", "missing.example.com")
+
+    assert result.returncode == 0
+    assert result.summary.startswith("Processed 1 sites.")
+    assert stored(db)[chosen.id]["matomo_visits"] == 5
+    assert stored(db)[other.id]["matomo_visits"] == 70
+    assert "--site missing.example.com: no deployed site has this domain" in result.stderr
+
+
+def test_dry_run_prints_the_rows_and_writes_nothing(fleet, db, gateway, run_aggregator):
+    account = fleet.account()
+    shop, blog = fleet.site("shop.example.com", account), fleet.site("blog.example.com")
+    fleet.visits(shop, 12)
+    fleet.search(shop, 3, 40, 2.5)
+    fleet.visits(blog, 4)
+
+    result = run_aggregator("--date", DAY.isoformat(), "--dry-run")
+
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == [
+        "date",
+        "site_id",
+        "matomo_visits",
+        "gsc_clicks",
+        "gsc_impressions",
+        "gsc_ctr",
+        "gsc_position",
+    ]
+    assert lines[1].split() == [DAY.isoformat(), str(shop.id), "12", "3", "40", "0.0750", "2.5000"]
+    assert lines[2].split() == [DAY.isoformat(), str(blog.id), "4", "-", "-", "-", "-"]
+    assert len({len(line) for line in lines}) == 1  # aligned
+    assert stored(db) == {}
+    assert gateway.count(lambda r: r.method == "POST") == 0
+    assert "Dry run: nothing was written; 2 records would have been stored" in result.stderr
