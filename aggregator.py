@@ -715,7 +715,7 @@ def metrics_by_day(answer: Any, days: list[dt.date]) -> dict[dt.date, GscMetrics
 
 
 def http_error_reason(error: HttpError) -> str:
-    reason = error._get_reason() if hasattr(error, "_get_reason") else str(error)
+    reason = error.reason
     if error.status_code == 403:
         return f"{reason} (grant this account access to the property in Search Console)"
     return reason
@@ -1092,7 +1092,7 @@ def aggregate(
                 outcome.gsc_fetched += len(gsc)
                 rows = analytics_rows(part, days, visits, gsc)
                 outcome.rows += len(rows)
-                del visits, gsc
+                del visits, gsc  # not kept alive through the next slice's fetch
                 if storing:
                     add_stored(outcome, storing.result())
                 storing = side.submit(store, rows)
