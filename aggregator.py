@@ -123,12 +123,12 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
         least = 0 if f.name == "http_retries" else 1
         if not raw:
             continue
-        if f.type == "int" and not (raw.isdigit() and int(raw) >= least):
+        if f.type in (int, "int") and not (raw.isdigit() and int(raw) >= least):
             problems.append(f"{name} must be a whole number of at least {least}, got {raw!r}")
         elif name.endswith(("_URL", "_URI", "_ENDPOINT")) and not is_http_url(raw):
             problems.append(f"{name} must be an http(s) URL, got {raw!r}")
         else:
-            values[f.name] = int(raw) if f.type == "int" else raw
+            values[f.name] = int(raw) if f.type in (int, "int") else raw
     if problems:
         raise ConfigError("Bad configuration: " + "; ".join(problems) + ".")
     return Config(**values)
