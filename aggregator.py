@@ -19,6 +19,7 @@ import argparse
 import datetime as dt
 import html
 import itertools
+import json
 import logging
 import os
 import re
@@ -182,19 +183,31 @@ class SecretFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str) -> SecretFilter:
-    secret_filter = SecretFilter()
+class ProblemLog(logging.Handler):
+    """Keeps every warning and error of the run (redacted) for the --json summary."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def setup_logging(level: str) -> tuple[SecretFilter, ProblemLog]:
+    secret_filter, problems = SecretFilter(), ProblemLog()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handler.addFilter(secret_filter)
+    for each in (handler, problems):
+        each.addFilter(secret_filter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler, problems]
     root.setLevel(level)
     if level != "DEBUG":
         # These log one INFO line per request: thousands of lines a night.
         for noisy in ("httpx", "googleapiclient.discovery", "google_auth_httplib2"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    return secret_filter
+    return secret_filter, problems
 
 
 # ---------------------------------------------------------------------------
@@ -1013,6 +1026,8 @@ class Outcome:
     rows: int = 0
     stored: int = 0
     not_stored: int = 0
+    matomo_missing: list = field(default_factory=list)  # site ids that lack a Matomo value
+    gsc_missing: list = field(default_factory=list)
 
     def summary(self) -> str:
         return (
@@ -1029,6 +1044,31 @@ class Outcome:
             and not self.not_stored
         )
         return EXIT_OK if complete else EXIT_PARTIAL
+
+    def as_json(self, days: list[dt.date], status: int, seconds: float, problems: list[str]) -> str:
+        """The run for monitoring: one JSON object on one line."""
+        return json.dumps(
+            {
+                "from": days[0].isoformat(),
+                "to": days[-1].isoformat(),
+                "sites": self.sites,
+                "matomo": {
+                    "wanted": self.matomo_wanted,
+                    "fetched": self.matomo_fetched,
+                    "missing_sites": self.matomo_missing,
+                },
+                "gsc": {
+                    "wanted": self.gsc_wanted,
+                    "fetched": self.gsc_fetched,
+                    "missing_sites": self.gsc_missing,
+                },
+                "records": {"stored": self.stored, "not_stored": self.not_stored},
+                "problems": problems,
+                "seconds": round(seconds, 3),
+                "exit_status": status,
+            },
+            default=str,
+        )
 
 
 def run(
@@ -1090,6 +1130,13 @@ def aggregate(
                 visits = visits_read.result()
                 outcome.matomo_fetched += len(visits)
                 outcome.gsc_fetched += len(gsc)
+                outcome.matomo_missing += [
+                    s.id for s in part if s.matomo_site_id is not None and s.id not in visits
+                ]
+                if gsc_days:
+                    outcome.gsc_missing += [
+                        s.id for s in part if s.gsc_account_id is not None and s.id not in gsc
+                    ]
                 rows = analytics_rows(part, days, visits, gsc)
                 outcome.rows += len(rows)
                 del visits, gsc  # not kept alive through the next slice's fetch
@@ -1169,10 +1216,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DOMAIN",
         help="only this site, e.g. --site example.com (repeat for more); the others are not touched",
     )
-    parser.add_argument(
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument(
         "--dry-run",
         action="store_true",
         help="fetch everything, write nothing: print the rows that would be stored",
+    )
+    output.add_argument(
+        "--json", action="store_true", help="print a one-line JSON summary on stdout, for monitoring"
     )
     parser.add_argument(
         "--env-file", type=Path, help="read configuration from this file instead of .env beside the script"
@@ -1188,40 +1239,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     try:
         args = parse_args(argv)
         if args.env_file and not args.env_file.is_file():
             raise UsageError(f"--env-file {args.env_file}: no such file")
-        secret_filter = setup_logging(args.log_level)
+        secret_filter, problems = setup_logging(args.log_level)
         today = dt.date.today()
         days = target_days(args, today)
     except UsageError as error:
         print(f"aggregator.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    outcome, status = Outcome(), EXIT_FAILED
     try:
         cfg = load_config(args.env_file or default_env_file())
-    except ConfigError as error:
-        log.error("%s", error)
-        return EXIT_FAILED
-    secret_filter.add(*cfg.secrets())
-    try:
+        secret_filter.add(*cfg.secrets())
         outcome = run(cfg, days, today, secret_filter, args.site, args.dry_run)
-    except SupabaseError as error:
+        status = outcome.exit_status()
+    except (ConfigError, SupabaseError) as error:
         log.error("%s", error)
-        log.info("%s", Outcome().summary())
-        return EXIT_FAILED
     except KeyboardInterrupt:
         log.error("Interrupted; re-run the same dates to complete them")
-        return 130
+        status = 130
     except Exception:  # noqa: BLE001 - a bug: log it (redacted) instead of a raw traceback
         log.exception("Unexpected error; please report it with this log")
-        return EXIT_FAILED
     log.info("%s", outcome.summary())
     if args.dry_run:
         log.info("Dry run: nothing was written; %d records would have been stored", outcome.rows)
     if outcome.not_stored:
         log.error("%d records were not stored; re-run the same dates to store them", outcome.not_stored)
-    return outcome.exit_status()
+    if args.json:
+        print(outcome.as_json(days, status, time.monotonic() - started, problems.lines), flush=True)
+    return status
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from conftest import DAY, stored
 
 
@@ -47,3 +49,34 @@ def test_dry_run_prints_the_rows_and_writes_nothing(fleet, db, gateway, run_aggr
     assert stored(db) == {}
     assert gateway.count(lambda r: r.method == "POST") == 0
     assert "Dry run: nothing was written; 2 records would have been stored" in result.stderr
+
+
+def test_json_summarises_the_run_for_monitoring(fleet, db, matomo, run_aggregator):
+    account = fleet.account()
+    fine, broken = fleet.site("fine.example.com", account), fleet.site("broken.example.com", account)
+    fleet.visits(fine, 3)
+    matomo.error_slots[broken.matomo_id] = "Archiving failed: General error"
+
+    result = run_aggregator("--date", DAY.isoformat(), "--json")
+
+    assert result.returncode == 3
+    summary = json.loads(result.stdout)
+    assert summary["from"] == summary["to"] == DAY.isoformat()
+    assert summary["sites"] == 2
+    assert summary["matomo"] == {"wanted": 2, "fetched": 1, "missing_sites": [broken.id]}
+    assert summary["gsc"] == {"wanted": 2, "fetched": 2, "missing_sites": []}
+    assert summary["records"] == {"stored": 2, "not_stored": 0}
+    assert any("Archiving failed" in line for line in summary["problems"])
+    assert summary["exit_status"] == 3 and summary["seconds"] > 0
+    assert result.summary is not None  # the human line stays on the log
+
+
+def test_json_reports_a_run_that_could_not_start(config, run_aggregator):
+    del config["SUPABASE_URL"]
+
+    result = run_aggregator("--json")
+
+    assert result.returncode == 1
+    summary = json.loads(result.stdout)
+    assert summary["exit_status"] == 1
+    assert "Missing configuration: SUPABASE_URL" in summary["problems"][0]
