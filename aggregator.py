@@ -1006,6 +1006,27 @@ def store_rows(client: Client, rows: list[dict], cfg: Config) -> tuple[int, int]
     return stored, len(rows) - stored
 
 
+def record_run(cfg: Config, started_at: dt.datetime, status: int, summary: str) -> None:
+    """One row in aggregator_runs for dashboards; a failure here is a warning, not a failed run."""
+    document = json.loads(summary)
+    row = {
+        "started_at": started_at.isoformat(),
+        "date_from": document["from"],
+        "date_to": document["to"],
+        "sites": document["sites"],
+        "matomo_fetched": document["matomo"]["fetched"],
+        "gsc_fetched": document["gsc"]["fetched"],
+        "records_stored": document["records"]["stored"],
+        "records_not_stored": document["records"]["not_stored"],
+        "exit_status": status,
+        "summary": document,
+    }
+    try:
+        supabase_client(cfg).table("aggregator_runs").insert(row, returning="minimal").execute()
+    except (APIError, httpx.HTTPError) as error:
+        log.warning("%s; this run is not recorded", describe_supabase_error(error, "recording the run"))
+
+
 def is_hopeless(error: Exception) -> bool:
     """An error every other upsert would meet too (the schema, the key)."""
     return isinstance(error, APIError) and str(error.code) in SCHEMA_ERRORS | {"401", "PGRST301"}
@@ -1239,7 +1260,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    started = time.monotonic()
+    started, started_at = time.monotonic(), dt.datetime.now(dt.timezone.utc)
     try:
         args = parse_args(argv)
         if args.env_file and not args.env_file.is_file():
@@ -1250,7 +1271,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"aggregator.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    outcome, status = Outcome(), EXIT_FAILED
+    cfg, outcome, status = None, Outcome(), EXIT_FAILED
     try:
         cfg = load_config(args.env_file or default_env_file())
         secret_filter.add(*cfg.secrets())
@@ -1268,6 +1289,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("Dry run: nothing was written; %d records would have been stored", outcome.rows)
     if outcome.not_stored:
         log.error("%d records were not stored; re-run the same dates to store them", outcome.not_stored)
+    if cfg and not args.dry_run:
+        record_run(
+            cfg, started_at, status, outcome.as_json(days, status, time.monotonic() - started, problems.lines)
+        )
     if args.json:
         print(outcome.as_json(days, status, time.monotonic() - started, problems.lines), flush=True)
     return status

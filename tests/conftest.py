@@ -78,7 +78,9 @@ def database() -> str:
 def db(database: str):
     """A connection to the test database, every table empty."""
     with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute("truncate daily_analytics, sites, gsc_accounts restart identity cascade")
+        conn.execute(
+            "truncate daily_analytics, sites, gsc_accounts, aggregator_runs restart identity cascade"
+        )
         yield conn
 
 

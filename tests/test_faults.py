@@ -25,7 +25,9 @@ def query_of(site) -> str:
 
 def upsert_with(site_id):
     """Matches an upsert request whose rows include this site."""
-    return lambda r: r.method == "POST" and any(row["site_id"] == site_id for row in r.json())
+    return lambda r: (
+        r.path == "/rest/v1/daily_analytics" and any(row["site_id"] == site_id for row in r.json())
+    )
 
 
 def lines_with(text: str, output: str) -> list[str]:
@@ -253,7 +255,7 @@ def test_a_missing_unique_constraint_names_the_migration(
     assert result.returncode == 1
     line = lines_with("no unique or exclusion constraint", result.stderr)[0]
     assert "apply supabase/migrations/20261125000000_analytics.sql" in line
-    assert gateway.count(lambda r: r.method == "POST") == 1  # a 4xx is not retried
+    assert gateway.count("/rest/v1/daily_analytics") == 1  # a 4xx is not retried
 
 
 def test_a_rejected_supabase_key_stops_the_run(config, run_aggregator):
@@ -375,12 +377,14 @@ def test_a_killed_run_then_a_normal_run_leaves_the_table_as_one_clean_run(
     gateway.latency = 0.2
     process = launch()
     deadline = time.monotonic() + 60
-    while gateway.count(lambda r: r.method == "POST") < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while (
+        db.execute("select count(*) from daily_analytics").fetchone()[0] == 0 and time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
-    assert 0 < len(stored(db)) < 30
+    assert 0 < db.execute("select count(*) from daily_analytics").fetchone()[0] < 30 * 3
     gateway.latency = 0
 
     result = run_aggregator()

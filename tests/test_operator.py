@@ -80,3 +80,29 @@ def test_json_reports_a_run_that_could_not_start(config, run_aggregator):
     summary = json.loads(result.stdout)
     assert summary["exit_status"] == 1
     assert "Missing configuration: SUPABASE_URL" in summary["problems"][0]
+
+
+def test_every_run_is_recorded_in_aggregator_runs(fleet, db, matomo, run_aggregator):
+    site = fleet.site("example.com", fleet.account())
+    fleet.visits(site, 2)
+    matomo.error_slots[fleet.site("broken.example.com").matomo_id] = "Archiving failed"
+
+    assert run_aggregator("--date", DAY.isoformat()).returncode == 3
+    assert run_aggregator("--date", DAY.isoformat(), "--dry-run").returncode == 3  # writes nothing
+
+    (run,) = db.execute(
+        "select date_from, date_to, sites, matomo_fetched, gsc_fetched, records_stored, records_not_stored, "
+        "exit_status, summary->'matomo'->'missing_sites', finished_at >= started_at from aggregator_runs"
+    ).fetchall()
+    assert run == (
+        DAY,
+        DAY,
+        2,
+        1,
+        1,
+        1,
+        0,
+        3,
+        [fleet.db.execute("select max(id) from sites").fetchone()[0]],
+        True,
+    )
