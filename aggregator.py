@@ -1206,6 +1206,70 @@ def add_stored(outcome: Outcome, counts: tuple[int, int]) -> None:
     outcome.not_stored += counts[1]
 
 
+# ---------------------------------------------------------------------------
+# check: reach every service as a run would, write nothing
+# ---------------------------------------------------------------------------
+
+
+def check(cfg: Config, today: dt.date, secret_filter: SecretFilter, problems: ProblemLog) -> int:
+    """A readable report on stdout: what each service answered, then one line per problem."""
+    client = supabase_client(cfg)
+    sites, refresh_tokens = deployed_sites(client), refresh_tokens_by_account(client)
+    secret_filter.add(*refresh_tokens.values())
+    print(f"Supabase: {len(sites)} deployed sites, {len(refresh_tokens)} Search Console accounts")
+    if conflict_key_exists(client):
+        print("Supabase: daily_analytics has its (date, site_id) key")
+    ids = matomo_ids_by_site(sites)
+    matomo = matomo_client(cfg, Deadline.after(cfg.run_deadline))
+    visits = matomo_data_by_site(matomo, ids, [today - dt.timedelta(days=DEFAULT_LAG_DAYS)])
+    print(f"Matomo: answered for {len(visits)} of the {len(ids)} sites with a Matomo id")
+    with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as pool:
+        accounts = connected_accounts(cfg, sites, refresh_tokens, pool)
+    targets = query_targets(sites, accounts)
+    print(
+        f"Search Console: {len(accounts)} of {len(sites_by_account(sites))} accounts connected; "
+        f"{len(targets)} sites matched to a property"
+    )
+    for site in sites:
+        if site.matomo_site_id is None or site.gsc_account_id is None:
+            missing = " and ".join(
+                name
+                for name, value in (
+                    ("matomo_site_id", site.matomo_site_id),
+                    ("gsc_account_id", site.gsc_account_id),
+                )
+                if value is None
+            )
+            print(f"Note: site {site.id} ({site.domain}) has no {missing}: that source is not fetched for it")
+    for line in problems.lines:
+        print(f"Problem: {line}")
+    print("All good." if not problems.lines else f"{len(problems.lines)} problems.")
+    return EXIT_FAILED if problems.lines else EXIT_OK
+
+
+def conflict_key_exists(client: Client) -> bool:
+    """Whether upserts on (date, site_id) can work, found without writing anything.
+
+    Postgres resolves ON CONFLICT before it reads a single row: a missing key fails at once
+    (42P10), while a present one lets the insert reach the row, which no site can own.
+    """
+    probe = {"date": "1970-01-01", "site_id": -1}
+    try:
+        client.table("daily_analytics").upsert(
+            probe, on_conflict="date,site_id", returning="minimal"
+        ).execute()
+    except APIError as error:
+        if str(error.code) in SCHEMA_ERRORS:
+            log.error("%s", describe_supabase_error(error, "checking daily_analytics"))
+            return False
+        return True  # the row itself was refused (no site -1): the key is there, nothing was written
+    log.error(
+        "Supabase stored a probe row for site -1: daily_analytics has no foreign key to sites; apply %s",
+        MIGRATION,
+    )
+    return False
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, not the usage block."""
 
@@ -1218,6 +1282,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         allow_abbrev=False,
         description="Store Matomo and Search Console numbers for every deployed site, one row per site and day.",
         epilog="Exit status: 0 ok, 1 nothing could be done, 2 usage error, 3 some values missing.",
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="run",
+        choices=["run", "check"],
+        help="run (the default) aggregates; check reaches every service, writes nothing and reports problems",
     )
     parser.add_argument("--date", help="one day, e.g. 2026-11-20")
     parser.add_argument("--from", dest="start", help="first day of a backfill, e.g. 2026-10-01")
@@ -1271,6 +1342,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"aggregator.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "check":
+        try:
+            cfg = load_config(args.env_file or default_env_file())
+            secret_filter.add(*cfg.secrets())
+            return check(cfg, today, secret_filter, problems)
+        except (ConfigError, SupabaseError) as error:
+            print(f"Problem: {secret_filter.redact(str(error))}")
+            return EXIT_FAILED
     cfg, outcome, status = None, Outcome(), EXIT_FAILED
     try:
         cfg = load_config(args.env_file or default_env_file())

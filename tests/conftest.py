@@ -84,6 +84,15 @@ def db(database: str):
         yield conn
 
 
+@pytest.fixture
+def without_conflict_key(db):
+    """daily_analytics without its (date, site_id) key, as before the migration was applied."""
+    db.execute("alter table daily_analytics drop constraint daily_analytics_pkey")
+    yield
+    db.execute("truncate daily_analytics")
+    db.execute("alter table daily_analytics add primary key (date, site_id)")
+
+
 def stored(db, day: dt.date = DAY) -> dict[int, dict]:
     """{site_id: row} of daily_analytics for one day, as a user would select it."""
     cursor = db.execute(

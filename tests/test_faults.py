@@ -237,14 +237,6 @@ def test_an_upsert_chunk_that_keeps_failing_keeps_the_others(fleet, db, gateway,
     assert gateway.count(upsert_with(sites[2].id)) == 2
 
 
-@pytest.fixture
-def without_conflict_key(db):
-    db.execute("alter table daily_analytics drop constraint daily_analytics_pkey")
-    yield
-    db.execute("truncate daily_analytics")
-    db.execute("alter table daily_analytics add primary key (date, site_id)")
-
-
 def test_a_missing_unique_constraint_names_the_migration(
     fleet, db, gateway, without_conflict_key, run_aggregator
 ):

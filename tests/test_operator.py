@@ -106,3 +106,48 @@ def test_every_run_is_recorded_in_aggregator_runs(fleet, db, matomo, run_aggrega
         [fleet.db.execute("select max(id) from sites").fetchone()[0]],
         True,
     )
+
+
+def test_check_reports_a_healthy_setup_and_writes_nothing(fleet, db, run_aggregator):
+    account = fleet.account()
+    fleet.site("shop.example.com", account)
+    fleet.site("plain.example.com", matomo=False)
+
+    result = run_aggregator("check")
+
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.splitlines() == [
+        "Supabase: 2 deployed sites, 1 Search Console accounts",
+        "Supabase: daily_analytics has its (date, site_id) key",
+        "Matomo: answered for 1 of the 1 sites with a Matomo id",
+        "Search Console: 1 of 1 accounts connected; 1 sites matched to a property",
+        f"Note: site {fleet.db.execute('select max(id) from sites').fetchone()[0]} (plain.example.com) has no "
+        "matomo_site_id and gsc_account_id: that source is not fetched for it",
+        "All good.",
+    ]
+    assert db.execute(
+        "select (select count(*) from daily_analytics) + (select count(*) from aggregator_runs)"
+    ).fetchone() == (0,)
+
+
+def test_check_names_each_problem_with_its_fix(fleet, db, matomo, without_conflict_key, run_aggregator):
+    revoked = fleet.account(revoked=True)
+    fleet.site("orphan.example.com", revoked)
+    lost = fleet.site("lost.example.com", fleet.account(), prop=None)
+    unknown = fleet.site("unknown.example.com")
+    matomo.site_ids.discard(unknown.matomo_id)
+
+    result = run_aggregator("check")
+
+    assert result.returncode == 1
+    problems = [line for line in result.stdout.splitlines() if line.startswith("Problem: ")]
+    assert len(problems) == 4, result.stdout
+    assert any("apply supabase/migrations/20261125000000_analytics.sql" in p for p in problems)
+    assert any(f"Matomo site id {unknown.matomo_id}: An unexpected website" in p for p in problems)
+    assert any(
+        f"GSC account {revoked.id}: the refresh token has expired or been revoked" in p for p in problems
+    )
+    assert any(
+        f"Site {lost.id}: account" in p and "no verified Search Console property" in p for p in problems
+    )
+    assert result.stdout.splitlines()[-1] == "4 problems."
