@@ -213,7 +213,9 @@ def test_a_missing_variable_is_named_before_any_network_call(config, gateway, ma
         (["--date", (TODAY + dt.timedelta(days=1)).isoformat()], "is in the future"),
         (["--from", "2026-03-10", "--to", "2026-03-01"], "ends (2026-03-01) before it starts"),
         (["--date", "2026-01-01", "--from", "2026-01-01"], "either --date or --from/--to"),
-        (["--dat", "2026-01-01"], "unrecognized arguments"),
+        (["--dat=2026-01-01"], "unrecognized arguments: --dat=2026-01-01"),
+        (["--verbose"], "unrecognized arguments: --verbose"),
+        (["backfill"], "invalid choice: 'backfill'"),
     ],
 )
 def test_bad_command_line_is_one_line_and_exit_2(args, message, gateway, matomo, google, run_aggregator):
