@@ -33,7 +33,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, TypeVar
-from urllib.parse import quote, quote_plus, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit
 
 import google_auth_httplib2
 import httplib2
@@ -150,6 +150,13 @@ def warn_if_readable_by_others(env_file: Path) -> None:
 # ---------------------------------------------------------------------------
 
 
+# A secret not known in advance, e.g. the refresh token that requests-oauthlib logs at DEBUG
+# when `authorize` receives it: the value of any field with one of these names.
+SECRET_FIELD = re.compile(
+    r"""((?:refresh_token|access_token|client_secret|token_auth|apikey)["']?\s*[:=]\s*["']?)[^"'&\s,}]+"""
+)
+
+
 class SecretFilter(logging.Filter):
     """Replaces every known secret (and its URL-encoded forms) in a record before it is written.
 
@@ -169,7 +176,7 @@ class SecretFilter(logging.Filter):
     def redact(self, text: str) -> str:
         for secret in sorted(self._secrets, key=len, reverse=True):
             text = text.replace(secret, "[redacted]")
-        return text
+        return SECRET_FIELD.sub(r"\1[redacted]", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg, record.args = self.redact(record.getMessage()), None
@@ -1270,6 +1277,73 @@ def conflict_key_exists(client: Client) -> bool:
     return False
 
 
+# ---------------------------------------------------------------------------
+# authorize: a refresh token for a Google account, straight into gsc_accounts
+# ---------------------------------------------------------------------------
+
+GOOGLE_AUTH_URI = "https://accounts.google.com/o/oauth2/auth"
+# Nothing listens there: the browser shows an error page whose address carries the code, which
+# works on a headless server too (Google has retired the copy-the-code "oob" redirect).
+REDIRECT_URI = "http://localhost/"
+
+
+def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = input) -> int:
+    """Run Google's installed-app flow and store the refresh token; the token is never printed."""
+    # Imported here: only this command needs it, and the nightly run starts faster without it.
+    from google_auth_oauthlib.flow import Flow
+
+    client = {
+        "installed": {
+            "client_id": cfg.google_client_id,
+            "client_secret": cfg.google_client_secret,
+            "auth_uri": GOOGLE_AUTH_URI,
+            "token_uri": cfg.google_token_uri,
+        }
+    }
+    flow = Flow.from_client_config(client, scopes=[GSC_SCOPE], redirect_uri=REDIRECT_URI)
+    url, _ = flow.authorization_url(access_type="offline", prompt="consent")
+    print("Open this address in a browser signed in to the Google account, and allow access:")
+    print(f"\n    {url}\n")
+    print("The browser then goes to a page on localhost that does not load: copy that page's address.")
+    try:
+        answer = ask("Address (or just the code): ").strip()
+    except EOFError:
+        answer = ""
+    code = dict(parse_qsl(urlsplit(answer).query)).get("code", answer) if "code=" in answer else answer
+    if not code:
+        log.error("No code given: run `aggregator.py authorize` again and paste the address")
+        return EXIT_FAILED
+    try:
+        flow.fetch_token(code=code)
+    except Exception as error:  # noqa: BLE001 - oauthlib raises many kinds; each is one line here
+        log.error(
+            "Google refused the code (%s): codes work once and expire in minutes; run authorize again", error
+        )
+        return EXIT_FAILED
+    refresh_token = flow.credentials.refresh_token
+    if not refresh_token:
+        log.error("Google sent no refresh token: remove this app's access in the Google account, then retry")
+        return EXIT_FAILED
+    table = supabase_client(cfg).table("gsc_accounts")
+    try:
+        if account_id:
+            done = table.update({"oauth_refresh_token": refresh_token}).eq("id", account_id).execute().data
+            if not done:
+                log.error(
+                    "There is no gsc_accounts row with id %s: omit --account to add a new one", account_id
+                )
+                return EXIT_FAILED
+        else:
+            done = table.insert({"oauth_refresh_token": refresh_token}).execute().data
+    except (APIError, httpx.HTTPError) as error:
+        log.error("%s", describe_supabase_error(error, "storing the refresh token"))
+        return EXIT_FAILED
+    print(
+        f"Stored the refresh token in gsc_accounts row {done[0]['id']}. Point sites at it with gsc_account_id."
+    )
+    return EXIT_OK
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, not the usage block."""
 
@@ -1287,8 +1361,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "command",
         nargs="?",
         default="run",
-        choices=["run", "check"],
-        help="run (the default) aggregates; check reaches every service, writes nothing and reports problems",
+        choices=["run", "check", "authorize"],
+        help="run (the default) aggregates; check reaches every service, writes nothing and reports problems; "
+        "authorize stores a Google account's refresh token in gsc_accounts",
+    )
+    parser.add_argument(
+        "--account", metavar="ID", help="with authorize: replace this gsc_accounts row's token"
     )
     parser.add_argument("--date", help="one day, e.g. 2026-11-20")
     parser.add_argument("--from", dest="start", help="first day of a backfill, e.g. 2026-10-01")
@@ -1342,13 +1420,15 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"aggregator.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    if args.command == "check":
+    if args.command in ("check", "authorize"):
         try:
             cfg = load_config(args.env_file or default_env_file())
             secret_filter.add(*cfg.secrets())
-            return check(cfg, today, secret_filter, problems)
+            if args.command == "check":
+                return check(cfg, today, secret_filter, problems)
+            return authorize(cfg, args.account)
         except (ConfigError, SupabaseError) as error:
-            print(f"Problem: {secret_filter.redact(str(error))}")
+            log.error("%s", error)
             return EXIT_FAILED
     cfg, outcome, status = None, Outcome(), EXIT_FAILED
     try:

@@ -299,6 +299,7 @@ def launch(tmp_path, config, google):
         command = [sys.executable, str(AGGREGATOR), "--env-file", str(env_file), "--log-level", log_level]
         return subprocess.Popen(
             [*command, *args],
+            stdin=subprocess.PIPE,
             env=environ,
             cwd=tmp_path,
             text=True,
@@ -313,9 +314,11 @@ def launch(tmp_path, config, google):
 def run_aggregator(launch, google):
     """Run the script to its end; every run is checked for leaked secrets."""
 
-    def run(*args: str, log_level: str = LOG_LEVEL, timeout: float = 180) -> Result:
+    def run(
+        *args: str, log_level: str = LOG_LEVEL, timeout: float = 180, answer: str | None = None
+    ) -> Result:
         process = launch(*args, log_level=log_level)
-        stdout, stderr = process.communicate(timeout=timeout)
+        stdout, stderr = process.communicate(answer, timeout=timeout)
         result = Result(process.returncode, stdout, stderr)
         assert_no_secret(result.output, google)
         return result

@@ -151,3 +151,44 @@ def test_check_names_each_problem_with_its_fix(fleet, db, matomo, without_confli
         f"Site {lost.id}: account" in p and "no verified Search Console property" in p for p in problems
     )
     assert result.stdout.splitlines()[-1] == "4 problems."
+
+
+def authorization_address(google, refresh_token: str, code: str = "4/0AfJohX-test-code") -> str:
+    google.codes[code] = refresh_token
+    return (
+        f"http://localhost/?state=s&code={code}&scope=https://www.googleapis.com/auth/webmasters.readonly\n"
+    )
+
+
+def test_authorize_stores_a_new_account_and_never_prints_the_token(db, google, run_aggregator, monkeypatch):
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # the stand-in speaks http, not https
+
+    result = run_aggregator("authorize", answer=authorization_address(google, "1//0newTOKEN-Zq9"))
+
+    assert result.returncode == 0, result.stderr
+    assert "accounts.google.com/o/oauth2/auth?" in result.stdout and "access_type=offline" in result.stdout
+    (row,) = db.execute("select id, oauth_refresh_token from gsc_accounts").fetchall()
+    assert row[1] == "1//0newTOKEN-Zq9"
+    assert f"Stored the refresh token in gsc_accounts row {row[0]}" in result.stdout
+
+
+def test_authorize_replaces_an_accounts_token(fleet, db, google, run_aggregator, monkeypatch):
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
+    account = fleet.account(revoked=True)
+
+    result = run_aggregator(
+        "authorize", "--account", str(account.id), answer=authorization_address(google, "1//0renewed-Kp2")
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert db.execute("select oauth_refresh_token from gsc_accounts").fetchall() == [("1//0renewed-Kp2",)]
+
+
+def test_authorize_with_a_used_code_says_what_to_do(db, google, run_aggregator, monkeypatch):
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
+
+    result = run_aggregator("authorize", answer="4/0unknown-code\n")
+
+    assert result.returncode == 1
+    assert "Google refused the code" in result.stderr and "run authorize again" in result.stderr
+    assert db.execute("select count(*) from gsc_accounts").fetchone() == (0,)

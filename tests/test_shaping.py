@@ -140,6 +140,7 @@ def test_the_secret_filter_redacts_messages_arguments_encodings_and_tracebacks()
     handler.emit = lambda record: records.append(logging.Formatter().format(record))
     handler.addFilter(secret_filter)
     logger = logging.getLogger("test-secret-filter")
+    logger.setLevel(logging.DEBUG)
     logger.addHandler(handler)
     logger.propagate = False
     try:
@@ -150,9 +151,17 @@ def test_the_secret_filter_redacts_messages_arguments_encodings_and_tracebacks()
             logger.exception("failed")
     finally:
         logger.removeHandler(handler)
+    logger.addHandler(handler)
+    try:
+        logger.debug("Obtained token {'access_token': 'ya29.a0', 'refresh_token': '1//0unknown-yet'}.")
+        logger.debug("body grant_type=refresh_token&refresh_token=1%2F%2F0form&client_secret=GOCSPX-x")
+    finally:
+        logger.removeHandler(handler)
     text = "\n".join(records)
     assert secret not in text and "s3cr3t%2F" not in text
-    assert text.count("[redacted]") == 3
+    assert "1//0unknown-yet" not in text and "ya29.a0" not in text and "1%2F%2F0form" not in text
+    assert "GOCSPX-x" not in text
+    assert text.count("[redacted]") == 3 + 4
     assert "RuntimeError: token [redacted] refused" in text
 
 

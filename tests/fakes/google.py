@@ -7,6 +7,7 @@ import datetime as dt
 import itertools
 import threading
 import time
+from base64 import b64decode
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -38,6 +39,7 @@ class FakeGoogle(FakeServer):
         # Instead of `search`, a benchmark may generate (clicks, impressions, ctr, position) or None.
         self.search_fn: Callable[[str, str], tuple | None] | None = None
         self.qpm: int | None = None  # answer 429 above this many queries per account per minute
+        self.codes: dict[str, str] = {}  # authorization code -> the refresh token it grants
         self._numbers = itertools.count(1)
         self._quota_lock = threading.Lock()
 
@@ -61,7 +63,7 @@ class FakeGoogle(FakeServer):
 
     def handle_request_of(self, request: Request) -> Response:
         if request.path == "/token" and request.method == "POST":
-            return self.token(request.form)
+            return self.token(request.form, request.headers.get("authorization", ""))
         if not request.path.startswith(PREFIX):
             return Response(404, "<html><body>Not Found</body></html>", "text/html")
         account = self.access_tokens.get(request.headers.get("authorization", "").removeprefix("Bearer "))
@@ -103,9 +105,17 @@ class FakeGoogle(FakeServer):
             return self.search_fn(site_url, day)
         return self.search.get((site_url, day))
 
-    def token(self, form: dict[str, str]) -> Response:
+    def token(self, form: dict[str, str], basic: str = "") -> Response:
+        # The client id and secret come in the body, or (requests-oauthlib) as HTTP Basic auth.
+        if basic.startswith("Basic "):
+            form = {
+                **form,
+                **dict(zip(("client_id", "client_secret"), b64decode(basic[6:]).decode().split(":", 1))),
+            }
         if form.get("client_id") != self.client_id or form.get("client_secret") != self.client_secret:
             return Response(401, {"error": "invalid_client", "error_description": "Unauthorized"})
+        if form.get("grant_type") == "authorization_code":
+            return self.exchange(form)
         account = self.accounts.get(form.get("refresh_token", ""))
         if form.get("grant_type") != "refresh_token" or account is None or account.revoked:
             return Response(
@@ -119,6 +129,25 @@ class FakeGoogle(FakeServer):
                 "access_token": access_token,
                 "expires_in": 3599,
                 "token_type": "Bearer",
+                "scope": "https://www.googleapis.com/auth/webmasters.readonly",
+            },
+        )
+
+    def exchange(self, form: dict[str, str]) -> Response:
+        """The authorization-code grant of the installed-app flow: a code is good once."""
+        refresh_token = self.codes.pop(form.get("code", ""), None)
+        if refresh_token is None or not form.get("code_verifier"):
+            return Response(400, {"error": "invalid_grant", "error_description": "Malformed auth code."})
+        self.add_account(refresh_token, {})
+        access_token = f"ya29.fake-{next(self._numbers)}"
+        self.access_tokens[access_token] = self.accounts[refresh_token]
+        return Response(
+            200,
+            {
+                "access_token": access_token,
+                "expires_in": 3599,
+                "token_type": "Bearer",
+                "refresh_token": refresh_token,
                 "scope": "https://www.googleapis.com/auth/webmasters.readonly",
             },
         )

@@ -52,6 +52,8 @@ class FakePostgrest(FakeServer):
                 return self.select(role, table, request)
             if request.method == "POST":
                 return self.insert(role, table, request)
+            if request.method == "PATCH":
+                return self.update(role, table, request)
             raise GatewayError(405, "PGRST117", f"Unsupported HTTP method: {request.method}")
         except GatewayError as error:
             return error.response
@@ -180,6 +182,26 @@ class FakePostgrest(FakeServer):
         return sql.SQL(" order by ") + sql.SQL(", ").join(terms)
 
     # -- writes -------------------------------------------------------------
+
+    def update(self, role: str, table: str, request: Request) -> Response:
+        body = request.json()
+        params = {k: v for k, v in request.query.items() if k not in ("select", "columns")}
+        where, values = self.filters(params)
+        names = sql.SQL(", ").join(map(sql.Identifier, body))
+        target = sql.Identifier("public", table)
+        statement = sql.SQL(
+            "update {} set ({}) = (select {} from json_populate_record(null::{}, %s::json)){} returning *"
+        ).format(target, names, names, target, where)
+        statement = sql.SQL("with upd as ({}) select coalesce(json_agg(upd), '[]'::json) from upd").format(
+            statement
+        )
+        conn = self.connection()
+        with conn.transaction():
+            conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
+            rows = conn.execute(statement, [json.dumps(body), *values]).fetchone()[0]
+        if "return=representation" in request.headers.get("prefer", ""):
+            return Response(200, rows)
+        return Response(204, b"", content_type="text/plain")
 
     def insert(self, role: str, table: str, request: Request) -> Response:
         prefer = {
