@@ -1149,7 +1149,7 @@ def aggregate(
         with ThreadPoolExecutor(max_workers=2) as side:
             accounts = connected_accounts(cfg, sites, refresh_tokens, gsc_pool) if gsc_days else {}
             targets = query_targets(sites, accounts)
-            storing = None
+            storing, done = None, 0
             for part in slices(sites, len(days), cfg.matomo_bulk_size):
                 part_ids = {s.id: matomo_ids[s.id] for s in part if s.id in matomo_ids}
                 visits_read = side.submit(matomo_data_by_site, matomo, part_ids, days)
@@ -1171,9 +1171,23 @@ def aggregate(
                 if storing:
                     add_stored(outcome, storing.result())
                 storing = side.submit(store, rows)
+            done += len(part)
+            show_progress(outcome, done)
             if storing:
                 add_stored(outcome, storing.result())
+    show_progress(outcome, len(sites), final=True)
     return outcome
+
+
+def show_progress(outcome: Outcome, done: int, final: bool = False) -> None:
+    """On a terminal, one line that keeps count; under cron (no TTY) the log stays plain lines."""
+    if not sys.stderr.isatty() or not outcome.sites:
+        return
+    sys.stderr.write(
+        f"\r{done}/{outcome.sites} sites: Matomo {outcome.matomo_fetched}, GSC {outcome.gsc_fetched}, "
+        f"stored {outcome.stored} records" + ("\n" if final else "")
+    )
+    sys.stderr.flush()
 
 
 def sites_with_domains(sites: list[Site], domains: Iterable[str]) -> list[Site]:

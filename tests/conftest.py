@@ -291,7 +291,7 @@ def assert_no_secret(text: str, google: FakeGoogle) -> None:
 def launch(tmp_path, config, google):
     """Start `python aggregator.py ARGS` as cron would, with the config written to a .env."""
 
-    def start(*args: str, log_level: str = LOG_LEVEL) -> subprocess.Popen:
+    def start(*args: str, log_level: str = LOG_LEVEL, stderr=subprocess.PIPE) -> subprocess.Popen:
         env_file = tmp_path / ".env"
         env_file.write_text("".join(f"{k}={v}\n" for k, v in config.items()))
         env_file.chmod(0o600)
@@ -304,7 +304,7 @@ def launch(tmp_path, config, google):
             cwd=tmp_path,
             text=True,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=stderr,
         )
 
     return start

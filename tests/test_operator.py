@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 
 from conftest import DAY, stored
 
@@ -192,3 +194,26 @@ def test_authorize_with_a_used_code_says_what_to_do(db, google, run_aggregator, 
     assert result.returncode == 1
     assert "Google refused the code" in result.stderr and "run authorize again" in result.stderr
     assert db.execute("select count(*) from gsc_accounts").fetchone() == (0,)
+
+
+def test_progress_shows_on_a_terminal_and_not_under_cron(fleet, launch, run_aggregator):
+    for n in range(3):
+        fleet.visits(fleet.site(f"s{n}.example.com"), 1)
+
+    under_cron = run_aggregator("--date", DAY.isoformat())
+    terminal, screen = pty.openpty()
+    process = launch("--date", DAY.isoformat(), "--log-level", "WARNING", stderr=screen)
+    process.communicate(timeout=120)
+    os.close(screen)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the terminal is closed once everything was read
+            break
+        if not chunk:
+            break
+        shown += chunk
+
+    assert "sites: Matomo" not in under_cron.stderr
+    assert "\r3/3 sites: Matomo 3, GSC 0, stored 3 records" in shown.decode()
