@@ -1171,8 +1171,8 @@ def aggregate(
                 if storing:
                     add_stored(outcome, storing.result())
                 storing = side.submit(store, rows)
-            done += len(part)
-            show_progress(outcome, done)
+                done += len(part)
+                show_progress(outcome, done)
             if storing:
                 add_stored(outcome, storing.result())
     show_progress(outcome, len(sites), final=True)

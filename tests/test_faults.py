@@ -493,7 +493,7 @@ def test_an_env_file_readable_by_others_is_warned_about(fleet, tmp_path, config,
         text=True,
         timeout=60,
     )
-    assert done.returncode == 0
+    assert done.returncode == 0, done.stderr[-3000:]
     assert lines_with(f"{tmp_path / '.env'} is readable by other users; run: chmod 600", done.stderr)
     assert_no_secret(done.stdout + done.stderr, google)
 
