@@ -238,3 +238,16 @@ def test_malformed_settings_are_all_named_at_once(config, gateway, run_aggregato
     assert "HTTP_TIMEOUT must be a whole number of at least 1, got 'soon'" in line
     assert "GSC_QPM must be a whole number of at least 1, got '0'" in line
     assert gateway.requests == []
+
+
+def test_a_fleet_with_no_deployed_site_is_a_quiet_success(fleet, db, run_aggregator):
+    fleet.site("staging.example.com", fleet.account(), status="pending")
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        result.summary
+        == "Processed 0 sites. Fetched Matomo data for 0. Fetched GSC data for 0. Stored 0 records."
+    )
+    assert stored(db) == {}
