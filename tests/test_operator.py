@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pty
+import subprocess
+import sys
+from pathlib import Path
 
 from conftest import DAY, stored
 
@@ -217,3 +220,20 @@ def test_progress_shows_on_a_terminal_and_not_under_cron(fleet, launch, run_aggr
 
     assert "sites: Matomo" not in under_cron.stderr
     assert "\r3/3 sites: Matomo 3, GSC 0, stored 3 records" in shown.decode()
+
+
+def test_the_demo_runs_the_real_aggregator_and_prints_the_table(database):
+    demo = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "demo.py")], capture_output=True, text=True, timeout=120
+    )
+
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert "exit status 3" in demo.stdout
+    assert (
+        "Processed 5 sites. Fetched Matomo data for 5. Fetched GSC data for 3. Stored 15 records."
+        in demo.stderr
+    )
+    table = [line.split() for line in demo.stdout.splitlines() if line.startswith("20")]
+    assert len(table) == 15 and ["shop.example.com", "40", "3", "90", "0.033", "4.0"] in [
+        row[1:] for row in table
+    ]

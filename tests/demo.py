@@ -1,0 +1,94 @@
+"""Seeds a small fleet behind the local stand-ins, runs aggregator.py once as cron would, and
+prints daily_analytics. Started by `bash tests/demo`, which provides the throwaway PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psycopg
+
+from fakes.database import ROOT, create_database, drop_database, server_url
+from fakes.google import FakeGoogle
+from fakes.matomo import FakeMatomo
+from fakes.postgrest import FakePostgrest
+
+SERVICE_KEY, ANON_KEY, MATOMO_TOKEN = "demo-service-key", "demo-anon-key", "demo-matomo-token"
+CLIENT_ID, CLIENT_SECRET = "demo-client.apps.googleusercontent.com", "demo-client-secret"
+FLEET = [  # domain, Matomo id, account, Search Console property (None: the account has none)
+    ("shop.example.com", 1, 1, "sc-domain:shop.example.com"),
+    ("blog.example.org", 2, 1, "https://www.blog.example.org/"),
+    ("docs.example.io", 3, 2, "sc-domain:docs.example.io"),
+    ("new.example.net", 4, 2, None),
+    ("matomo-only.example.com", 5, None, None),
+]
+
+
+def seed(conn: psycopg.Connection, matomo: FakeMatomo, google: FakeGoogle) -> None:
+    days = [dt.date.today() - dt.timedelta(days=n) for n in (2, 3, 4)]
+    for account in (1, 2):
+        conn.execute(
+            "insert into gsc_accounts (label, oauth_refresh_token) values (%s, %s)",
+            [f"owner{account}@example.com", f"demo-refresh-token-{account}"],
+        )
+        google.add_account(f"demo-refresh-token-{account}", {})
+    for n, (domain, matomo_id, account, prop) in enumerate(FLEET, start=1):
+        conn.execute(
+            "insert into sites (domain, status_deployment, matomo_site_id, gsc_account_id) "
+            "values (%s, 'deployed', %s, %s)",
+            [domain, matomo_id, account],
+        )
+        matomo.site_ids.add(matomo_id)
+        for k, day in enumerate(days):
+            matomo.visits[(matomo_id, day.isoformat())] = 40 * n + 7 * k
+            if prop:
+                google.accounts[f"demo-refresh-token-{account}"].properties[prop] = "siteOwner"
+                clicks, impressions = 3 * n + k, 90 * n + 10 * k
+                google.search[(prop, day.isoformat())] = (clicks, impressions, clicks / impressions, 4.0 + k)
+
+
+def main() -> int:
+    url = server_url()
+    admin = psycopg.connect(url, autocommit=True)
+    conninfo = create_database(admin, url, "aggregator_demo")
+    gateway = FakePostgrest(conninfo, SERVICE_KEY, ANON_KEY).start()
+    matomo, google = FakeMatomo(MATOMO_TOKEN).start(), FakeGoogle(CLIENT_ID, CLIENT_SECRET).start()
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as conn, tempfile.TemporaryDirectory() as tmp:
+            seed(conn, matomo, google)
+            env_file = Path(tmp) / ".env"
+            env_file.write_text(
+                f"SUPABASE_URL={gateway.url}\nSUPABASE_SERVICE_ROLE_KEY={SERVICE_KEY}\n"
+                f"MATOMO_URL={matomo.url}\nMATOMO_TOKEN_AUTH={MATOMO_TOKEN}\n"
+                f"GOOGLE_CLIENT_ID={CLIENT_ID}\nGOOGLE_CLIENT_SECRET={CLIENT_SECRET}\n"
+                f"GOOGLE_TOKEN_URI={google.token_uri}\nGSC_API_ENDPOINT={google.api_endpoint}\n"
+            )
+            env_file.chmod(0o600)
+            print(
+                "$ python aggregator.py            # the nightly run, against local stand-ins\n", flush=True
+            )
+            done = subprocess.run([sys.executable, str(ROOT / "aggregator.py"), "--env-file", str(env_file)])
+            print(f"\nexit status {done.returncode} (3: new.example.net has no Search Console property)\n")
+            cursor = conn.execute(
+                "select a.date, s.domain, a.matomo_visits, a.gsc_clicks, a.gsc_impressions, "
+                "round(a.gsc_ctr::numeric, 3), a.gsc_position from daily_analytics a "
+                "join sites s on s.id = a.site_id order by a.date, s.id"
+            )
+            rows = [["date", "domain", "visits", "clicks", "impressions", "ctr", "position"]]
+            rows += [["" if v is None else str(v) for v in row] for row in cursor.fetchall()]
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            for row in rows:
+                print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+            print("\nAn empty cell was not fetched (no value yet), never a 0.")
+    finally:
+        for server in (gateway, matomo, google):
+            server.stop()
+        drop_database(admin, "aggregator_demo")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
