@@ -36,6 +36,7 @@ from fakes.database import create_database, drop_database, server_url  # noqa: E
 from fakes.google import FakeGoogle  # noqa: E402
 from fakes.matomo import FakeMatomo  # noqa: E402
 from fakes.postgrest import FakePostgrest  # noqa: E402
+from fakes.settings import stand_in_settings, write_env_file  # noqa: E402
 
 SERVICE_KEY, ANON_KEY = "bench-service-key", "bench-anon-key"
 MATOMO_TOKEN, CLIENT_ID, CLIENT_SECRET = "bench-matomo-token", "bench-client", "bench-secret"
@@ -168,15 +169,9 @@ def main() -> int:
                 for server in (gateway, matomo, google):
                     server.latency, server.keep_requests = options.latency, False
                 seed(conn, google, matomo, s)
-                env_file = Path(tmp) / ".env"
-                env_file.write_text(
-                    f"SUPABASE_URL={gateway.url}\nSUPABASE_SERVICE_ROLE_KEY={SERVICE_KEY}\n"
-                    f"MATOMO_URL={matomo.url}\nMATOMO_TOKEN_AUTH={MATOMO_TOKEN}\n"
-                    f"GOOGLE_CLIENT_ID={CLIENT_ID}\nGOOGLE_CLIENT_SECRET={CLIENT_SECRET}\n"
-                    f"GOOGLE_TOKEN_URI={google.token_uri}\nGSC_API_ENDPOINT={google.api_endpoint}\n"
-                    f"RUN_DEADLINE=3600\n" + "".join(f"{setting}\n" for setting in options.set)
-                )
-                env_file.chmod(0o600)
+                settings = {**stand_in_settings(gateway, matomo, google), "RUN_DEADLINE": "3600"}
+                settings.update(setting.split("=", 1) for setting in options.set)
+                env_file = write_env_file(Path(tmp) / ".env", settings)
                 print(f"running {s.name}: {s.sites} sites, {s.days} days ...", file=sys.stderr, flush=True)
                 runs = []
                 for _ in range(options.repeat):

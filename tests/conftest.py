@@ -20,6 +20,7 @@ from fakes.database import create_database, drop_database, server_url
 from fakes.google import FakeGoogle
 from fakes.matomo import FakeMatomo
 from fakes.postgrest import FakePostgrest
+from fakes.settings import stand_in_settings, write_env_file
 
 ROOT = Path(__file__).resolve().parent.parent
 AGGREGATOR = ROOT / "aggregator.py"
@@ -264,17 +265,7 @@ class Result:
 @pytest.fixture
 def config(gateway, matomo, google) -> dict[str, str]:
     """The .env a test's run uses; a test may change or delete entries before running."""
-    return {
-        "SUPABASE_URL": gateway.url,
-        "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
-        "MATOMO_URL": matomo.url,
-        "MATOMO_TOKEN_AUTH": MATOMO_TOKEN,
-        "GOOGLE_CLIENT_ID": CLIENT_ID,
-        "GOOGLE_CLIENT_SECRET": CLIENT_SECRET,
-        "GOOGLE_TOKEN_URI": google.token_uri,
-        "GSC_API_ENDPOINT": google.api_endpoint,
-        "HTTP_TIMEOUT": "10",
-    }
+    return {**stand_in_settings(gateway, matomo, google), "HTTP_TIMEOUT": "10"}
 
 
 # Every scenario runs at DEBUG unless told otherwise, so that the secret check below also covers
@@ -292,9 +283,7 @@ def launch(tmp_path, config, google):
     """Start `python aggregator.py ARGS` as cron would, with the config written to a .env."""
 
     def start(*args: str, log_level: str = LOG_LEVEL, stderr=subprocess.PIPE) -> subprocess.Popen:
-        env_file = tmp_path / ".env"
-        env_file.write_text("".join(f"{k}={v}\n" for k, v in config.items()))
-        env_file.chmod(0o600)
+        env_file = write_env_file(tmp_path / ".env", config)
         environ = {k: v for k, v in os.environ.items() if k not in CONFIG_NAMES}
         command = [sys.executable, str(AGGREGATOR), "--env-file", str(env_file), "--log-level", log_level]
         return subprocess.Popen(

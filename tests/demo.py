@@ -15,6 +15,7 @@ from fakes.database import ROOT, create_database, drop_database, server_url
 from fakes.google import FakeGoogle
 from fakes.matomo import FakeMatomo
 from fakes.postgrest import FakePostgrest
+from fakes.settings import stand_in_settings, write_env_file
 
 SERVICE_KEY, ANON_KEY, MATOMO_TOKEN = "demo-service-key", "demo-anon-key", "demo-matomo-token"
 CLIENT_ID, CLIENT_SECRET = "demo-client.apps.googleusercontent.com", "demo-client-secret"
@@ -59,14 +60,7 @@ def main() -> int:
     try:
         with psycopg.connect(conninfo, autocommit=True) as conn, tempfile.TemporaryDirectory() as tmp:
             seed(conn, matomo, google)
-            env_file = Path(tmp) / ".env"
-            env_file.write_text(
-                f"SUPABASE_URL={gateway.url}\nSUPABASE_SERVICE_ROLE_KEY={SERVICE_KEY}\n"
-                f"MATOMO_URL={matomo.url}\nMATOMO_TOKEN_AUTH={MATOMO_TOKEN}\n"
-                f"GOOGLE_CLIENT_ID={CLIENT_ID}\nGOOGLE_CLIENT_SECRET={CLIENT_SECRET}\n"
-                f"GOOGLE_TOKEN_URI={google.token_uri}\nGSC_API_ENDPOINT={google.api_endpoint}\n"
-            )
-            env_file.chmod(0o600)
+            env_file = write_env_file(Path(tmp) / ".env", stand_in_settings(gateway, matomo, google))
             print(
                 "$ python aggregator.py            # the nightly run, against local stand-ins\n", flush=True
             )
