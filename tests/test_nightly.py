@@ -251,3 +251,22 @@ def test_a_fleet_with_no_deployed_site_is_a_quiet_success(fleet, db, run_aggrega
         == "Processed 0 sites. Fetched Matomo data for 0. Fetched GSC data for 0. Stored 0 records."
     )
     assert stored(db) == {}
+
+
+def test_a_backfill_costs_one_request_per_site_whatever_its_length(fleet, db, matomo, google, run_aggregator):
+    account = fleet.account()
+    sites = [fleet.site(f"s{n}.example.com", account) for n in range(3)]
+    first, last = DAY - dt.timedelta(days=9), DAY
+    for n, site in enumerate(sites):
+        fleet.visits(site, 10 + n, day=first)
+        fleet.search(site, n + 1, 50, day=last)
+
+    result = run_aggregator("--from", first.isoformat(), "--to", last.isoformat())
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.summary.endswith("Stored 30 records.")
+    assert db.execute(
+        "select count(*), sum(matomo_visits), sum(gsc_clicks) from daily_analytics"
+    ).fetchone() == (30, 33, 6)
+    assert stored(db, first)[sites[0].id]["gsc_clicks"] == 0  # inside a successful answer, no row: 0
+    assert google.count("/searchAnalytics/query") == 3 and matomo.count() == 1
