@@ -1013,9 +1013,8 @@ def store_rows(client: Client, rows: list[dict], cfg: Config) -> tuple[int, int]
     return stored, len(rows) - stored
 
 
-def record_run(cfg: Config, started_at: dt.datetime, status: int, summary: str) -> None:
+def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict) -> None:
     """One row in aggregator_runs for dashboards; a failure here is a warning, not a failed run."""
-    document = json.loads(summary)
     row = {
         "started_at": started_at.isoformat(),
         "date_from": document["from"],
@@ -1073,30 +1072,27 @@ class Outcome:
         )
         return EXIT_OK if complete else EXIT_PARTIAL
 
-    def as_json(self, days: list[dt.date], status: int, seconds: float, problems: list[str]) -> str:
-        """The run for monitoring: one JSON object on one line."""
-        return json.dumps(
-            {
-                "from": days[0].isoformat(),
-                "to": days[-1].isoformat(),
-                "sites": self.sites,
-                "matomo": {
-                    "wanted": self.matomo_wanted,
-                    "fetched": self.matomo_fetched,
-                    "missing_sites": self.matomo_missing,
-                },
-                "gsc": {
-                    "wanted": self.gsc_wanted,
-                    "fetched": self.gsc_fetched,
-                    "missing_sites": self.gsc_missing,
-                },
-                "records": {"stored": self.stored, "not_stored": self.not_stored},
-                "problems": problems,
-                "seconds": round(seconds, 3),
-                "exit_status": status,
+    def report(self, days: list[dt.date], status: int, seconds: float, problems: list[str]) -> dict:
+        """The run for monitoring (--json) and for aggregator_runs."""
+        return {
+            "from": days[0].isoformat(),
+            "to": days[-1].isoformat(),
+            "sites": self.sites,
+            "matomo": {
+                "wanted": self.matomo_wanted,
+                "fetched": self.matomo_fetched,
+                "missing_sites": self.matomo_missing,
             },
-            default=str,
-        )
+            "gsc": {
+                "wanted": self.gsc_wanted,
+                "fetched": self.gsc_fetched,
+                "missing_sites": self.gsc_missing,
+            },
+            "records": {"stored": self.stored, "not_stored": self.not_stored},
+            "problems": problems,
+            "seconds": round(seconds, 3),
+            "exit_status": status,
+        }
 
 
 def run(
@@ -1462,12 +1458,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("Dry run: nothing was written; %d records would have been stored", outcome.rows)
     if outcome.not_stored:
         log.error("%d records were not stored; re-run the same dates to store them", outcome.not_stored)
+    report = outcome.report(days, status, time.monotonic() - started, problems.lines)
     if cfg and not args.dry_run:
-        record_run(
-            cfg, started_at, status, outcome.as_json(days, status, time.monotonic() - started, problems.lines)
-        )
+        record_run(cfg, started_at, status, report)
     if args.json:
-        print(outcome.as_json(days, status, time.monotonic() - started, problems.lines), flush=True)
+        print(json.dumps(report, default=str), flush=True)
     return status
 
 
