@@ -303,8 +303,11 @@ def target_days(args: argparse.Namespace, today: dt.date) -> list[dt.date]:
         start = latest - dt.timedelta(days=(args.lookback or DEFAULT_LOOKBACK_DAYS) - 1)
     if start > end:
         raise UsageError(f"the range ends ({end}) before it starts ({start})")
-    if end > today:
-        raise UsageError(f"{end} is in the future: the latest day accepted is today ({today})")
+    if end >= today:
+        raise UsageError(
+            f"{end} is {'in the future' if end > today else 'today, which is not over'}: "
+            f"the latest day accepted is yesterday ({today - dt.timedelta(days=1)})"
+        )
     if start < gsc_oldest_day(today):
         log.warning(
             "%s is older than Search Console keeps (about 16 months): GSC is fetched only from %s on; "
@@ -382,6 +385,29 @@ def deployed_sites(client: Client) -> list[Site]:
 def refresh_tokens_by_account(client: Client) -> dict[Any, str]:
     rows = fetch_all(client, "gsc_accounts", "id,oauth_refresh_token")
     return {row["id"]: row["oauth_refresh_token"] for row in rows}
+
+
+# Provisional Search Console values are fetched again by the nightly run until they are final;
+# Google finalises a day within a few days, so two weeks back is plenty.
+PROVISIONAL_HORIZON_DAYS = 14
+
+
+def oldest_provisional_day(client: Client, today: dt.date) -> dt.date | None:
+    """The oldest day of the last two weeks that holds a provisional Search Console value."""
+    since = today - dt.timedelta(days=PROVISIONAL_HORIZON_DAYS)
+    query = (
+        client.table("daily_analytics")
+        .select("date")
+        .eq("gsc_final", "false")
+        .gte("date", since.isoformat())
+        .order("date")
+        .limit(1)
+    )
+    try:
+        rows = query.execute().data
+    except (APIError, httpx.HTTPError) as error:
+        raise SupabaseError(describe_supabase_error(error, "reading daily_analytics")) from None
+    return dt.date.fromisoformat(rows[0]["date"]) if rows else None
 
 
 SCHEMA_ERRORS = {"42P10", "PGRST204", "PGRST205", "42P01", "42703"}
@@ -603,9 +629,26 @@ class GscMetrics:
     impressions: int
     ctr: float | None
     position: float | None
+    final: bool = True  # False: Search Console may still revise the day
 
 
 NO_SEARCH_TRAFFIC = GscMetrics(0, 0, None, None)
+
+
+def search_console_today() -> dt.date:
+    """Today on Search Console's clock (Pacific time), which dates its days."""
+    try:
+        from zoneinfo import ZoneInfo
+
+        pacific: dt.tzinfo = ZoneInfo("America/Los_Angeles")
+    except Exception:  # noqa: BLE001 - no time zone database: standard time is the later finish
+        pacific = dt.timezone(dt.timedelta(hours=-8))
+    return dt.datetime.now(pacific).date()
+
+
+def newest_final_day(pacific_today: dt.date) -> dt.date:
+    """Whatever an answer says, a day less than two days old in Pacific time is not final."""
+    return pacific_today - dt.timedelta(days=DEFAULT_LAG_DAYS)
 
 
 def google_credentials(cfg: Config, refresh_token: str) -> Credentials:
@@ -716,20 +759,30 @@ def property_for_domain(domain: str, properties: Mapping[str, str]) -> str | Non
     return None
 
 
-def metrics_by_day(answer: Any, days: list[dt.date]) -> dict[dt.date, GscMetrics]:
-    """Per-day metrics of a searchanalytics.query answer grouped by date.
+def metrics_by_day(answer: Any, days: list[dt.date], newest_final: dt.date) -> dict[dt.date, GscMetrics]:
+    """Per-day metrics of a searchanalytics.query answer (dataState "all") grouped by date.
 
     Search Console omits days without data (and omits `rows` entirely when nothing at all),
-    so a day inside a successful answer that has no row had no search traffic.
+    so a FINAL day that has no row had no search traffic: 0. A day from
+    metadata.firstIncompleteDate on (or newer than `newest_final`) is provisional: its rows are
+    kept, flagged, and a missing row there means "not known yet", so the day gets no value.
     """
     if not isinstance(answer, dict):
         raise ValueError(f"unexpected answer {str(answer)[:80]!r}")
-    metrics = dict.fromkeys(days, NO_SEARCH_TRAFFIC)
+    first_incomplete = (answer.get("metadata") or {}).get("firstIncompleteDate")
+    if first_incomplete:
+        newest_final = min(newest_final, dt.date.fromisoformat(first_incomplete) - dt.timedelta(days=1))
+    metrics = {day: NO_SEARCH_TRAFFIC for day in days if day <= newest_final}
+    wanted = set(days)
     for row in answer.get("rows", []):
         day = dt.date.fromisoformat(row["keys"][0])
-        if day in metrics:
+        if day in wanted:
             metrics[day] = GscMetrics(
-                round(row["clicks"]), round(row["impressions"]), row["ctr"], row["position"]
+                round(row["clicks"]),
+                round(row["impressions"]),
+                row["ctr"],
+                row["position"],
+                final=day <= newest_final,
             )
     return metrics
 
@@ -823,7 +876,13 @@ def query_targets(
 
 
 def query_property(
-    account: GscAccount, site_url: str, body: dict, days: list[dt.date], cfg: Config, deadline: Deadline
+    account: GscAccount,
+    site_url: str,
+    body: dict,
+    days: list[dt.date],
+    newest_final: dt.date,
+    cfg: Config,
+    deadline: Deadline,
 ) -> dict[dt.date, GscMetrics] | None:
     """One searchanalytics.query for the whole range, paced to the account's quota; None if too late."""
     account.quota.wait()
@@ -833,7 +892,7 @@ def query_property(
         request = account.analytics.query(siteUrl=site_url, body=body)
         http = http_for_this_thread(account.credentials, cfg.http_timeout)
         answer = request.execute(http=http, num_retries=cfg.http_retries)
-    return metrics_by_day(answer, days)
+    return metrics_by_day(answer, days, newest_final)
 
 
 def round_robin(targets: Mapping[Any, tuple[GscAccount, str]]) -> list[Any]:
@@ -854,15 +913,19 @@ def get_gsc_data(
 ) -> dict[Any, dict[dt.date, GscMetrics]]:
     """{site id: {day: metrics}} for each site whose property answered; one query per site."""
     # One query covers the whole range: it can hold 25,000 rows, far beyond GSC's 16 months.
+    # dataState "all": without it a day that is not final yet is omitted like a day without
+    # traffic, and would be stored as 0; with it, metadata says which days are not final.
     body = {
         "startDate": days[0].isoformat(),
         "endDate": days[-1].isoformat(),
         "dimensions": ["date"],
         "type": "web",
+        "dataState": "all",
         "rowLimit": 25000,
     }
+    newest_final = newest_final_day(search_console_today())
     futures = {
-        site_id: pool.submit(query_property, *targets[site_id], body, days, cfg, deadline)
+        site_id: pool.submit(query_property, *targets[site_id], body, days, newest_final, cfg, deadline)
         for site_id in round_robin(targets)
     }
     result, too_late = {}, 0
@@ -958,7 +1021,11 @@ def analytics_rows(
             if day in site_gsc:
                 m = site_gsc[day]
                 row.update(
-                    gsc_clicks=m.clicks, gsc_impressions=m.impressions, gsc_ctr=m.ctr, gsc_position=m.position
+                    gsc_clicks=m.clicks,
+                    gsc_impressions=m.impressions,
+                    gsc_ctr=m.ctr,
+                    gsc_position=m.position,
+                    gsc_final=m.final,
                 )
             if len(row) > 2:
                 rows.append(row)
@@ -1045,11 +1112,13 @@ def is_hopeless(error: Exception) -> bool:
 
 @dataclass
 class Outcome:
+    days: list = field(default_factory=list)  # the days asked for, provisional ones included
     sites: int = 0
     matomo_wanted: int = 0
     matomo_fetched: int = 0
     gsc_wanted: int = 0
     gsc_fetched: int = 0
+    gsc_provisional: int = 0  # (site, day) values stored with gsc_final = false
     rows: int = 0
     stored: int = 0
     not_stored: int = 0
@@ -1087,6 +1156,7 @@ class Outcome:
                 "wanted": self.gsc_wanted,
                 "fetched": self.gsc_fetched,
                 "missing_sites": self.gsc_missing,
+                "provisional_values": self.gsc_provisional,
             },
             "records": {"stored": self.stored, "not_stored": self.not_stored},
             "problems": problems,
@@ -1102,14 +1172,20 @@ def run(
     secret_filter: SecretFilter,
     only_domains: Iterable[str] = (),
     dry_run: bool = False,
+    nightly: bool = False,
 ) -> Outcome:
     deadline = Deadline.after(cfg.run_deadline)
     client = supabase_client(cfg)
     with ThreadPoolExecutor(max_workers=2) as side:
         sites_read = side.submit(deployed_sites, client)
+        provisional_read = side.submit(oldest_provisional_day, client, today) if nightly else None
         refresh_tokens = refresh_tokens_by_account(client)
         sites = sites_read.result()
+        provisional_since = provisional_read.result() if provisional_read else None
     secret_filter.add(*refresh_tokens.values())
+    if provisional_since and provisional_since < days[0]:
+        log.info("Search Console values from %s on are provisional: fetching them again", provisional_since)
+        days = days_between(provisional_since, days[-1])
     if only_domains:
         sites = sites_with_domains(sites, only_domains)
     log.info("Aggregating %s to %s for %d deployed sites", days[0], days[-1], len(sites))
@@ -1135,6 +1211,7 @@ def aggregate(
     matomo = matomo_client(cfg, deadline)
     matomo_ids = matomo_ids_by_site(sites)
     outcome = Outcome(
+        days=days,
         sites=len(sites),
         matomo_wanted=sum(1 for s in sites if s.matomo_site_id is not None),
         gsc_wanted=sum(1 for s in sites if s.gsc_account_id is not None) if gsc_days else 0,
@@ -1163,6 +1240,7 @@ def aggregate(
                     ]
                 rows = analytics_rows(part, days, visits, gsc)
                 outcome.rows += len(rows)
+                outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
                 del visits, gsc  # not kept alive through the next slice's fetch
                 if storing:
                     add_stored(outcome, storing.result())
@@ -1172,6 +1250,12 @@ def aggregate(
             if storing:
                 add_stored(outcome, storing.result())
     show_progress(outcome, len(sites), final=True)
+    if outcome.gsc_provisional:
+        log.info(
+            "Search Console: %d values are provisional (the day is not final yet): stored with "
+            "gsc_final = false; the nightly run replaces them with the final numbers",
+            outcome.gsc_provisional,
+        )
     return outcome
 
 
@@ -1444,7 +1528,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.env_file or default_env_file())
         secret_filter.add(*cfg.secrets())
-        outcome = run(cfg, days, today, secret_filter, args.site, args.dry_run)
+        nightly = not (args.date or args.start)
+        outcome = run(cfg, days, today, secret_filter, args.site, args.dry_run, nightly)
         status = outcome.exit_status()
     except (ConfigError, SupabaseError) as error:
         log.error("%s", error)
@@ -1458,7 +1543,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("Dry run: nothing was written; %d records would have been stored", outcome.rows)
     if outcome.not_stored:
         log.error("%d records were not stored; re-run the same dates to store them", outcome.not_stored)
-    report = outcome.report(days, status, time.monotonic() - started, problems.lines)
+    report = outcome.report(outcome.days or days, status, time.monotonic() - started, problems.lines)
     if cfg and not args.dry_run:
         record_run(cfg, started_at, status, report)
     if args.json:

@@ -66,17 +66,32 @@ def test_visits_by_day_reads_every_matomo_shape():
         ag.visits_by_day({"2026-11-01": []}, [D1, D2])  # a day missing from the answer is no value
 
 
-def test_metrics_by_day_treats_absent_rows_as_no_traffic():
+def test_metrics_by_day_treats_absent_rows_on_final_days_as_no_traffic():
     answer = {
         "rows": [{"keys": ["2026-11-02"], "clicks": 3.0, "impressions": 40.0, "ctr": 0.075, "position": 5.5}]
     }
-    assert ag.metrics_by_day(answer, [D1, D2]) == {
+    assert ag.metrics_by_day(answer, [D1, D2], newest_final=D3) == {
         D1: ag.NO_SEARCH_TRAFFIC,
         D2: ag.GscMetrics(3, 40, 0.075, 5.5),
     }
-    assert ag.metrics_by_day({"responseAggregationType": "byProperty"}, [D1]) == {D1: ag.NO_SEARCH_TRAFFIC}
+    assert ag.metrics_by_day({"responseAggregationType": "byProperty"}, [D1], D3) == {
+        D1: ag.NO_SEARCH_TRAFFIC
+    }
     with pytest.raises(ValueError):
-        ag.metrics_by_day("<html>", [D1])
+        ag.metrics_by_day("<html>", [D1], D3)
+
+
+def test_days_from_the_first_incomplete_one_are_provisional_and_never_zero():
+    answer = {
+        "rows": [{"keys": ["2026-11-02"], "clicks": 3.0, "impressions": 40.0, "ctr": 0.075, "position": 5.5}],
+        "metadata": {"firstIncompleteDate": "2026-11-02"},
+    }
+    assert ag.metrics_by_day(answer, [D1, D2, D3], newest_final=D3) == {
+        D1: ag.NO_SEARCH_TRAFFIC,
+        D2: ag.GscMetrics(3, 40, 0.075, 5.5, final=False),
+    }
+    # The clock wins over an answer that calls every day final
+    assert ag.metrics_by_day({}, [D1, D2, D3], newest_final=D1) == {D1: ag.NO_SEARCH_TRAFFIC}
 
 
 def test_rows_carry_only_the_columns_whose_source_answered():
@@ -93,6 +108,7 @@ def test_rows_carry_only_the_columns_whose_source_answered():
             "gsc_impressions": 10,
             "gsc_ctr": 0.1,
             "gsc_position": 2.0,
+            "gsc_final": True,
         },
         {"date": "2026-11-01", "site_id": 2, "matomo_visits": 0},
         {
@@ -102,6 +118,7 @@ def test_rows_carry_only_the_columns_whose_source_answered():
             "gsc_impressions": 0,
             "gsc_ctr": None,
             "gsc_position": None,
+            "gsc_final": True,
         },
     ]
     groups = ag.rows_by_columns(rows)
@@ -129,6 +146,9 @@ def test_target_days():
         days(end="2026-10-31")
     with pytest.raises(ag.UsageError, match="in the future"):
         days(date="2026-11-26")
+    with pytest.raises(ag.UsageError, match="today, which is not over.*yesterday"):
+        days(start="2026-11-20", end="2026-11-25")
+    assert days(date="2026-11-24") == [dt.date(2026, 11, 24)]
 
 
 def test_the_secret_filter_redacts_messages_arguments_encodings_and_tracebacks():

@@ -24,6 +24,9 @@ class Account:
     properties: dict[str, str] = field(default_factory=dict)  # siteUrl -> permissionLevel
     revoked: bool = False
     recent_queries: deque = field(default_factory=deque)  # arrival times, for the QPM quota
+    # Search Console publishes a day as final two to three days late; fresher days are served
+    # only to a query with dataState "all", flagged by metadata.firstIncompleteDate.
+    final_through: dt.date = field(default_factory=lambda: dt.date.today() - dt.timedelta(days=3))
 
 
 class FakeGoogle(FakeServer):
@@ -164,8 +167,14 @@ class FakeGoogle(FakeServer):
         start = dt.date.fromisoformat(body["startDate"])
         end = dt.date.fromisoformat(body["endDate"])
         days = [start + dt.timedelta(n) for n in range((end - start).days + 1)]
+        fresh = body.get("dataState", "final").lower() == "all"
+        if not fresh:  # a day that is not final yet is omitted, exactly like a day without traffic
+            days = [d for d in days if d <= account.final_through]
         found = [(d.isoformat(), m) for d in days if (m := self.metrics(site_url, d.isoformat()))]
         answer: dict = {"responseAggregationType": "byProperty"}
+        if fresh and "date" in body.get("dimensions", []) and end > account.final_through:
+            first_incomplete = account.final_through + dt.timedelta(days=1)
+            answer["metadata"] = {"firstIncompleteDate": first_incomplete.isoformat()}
         if body.get("dimensions") == ["date"]:
             rows = [
                 {"keys": [d], "clicks": float(c), "impressions": float(i), "ctr": ctr, "position": pos}
