@@ -90,7 +90,8 @@ class Config:
     http_timeout: int = 60  # seconds, for every single network call
     http_retries: int = 3  # retries of a transient failure (5xx, 429, connection)
     run_deadline: int = 7200  # seconds after which no new fetch starts
-    matomo_bulk_size: int = 100  # VisitsSummary.get sub-requests per bulk request
+    # PHP drops POST variables past max_input_vars (default 1,000): token_auth and the urls[N].
+    matomo_bulk_size: int = field(default=100, metadata={"at_most": 900})  # sites per bulk request
     matomo_workers: int = 3  # bulk requests in flight
     gsc_workers: int = 64  # Search Console queries in flight, all accounts together
     gsc_account_workers: int = 16  # ... and per account
@@ -124,8 +125,11 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
         least = 0 if f.name == "http_retries" else 1
         if not raw:
             continue
+        most = f.metadata.get("at_most")
         if f.type in (int, "int") and not (raw.isdigit() and int(raw) >= least):
             problems.append(f"{name} must be a whole number of at least {least}, got {raw!r}")
+        elif most and int(raw) > most:
+            problems.append(f"{name} must be at most {most} (PHP's max_input_vars), got {raw}")
         elif name.endswith(("_URL", "_URI", "_ENDPOINT")) and not is_http_url(raw):
             problems.append(f"{name} must be an http(s) URL, got {raw!r}")
         else:
@@ -352,19 +356,21 @@ def supabase_client(cfg: Config) -> Client:
     return create_client(cfg.supabase_url, cfg.supabase_service_role_key, options)
 
 
-def fetch_all(client: Client, table: str, columns: str, **equals: str) -> list[dict]:
-    """Every row of a table, page by page.
+def fetch_all(
+    client: Client, table: str, columns: str, narrow: Callable[[Any], Any] = lambda q: q, order: str = "id"
+) -> list[dict]:
+    """Every row of a table that `narrow` (filters on a query) keeps, page by page.
 
     Paging stops at an empty page, not a short one: a project whose max-rows is below
-    PAGE_SIZE answers short pages all the way through.
+    PAGE_SIZE answers short pages all the way through. `order` must be unique per row.
     """
     rows: list[dict] = []
     while True:
-        query = client.table(table).select(columns)
-        for column, value in equals.items():
-            query = query.eq(column, value)
+        query = narrow(client.table(table).select(columns))
+        for column in order.split(","):
+            query = query.order(column)
         try:
-            page = query.order("id").range(len(rows), len(rows) + PAGE_SIZE - 1).execute().data
+            page = query.range(len(rows), len(rows) + PAGE_SIZE - 1).execute().data
         except (APIError, httpx.HTTPError) as error:
             raise SupabaseError(describe_supabase_error(error, f"reading {table}")) from None
         if not page:
@@ -377,7 +383,7 @@ def deployed_sites(client: Client) -> list[Site]:
         client,
         "sites",
         "id,domain,matomo_site_id,gsc_account_id",
-        status_deployment="deployed",
+        lambda query: query.eq("status_deployment", "deployed"),
     )
     return [Site(r["id"], r["domain"], r["matomo_site_id"], r["gsc_account_id"]) for r in rows]
 
@@ -408,6 +414,26 @@ def oldest_provisional_day(client: Client, today: dt.date) -> dt.date | None:
     except (APIError, httpx.HTTPError) as error:
         raise SupabaseError(describe_supabase_error(error, "reading daily_analytics")) from None
     return dt.date.fromisoformat(rows[0]["date"]) if rows else None
+
+
+def stored_visits(client: Client, site_ids: Iterable[Any], days: list[dt.date]) -> dict[tuple[Any, str], int]:
+    """{(site id, day): visits} of the positive Matomo counts already stored for these sites and days."""
+    found: dict[tuple[Any, str], int] = {}
+    for some in chunks(sorted(set(site_ids)), 200):  # keeps the URL short
+        rows = fetch_all(
+            client,
+            "daily_analytics",
+            "site_id,date,matomo_visits",
+            lambda query, ids=some: (
+                query.in_("site_id", ids)
+                .gte("date", days[0].isoformat())
+                .lte("date", days[-1].isoformat())
+                .gt("matomo_visits", 0)
+            ),
+            order="site_id,date",
+        )
+        found.update({(row["site_id"], row["date"]): row["matomo_visits"] for row in rows})
+    return found
 
 
 SCHEMA_ERRORS = {"42P10", "PGRST204", "PGRST205", "42P01", "42703"}
@@ -467,6 +493,15 @@ class MatomoConfigError(MatomoError):
     """The token or the URL is wrong: every request would fail the same way."""
 
 
+class MatomoHtmlError(MatomoError):
+    """An HTML page instead of JSON: a PHP error in one sub-request, a proxy's page, or a wrong URL."""
+
+
+# Matomo runs a bulk request's sub-requests one after another inside one PHP request, which has
+# its own time limit: a year for 100 sites in one request would read 36,500 archives.
+MATOMO_SITE_DAYS_PER_REQUEST = 3000
+
+
 @dataclass(frozen=True)
 class MatomoClient:
     session: requests.Session
@@ -478,14 +513,19 @@ class MatomoClient:
     workers: int
     deadline: Deadline
     broken: Once = field(default_factory=Once)  # the URL or the token is wrong
+    probe: dict = field(default_factory=dict)  # {"json": bool}: does the install answer JSON at all?
+    probe_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def matomo_client(cfg: Config, deadline: Deadline) -> MatomoClient:
-    # Reports are read-only, so a POST is as safe to retry as a GET.
+    # Reports are read-only, so a POST is as safe to retry as a GET. A 500 (PHP's fatal error
+    # page) and a read timeout (too much work for one request) would only fail again: the
+    # request is split instead (visits_for_batch).
     retry = Retry(
         total=cfg.http_retries,
+        read=0,
         backoff_factor=0.5,
-        status_forcelist=(429, 500, 502, 503, 504),
+        status_forcelist=(429, 502, 503, 504),
         allowed_methods=None,
         raise_on_status=False,
     )
@@ -526,16 +566,13 @@ def post_bulk_request(matomo: MatomoClient, sub_queries: list[str]) -> list:
     except requests.RequestException as error:
         raise MatomoError(f"Matomo request failed: {error}") from None
     status = response.status_code
+    if "html" in response.headers.get("Content-Type", ""):
+        raise MatomoHtmlError(f"Matomo answered HTTP {status} with an HTML page, not JSON")
     if status >= 500:
         raise MatomoError(f"Matomo answered HTTP {status} (retried {matomo.retries} times)")
     try:
         answer = response.json()
     except ValueError:
-        if "html" in response.headers.get("Content-Type", ""):
-            raise MatomoConfigError(
-                f"Matomo answered HTTP {status} with an HTML page, not JSON: MATOMO_URL is "
-                f"probably wrong (it must be the base URL of the Matomo install, where index.php is)"
-            ) from None
         raise MatomoError(f"Matomo answered HTTP {status} with malformed JSON") from None
     if isinstance(answer, dict) and answer.get("result") == "error":
         message = html.unescape(str(answer.get("message", "")))
@@ -548,8 +585,35 @@ def post_bulk_request(matomo: MatomoClient, sub_queries: list[str]) -> list:
     if status != 200 or not isinstance(answer, list):
         raise MatomoError(f"Matomo answered HTTP {status} with an unexpected body")
     if len(answer) != len(sub_queries):
-        raise MatomoError(f"Matomo answered {len(answer)} results for {len(sub_queries)} queries")
+        raise MatomoError(
+            f"Matomo answered {len(answer)} results for {len(sub_queries)} queries "
+            "(PHP's max_input_vars may be below MATOMO_BULK_SIZE)"
+        )
     return answer
+
+
+def install_answers_json(matomo: MatomoClient) -> bool:
+    """Whether MATOMO_URL is a Matomo API at all, asked once per run with the cheapest method.
+
+    One HTML page can be one site's PHP error; only an install that answers HTML even to
+    API.getMatomoVersion has a wrong URL.
+    """
+    with matomo.probe_lock:
+        if "json" not in matomo.probe:
+            try:
+                response = matomo.session.post(
+                    matomo.endpoint,
+                    params={"module": "API", "method": "API.getMatomoVersion", "format": "json"},
+                    data={"token_auth": matomo.token},
+                    timeout=matomo.timeout,
+                )
+                response.json()
+                matomo.probe["json"] = True
+            except ValueError:
+                matomo.probe["json"] = False
+            except requests.RequestException:
+                matomo.probe["json"] = True  # unreachable is not "wrong URL": the split goes on
+        return matomo.probe["json"]
 
 
 def visits_by_day(slot: Any, days: list[dt.date]) -> dict[dt.date, int]:
@@ -580,7 +644,8 @@ def get_matomo_data(
 
     A site that is missing from the result has no value: it must not be stored as 0.
     """
-    batches = list(chunks(sorted(set(site_ids)), matomo.bulk_size))
+    per_request = max(1, min(matomo.bulk_size, MATOMO_SITE_DAYS_PER_REQUEST // len(days)))
+    batches = list(chunks(sorted(set(site_ids)), per_request))
     result: dict[int, dict[dt.date, int]] = {}
     with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
         for visits in pool.map(lambda batch: visits_for_batch(matomo, batch, days), batches):
@@ -597,8 +662,18 @@ def visits_for_batch(
         log.warning("RUN_DEADLINE reached: no Matomo values for %d sites (ids %s)", len(ids), id_list(ids))
         return {}
     date = matomo_date_param(days)
+    # showColumns: only the one metric we store (a year of 10,000 sites: 108 MB of JSON, not 742).
     queries = [
-        urlencode({"method": "VisitsSummary.get", "idSite": i, "date": date, "period": "day"}) for i in ids
+        urlencode(
+            {
+                "method": "VisitsSummary.get",
+                "idSite": i,
+                "date": date,
+                "period": "day",
+                "showColumns": "nb_visits",
+            }
+        )
+        for i in ids
     ]
     try:
         slots = post_bulk_request(matomo, queries)
@@ -607,8 +682,22 @@ def visits_for_batch(
             log.error("%s", error)
         return {}
     except MatomoError as error:
-        log.warning("%s; no Matomo values for %d sites (ids %s)", error, len(ids), id_list(ids))
-        return {}
+        if isinstance(error, MatomoHtmlError) and not install_answers_json(matomo):
+            if matomo.broken.first():
+                log.error(
+                    "%s, even to API.getMatomoVersion: MATOMO_URL is probably wrong (it must be the base "
+                    "URL of the Matomo install, where index.php is)",
+                    error,
+                )
+            return {}
+        if len(ids) == 1:
+            log.warning("Matomo site id %s: %s; no Matomo value for it", ids[0], error)
+            return {}
+        # A bulk request fails whole for one site's PHP error, for dropped POST variables or for
+        # too much work: halves find the culprit and cost only it.
+        log.info("%s for %d sites; asking for them in two halves", error, len(ids))
+        half = len(ids) // 2
+        return {**visits_for_batch(matomo, ids[:half], days), **visits_for_batch(matomo, ids[half:], days)}
     result = {}
     for site_id, slot in zip(ids, slots):
         try:
@@ -1032,6 +1121,25 @@ def analytics_rows(
     return rows
 
 
+def without_lowering_zeros(
+    rows: list[dict], stored: Mapping[tuple[Any, str], int]
+) -> tuple[list[dict], dict[Any, list[str]]]:
+    """The rows minus every Matomo 0 that would replace a stored positive count, and
+    {site id: [days]} of those zeros.
+
+    Matomo answers a day its archiver has not processed yet exactly like a day without visits.
+    """
+    kept: dict[Any, list[str]] = defaultdict(list)
+    result = []
+    for row in rows:
+        if row.get("matomo_visits") == 0 and (row["site_id"], row["date"]) in stored:
+            kept[row["site_id"]].append(row["date"])
+            row = {k: v for k, v in row.items() if k != "matomo_visits"}
+        if len(row) > 2:
+            result.append(row)
+    return result, dict(kept)
+
+
 def rows_by_columns(rows: Iterable[dict]) -> dict[tuple[str, ...], list[dict]]:
     """Rows grouped by the exact set of columns they carry.
 
@@ -1119,6 +1227,7 @@ class Outcome:
     gsc_wanted: int = 0
     gsc_fetched: int = 0
     gsc_provisional: int = 0  # (site, day) values stored with gsc_final = false
+    matomo_zeros_kept: int = 0  # (site, day) zeros not stored over a positive count
     rows: int = 0
     stored: int = 0
     not_stored: int = 0
@@ -1136,6 +1245,7 @@ class Outcome:
             return EXIT_FAILED
         complete = (
             self.matomo_fetched == self.matomo_wanted
+            and not self.matomo_zeros_kept
             and self.gsc_fetched == self.gsc_wanted
             and not self.not_stored
         )
@@ -1151,6 +1261,7 @@ class Outcome:
                 "wanted": self.matomo_wanted,
                 "fetched": self.matomo_fetched,
                 "missing_sites": self.matomo_missing,
+                "zeros_not_stored": self.matomo_zeros_kept,
             },
             "gsc": {
                 "wanted": self.gsc_wanted,
@@ -1173,6 +1284,7 @@ def run(
     only_domains: Iterable[str] = (),
     dry_run: bool = False,
     nightly: bool = False,
+    accept_zero_visits: bool = False,
 ) -> Outcome:
     deadline = Deadline.after(cfg.run_deadline)
     client = supabase_client(cfg)
@@ -1195,7 +1307,8 @@ def run(
     else:
         store = lambda rows: store_rows(client, rows, cfg)  # noqa: E731
     gsc_days = [day for day in days if day >= gsc_oldest_day(today)]
-    return aggregate(cfg, sites, refresh_tokens, days, gsc_days, deadline, store)
+    read_stored = None if accept_zero_visits else (lambda ids, days: stored_visits(client, ids, days))
+    return aggregate(cfg, sites, refresh_tokens, days, gsc_days, deadline, store, read_stored)
 
 
 def aggregate(
@@ -1206,6 +1319,7 @@ def aggregate(
     gsc_days: list[dt.date],
     deadline: Deadline,
     store: Callable[[list[dict]], tuple[int, int]],
+    read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[Any, str], int]] | None = None,
 ) -> Outcome:
     """Fetch, shape and store slice after slice; the counts for the summary."""
     matomo = matomo_client(cfg, deadline)
@@ -1239,6 +1353,8 @@ def aggregate(
                         s.id for s in part if s.gsc_account_id is not None and s.id not in gsc
                     ]
                 rows = analytics_rows(part, days, visits, gsc)
+                if read_stored_visits:
+                    rows = keep_stored_visits(rows, days, read_stored_visits, outcome)
                 outcome.rows += len(rows)
                 outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
                 del visits, gsc  # not kept alive through the next slice's fetch
@@ -1257,6 +1373,35 @@ def aggregate(
             outcome.gsc_provisional,
         )
     return outcome
+
+
+def keep_stored_visits(
+    rows: list[dict],
+    days: list[dt.date],
+    read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[Any, str], int]],
+    outcome: Outcome,
+) -> list[dict]:
+    """The rows without the Matomo zeros that would lower a stored count; one warning per site."""
+    zero_sites = {row["site_id"] for row in rows if row.get("matomo_visits") == 0}
+    if not zero_sites:
+        return rows
+    try:
+        stored = read_stored_visits(zero_sites, days)
+    except SupabaseError as error:
+        log.warning("%s; the Matomo zeros of %d sites are not stored this time", error, len(zero_sites))
+        stored = {(row["site_id"], row["date"]): 1 for row in rows if row.get("matomo_visits") == 0}
+    rows, kept = without_lowering_zeros(rows, stored)
+    for site_id, dates in kept.items():
+        log.warning(
+            "Site %s: Matomo answered 0 visits for %s where %s were stored; kept the stored counts. "
+            "Matomo has probably not archived these days yet (core:archive); if the visits really are 0, "
+            "re-run these dates with --accept-zero-visits",
+            site_id,
+            id_list(dates, 5),
+            id_list([stored[(site_id, d)] for d in dates], 5),
+        )
+        outcome.matomo_zeros_kept += len(dates)
+    return rows
 
 
 def show_progress(outcome: Outcome, done: int, final: bool = False) -> None:
@@ -1480,6 +1625,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DOMAIN",
         help="only this site, e.g. --site example.com (repeat for more); the others are not touched",
     )
+    parser.add_argument(
+        "--accept-zero-visits",
+        action="store_true",
+        help="store Matomo's 0 visits even over a stored positive count (by default such a 0 is taken "
+        "for a day Matomo has not archived yet, and the stored count is kept)",
+    )
     output = parser.add_mutually_exclusive_group()
     output.add_argument(
         "--dry-run",
@@ -1529,7 +1680,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.env_file or default_env_file())
         secret_filter.add(*cfg.secrets())
         nightly = not (args.date or args.start)
-        outcome = run(cfg, days, today, secret_filter, args.site, args.dry_run, nightly)
+        outcome = run(
+            cfg, days, today, secret_filter, args.site, args.dry_run, nightly, args.accept_zero_visits
+        )
         status = outcome.exit_status()
     except (ConfigError, SupabaseError) as error:
         log.error("%s", error)

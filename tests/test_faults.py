@@ -123,7 +123,8 @@ def test_an_html_page_says_matomo_url_is_probably_wrong(fleet, db, matomo, confi
     )  # 3 sites x 2 final days, and the provisional DAY of the one site with search traffic
     assert (stored(db)[sites[0].id]["matomo_visits"], stored(db)[sites[0].id]["gsc_clicks"]) == (40, 2)
     assert len(lines_with("MATOMO_URL is probably wrong", result.stderr)) == 1
-    assert matomo.count() == 1  # the other two chunks were not tried: they would fail the same way
+    # the first chunk and the API.getMatomoVersion probe; the other chunks would fail the same way
+    assert matomo.count() == 2
 
 
 def test_a_rejected_matomo_token_is_one_clear_line(fleet, db, matomo, config, run_aggregator):
@@ -157,23 +158,23 @@ def test_a_5xx_on_a_matomo_chunk_is_retried(fleet, db, matomo, config, run_aggre
     assert [row["matomo_visits"] for row in stored(db).values()] == [1, 2, 3, 4]
 
 
-def test_a_matomo_chunk_that_keeps_failing_costs_only_its_sites(fleet, db, matomo, config, run_aggregator):
+def test_a_matomo_request_that_keeps_failing_costs_only_the_site_that_fails_it(
+    fleet, db, matomo, config, run_aggregator
+):
     sites = [fleet.site(f"s{n}.example.com") for n in range(4)]
     for site in sites:
         fleet.store(site, matomo_visits=99)
         fleet.visits(site, 5)
-    second_chunk = f"idSite%3D{sites[2].matomo_id}%26".encode()
-    matomo.inject(
-        lambda r: second_chunk in r.body, status=502, body=HTML_502, content_type="text/html", times=99
-    )
+    third_site = f"idSite%3D{sites[2].matomo_id}%26".encode()
+    matomo.inject(lambda r: third_site in r.body, status=502, body={"error": "bad gateway"}, times=99)
     config.update(MATOMO_BULK_SIZE="2", HTTP_RETRIES="1")
 
     result = run_aggregator()
 
     assert result.returncode == 3
-    assert [row["matomo_visits"] for row in stored(db).values()] == [5, 5, 99, 99]
+    assert [row["matomo_visits"] for row in stored(db).values()] == [5, 5, 99, 5]
     assert lines_with(
-        "Matomo answered HTTP 502 (retried 1 times); no Matomo values for 2 sites", result.stderr
+        f"Matomo site id {sites[2].matomo_id}: Matomo answered HTTP 502 (retried 1 times)", result.stderr
     )
 
 

@@ -68,7 +68,12 @@ def test_json_summarises_the_run_for_monitoring(fleet, db, matomo, run_aggregato
     summary = json.loads(result.stdout)
     assert summary["from"] == summary["to"] == DAY.isoformat()
     assert summary["sites"] == 2
-    assert summary["matomo"] == {"wanted": 2, "fetched": 1, "missing_sites": [broken.id]}
+    assert summary["matomo"] == {
+        "wanted": 2,
+        "fetched": 1,
+        "missing_sites": [broken.id],
+        "zeros_not_stored": 0,
+    }
     assert summary["gsc"] == {"wanted": 2, "fetched": 2, "missing_sites": [], "provisional_values": 0}
     # broken: no Matomo value, and DAY is not final in Search Console with no row yet: nothing to store
     assert summary["records"] == {"stored": 1, "not_stored": 0}

@@ -5,10 +5,16 @@ client errors. Each test makes a stand-in behave as the real service does and as
 from __future__ import annotations
 
 import datetime as dt
+import json
+from urllib.parse import parse_qsl
 
 from conftest import DAY, TODAY, stored
 
 YESTERDAY = TODAY - dt.timedelta(days=1)
+
+
+def lines_with(text: str, output: str) -> list[str]:
+    return [line for line in output.splitlines() if text in line]
 
 
 def gsc_state(db, site, day: dt.date = DAY) -> tuple:
@@ -103,3 +109,108 @@ def test_today_is_not_over_and_is_refused(run_aggregator):
 
     assert result.returncode == 2
     assert "yesterday" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Matomo: unarchived days, one bad site in a bulk request, PHP's limits
+# ---------------------------------------------------------------------------
+
+
+def matomo_sub_queries(matomo) -> list[dict[str, str]]:
+    """Every VisitsSummary.get sub-query the stand-in received, decoded."""
+    return [
+        dict(parse_qsl(value))
+        for request in matomo.requests
+        for name, value in request.form.items()
+        if name.startswith("urls[")
+    ]
+
+
+def test_a_zero_from_a_day_matomo_has_not_archived_never_lowers_a_stored_count(
+    fleet, db, matomo, run_aggregator
+):
+    busy, new = fleet.site("busy.example.com"), fleet.site("new.example.com")
+    fleet.store(busy, matomo_visits=40)
+    fleet.visits(busy, 41)
+    matomo.not_archived.add(DAY.isoformat())  # core:archive has not run for DAY yet
+
+    result = run_aggregator("--json")
+
+    assert result.returncode == 3, result.stderr
+    assert stored(db)[busy.id]["matomo_visits"] == 40
+    assert stored(db)[new.id]["matomo_visits"] == 0  # nothing stored before: a 0 lowers nothing
+    warnings = lines_with(f"Site {busy.id}", result.stderr)
+    assert len(warnings) == 1 and DAY.isoformat() in warnings[0] and "archiv" in warnings[0]
+    assert json.loads(result.stdout)["matomo"]["zeros_not_stored"] == 1
+
+    accepted = run_aggregator("--accept-zero-visits")
+    assert accepted.returncode == 0, accepted.stderr
+    assert stored(db)[busy.id]["matomo_visits"] == 0
+
+
+def test_one_sites_php_error_costs_only_that_site(fleet, db, matomo, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(7)]
+    for n, site in enumerate(sites):
+        fleet.visits(site, n + 1)
+    fleet.store(sites[3], matomo_visits=99)
+    matomo.fatal_sites.add(sites[3].matomo_id)  # its sub-request turns the bulk answer into a 500 page
+
+    result = run_aggregator()
+
+    assert result.returncode == 3
+    assert [row["matomo_visits"] for row in stored(db).values()] == [1, 2, 3, 99, 5, 6, 7]
+    assert result.summary.startswith("Processed 7 sites. Fetched Matomo data for 6.")
+    assert len(lines_with(f"Matomo site id {sites[3].matomo_id}", result.stderr)) == 1
+    assert not lines_with("MATOMO_URL", result.stderr)
+
+
+def test_slots_dropped_by_phps_max_input_vars_are_asked_for_again(fleet, db, matomo, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(8)]
+    for n, site in enumerate(sites):
+        fleet.visits(site, n + 1)
+    matomo.max_input_vars = 4  # token_auth and 3 urls[N]: the rest is silently dropped
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr
+    assert [row["matomo_visits"] for row in stored(db).values()] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_bulk_request_too_slow_for_the_timeout_is_split(fleet, db, matomo, config, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(8)]
+    for n, site in enumerate(sites):
+        fleet.visits(site, n + 1)
+    matomo.site_day_cost = 0.03  # 8 sites x 10 days: 2.4 s in one request, 0.6 s for two sites
+    config.update(HTTP_TIMEOUT="1")
+
+    result = run_aggregator("--from", (DAY - dt.timedelta(days=9)).isoformat(), "--to", DAY.isoformat())
+
+    assert result.returncode == 0, result.stderr
+    assert [row["matomo_visits"] for row in stored(db).values()] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_year_long_backfill_keeps_each_bulk_request_small_and_asks_only_for_visits(
+    fleet, db, matomo, run_aggregator
+):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(12)]
+    start = DAY - dt.timedelta(days=364)
+    fleet.visits(sites[0], 3, day=start)
+
+    result = run_aggregator("--from", start.isoformat(), "--to", DAY.isoformat())
+
+    assert result.returncode == 0, result.stderr
+    assert db.execute("select count(*), sum(matomo_visits) from daily_analytics").fetchone() == (12 * 365, 3)
+    per_request = [
+        sum(365 for name in request.form if name.startswith("urls[")) for request in matomo.requests
+    ]
+    assert max(per_request) <= 3000 and len(per_request) == 2
+    assert {sub.get("showColumns") for sub in matomo_sub_queries(matomo)} == {"nb_visits"}
+
+
+def test_a_bulk_size_past_phps_post_variable_limit_is_refused(config, run_aggregator):
+    config["MATOMO_BULK_SIZE"] = "1000"
+
+    result = run_aggregator()
+
+    assert result.returncode == 1
+    assert lines_with("MATOMO_BULK_SIZE must be at most 900", result.stderr)

@@ -19,6 +19,7 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes
+    query_pairs: list[tuple[str, str]] = field(default_factory=list)  # repeats kept, in order
 
     @property
     def form(self) -> dict[str, str]:
@@ -133,6 +134,7 @@ class Handler(BaseHTTPRequestHandler):
             query={k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()},
             headers={k.lower(): v for k, v in self.headers.items()},
             body=self.rfile.read(length) if length else b"",
+            query_pairs=parse_qsl(parts.query, keep_blank_values=True),
         )
         if self.server.latency:
             time.sleep(self.server.latency)

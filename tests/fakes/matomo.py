@@ -1,15 +1,25 @@
 """Matomo's Reporting API as ../shared/reference/matomo.md records it: API.getBulkRequest with
-VisitsSummary.get sub-requests, error slots, [] for empty days, 401 for a bad token, HTML pages."""
+VisitsSummary.get sub-requests, error slots, [] for empty days, 401 for a bad token, HTML pages;
+and its unkind parts: sub-requests run one after another (a cost per site-day), a PHP error in
+one sub-request turns the whole answer into an HTML 500 page, PHP's max_input_vars silently drops
+POST variables, and a day the archiver has not processed answers like a day without visits."""
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Callable
 from urllib.parse import parse_qsl
 
 from .base import FakeServer, Request, Response
 
 HTML_PAGE = "<!DOCTYPE html><html><head><title>Sign in - Matomo</title></head><body>Sign in</body></html>"
+# What core/FrontController.php sends when a PHP \Error escapes any sub-request of a bulk request.
+FATAL_PAGE = (
+    "<!DOCTYPE html><html><head><title>Matomo &rsaquo; Error</title></head><body>"
+    "<h1>An error occurred</h1><p>TypeError: Piwik\\Archive::build(): Argument #1 ($idSites) "
+    "must be of type array</p></body></html>"
+)
 
 
 def visits_summary(visits: int) -> dict:
@@ -36,6 +46,10 @@ class FakeMatomo(FakeServer):
         self.site_ids: set[int] = set()
         self.visits: dict[tuple[int, str], int] = {}
         self.error_slots: dict[int, str] = {}  # Matomo site id -> message of its error slot
+        self.fatal_sites: set[int] = set()  # a request that names one of these answers FATAL_PAGE
+        self.not_archived: set[str] = set()  # days core:archive has not processed: they look empty
+        self.site_day_cost = 0.0  # seconds per site-day: sub-requests run one after another
+        self.max_input_vars: int | None = None  # PHP's limit on POST variables (default 1000)
         # Instead of `site_ids` and `visits`, a benchmark may generate visits (None: unknown site).
         self.visits_fn: Callable[[int, str], int | None] | None = None
 
@@ -62,17 +76,23 @@ class FakeMatomo(FakeServer):
                     "message": "Unable to authenticate with the provided token. It is either invalid or expired.",
                 },
             )
+        if request.query.get("method") == "API.getMatomoVersion":
+            return Response(200, {"value": "5.4.0"})
         if request.query.get("method") != "API.getBulkRequest":
             return Response(200, {"result": "error", "message": "Only API.getBulkRequest is played here"})
-        form = request.form
-        slots = []
+        form = dict(parse_qsl(request.body.decode(), keep_blank_values=True)[: self.max_input_vars])
+        subs = []
         n = 0
         while f"urls[{n}]" in form:
             sub = dict(parse_qsl(form[f"urls[{n}]"]))
             if sub.get("method"):
-                slots.append(self.answer(sub))
+                subs.append(sub)
             n += 1
-        return Response(200, slots)
+        if any(int(sub.get("idSite", 0)) in self.fatal_sites for sub in subs):
+            return Response(500, FATAL_PAGE, "text/html; charset=utf-8")
+        if self.site_day_cost:
+            time.sleep(self.site_day_cost * sum(len(days_of(sub["date"])) for sub in subs))
+        return Response(200, [self.answer(sub) for sub in subs])
 
     def answer(self, sub: dict[str, str]):
         if sub["method"] != "VisitsSummary.get" or sub.get("period") != "day":
@@ -85,14 +105,22 @@ class FakeMatomo(FakeServer):
                 "result": "error",
                 "message": f"An unexpected website was found in the request: website id was set to '{site}' .",
             }
-        dates = sub["date"].split(",")
-        if len(dates) == 1:
-            return visits_summary(self.visits_on(site, dates[0]))
-        start, end = (dt.date.fromisoformat(d) for d in dates)
-        answer = {}
-        while start <= end:
-            day = start.isoformat()
-            visits = self.visits_on(site, day)
-            answer[day] = visits_summary(visits) if visits else []
-            start += dt.timedelta(days=1)
-        return answer
+        columns = [c for c in sub.get("showColumns", "").split(",") if c]
+        days = days_of(sub["date"])
+        visits = {day: 0 if day in self.not_archived else self.visits_on(site, day) for day in days}
+        if "," not in sub["date"]:
+            return only(visits_summary(visits[days[0]]), columns)
+        return {day: only(visits_summary(n), columns) if n else [] for day, n in visits.items()}
+
+
+def days_of(date: str) -> list[str]:
+    """The days of a `date` parameter: one day, or 'start,end'."""
+    if "," not in date:
+        return [date]
+    start, end = (dt.date.fromisoformat(d) for d in date.split(","))
+    return [(start + dt.timedelta(n)).isoformat() for n in range((end - start).days + 1)]
+
+
+def only(summary: dict, columns: list[str]) -> dict:
+    """showColumns: the answer trimmed to the named metrics."""
+    return {k: v for k, v in summary.items() if k in columns} if columns else summary

@@ -16,6 +16,7 @@ from psycopg import sql
 
 from .base import FakeServer, Request, Response
 
+RESERVED = {"select", "order", "offset", "limit", "columns", "on_conflict"}
 OPERATORS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 # PostgREST's mapping of SQLSTATE to HTTP status (the part that can happen here).
 STATUS_BY_SQLSTATE = {"23503": 409, "23505": 409, "42P01": 404, "42501": 403, "57014": 500}
@@ -124,6 +125,8 @@ class FakePostgrest(FakeServer):
         order = params.pop("order", None)
         offset = int(params.pop("offset", 0))
         limit = min(int(params.pop("limit", self.max_rows)), self.max_rows)
+        # A column may be filtered twice (date=gte.X&date=lte.Y): every pair is a condition.
+        params = [(k, v) for k, v in request.query_pairs if k not in RESERVED]
         columns = (
             sql.SQL("*")
             if select == "*"
@@ -147,9 +150,9 @@ class FakePostgrest(FakeServer):
         content_range = f"{offset}-{end}/*" if rows else "*/*"
         return Response(200, rows, headers={"Content-Range": content_range})
 
-    def filters(self, params: dict[str, str]) -> tuple[sql.Composable, list]:
+    def filters(self, params: dict[str, str] | list[tuple[str, str]]) -> tuple[sql.Composable, list]:
         clauses, values = [], []
-        for column, expression in params.items():
+        for column, expression in params.items() if isinstance(params, dict) else params:
             op, _, value = expression.partition(".")
             target = sql.Identifier(column)
             if op in OPERATORS:
