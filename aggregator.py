@@ -357,7 +357,12 @@ def supabase_client(cfg: Config) -> Client:
 
 
 def fetch_all(
-    client: Client, table: str, columns: str, narrow: Callable[[Any], Any] = lambda q: q, order: str = "id"
+    client: Client,
+    table: str,
+    columns: str,
+    narrow: Callable[[Any], Any] = lambda q: q,
+    order: str = "id",
+    attempts: int = 4,
 ) -> list[dict]:
     """Every row of a table that `narrow` (filters on a query) keeps, page by page.
 
@@ -370,7 +375,7 @@ def fetch_all(
         for column in order.split(","):
             query = query.order(column)
         try:
-            page = query.range(len(rows), len(rows) + PAGE_SIZE - 1).execute().data
+            page = with_retries(query.range(len(rows), len(rows) + PAGE_SIZE - 1).execute, attempts).data
         except (APIError, httpx.HTTPError) as error:
             raise SupabaseError(describe_supabase_error(error, f"reading {table}")) from None
         if not page:
@@ -410,7 +415,7 @@ def oldest_provisional_day(client: Client, today: dt.date) -> dt.date | None:
         .limit(1)
     )
     try:
-        rows = query.execute().data
+        rows = with_retries(query.execute, 4).data
     except (APIError, httpx.HTTPError) as error:
         raise SupabaseError(describe_supabase_error(error, "reading daily_analytics")) from None
     return dt.date.fromisoformat(rows[0]["date"]) if rows else None
@@ -437,6 +442,29 @@ def stored_visits(client: Client, site_ids: Iterable[Any], days: list[dt.date]) 
 
 
 SCHEMA_ERRORS = {"42P10", "PGRST204", "PGRST205", "42P01", "42703"}
+KEY_ERRORS = {"401", "403", "42501", "PGRST301", "PGRST302", "PGRST303"}
+# PostgREST's own transient errors come as JSON with these codes (src/library/PostgREST/Error.hs):
+# no database connection, schema cache not loaded, pool timeout, Postgres shutting down,
+# serialization failure, deadlock; plus SQLSTATE classes 08 (connection) and 53 (resources).
+TRANSIENT_ERRORS = {"PGRST000", "PGRST001", "PGRST002", "PGRST003", "57P01", "40001", "40P01"}
+
+
+def supabase_error_kind(error: Exception) -> str:
+    """'transient' (worth a bounded retry), 'key', 'schema' (every request would fail alike) or 'other'."""
+    if isinstance(error, httpx.TransportError):
+        return "transient"
+    if not isinstance(error, APIError):
+        return "other"
+    code, message = str(error.code or ""), str(error.message or "")
+    if code in KEY_ERRORS or "api key" in message.lower():
+        return "key"
+    if code in SCHEMA_ERRORS:
+        return "schema"
+    # A numeric code is the HTTP status of a non-JSON answer (a proxy's 5xx, Cloudflare's 52x);
+    # no code at all is Supabase's gateway speaking, not PostgREST.
+    if code in TRANSIENT_ERRORS or code[:2] in ("08", "53") or code.startswith("5") or not code:
+        return "transient"
+    return "other"
 
 
 def describe_supabase_error(error: Exception, doing: str) -> str:
@@ -446,22 +474,17 @@ def describe_supabase_error(error: Exception, doing: str) -> str:
     if isinstance(error, httpx.HTTPError):
         return f"cannot reach Supabase while {doing}: {error}; check SUPABASE_URL"
     assert isinstance(error, APIError)
-    code, message = str(error.code or ""), error.message or "no message"
-    if code in ("401", "403", "PGRST301", "PGRST302") or "api key" in message.lower():
-        fix = "use the service_role key (Project Settings > API) as SUPABASE_SERVICE_ROLE_KEY"
-    elif code in SCHEMA_ERRORS:
-        fix = f"the tables do not match what the aggregator expects: apply {MIGRATION}"
-    elif code.startswith("5"):
-        fix = "Supabase is having trouble; the next run will fill the gap"
-    else:
-        fix = "see the Supabase logs"
+    code, message = str(error.code or "none"), error.message or "no message"
+    fix = {
+        "key": "use the service_role key (Project Settings > API) as SUPABASE_SERVICE_ROLE_KEY",
+        "schema": f"the tables do not match what the aggregator expects: apply {MIGRATION}",
+        "transient": "Supabase is having trouble (retried); re-run the same dates once it is back",
+    }.get(supabase_error_kind(error), "see the Supabase logs")
     return f"Supabase error while {doing}: {message} (code {code}): {fix}"
 
 
 def is_transient(error: Exception) -> bool:
-    if isinstance(error, httpx.TransportError):
-        return True
-    return isinstance(error, APIError) and str(error.code or "") in ("500", "502", "503", "504")
+    return supabase_error_kind(error) == "transient"
 
 
 def with_retries(call: Callable[[], T], attempts: int, delay: float = 1.0) -> T:
@@ -475,7 +498,7 @@ def with_retries(call: Callable[[], T], attempts: int, delay: float = 1.0) -> T:
         except (APIError, httpx.HTTPError) as error:
             if attempt + 1 == attempts or not is_transient(error):
                 raise
-            log.info("Supabase: transient error (%s), retrying", describe_supabase_error(error, "writing"))
+            log.info("Supabase: transient error (%s), retrying", describe_supabase_error(error, "talking"))
             time.sleep(delay * 2**attempt)
     raise AssertionError("unreachable")
 
@@ -1210,7 +1233,7 @@ def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict
 
 def is_hopeless(error: Exception) -> bool:
     """An error every other upsert would meet too (the schema, the key)."""
-    return isinstance(error, APIError) and str(error.code) in SCHEMA_ERRORS | {"401", "PGRST301"}
+    return supabase_error_kind(error) in ("key", "schema")
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import datetime as dt
 import json
 from urllib.parse import parse_qsl
 
+import pytest
+
 from conftest import DAY, TODAY, stored
 
 YESTERDAY = TODAY - dt.timedelta(days=1)
@@ -214,3 +216,95 @@ def test_a_bulk_size_past_phps_post_variable_limit_is_refused(config, run_aggreg
 
     assert result.returncode == 1
     assert lines_with("MATOMO_BULK_SIZE must be at most 900", result.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Supabase: PostgREST's own transient errors are JSON
+# ---------------------------------------------------------------------------
+
+
+def postgrest_error(status: int, code: str | None, message: str) -> dict:
+    body = {"code": code, "details": None, "hint": None, "message": message}
+    return {"status": status, "body": body if code else {"message": message}}
+
+
+def cloudflare(status: int) -> dict:
+    page = (
+        f"<!DOCTYPE html><html><head><title>error code: {status}</title></head><body>Cloudflare</body></html>"
+    )
+    return {"status": status, "body": page, "content_type": "text/html; charset=UTF-8"}
+
+
+TRANSIENT = [
+    postgrest_error(503, "PGRST000", "Could not connect with the database"),
+    postgrest_error(503, "PGRST001", "Could not connect with the database due to an internal error"),
+    postgrest_error(503, "PGRST002", "Could not query the database for the schema cache. Retrying."),
+    postgrest_error(504, "PGRST003", "Timed out acquiring connection from connection pool."),
+    postgrest_error(503, "57P01", "terminating connection due to administrator command"),
+    postgrest_error(503, "53300", "sorry, too many clients already"),
+    postgrest_error(503, "08006", "connection to server was lost"),
+    postgrest_error(500, "40001", "could not serialize access due to concurrent update"),
+    postgrest_error(500, "40P01", "deadlock detected"),
+    postgrest_error(502, None, "An invalid response was received from the upstream server"),
+    cloudflare(520),
+    cloudflare(522),
+]
+
+
+def read_of(table: str, offset: int | None = None, **query: str):
+    return lambda r: (
+        r.method == "GET"
+        and r.path == f"/rest/v1/{table}"
+        and (offset is None or r.query.get("offset") == str(offset))
+        and all(r.query.get(k) == v for k, v in query.items())
+    )
+
+
+def upsert_of(site):
+    return lambda r: (
+        r.method == "POST"
+        and r.path == "/rest/v1/daily_analytics"
+        and any(row["site_id"] == site.id for row in r.json())
+    )
+
+
+@pytest.mark.parametrize("errors", [TRANSIENT[:6], TRANSIENT[6:]], ids=["first six", "last six"])
+def test_postgrests_own_transient_errors_are_retried_on_reads_and_writes(
+    errors, fleet, db, gateway, config, run_aggregator
+):
+    fleet.account()  # an account without sites: gsc_accounts is read, no query is made
+    sites = [fleet.site(f"s{n}.example.com") for n in range(6)]
+    for n, site in enumerate(sites):
+        fleet.visits(site, n + 1)
+    reads = [  # every page is read until an empty one
+        read_of("sites", 0),
+        read_of("sites", 6),
+        read_of("gsc_accounts", 0),
+        read_of("gsc_accounts", 1),
+        read_of("daily_analytics", gsc_final="eq.false"),
+        read_of("daily_analytics", matomo_visits="gt.0"),
+    ]
+    for match, error in zip(reads, errors):
+        gateway.inject(match, **error)
+    for site, error in zip(sites, errors):
+        gateway.inject(upsert_of(site), **error)
+    config["UPSERT_CHUNK_SIZE"] = "3"  # one chunk per site: its three days
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.summary == (
+        "Processed 6 sites. Fetched Matomo data for 6. Fetched GSC data for 0. Stored 18 records."
+    )
+    assert [row["matomo_visits"] for row in stored(db).values()] == [1, 2, 3, 4, 5, 6]
+    assert [n for n, fault in enumerate(gateway.faults) if fault.times] == [], "every error was met"
+
+
+def test_the_gateways_invalid_api_key_names_the_key(gateway, config, run_aggregator):
+    gateway.inject("/rest/v1/", status=401, body={"message": "Invalid API key"}, times=99)
+
+    result = run_aggregator()
+
+    assert result.returncode == 1
+    assert lines_with("use the service_role key", result.stderr)
+    assert gateway.count("/rest/v1/sites") == 1  # a wrong key is not retried
