@@ -96,6 +96,9 @@ class Config:
     gsc_workers: int = 64  # Search Console queries in flight, all accounts together
     gsc_account_workers: int = 16  # ... and per account
     gsc_qpm: int = 1200  # queries per minute per account: Search Console's per-user quota
+    # An account over its quota pauses this long, doubling up to five times (the load quota
+    # takes about 15 minutes to clear), within RUN_DEADLINE.
+    gsc_quota_pause: int = 60
     upsert_chunk_size: int = 500  # rows per upsert request
     upsert_workers: int = 6  # upsert requests in flight
 
@@ -796,21 +799,67 @@ class QuotaWindow:
 
     SECONDS = 60.5  # a little over a minute, so that the server's own window never counts limit + 1
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, pause: float = 60) -> None:
         self.limit = limit
+        self.first_pause = pause
+        self.pauses = 0  # how often Google said the quota was exceeded
+        self.resume_at = 0.0  # monotonic time before which no query is sent
         self._sent: deque[float] = deque()
         self._lock = threading.Lock()
 
-    def wait(self) -> None:
+    def wait(self, deadline: Deadline) -> bool:
+        """Waits for the account's turn; False when that turn would come after the deadline."""
         # Sleeping with the lock held is the point: the account's other threads must wait too.
         with self._lock:
             now = time.monotonic()
             while self._sent and now - self._sent[0] >= self.SECONDS:
                 self._sent.popleft()
+            turn = max(self.resume_at, self._sent[0] + self.SECONDS if len(self._sent) >= self.limit else now)
+            if turn >= deadline.at:
+                return False
+            time.sleep(max(0.0, turn - now))
             if len(self._sent) >= self.limit:
-                time.sleep(self.SECONDS - (now - self._sent[0]))
                 self._sent.popleft()
             self._sent.append(time.monotonic())
+            return True
+
+    def pause(self) -> float | None:
+        """Google said the quota is exceeded: no query for a while. The new pause (0 when one is
+        already on: the account's queries in flight all meet the same quota), None past the last."""
+        with self._lock:
+            if time.monotonic() < self.resume_at:
+                return 0.0
+            if self.pauses >= QUOTA_PAUSES:
+                return None
+            seconds = self.first_pause * 2**self.pauses
+            self.pauses += 1
+            self.resume_at = max(self.resume_at, time.monotonic() + seconds)
+            return seconds
+
+
+QUOTA_PAUSES = 5
+# Search Console's quota errors: the per-minute ones (429, or 403 rateLimitExceeded) and the
+# short-term load quota (403 quotaExceeded), which googleapiclient does not retry at all.
+QUOTA_REASONS = {"quotaExceeded", "rateLimitExceeded", "userRateLimitExceeded", "dailyLimitExceeded"}
+
+
+def is_quota_error(error: HttpError) -> bool:
+    return error.status_code == 429 or (
+        error.status_code == 403 and bool(error_reasons(error) & QUOTA_REASONS)
+    )
+
+
+def error_reasons(error: HttpError) -> set[str]:
+    """The `reason` of each entry of a Google error body's `errors` list."""
+    try:
+        entries = json.loads(error.content).get("error", {}).get("errors", [])
+        return {entry.get("reason") for entry in entries if isinstance(entry, dict)}
+    except (ValueError, AttributeError, TypeError):
+        return set()
+
+
+class QuotaExhausted(Exception):
+    """The account's quota did not clear before RUN_DEADLINE (or after every pause)."""
 
 
 @dataclass(frozen=True)
@@ -839,10 +888,11 @@ def http_for_this_thread(credentials: Credentials, timeout: int) -> google_auth_
 
 def verified_properties(site_list_answer: dict) -> dict[str, str]:
     """{lower-cased property: property} for the properties whose data the account may read."""
+    # The wire says siteUnverifiedUser, the v1 discovery document SITE_UNVERIFIED_USER.
     return {
         entry["siteUrl"].lower(): entry["siteUrl"]
         for entry in site_list_answer.get("siteEntry", [])
-        if entry.get("permissionLevel") != "siteUnverifiedUser"
+        if str(entry.get("permissionLevel", "")).replace("_", "").lower() != "siteunverifieduser"
     }
 
 
@@ -901,12 +951,31 @@ def metrics_by_day(answer: Any, days: list[dt.date], newest_final: dt.date) -> d
 
 def http_error_reason(error: HttpError) -> str:
     reason = error.reason
+    if is_quota_error(error):
+        return f"{reason} (Search Console quota exceeded)"
     if error.status_code == 403:
         return f"{reason} (grant this account access to the property in Search Console)"
     return reason
 
 
-def connect_account(cfg: Config, account_id: Any, refresh_token: str, sites: int) -> GscAccount | None:
+def refresh_error_reason(error: RefreshError, account_id: Any) -> str:
+    """What a refused token refresh means for this account, and the fix."""
+    if "invalid_grant" in str(error):
+        return (
+            "the refresh token has expired or been revoked: re-authorize this account "
+            f"(aggregator.py authorize --account {account_id})"
+        )
+    if "unauthorized_client" in str(error):
+        return (
+            "the refresh token was issued to another OAuth client: re-authorize this account with this "
+            f"GOOGLE_CLIENT_ID (aggregator.py authorize --account {account_id})"
+        )
+    return "the Google token endpoint failed; re-run these dates once it answers"
+
+
+def connect_account(
+    cfg: Config, account_id: Any, refresh_token: str, sites: int, client_refused: Once
+) -> GscAccount | None:
     """An account ready to query (token refreshed, properties listed), or None after one warning."""
     credentials = google_credentials(cfg, refresh_token)
     try:
@@ -915,12 +984,16 @@ def connect_account(cfg: Config, account_id: Any, refresh_token: str, sites: int
         if not isinstance(listing, dict):
             raise ValueError("unexpected answer to sites.list; check GSC_API_ENDPOINT")
     except RefreshError as error:
-        reason = (
-            "the refresh token has expired or been revoked: re-authorize this account "
-            "and store the new refresh token in gsc_accounts"
-            if "invalid_grant" in str(error)
-            else "the Google token endpoint failed; the next run will retry"
-        )
+        if "invalid_client" in str(error):
+            # Every account meets it alike: the fix is one setting, said once.
+            if client_refused.first():
+                log.error(
+                    "Google refused the OAuth client (invalid_client): GOOGLE_CLIENT_ID or GOOGLE_CLIENT_SECRET "
+                    "is wrong; copy both from Google Cloud console > APIs & Services > Credentials. "
+                    "No Search Console data this run"
+                )
+            return None
+        reason = refresh_error_reason(error, account_id)
         log.warning("GSC account %s: %s (%s); no GSC data for its %d sites", account_id, reason, error, sites)
         return None
     except HttpError as error:
@@ -935,7 +1008,7 @@ def connect_account(cfg: Config, account_id: Any, refresh_token: str, sites: int
         credentials,
         service.searchanalytics(),
         verified_properties(listing),
-        QuotaWindow(cfg.gsc_qpm),
+        QuotaWindow(cfg.gsc_qpm, cfg.gsc_quota_pause),
         threading.Semaphore(cfg.gsc_account_workers),
     )
 
@@ -950,8 +1023,11 @@ def connected_accounts(
             log.warning(
                 "Site %s: gsc_account_id %s matches no row of gsc_accounts; GSC skipped", site.id, account_id
             )
+    client_refused = Once()
     futures = {
-        account_id: pool.submit(connect_account, cfg, account_id, refresh_tokens[account_id], len(group))
+        account_id: pool.submit(
+            connect_account, cfg, account_id, refresh_tokens[account_id], len(group), client_refused
+        )
         for account_id, group in by_account.items()
         if account_id in refresh_tokens
     }
@@ -996,15 +1072,38 @@ def query_property(
     cfg: Config,
     deadline: Deadline,
 ) -> dict[dt.date, GscMetrics] | None:
-    """One searchanalytics.query for the whole range, paced to the account's quota; None if too late."""
-    account.quota.wait()
-    with account.slots:
-        if deadline.passed():  # checked once a slot is ours: waiting for it can take long
+    """One searchanalytics.query for the whole range, paced to the account's quota; None if too late.
+
+    A quota error that outlasts the library's retries pauses the whole account and the query is
+    sent again after the pause; QuotaExhausted when the quota did not clear in time.
+    """
+    while True:
+        if not account.quota.wait(deadline):
+            if account.quota.pauses:
+                raise QuotaExhausted("its quota did not clear before RUN_DEADLINE")
             return None
-        request = account.analytics.query(siteUrl=site_url, body=body)
-        http = http_for_this_thread(account.credentials, cfg.http_timeout)
-        answer = request.execute(http=http, num_retries=cfg.http_retries)
-    return metrics_by_day(answer, days, newest_final)
+        with account.slots:
+            if deadline.passed():  # checked once a slot is ours: waiting for it can take long
+                return None
+            request = account.analytics.query(siteUrl=site_url, body=body)
+            http = http_for_this_thread(account.credentials, cfg.http_timeout)
+            try:
+                answer = request.execute(http=http, num_retries=cfg.http_retries)
+            except HttpError as error:
+                if not is_quota_error(error):
+                    raise
+                pause = account.quota.pause()
+                if pause is None:
+                    raise QuotaExhausted(f"its quota is still exceeded after {QUOTA_PAUSES} pauses") from None
+                if pause:
+                    log.info(
+                        "GSC account %s: Search Console quota exceeded (%s); pausing its queries for %.0f s",
+                        account.id,
+                        error.reason,
+                        pause,
+                    )
+                continue
+        return metrics_by_day(answer, days, newest_final)
 
 
 def round_robin(targets: Mapping[Any, tuple[GscAccount, str]]) -> list[Any]:
@@ -1041,10 +1140,13 @@ def get_gsc_data(
         for site_id in round_robin(targets)
     }
     result, too_late = {}, 0
+    over_quota: dict[Any, list[Any]] = defaultdict(list)
     for site_id, future in futures.items():
-        site_url = targets[site_id][1]
+        account, site_url = targets[site_id]
         try:
             metrics = future.result()
+        except QuotaExhausted as error:
+            over_quota[(account.id, str(error))].append(site_id)
         except HttpError as error:
             log.warning("GSC %s: HTTP %s: %s", site_url, error.status_code, http_error_reason(error))
         except (ValueError, KeyError, TypeError, OSError, httplib2.HttpLib2Error, RefreshError) as error:
@@ -1054,6 +1156,15 @@ def get_gsc_data(
                 too_late += 1
             else:
                 result[site_id] = metrics
+    for (account_id, why), site_ids in over_quota.items():
+        log.warning(
+            "GSC account %s: Search Console quota exceeded and %s: no GSC data for %d sites (ids %s); "
+            "re-run these dates later, or lower GSC_QPM",
+            account_id,
+            why,
+            len(site_ids),
+            id_list(site_ids),
+        )
     if too_late:
         log.warning("RUN_DEADLINE reached: %d Search Console properties not queried", too_late)
     return result

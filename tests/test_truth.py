@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl
 import pytest
 
 from conftest import DAY, TODAY, stored
+from fakes.google import QUOTA_EXCEEDED_BODY, RATE_LIMIT_BODY
 
 YESTERDAY = TODAY - dt.timedelta(days=1)
 
@@ -308,3 +309,109 @@ def test_the_gateways_invalid_api_key_names_the_key(gateway, config, run_aggrega
     assert result.returncode == 1
     assert lines_with("use the service_role key", result.stderr)
     assert gateway.count("/rest/v1/sites") == 1  # a wrong key is not retried
+
+
+# ---------------------------------------------------------------------------
+# Google: quota, client and token errors as they really come
+# ---------------------------------------------------------------------------
+
+
+def test_the_load_quota_pauses_the_account_and_its_sites_are_fetched_after(
+    fleet, db, google, config, run_aggregator
+):
+    account = fleet.account()
+    sites = [fleet.site(f"s{n}.example.com", account) for n in range(4)]
+    for n, site in enumerate(sites):
+        fleet.search(site, n + 1, 10, day=DAY - dt.timedelta(days=1))
+    google.inject("/searchAnalytics/query", status=403, body=QUOTA_EXCEEDED_BODY, times=3)
+    config.update(GSC_QUOTA_PAUSE="1", GSC_ACCOUNT_WORKERS="1")
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["gsc_clicks"] for row in stored(db, DAY - dt.timedelta(days=1)).values()] == [1, 2, 3, 4]
+    assert lines_with("quota", result.stderr) and not lines_with("grant", result.stderr)
+
+
+def test_a_quota_that_outlasts_the_deadline_costs_those_sites_and_says_quota(
+    fleet, db, google, config, run_aggregator
+):
+    account = fleet.account()
+    sites = [fleet.site(f"s{n}.example.com", account) for n in range(3)]
+    fleet.store(sites[0], gsc_clicks=5, gsc_impressions=50, gsc_final=False)
+    google.inject("/searchAnalytics/query", status=429, body=RATE_LIMIT_BODY, times=999)
+    config.update(GSC_QUOTA_PAUSE="1", HTTP_RETRIES="0", RUN_DEADLINE="3")
+
+    result = run_aggregator()
+
+    assert result.returncode == 3
+    assert gsc_state(db, sites[0]) == (5, 50, False)
+    warnings = [line for line in lines_with(f"account {account.id}", result.stderr) if " WARNING " in line]
+    assert len(warnings) == 1 and "quota" in warnings[0] and "grant" not in warnings[0]
+
+
+def test_a_wrong_client_secret_is_one_error_naming_the_variable(fleet, db, google, config, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com", fleet.account()) for n in range(3)]
+    fleet.visits(sites[0], 2)
+    config["GOOGLE_CLIENT_SECRET"] = "GOCSPX-anotherSECRET0000"
+
+    result = run_aggregator()
+
+    assert result.returncode == 3
+    assert stored(db)[sites[0].id]["matomo_visits"] == 2
+    assert len(lines_with("GOOGLE_CLIENT_SECRET", result.stderr)) == 1
+    assert not lines_with("next run will retry", result.stderr)
+    assert "GOCSPX-anotherSECRET0000" not in result.output
+
+
+def test_a_refresh_token_of_another_oauth_client_says_reauthorize(fleet, db, google, run_aggregator):
+    account = fleet.account()
+    site = fleet.site("example.com", account)
+    google.accounts[account.refresh_token].client_id = "999-other.apps.googleusercontent.com"
+
+    result = run_aggregator()
+
+    assert result.returncode == 3
+    (line,) = lines_with(f"GSC account {account.id}", result.stderr)
+    assert "another OAuth client" in line and f"authorize --account {account.id}" in line
+    assert stored(db)[site.id]["gsc_clicks"] is None
+
+
+def test_a_run_that_outlives_its_access_tokens_still_fetches_everything(
+    fleet, db, google, config, run_aggregator
+):
+    account = fleet.account()
+    sites = [fleet.site(f"s{n}.example.com", account) for n in range(6)]
+    for n, site in enumerate(sites):
+        fleet.search(site, n + 1, 10, day=DAY - dt.timedelta(days=1))
+    google.token_lifetime = 0.3  # "expires_in": 3599, yet the API refuses it after 0.3 s
+    google.latency = 0.15
+    config["GSC_ACCOUNT_WORKERS"] = "1"
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["gsc_clicks"] for row in stored(db, DAY - dt.timedelta(days=1)).values()] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
+    assert google.count("/token") > 1
+
+
+def test_permission_levels_are_compared_as_the_discovery_document_spells_them(
+    fleet, db, google, run_aggregator
+):
+    account = fleet.account()
+    site = fleet.site("example.com", account, permission="SITE_UNVERIFIED_USER")
+    fleet.store(site, gsc_clicks=3, gsc_impressions=30)
+
+    result = run_aggregator()
+
+    assert result.returncode == 3
+    assert lines_with("no verified Search Console property for example.com", result.stderr)
+    assert google.count("/searchAnalytics/query") == 0
+    assert gsc_state(db, site)[:2] == (3, 30)

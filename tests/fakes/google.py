@@ -27,6 +27,7 @@ class Account:
     # Search Console publishes a day as final two to three days late; fresher days are served
     # only to a query with dataState "all", flagged by metadata.firstIncompleteDate.
     final_through: dt.date = field(default_factory=lambda: dt.date.today() - dt.timedelta(days=3))
+    client_id: str | None = None  # the OAuth client the refresh token was issued to (None: ours)
 
 
 class FakeGoogle(FakeServer):
@@ -43,6 +44,10 @@ class FakeGoogle(FakeServer):
         self.search_fn: Callable[[str, str], tuple | None] | None = None
         self.qpm: int | None = None  # answer 429 above this many queries per account per minute
         self.codes: dict[str, str] = {}  # authorization code -> the refresh token it grants
+        # An access token says it lasts an hour; Google may still end it sooner (a run of two
+        # hours outlives it anyway): after this many seconds the API answers 401.
+        self.token_lifetime: float | None = None
+        self.issued: dict[str, float] = {}  # access token -> when it was issued
         self._numbers = itertools.count(1)
         self._quota_lock = threading.Lock()
 
@@ -69,7 +74,14 @@ class FakeGoogle(FakeServer):
             return self.token(request.form, request.headers.get("authorization", ""))
         if not request.path.startswith(PREFIX):
             return Response(404, "<html><body>Not Found</body></html>", "text/html")
-        account = self.access_tokens.get(request.headers.get("authorization", "").removeprefix("Bearer "))
+        access_token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        account = self.access_tokens.get(access_token)
+        if (
+            account
+            and self.token_lifetime
+            and time.monotonic() - self.issued[access_token] > self.token_lifetime
+        ):
+            account = None
         if account is None:
             return error(
                 401,
@@ -124,8 +136,11 @@ class FakeGoogle(FakeServer):
             return Response(
                 400, {"error": "invalid_grant", "error_description": "Token has been expired or revoked."}
             )
+        if account.client_id not in (None, self.client_id):
+            return Response(401, {"error": "unauthorized_client", "error_description": "Unauthorized"})
         access_token = f"ya29.fake-{next(self._numbers)}"
         self.access_tokens[access_token] = account
+        self.issued[access_token] = time.monotonic()
         return Response(
             200,
             {
@@ -213,6 +228,22 @@ def error(status: int, message: str, state: str, reason: str) -> Response:
         },
     )
 
+
+# The short-term load quota: 403, and googleapiclient does not retry it.
+QUOTA_EXCEEDED_BODY = {
+    "error": {
+        "code": 403,
+        "message": "Search Analytics load quota exceeded. Try again later.",
+        "errors": [
+            {
+                "message": "Search Analytics load quota exceeded.",
+                "domain": "usageLimits",
+                "reason": "quotaExceeded",
+            }
+        ],
+        "status": "PERMISSION_DENIED",
+    }
+}
 
 RATE_LIMIT_BODY = {
     "error": {
