@@ -16,6 +16,7 @@ Supabase); 2 usage error; 3 finished, but some values are missing (see the log).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import html
 import itertools
@@ -23,6 +24,8 @@ import json
 import logging
 import os
 import re
+import socket
+import ssl
 import stat
 import sys
 import threading
@@ -242,6 +245,67 @@ class Deadline:
 
     def passed(self) -> bool:
         return time.monotonic() >= self.at
+
+
+class WallClockSocket(socket.socket):
+    """A socket on which no request-and-answer lasts longer than `limit` seconds in all.
+
+    Every HTTP library bounds each read (HTTP_TIMEOUT), and a server that sends one byte per
+    read resets that bound forever. Here the first send after an answer starts the clock, and
+    every later read of that answer gets only the time left. One class covers requests,
+    httplib2 and httpx alike, for http and (through WallClockSSLSocket) https.
+    """
+
+    limit: float | None = None
+
+    def send(self, *args: Any, **kwargs: Any) -> int:
+        self._start_exchange()
+        return super().send(*args, **kwargs)
+
+    def sendall(self, *args: Any, **kwargs: Any) -> None:
+        self._start_exchange()
+        return super().sendall(*args, **kwargs)
+
+    def recv(self, *args: Any, **kwargs: Any) -> bytes:
+        with self._time_left():
+            return super().recv(*args, **kwargs)
+
+    def recv_into(self, *args: Any, **kwargs: Any) -> int:
+        with self._time_left():
+            return super().recv_into(*args, **kwargs)
+
+    def _start_exchange(self) -> None:
+        if self.limit and getattr(self, "_answering", True):
+            self._answer_by = time.monotonic() + self.limit
+            self._answering = False
+
+    @contextlib.contextmanager
+    def _time_left(self) -> Iterator[None]:
+        self._answering = True
+        answer_by = getattr(self, "_answer_by", None)
+        per_read = self.gettimeout()
+        if answer_by is None or per_read == 0:  # not an exchange of ours, or non-blocking
+            yield
+            return
+        left = answer_by - time.monotonic()
+        if left <= 0:
+            raise socket.timeout(f"no complete answer within {self.limit:.0f} s (HTTP_TIMEOUT)")
+        self.settimeout(left if per_read is None else min(per_read, left))
+        try:
+            yield
+        finally:
+            self.settimeout(per_read)
+
+
+class WallClockSSLSocket(WallClockSocket, ssl.SSLSocket):  # type: ignore[misc]
+    pass
+
+
+def bound_every_exchange(seconds: float) -> None:
+    """From now on, every socket this process opens is a WallClockSocket."""
+    WallClockSocket.limit = seconds
+    socket.socket = WallClockSocket  # type: ignore[misc]
+    ssl.SSLContext.sslsocket_class = WallClockSSLSocket
 
 
 class Once:
@@ -490,7 +554,7 @@ def is_transient(error: Exception) -> bool:
     return supabase_error_kind(error) == "transient"
 
 
-def with_retries(call: Callable[[], T], attempts: int, delay: float = 1.0) -> T:
+def with_retries(call: Callable[[], T], attempts: int, delay: float = 0.5) -> T:
     """Run call(), retrying transient Supabase failures with exponential backoff.
 
     postgrest-py retries only GET requests; an upsert is idempotent, so it is safe to retry.
@@ -1803,6 +1867,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = load_config(args.env_file or default_env_file())
             secret_filter.add(*cfg.secrets())
+            bound_every_exchange(cfg.http_timeout)
             if args.command == "check":
                 return check(cfg, today, secret_filter, problems)
             return authorize(cfg, args.account)
@@ -1813,6 +1878,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.env_file or default_env_file())
         secret_filter.add(*cfg.secrets())
+        bound_every_exchange(cfg.http_timeout)
         nightly = not (args.date or args.start)
         outcome = run(
             cfg, days, today, secret_filter, args.site, args.dry_run, nightly, args.accept_zero_visits

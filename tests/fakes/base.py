@@ -51,6 +51,7 @@ class Fault:
     times: int = 1
     hang: bool = False
     delay: float = 0.0
+    trickle: float = 0.0  # seconds between the bytes of the answer, status line included
 
 
 class FakeServer(ThreadingHTTPServer):
@@ -89,11 +90,12 @@ class FakeServer(ThreadingHTTPServer):
         times: int = 1,
         hang: bool = False,
         delay: float = 0.0,
+        trickle: float = 0.0,
     ) -> None:
         """Make matching requests (a predicate, or a substring of the path) fail."""
         predicate = match if callable(match) else (lambda r, s=match: s in r.path)
-        response = None if hang else Response(status, body, content_type)
-        self.faults.append(Fault(predicate, response, times, hang, delay))
+        response = None if hang or (trickle and not body) else Response(status, body, content_type)
+        self.faults.append(Fault(predicate, response, times, hang, delay, trickle))
 
     def count(self, predicate: Callable[[Request], bool] | str = "") -> int:
         test = predicate if callable(predicate) else (lambda r, s=predicate: s in r.path)
@@ -146,15 +148,30 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         response = fault.response if fault else self.server.handle_request_of(request)
+        if fault and fault.trickle and response is None:  # trickle the normal answer
+            response = self.server.handle_request_of(request)
         payload = response.payload()
         # Status line, headers and body in one write: split writes meet Nagle's algorithm and
         # delayed ACKs, and every answer would take 40 ms more than the injected latency.
         head = [f"HTTP/1.1 {response.status} {self.responses.get(response.status, ('',))[0]}"]
         head += [f"Content-Type: {response.content_type}", f"Content-Length: {len(payload)}"]
         head += [f"{name}: {value}" for name, value in response.headers.items()]
+        answer = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
         try:
-            self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
+            if fault and fault.trickle:
+                self.trickle(answer, fault.trickle)
+            else:
+                self.wfile.write(answer)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout, a kill)
             self.close_connection = True
+
+    def trickle(self, answer: bytes, pause: float) -> None:
+        """One byte at a time: every read the client makes succeeds, and the answer never ends."""
+        for n in range(len(answer)):
+            if self.server.stopping.wait(pause):
+                break
+            self.wfile.write(answer[n : n + 1])
+            self.wfile.flush()
+        self.close_connection = True
 
     do_GET = do_POST = do_PATCH = do_DELETE = _serve
