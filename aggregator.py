@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import ssl
 import stat
@@ -232,19 +233,32 @@ def setup_logging(level: str) -> tuple[SecretFilter, ProblemLog]:
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class Deadline:
     """The moment after which no new fetch starts, so that a hung service cannot hold the
-    run (and tomorrow's) forever; what was fetched by then is still stored."""
+    run (and tomorrow's) forever; what was fetched by then is still stored. Ctrl-C and
+    SIGTERM bring that moment forward (stop)."""
 
-    at: float
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.why = "RUN_DEADLINE reached"
+        self._stopped = threading.Event()
 
     @classmethod
     def after(cls, seconds: float) -> Deadline:
         return cls(time.monotonic() + seconds)
 
     def passed(self) -> bool:
-        return time.monotonic() >= self.at
+        return self._stopped.is_set() or time.monotonic() >= self.at
+
+    def stop(self, why: str) -> None:
+        self.why = why
+        self._stopped.set()
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleeps unless the run must end first; whether it slept the whole time."""
+        if time.monotonic() + seconds >= self.at:
+            return False
+        return not self._stopped.wait(max(0.0, seconds))
 
 
 class WallClockSocket(socket.socket):
@@ -749,7 +763,7 @@ def visits_for_batch(
     if matomo.broken.happened:
         return {}
     if matomo.deadline.passed():
-        log.warning("RUN_DEADLINE reached: no Matomo values for %d sites (ids %s)", len(ids), id_list(ids))
+        log.warning("%s: no Matomo values for %d sites (ids %s)", matomo.deadline.why, len(ids), id_list(ids))
         return {}
     date = matomo_date_param(days)
     # showColumns: only the one metric we store (a year of 10,000 sites: 108 MB of JSON, not 742).
@@ -879,9 +893,8 @@ class QuotaWindow:
             while self._sent and now - self._sent[0] >= self.SECONDS:
                 self._sent.popleft()
             turn = max(self.resume_at, self._sent[0] + self.SECONDS if len(self._sent) >= self.limit else now)
-            if turn >= deadline.at:
+            if not deadline.sleep(turn - now):
                 return False
-            time.sleep(max(0.0, turn - now))
             if len(self._sent) >= self.limit:
                 self._sent.popleft()
             self._sent.append(time.monotonic())
@@ -1143,7 +1156,7 @@ def query_property(
     """
     while True:
         if not account.quota.wait(deadline):
-            if account.quota.pauses:
+            if account.quota.pauses and not deadline.passed():
                 raise QuotaExhausted("its quota did not clear before RUN_DEADLINE")
             return None
         with account.slots:
@@ -1230,7 +1243,7 @@ def get_gsc_data(
             id_list(site_ids),
         )
     if too_late:
-        log.warning("RUN_DEADLINE reached: %d Search Console properties not queried", too_late)
+        log.warning("%s: %d Search Console properties not queried", deadline.why, too_late)
     return result
 
 
@@ -1483,8 +1496,11 @@ def run(
     dry_run: bool = False,
     nightly: bool = False,
     accept_zero_visits: bool = False,
+    deadline: Deadline | None = None,
+    outcome: Outcome | None = None,
 ) -> Outcome:
-    deadline = Deadline.after(cfg.run_deadline)
+    deadline = deadline or Deadline.after(cfg.run_deadline)
+    outcome = outcome or Outcome()
     client = supabase_client(cfg)
     with ThreadPoolExecutor(max_workers=2) as side:
         sites_read = side.submit(deployed_sites, client)
@@ -1506,7 +1522,7 @@ def run(
         store = lambda rows: store_rows(client, rows, cfg)  # noqa: E731
     gsc_days = [day for day in days if day >= gsc_oldest_day(today)]
     read_stored = None if accept_zero_visits else (lambda ids, days: stored_visits(client, ids, days))
-    return aggregate(cfg, sites, refresh_tokens, days, gsc_days, deadline, store, read_stored)
+    return aggregate(cfg, sites, refresh_tokens, days, gsc_days, deadline, store, read_stored, outcome)
 
 
 def aggregate(
@@ -1517,17 +1533,17 @@ def aggregate(
     gsc_days: list[dt.date],
     deadline: Deadline,
     store: Callable[[list[dict]], tuple[int, int]],
-    read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[Any, str], int]] | None = None,
+    read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[Any, str], int]] | None,
+    outcome: Outcome,
 ) -> Outcome:
-    """Fetch, shape and store slice after slice; the counts for the summary."""
+    """Fetch, shape and store slice after slice, counting into `outcome` as it goes, so that
+    whatever ends the run, the counts say what was really stored."""
     matomo = matomo_client(cfg, deadline)
     matomo_ids = matomo_ids_by_site(sites)
-    outcome = Outcome(
-        days=days,
-        sites=len(sites),
-        matomo_wanted=sum(1 for s in sites if s.matomo_site_id is not None),
-        gsc_wanted=sum(1 for s in sites if s.gsc_account_id is not None) if gsc_days else 0,
-    )
+    outcome.days = days
+    outcome.sites = len(sites)
+    outcome.matomo_wanted = sum(1 for s in sites if s.matomo_site_id is not None)
+    outcome.gsc_wanted = sum(1 for s in sites if s.gsc_account_id is not None) if gsc_days else 0
     # side runs the Matomo fetch beside the Search Console queries, and the previous slice's
     # upserts beside the next slice's fetches.
     with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as gsc_pool:
@@ -1536,6 +1552,12 @@ def aggregate(
             targets = query_targets(sites, accounts)
             storing, done = None, 0
             for part in slices(sites, len(days), cfg.matomo_bulk_size):
+                if deadline.passed():
+                    log.warning("%s: %d sites were not fetched", deadline.why, len(sites) - done)
+                    outcome.matomo_missing += [s.id for s in sites[done:] if s.matomo_site_id is not None]
+                    if gsc_days:
+                        outcome.gsc_missing += [s.id for s in sites[done:] if s.gsc_account_id is not None]
+                    break
                 part_ids = {s.id: matomo_ids[s.id] for s in part if s.id in matomo_ids}
                 visits_read = side.submit(matomo_data_by_site, matomo, part_ids, days)
                 part_targets = {s.id: targets[s.id] for s in part if s.id in targets}
@@ -1557,12 +1579,12 @@ def aggregate(
                 outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
                 del visits, gsc  # not kept alive through the next slice's fetch
                 if storing:
-                    add_stored(outcome, storing.result())
-                storing = side.submit(store, rows)
+                    storing.result()
+                storing = side.submit(lambda rows=rows: add_stored(outcome, store(rows)))
                 done += len(part)
                 show_progress(outcome, done)
             if storing:
-                add_stored(outcome, storing.result())
+                storing.result()
     show_progress(outcome, len(sites), final=True)
     if outcome.gsc_provisional:
         log.info(
@@ -1851,6 +1873,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def stop_on_signals(deadline: Deadline) -> dict[str, int]:
+    """Ctrl-C and SIGTERM (a stopping system, `kill`) end the run as its deadline would: no new
+    fetch starts, what was fetched is stored and the run recorded. A second one quits at once.
+    Returns {"status": 128 + signal number} once one has come."""
+    received: dict[str, int] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        received["status"] = 128 + signum
+        deadline.stop(f"stopped by {name}")
+        log.warning("%s: no new fetch starts; storing what was fetched (again to quit at once)", name)
+
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, handler)
+    return received
+
+
 def main(argv: list[str] | None = None) -> int:
     started, started_at = time.monotonic(), dt.datetime.now(dt.timezone.utc)
     try:
@@ -1874,14 +1915,27 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, SupabaseError) as error:
             log.error("%s", error)
             return EXIT_FAILED
+    # The run counts into `outcome` as it goes: whatever ends it, the summary tells the truth.
     cfg, outcome, status = None, Outcome(), EXIT_FAILED
+    deadline = Deadline.after(float("inf"))
+    signals = stop_on_signals(deadline)
     try:
         cfg = load_config(args.env_file or default_env_file())
         secret_filter.add(*cfg.secrets())
         bound_every_exchange(cfg.http_timeout)
+        deadline.at = time.monotonic() + cfg.run_deadline
         nightly = not (args.date or args.start)
-        outcome = run(
-            cfg, days, today, secret_filter, args.site, args.dry_run, nightly, args.accept_zero_visits
+        run(
+            cfg,
+            days,
+            today,
+            secret_filter,
+            args.site,
+            args.dry_run,
+            nightly,
+            args.accept_zero_visits,
+            deadline,
+            outcome,
         )
         status = outcome.exit_status()
     except (ConfigError, SupabaseError) as error:
@@ -1891,6 +1945,8 @@ def main(argv: list[str] | None = None) -> int:
         status = 130
     except Exception:  # noqa: BLE001 - a bug: log it (redacted) instead of a raw traceback
         log.exception("Unexpected error; please report it with this log")
+    if signals:
+        status = signals["status"]
     log.info("%s", outcome.summary())
     if args.dry_run:
         log.info("Dry run: nothing was written; %d records would have been stored", outcome.rows)

@@ -4,9 +4,14 @@ data. Each test makes a stand-in misbehave the way real networks and servers do.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import signal
 import time
 
-from conftest import DAY, stored
+import pytest
+
+from conftest import DAY, SUMMARY, stored
 
 
 def lines_with(text: str, output: str) -> list[str]:
@@ -59,3 +64,38 @@ def test_a_trickling_supabase_ends_the_run_with_one_line(gateway, config, run_ag
     assert result.returncode == 1
     assert lines_with("Supabase did not answer in time while reading sites", result.stderr)
     assert result.summary is not None
+
+
+# ---------------------------------------------------------------------------
+# Whatever ends a run, its counts are true
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_fetching_stores_what_was_fetched_and_counts_it_truly(
+    signum, status, fleet, db, matomo, launch
+):
+    sites = fleet.many(300, [fleet.account()])
+    db.execute("update sites set gsc_account_id = null")  # Matomo only: three slices of 100 sites
+    for site in sites:
+        fleet.visits(site, 1)
+    matomo.latency = 0.4
+    start = (DAY - dt.timedelta(days=99)).isoformat()
+    process = launch("--from", start, "--to", DAY.isoformat(), "--json", log_level="INFO")
+
+    deadline = time.monotonic() + 60
+    while db.execute("select count(*) from daily_analytics").fetchone()[0] == 0:
+        assert time.monotonic() < deadline and process.poll() is None, "the first slice was never stored"
+        time.sleep(0.05)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == status, stderr[-3000:]
+    in_table = db.execute("select count(*) from daily_analytics").fetchone()[0]
+    assert 0 < in_table < 30000
+    summary = SUMMARY.findall(stderr)[-1]
+    assert summary.endswith(f"Stored {in_table} records.")
+    assert json.loads(stdout)["records"]["stored"] == in_table
+    recorded = db.execute("select records_stored, exit_status from aggregator_runs").fetchall()
+    assert recorded == [(in_table, status)]
+    assert lines_with(signal.Signals(signum).name, stderr)
