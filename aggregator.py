@@ -118,7 +118,14 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
     """Read .env (variables already in the environment win) and validate everything at once."""
     if env_file.exists():
         warn_if_readable_by_others(env_file)
-        load_dotenv(env_file, override=False)
+        try:
+            load_dotenv(env_file, override=False, encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{env_file} is not UTF-8 text: save it as UTF-8 and run again") from None
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read {env_file} ({error.strerror}): check its owner and mode"
+            ) from None
     env = {name: value.strip() for name, value in environ.items()}
     missing = [f.name.upper() for f in fields(Config) if f.default is MISSING and not env.get(f.name.upper())]
     if missing:
@@ -126,6 +133,7 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
             f"Missing configuration: {', '.join(missing)}. "
             f"Set them in {env_file} (see .env.example) or in the environment."
         )
+    # No message echoes a value: a key pasted into the wrong variable would be printed.
     values, problems = {}, []
     for f in fields(Config):
         name, raw = f.name.upper(), env.get(f.name.upper())
@@ -133,12 +141,12 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
         if not raw:
             continue
         most = f.metadata.get("at_most")
-        if f.type in (int, "int") and not (raw.isdigit() and int(raw) >= least):
-            problems.append(f"{name} must be a whole number of at least {least}, got {raw!r}")
+        if f.type in (int, "int") and not (re.fullmatch(r"[0-9]{1,9}", raw) and int(raw) >= least):
+            problems.append(f"{name} must be a whole number of at least {least}")
         elif most and int(raw) > most:
-            problems.append(f"{name} must be at most {most} (PHP's max_input_vars), got {raw}")
+            problems.append(f"{name} must be at most {most} (PHP's max_input_vars)")
         elif name.endswith(("_URL", "_URI", "_ENDPOINT")) and not is_http_url(raw):
-            problems.append(f"{name} must be an http(s) URL, got {raw!r}")
+            problems.append(f"{name} must be an http(s) URL, like https://example.com/")
         else:
             values[f.name] = int(raw) if f.type in (int, "int") else raw
     if problems:
@@ -434,6 +442,10 @@ def supabase_client(cfg: Config) -> Client:
         auto_refresh_token=False,
         persist_session=False,
     )
+    # postgrest-py 2.2x+ retries GETs by itself (1, 2, 4 s) under our with_retries: one policy,
+    # ours, covers reads and writes alike (older releases have neither the option nor the retry).
+    if hasattr(options, "postgrest_client_retry"):
+        options.postgrest_client_retry = False
     return create_client(cfg.supabase_url, cfg.supabase_service_role_key, options)
 
 
@@ -459,9 +471,21 @@ def fetch_all(
             page = with_retries(query.range(len(rows), len(rows) + PAGE_SIZE - 1).execute, attempts).data
         except (APIError, httpx.HTTPError) as error:
             raise SupabaseError(describe_supabase_error(error, f"reading {table}")) from None
+        page = rows_of(page, table)
         if not page:
             return rows
         rows.extend(page)
+
+
+def rows_of(data: Any, table: str) -> list[dict]:
+    """The answer's rows; anything but a JSON array of objects means it was not PostgREST."""
+    # postgrest-py hands over a 200 that is not JSON (a login page, a proxy) as a string.
+    if isinstance(data, list) and all(isinstance(row, dict) for row in data):
+        return data
+    raise SupabaseError(
+        f"reading {table} did not answer a JSON array of rows ({type(data).__name__} instead): SUPABASE_URL "
+        "must be the project's API URL, like https://your-project-ref.supabase.co"
+    )
 
 
 def deployed_sites(client: Client) -> list[Site]:
@@ -496,7 +520,7 @@ def oldest_provisional_day(client: Client, today: dt.date) -> dt.date | None:
         .limit(1)
     )
     try:
-        rows = with_retries(query.execute, 4).data
+        rows = rows_of(with_retries(query.execute, 4).data, "daily_analytics")
     except (APIError, httpx.HTTPError) as error:
         raise SupabaseError(describe_supabase_error(error, "reading daily_analytics")) from None
     return dt.date.fromisoformat(rows[0]["date"]) if rows else None
@@ -621,11 +645,27 @@ class MatomoClient:
     probe_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+class CappedRetry(Retry):
+    """urllib3's Retry, but a server's Retry-After is obeyed for `cap` seconds at most
+    (urllib3 obeys `Retry-After: 3600` as it stands, on every retry)."""
+
+    cap: float = 30.0
+
+    def get_retry_after(self, response: Any) -> float | None:
+        seconds = super().get_retry_after(response)
+        return None if seconds is None else min(seconds, self.cap)
+
+    def new(self, **kwargs: Any) -> CappedRetry:
+        retry = super().new(**kwargs)
+        retry.cap = self.cap
+        return retry
+
+
 def matomo_client(cfg: Config, deadline: Deadline) -> MatomoClient:
     # Reports are read-only, so a POST is as safe to retry as a GET. A 500 (PHP's fatal error
     # page) and a read timeout (too much work for one request) would only fail again: the
     # request is split instead (visits_for_batch).
-    retry = Retry(
+    retry = CappedRetry(
         total=cfg.http_retries,
         read=0,
         backoff_factor=0.5,
@@ -633,6 +673,7 @@ def matomo_client(cfg: Config, deadline: Deadline) -> MatomoClient:
         allowed_methods=None,
         raise_on_status=False,
     )
+    retry.cap = min(30.0, cfg.http_timeout)  # never wait longer than a request may take
     session = requests.Session()
     session.mount("http://", HTTPAdapter(max_retries=retry))
     session.mount("https://", HTTPAdapter(max_retries=retry))
@@ -967,10 +1008,29 @@ def verified_properties(site_list_answer: dict) -> dict[str, str]:
     """{lower-cased property: property} for the properties whose data the account may read."""
     # The wire says siteUnverifiedUser, the v1 discovery document SITE_UNVERIFIED_USER.
     return {
-        entry["siteUrl"].lower(): entry["siteUrl"]
+        property_key(entry["siteUrl"]): entry["siteUrl"]
         for entry in site_list_answer.get("siteEntry", [])
-        if str(entry.get("permissionLevel", "")).replace("_", "").lower() != "siteunverifieduser"
+        if isinstance(entry, dict)
+        and isinstance(entry.get("siteUrl"), str)
+        and str(entry.get("permissionLevel", "")).replace("_", "").lower() != "siteunverifieduser"
     }
+
+
+def property_key(site_url: str) -> str:
+    """A property as property_for_domain looks it up: lower case, its host in punycode."""
+    text = site_url.lower()
+    if text.startswith("sc-domain:"):
+        return "sc-domain:" + (ascii_domain(text[len("sc-domain:") :]) or text[len("sc-domain:") :])
+    parts = urlsplit(text)
+    return parts._replace(netloc=ascii_domain(parts.netloc) or parts.netloc).geturl()
+
+
+def ascii_domain(domain: str) -> str | None:
+    """'bücher.de' -> 'xn--bcher-kva.de' (IDNA, as Search Console stores it); None if it cannot be."""
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
 
 
 def normalised_domain(raw: Any) -> str | None:
@@ -981,7 +1041,7 @@ def normalised_domain(raw: Any) -> str | None:
     text = re.sub(r"^[a-z][a-z0-9+.-]*://", "", text).rstrip("/").rstrip(".")
     text = text[4:] if text.startswith("www.") else text
     label = r"(?!-)[\w-]{1,63}(?<!-)"
-    return text if re.fullmatch(rf"{label}(\.{label})+", text) else None
+    return ascii_domain(text) if re.fullmatch(rf"{label}(\.{label})+", text) else None
 
 
 def property_for_domain(domain: str, properties: Mapping[str, str]) -> str | None:
@@ -1114,9 +1174,13 @@ def connected_accounts(
 def query_targets(
     sites: Iterable[Site], accounts: Mapping[Any, GscAccount]
 ) -> dict[Any, tuple[GscAccount, str]]:
-    """{site id: (account, property)} for the sites whose account holds a property for their domain."""
-    targets = {}
-    for site in sites:
+    """{site id: (account, property)} for the sites whose account holds a property for their domain.
+
+    Two deployed sites with one domain would both get its numbers: the first (lowest id) does.
+    """
+    targets: dict[Any, tuple[GscAccount, str]] = {}
+    owner_of: dict[str, Any] = {}
+    for site in sorted(sites, key=lambda s: str(s.id).zfill(20)):
         account = accounts.get(site.gsc_account_id)
         if account is None:
             continue  # no account, or one that failed: already logged
@@ -1135,7 +1199,17 @@ def query_targets(
                 domain,
                 domain,
             )
+        elif property_key(site_url) in owner_of:
+            log.warning(
+                "Site %s: site %s has the same domain (%s): only site %s gets its Search Console numbers; "
+                "set status_deployment of the duplicate to something other than deployed",
+                site.id,
+                owner_of[property_key(site_url)],
+                domain,
+                owner_of[property_key(site_url)],
+            )
         else:
+            owner_of[property_key(site_url)] = site.id
             targets[site.id] = (account, site_url)
     return targets
 
@@ -1226,8 +1300,8 @@ def get_gsc_data(
             over_quota[(account.id, str(error))].append(site_id)
         except HttpError as error:
             log.warning("GSC %s: HTTP %s: %s", site_url, error.status_code, http_error_reason(error))
-        except (ValueError, KeyError, TypeError, OSError, httplib2.HttpLib2Error, RefreshError) as error:
-            log.warning("GSC %s: %s", site_url, error)
+        except Exception as error:  # noqa: BLE001 - a cut-off answer, a dropped refresh: this site only
+            log.warning("GSC %s: %s: %s", site_url, type(error).__name__, error)
         else:
             if metrics is None:
                 too_late += 1
@@ -1375,27 +1449,42 @@ def store_rows(client: Client, rows: list[dict], cfg: Config) -> tuple[int, int]
     ]
     hopeless = Once()
 
-    def store(chunk: list[dict]) -> bool:
+    def store(chunk: list[dict]) -> int:
+        """How many of the chunk's rows were stored."""
         if hopeless.happened:
-            return False
+            return 0
         request = client.table("daily_analytics").upsert(
             chunk, on_conflict="date,site_id", returning="minimal"
         )
         try:
             with_retries(request.execute, cfg.http_retries + 1)
-            return True
+            return len(chunk)
         except (APIError, httpx.HTTPError) as error:
-            if not is_hopeless(error):
+            kind = supabase_error_kind(error)
+            if kind == "other" and len(chunk) > 1:
+                # One row can sink a chunk (its site deleted during the run: 23503): halves find
+                # it, and the other rows are stored.
+                return store(chunk[: len(chunk) // 2]) + store(chunk[len(chunk) // 2 :])
+            if kind in ("key", "schema"):
+                if hopeless.first():
+                    log.error(
+                        "%s; no further upsert is tried", describe_supabase_error(error, "storing rows")
+                    )
+            elif len(chunk) == 1:
+                log.error(
+                    "%s; site %s, %s not stored",
+                    describe_supabase_error(error, "storing a row"),
+                    chunk[0]["site_id"],
+                    chunk[0]["date"],
+                )
+            else:
                 log.error(
                     "%s; %d records not stored", describe_supabase_error(error, "storing rows"), len(chunk)
                 )
-            elif hopeless.first():
-                log.error("%s; no further upsert is tried", describe_supabase_error(error, "storing rows"))
-            return False
+            return 0
 
     with ThreadPoolExecutor(max_workers=cfg.upsert_workers) as pool:
-        done = list(pool.map(store, batches))
-    stored = sum(len(chunk) for chunk, ok in zip(batches, done) if ok)
+        stored = sum(pool.map(store, batches))
     return stored, len(rows) - stored
 
 
@@ -1417,11 +1506,6 @@ def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict
         supabase_client(cfg).table("aggregator_runs").insert(row, returning="minimal").execute()
     except (APIError, httpx.HTTPError) as error:
         log.warning("%s; this run is not recorded", describe_supabase_error(error, "recording the run"))
-
-
-def is_hopeless(error: Exception) -> bool:
-    """An error every other upsert would meet too (the schema, the key)."""
-    return supabase_error_kind(error) in ("key", "schema")
 
 
 # ---------------------------------------------------------------------------

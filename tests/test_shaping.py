@@ -21,7 +21,7 @@ D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
         ("https://www.example.com/", "example.com"),
         ("http://shop.example.co.uk", "shop.example.co.uk"),
         ("example.com.", "example.com"),
-        ("bücher.de", "bücher.de"),
+        ("bücher.de", "xn--bcher-kva.de"),  # as Search Console stores it
         ("example.com/blog", None),
         ("example.com:8080", None),
         ("localhost", None),

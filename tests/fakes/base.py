@@ -52,6 +52,8 @@ class Fault:
     hang: bool = False
     delay: float = 0.0
     trickle: float = 0.0  # seconds between the bytes of the answer, status line included
+    cut: int | None = None  # send only this many bytes of the body, then close the connection
+    drop: bool = False  # close the connection without a word
 
 
 class FakeServer(ThreadingHTTPServer):
@@ -91,11 +93,17 @@ class FakeServer(ThreadingHTTPServer):
         hang: bool = False,
         delay: float = 0.0,
         trickle: float = 0.0,
+        cut: int | None = None,
+        drop: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        """Make matching requests (a predicate, or a substring of the path) fail."""
+        """Make matching requests (a predicate, or a substring of the path) fail.
+
+        trickle or cut without a body apply to the normal answer."""
         predicate = match if callable(match) else (lambda r, s=match: s in r.path)
-        response = None if hang or (trickle and not body) else Response(status, body, content_type)
-        self.faults.append(Fault(predicate, response, times, hang, delay, trickle))
+        normal = hang or drop or ((trickle or cut is not None) and not body)
+        response = None if normal else Response(status, body, content_type, dict(headers or {}))
+        self.faults.append(Fault(predicate, response, times, hang, delay, trickle, cut, drop))
 
     def count(self, predicate: Callable[[Request], bool] | str = "") -> int:
         test = predicate if callable(predicate) else (lambda r, s=predicate: s in r.path)
@@ -147,8 +155,11 @@ class Handler(BaseHTTPRequestHandler):
             self.server.stopping.wait(120)
             self.close_connection = True
             return
+        if fault and fault.drop:
+            self.close_connection = True
+            return
         response = fault.response if fault else self.server.handle_request_of(request)
-        if fault and fault.trickle and response is None:  # trickle the normal answer
+        if fault and response is None:  # trickle or cut the normal answer
             response = self.server.handle_request_of(request)
         payload = response.payload()
         # Status line, headers and body in one write: split writes meet Nagle's algorithm and
@@ -157,6 +168,9 @@ class Handler(BaseHTTPRequestHandler):
         head += [f"Content-Type: {response.content_type}", f"Content-Length: {len(payload)}"]
         head += [f"{name}: {value}" for name, value in response.headers.items()]
         answer = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
+        if fault and fault.cut is not None:  # Content-Length promises more than comes
+            answer = answer[: len(answer) - len(payload) + fault.cut]
+            self.close_connection = True
         try:
             if fault and fault.trickle:
                 self.trickle(answer, fault.trickle)

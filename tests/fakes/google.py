@@ -48,6 +48,7 @@ class FakeGoogle(FakeServer):
         # hours outlives it anyway): after this many seconds the API answers 401.
         self.token_lifetime: float | None = None
         self.issued: dict[str, float] = {}  # access token -> when it was issued
+        self.odd_entries: list[dict] = []  # added to every sites.list answer, e.g. without siteUrl
         self._numbers = itertools.count(1)
         self._quota_lock = threading.Lock()
 
@@ -93,6 +94,7 @@ class FakeGoogle(FakeServer):
         rest = request.path[len(PREFIX) :]
         if rest == "" and request.method == "GET":
             entries = [{"siteUrl": u, "permissionLevel": p} for u, p in account.properties.items()]
+            entries += self.odd_entries
             return Response(200, {"siteEntry": entries} if entries else {})
         if rest.startswith("/") and rest.endswith("/searchAnalytics/query") and request.method == "POST":
             site_url = unquote(rest[1 : -len("/searchAnalytics/query")])
