@@ -31,6 +31,7 @@ import stat
 import sys
 import threading
 import time
+import warnings
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -39,19 +40,23 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit
 
-import google_auth_httplib2
-import httplib2
-import httpx
-import requests
-from dotenv import load_dotenv
-from google.auth.exceptions import RefreshError
-from google.oauth2.credentials import Credentials
-from googleapiclient.discovery import build
-from googleapiclient.errors import HttpError
-from postgrest.exceptions import APIError
-from requests.adapters import HTTPAdapter
-from supabase import Client, ClientOptions, create_client
-from urllib3.util.retry import Retry
+# On Python 3.9 and 3.10 Google's libraries print a six-line FutureWarning on import, every
+# night, into the cron log; the README states which Pythons are supported.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"google(\.|$)")
+
+import google_auth_httplib2  # noqa: E402 - after the filter above
+import httplib2  # noqa: E402
+import httpx  # noqa: E402
+import requests  # noqa: E402
+from dotenv import load_dotenv  # noqa: E402
+from google.auth.exceptions import RefreshError  # noqa: E402
+from google.oauth2.credentials import Credentials  # noqa: E402
+from googleapiclient.discovery import build  # noqa: E402
+from googleapiclient.errors import HttpError  # noqa: E402
+from postgrest.exceptions import APIError  # noqa: E402
+from requests.adapters import HTTPAdapter  # noqa: E402
+from supabase import Client, ClientOptions, create_client  # noqa: E402
+from urllib3.util.retry import Retry  # noqa: E402
 
 log = logging.getLogger("aggregator")
 
