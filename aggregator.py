@@ -482,6 +482,19 @@ def fetch_all(
         rows.extend(page)
 
 
+# What an empty answer most likely means: row level security hides every row from any key but
+# the service role's, and the anon and publishable keys look alike in .env.
+NO_SITES = (
+    "Supabase returned no deployed site. If the sites table has rows with status_deployment 'deployed', "
+    "SUPABASE_SERVICE_ROLE_KEY is probably the anon or publishable key, to which row level security shows "
+    "no row: use the service_role key (Project Settings > API)"
+)
+NO_ACCOUNTS = (
+    "Supabase returned no gsc_accounts row although sites name accounts: SUPABASE_SERVICE_ROLE_KEY is "
+    "probably not the service_role key (row level security hides gsc_accounts from other keys)"
+)
+
+
 def rows_of(data: Any, table: str) -> list[dict]:
     """The answer's rows; anything but a JSON array of objects means it was not PostgREST."""
     # postgrest-py hands over a 200 that is not JSON (a login page, a proxy) as a string.
@@ -1521,6 +1534,7 @@ def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict
 @dataclass
 class Outcome:
     days: list = field(default_factory=list)  # the days asked for, provisional ones included
+    domains: dict = field(default_factory=dict)  # site id -> domain, for the re-run advice
     sites: int = 0
     matomo_wanted: int = 0
     matomo_fetched: int = 0
@@ -1598,6 +1612,10 @@ def run(
         sites = sites_read.result()
         provisional_since = provisional_read.result() if provisional_read else None
     secret_filter.add(*refresh_tokens.values())
+    if not sites:
+        raise SupabaseError(NO_SITES)
+    if not refresh_tokens and any(site.gsc_account_id is not None for site in sites):
+        log.error("%s", NO_ACCOUNTS)
     if provisional_since and provisional_since < days[0]:
         log.info("Search Console values from %s on are provisional: fetching them again", provisional_since)
         days = days_between(provisional_since, days[-1])
@@ -1631,6 +1649,7 @@ def aggregate(
     matomo_ids = matomo_ids_by_site(sites)
     outcome.days = days
     outcome.sites = len(sites)
+    outcome.domains = {site.id: site.domain for site in sites}
     outcome.matomo_wanted = sum(1 for s in sites if s.matomo_site_id is not None)
     outcome.gsc_wanted = sum(1 for s in sites if s.gsc_account_id is not None) if gsc_days else 0
     # side runs the Matomo fetch beside the Search Console queries, and the previous slice's
@@ -1728,8 +1747,9 @@ def sites_with_domains(sites: list[Site], domains: Iterable[str]) -> list[Site]:
     """The sites whose domain is one of `domains` (compared normalised); warns about the rest."""
     wanted = {normalised_domain(d) or d for d in domains}
     chosen = [site for site in sites if normalised_domain(site.domain) in wanted]
-    for domain in sorted(wanted - {normalised_domain(site.domain) for site in chosen}):
-        log.warning("--site %s: no deployed site has this domain", domain)
+    unknown = sorted(wanted - {normalised_domain(site.domain) for site in chosen})
+    if unknown:
+        raise UsageError(f"--site {', '.join(unknown)}: no deployed site has this domain")
     return chosen
 
 
@@ -1772,6 +1792,10 @@ def check(cfg: Config, today: dt.date, secret_filter: SecretFilter, problems: Pr
     sites, refresh_tokens = deployed_sites(client), refresh_tokens_by_account(client)
     secret_filter.add(*refresh_tokens.values())
     print(f"Supabase: {len(sites)} deployed sites, {len(refresh_tokens)} Search Console accounts")
+    if not sites:
+        log.error("%s", NO_SITES)
+    elif not refresh_tokens and any(site.gsc_account_id is not None for site in sites):
+        log.error("%s", NO_ACCOUNTS)
     if conflict_key_exists(client):
         print("Supabase: daily_analytics has its (date, site_id) key")
     ids = matomo_ids_by_site(sites)
@@ -1798,7 +1822,8 @@ def check(cfg: Config, today: dt.date, secret_filter: SecretFilter, problems: Pr
             print(f"Note: site {site.id} ({site.domain}) has no {missing}: that source is not fetched for it")
     for line in problems.lines:
         print(f"Problem: {line}")
-    print("All good." if not problems.lines else f"{len(problems.lines)} problems.")
+    count = len(problems.lines)
+    print("All good." if not count else f"{count} problem{'s' if count > 1 else ''}.")
     return EXIT_FAILED if problems.lines else EXIT_OK
 
 
@@ -1962,6 +1987,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+RUN_ONLY = ("date", "start", "end", "lookback", "site", "dry_run", "json", "accept_zero_visits")
+
+
+def options_that_do_not_apply(args: argparse.Namespace) -> str | None:
+    """A usage error for an option given to a command it means nothing to, or None."""
+    if args.account and args.command != "authorize":
+        return "--account is for the authorize command: aggregator.py authorize --account ID"
+    if args.command != "run":
+        given = [name for name in RUN_ONLY if getattr(args, name) not in (None, False, [])]
+        if given:
+            option = "--" + {"start": "from", "end": "to"}.get(given[0], given[0]).replace("_", "-")
+            return f"{option} is for the run command, not {args.command}"
+    return None
+
+
 def stop_on_signals(deadline: Deadline) -> dict[str, int]:
     """Ctrl-C and SIGTERM (a stopping system, `kill`) end the run as its deadline would: no new
     fetch starts, what was fetched is stored and the run recorded. A second one quits at once.
@@ -1992,6 +2032,10 @@ def main(argv: list[str] | None = None) -> int:
         days = target_days(args, today)
     except UsageError as error:
         print(f"aggregator.py: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    misplaced = options_that_do_not_apply(args)
+    if misplaced:
+        print(f"aggregator.py: error: {misplaced} (see --help)", file=sys.stderr)
         return EXIT_USAGE
     if args.command in ("check", "authorize"):
         try:
@@ -2029,6 +2073,9 @@ def main(argv: list[str] | None = None) -> int:
         status = outcome.exit_status()
     except (ConfigError, SupabaseError) as error:
         log.error("%s", error)
+    except UsageError as error:
+        print(f"aggregator.py: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         log.error("Interrupted; re-run the same dates to complete them")
         status = 130
@@ -2046,7 +2093,29 @@ def main(argv: list[str] | None = None) -> int:
         record_run(cfg, started_at, status, report)
     if args.json:
         print(json.dumps(report, default=str), flush=True)
+    log.log(
+        logging.INFO if status == EXIT_OK else logging.WARNING,
+        "Exit status %d after %.1f s.%s",
+        status,
+        time.monotonic() - started,
+        f" To fetch what is missing: {rerun_command(outcome)}" if rerun_command(outcome) else "",
+    )
     return status
+
+
+def rerun_command(outcome: Outcome) -> str | None:
+    """The command that re-runs just what is missing, or None when nothing is."""
+    missing = sorted(set(outcome.matomo_missing) | set(outcome.gsc_missing), key=str)
+    if not outcome.days or not (missing or outcome.not_stored or outcome.matomo_zeros_kept):
+        return None
+    first, last = outcome.days[0].isoformat(), outcome.days[-1].isoformat()
+    command = "python aggregator.py " + (
+        f"--date {first}" if first == last else f"--from {first} --to {last}"
+    )
+    domains = [outcome.domains.get(site_id) for site_id in missing]
+    if missing and not outcome.not_stored and len(missing) <= 20 and all(domains):
+        command += "".join(f" --site {domain}" for domain in domains)
+    return command
 
 
 if __name__ == "__main__":

@@ -245,12 +245,13 @@ def test_malformed_settings_are_all_named_at_once(config, gateway, run_aggregato
     assert gateway.requests == []
 
 
-def test_a_fleet_with_no_deployed_site_is_a_quiet_success(fleet, db, run_aggregator):
+def test_a_fleet_with_no_deployed_site_is_a_failed_run_that_names_the_likely_cause(fleet, db, run_aggregator):
     fleet.site("staging.example.com", fleet.account(), status="pending")
 
     result = run_aggregator()
 
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "use the service_role key" in result.stderr
     assert (
         result.summary
         == "Processed 0 sites. Fetched Matomo data for 0. Fetched GSC data for 0. Stored 0 records."

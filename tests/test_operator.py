@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import DAY, stored
+import pytest
+
+from conftest import ANON_KEY, DAY, stored
 
 
 def test_site_restricts_the_run_and_leaves_the_others_untouched(fleet, db, run_aggregator):
@@ -19,13 +21,12 @@ def test_site_restricts_the_run_and_leaves_the_others_untouched(fleet, db, run_a
     fleet.visits(chosen, 5)
     fleet.visits(other, 6)
 
-    result = run_aggregator("--site", "https://WWW.Chosen.example.com/", "--site", "missing.example.com")
+    result = run_aggregator("--site", "https://WWW.Chosen.example.com/")
 
     assert result.returncode == 0
     assert result.summary.startswith("Processed 1 sites.")
     assert stored(db)[chosen.id]["matomo_visits"] == 5
     assert stored(db)[other.id]["matomo_visits"] == 70
-    assert "--site missing.example.com: no deployed site has this domain" in result.stderr
 
 
 def test_dry_run_prints_the_rows_and_writes_nothing(fleet, db, gateway, run_aggregator):
@@ -243,3 +244,62 @@ def test_the_demo_runs_the_real_aggregator_and_prints_the_table(database):
     assert len(table) == 15 and ["shop.example.com", "40", "3", "90", "0.033", "4.0"] in [
         row[1:] for row in table
     ]
+
+
+# ---------------------------------------------------------------------------
+# Never "All good" wrongly; a verdict on every run; options that belong to their command
+# ---------------------------------------------------------------------------
+
+
+def test_the_anon_key_sees_no_site_and_both_run_and_check_say_why(fleet, config, run_aggregator):
+    fleet.site("shop.example.com", fleet.account())
+    config["SUPABASE_SERVICE_ROLE_KEY"] = ANON_KEY  # row level security shows it no row
+
+    run, check = run_aggregator(), run_aggregator("check")
+
+    assert run.returncode == 1 and "use the service_role key" in run.stderr
+    assert check.returncode == 1
+    problems = [line for line in check.stdout.splitlines() if line.startswith("Problem: ")]
+    assert len(problems) == 1 and "service_role key" in problems[0]
+    assert check.stdout.splitlines()[-1] == "1 problem."
+
+
+def test_a_site_that_matches_no_deployed_site_is_a_usage_error(fleet, db, run_aggregator):
+    fleet.site("shop.example.com")
+
+    result = run_aggregator("--site", "shp.example.com")
+
+    assert result.returncode == 2
+    assert "shp.example.com" in result.stderr
+    assert db.execute("select count(*) from aggregator_runs").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["--account", "3"], "--account is for the authorize command"),
+        (["check", "--site", "example.com"], "--site is for the run command"),
+        (["authorize", "--date", "2026-11-01"], "--date is for the run command"),
+    ],
+)
+def test_an_option_of_another_command_is_a_usage_error(args, text, db, gateway, run_aggregator):
+    result = run_aggregator(*args)
+
+    assert result.returncode == 2
+    assert text in result.stderr
+    assert gateway.requests == []
+
+
+def test_the_last_line_is_a_verdict_with_the_command_that_fetches_what_is_missing(
+    fleet, db, matomo, run_aggregator
+):
+    fleet.site("fine.example.com")
+    broken = fleet.site("broken.example.com")
+    matomo.error_slots[broken.matomo_id] = "Archiving failed: General error"
+
+    result = run_aggregator("--date", DAY.isoformat(), log_level="INFO")
+
+    assert result.returncode == 3
+    last = result.stderr.strip().splitlines()[-1]
+    assert "Exit status 3 after" in last
+    assert last.endswith(f"python aggregator.py --date {DAY.isoformat()} --site broken.example.com")
