@@ -7,11 +7,12 @@ import os
 import pty
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ANON_KEY, DAY, stored
+from conftest import ANON_KEY, DAY, ROOT, stored
 
 
 def test_site_restricts_the_run_and_leaves_the_others_untouched(fleet, db, run_aggregator):
@@ -303,3 +304,25 @@ def test_the_last_line_is_a_verdict_with_the_command_that_fetches_what_is_missin
     last = result.stderr.strip().splitlines()[-1]
     assert "Exit status 3 after" in last
     assert last.endswith(f"python aggregator.py --date {DAY.isoformat()} --site broken.example.com")
+
+
+def test_a_night_skipped_for_the_lock_leaves_a_line_in_the_log(tmp_path):
+    line = next(row for row in (ROOT / "crontab.example").read_text().splitlines() if row[:1].isdigit())
+    command = " ".join(line.split()[5:]).replace("\\%", "%")  # as cron hands it to sh
+    log_file, lock = tmp_path / "aggregator.log", tmp_path / "aggregator.lock"
+    command = (
+        command.replace("cd /opt/analytics-aggregator", f"cd {tmp_path}")
+        .replace("/var/log/analytics-aggregator.log", str(log_file))
+        .replace("/tmp/analytics-aggregator.lock", str(lock))
+    )
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "30"])  # last night's run, still going
+    try:
+        for _ in range(100):
+            if subprocess.run(["flock", "-n", str(lock), "true"]).returncode:
+                break
+            time.sleep(0.05)
+        subprocess.run(["sh", "-c", command], timeout=30, check=False)
+    finally:
+        holder.kill()
+    (entry,) = log_file.read_text().splitlines()
+    assert "night skipped: the previous run still holds" in entry
