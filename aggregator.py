@@ -451,7 +451,9 @@ def supabase_client(cfg: Config) -> Client:
     # ours, covers reads and writes alike (older releases have neither the option nor the retry).
     if hasattr(options, "postgrest_client_retry"):
         options.postgrest_client_retry = False
-    return create_client(cfg.supabase_url, cfg.supabase_service_role_key, options)
+    client = create_client(cfg.supabase_url, cfg.supabase_service_role_key, options)
+    client.attempts = cfg.http_retries + 1  # type: ignore[attr-defined] # read by with_retries' callers
+    return client
 
 
 def fetch_all(
@@ -460,7 +462,6 @@ def fetch_all(
     columns: str,
     narrow: Callable[[Any], Any] = lambda q: q,
     order: str = "id",
-    attempts: int = 4,
 ) -> list[dict]:
     """Every row of a table that `narrow` (filters on a query) keeps, page by page.
 
@@ -473,7 +474,9 @@ def fetch_all(
         for column in order.split(","):
             query = query.order(column)
         try:
-            page = with_retries(query.range(len(rows), len(rows) + PAGE_SIZE - 1).execute, attempts).data
+            page = with_retries(
+                query.range(len(rows), len(rows) + PAGE_SIZE - 1).execute, client.attempts
+            ).data
         except (APIError, httpx.HTTPError) as error:
             raise SupabaseError(describe_supabase_error(error, f"reading {table}")) from None
         page = rows_of(page, table)
@@ -538,7 +541,7 @@ def oldest_provisional_day(client: Client, today: dt.date) -> dt.date | None:
         .limit(1)
     )
     try:
-        rows = rows_of(with_retries(query.execute, 4).data, "daily_analytics")
+        rows = rows_of(with_retries(query.execute, client.attempts).data, "daily_analytics")
     except (APIError, httpx.HTTPError) as error:
         raise SupabaseError(describe_supabase_error(error, "reading daily_analytics")) from None
     return dt.date.fromisoformat(rows[0]["date"]) if rows else None

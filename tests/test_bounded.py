@@ -56,7 +56,7 @@ def test_a_trickling_search_console_is_cut_off_by_the_wall_clock(fleet, db, goog
 
 def test_a_trickling_supabase_ends_the_run_with_one_line(gateway, config, run_aggregator):
     gateway.inject("/rest/v1/sites", trickle=0.2, times=99)
-    config.update(HTTP_TIMEOUT="1")
+    config.update(HTTP_TIMEOUT="1", HTTP_RETRIES="0")
 
     started = time.monotonic()
     result = run_aggregator()
