@@ -233,7 +233,9 @@ def setup_logging(level: str) -> tuple[SecretFilter, ProblemLog]:
         each.addFilter(secret_filter)
     root = logging.getLogger()
     root.handlers[:] = [handler, problems]
-    root.setLevel(level)
+    # The log shows `level`; the --json summary keeps every warning whatever `level` is.
+    handler.setLevel(level)
+    root.setLevel(min(logging.getLevelName(level), logging.WARNING))
     if level != "DEBUG":
         # These log one INFO line per request: thousands of lines a night.
         for noisy in ("httpx", "googleapiclient.discovery", "google_auth_httplib2"):

@@ -326,3 +326,16 @@ def test_a_night_skipped_for_the_lock_leaves_a_line_in_the_log(tmp_path):
         holder.kill()
     (entry,) = log_file.read_text().splitlines()
     assert "night skipped: the previous run still holds" in entry
+
+
+def test_json_holds_the_same_problems_whatever_the_log_level(fleet, db, matomo, run_aggregator):
+    fine, broken = fleet.site("fine.example.com"), fleet.site("broken.example.com")
+    fleet.visits(fine, 2)
+    matomo.error_slots[broken.matomo_id] = "Archiving failed: General error"
+
+    quiet = run_aggregator("--date", DAY.isoformat(), "--json", log_level="ERROR")
+    loud = run_aggregator("--date", DAY.isoformat(), "--json", log_level="DEBUG")
+
+    problems = [json.loads(r.stdout)["problems"] for r in (quiet, loud)]
+    assert problems[0] == problems[1] and any("Archiving failed" in p for p in problems[0])
+    assert "Archiving failed" not in quiet.stderr  # the log itself still shows only ERROR
