@@ -2098,12 +2098,13 @@ def main(argv: list[str] | None = None) -> int:
         record_run(cfg, started_at, status, report)
     if args.json:
         print(json.dumps(report, default=str), flush=True)
+    rerun = rerun_command(outcome)
     log.log(
         logging.INFO if status == EXIT_OK else logging.WARNING,
         "Exit status %d after %.1f s.%s",
         status,
         time.monotonic() - started,
-        f" To fetch what is missing: {rerun_command(outcome)}" if rerun_command(outcome) else "",
+        f" To fetch what is missing: {rerun}" if rerun else "",
     )
     return status
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -92,6 +93,16 @@ def without_conflict_key(db):
     yield
     db.execute("truncate daily_analytics")
     db.execute("alter table daily_analytics add primary key (date, site_id)")
+
+
+def lines_with(text: str, output: str) -> list[str]:
+    """The lines of a run's output that contain `text`."""
+    return [line for line in output.splitlines() if text in line]
+
+
+def query_of(site) -> str:
+    """The path of a site's searchAnalytics.query, as the client sends it."""
+    return f"/sites/{quote(site.property, safe='')}/searchAnalytics/query"
 
 
 def stored(db, day: dt.date = DAY) -> dict[int, dict]:

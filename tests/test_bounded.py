@@ -8,16 +8,10 @@ import datetime as dt
 import json
 import signal
 import time
-from urllib.parse import quote
 
 import pytest
 
-from conftest import DAY, SERVICE_KEY, SUMMARY, stored
-
-
-def lines_with(text: str, output: str) -> list[str]:
-    return [line for line in output.splitlines() if text in line]
-
+from conftest import DAY, SERVICE_KEY, SUMMARY, lines_with, query_of, stored
 
 # ---------------------------------------------------------------------------
 # A server that answers one byte at a time
@@ -105,10 +99,6 @@ def test_a_signal_stops_fetching_stores_what_was_fetched_and_counts_it_truly(
 # ---------------------------------------------------------------------------
 # One site or account never sinks the run
 # ---------------------------------------------------------------------------
-
-
-def query_of(site) -> str:
-    return f"/sites/{quote(site.property, safe='')}/searchAnalytics/query"
 
 
 def test_a_search_console_answer_cut_off_mid_body_costs_only_that_site(

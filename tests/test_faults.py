@@ -7,20 +7,14 @@ from __future__ import annotations
 import datetime as dt
 import signal
 import time
-from urllib.parse import quote
 
 import pytest
 import requests
 
-from conftest import ANON_KEY, DAY, SERVICE_KEY, TODAY, stored
+from conftest import ANON_KEY, DAY, SERVICE_KEY, TODAY, lines_with, query_of, stored
 from fakes.google import RATE_LIMIT_BODY
 
 HTML_502 = "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
-
-
-def query_of(site) -> str:
-    """The path of a site's searchAnalytics.query, as the client sends it."""
-    return f"/sites/{quote(site.property, safe='')}/searchAnalytics/query"
 
 
 def upsert_with(site_id):
@@ -28,10 +22,6 @@ def upsert_with(site_id):
     return lambda r: (
         r.path == "/rest/v1/daily_analytics" and any(row["site_id"] == site_id for row in r.json())
     )
-
-
-def lines_with(text: str, output: str) -> list[str]:
-    return [line for line in output.splitlines() if text in line]
 
 
 # ---------------------------------------------------------------------------

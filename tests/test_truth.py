@@ -10,14 +10,10 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from conftest import DAY, TODAY, stored
+from conftest import DAY, TODAY, lines_with, stored
 from fakes.google import QUOTA_EXCEEDED_BODY, RATE_LIMIT_BODY
 
 YESTERDAY = TODAY - dt.timedelta(days=1)
-
-
-def lines_with(text: str, output: str) -> list[str]:
-    return [line for line in output.splitlines() if text in line]
 
 
 def gsc_state(db, site, day: dt.date = DAY) -> tuple:
