@@ -16,8 +16,10 @@ Supabase); 2 usage error; 3 finished, but some values are missing (see the log).
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime as dt
+import difflib
 import html
 import itertools
 import json
@@ -32,7 +34,7 @@ import sys
 import threading
 import time
 import warnings
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import MISSING, dataclass, field, fields
@@ -48,7 +50,7 @@ import google_auth_httplib2  # noqa: E402 - after the filter above
 import httplib2  # noqa: E402
 import httpx  # noqa: E402
 import requests  # noqa: E402
-from dotenv import load_dotenv  # noqa: E402
+from dotenv import dotenv_values, load_dotenv  # noqa: E402
 from google.auth.exceptions import RefreshError  # noqa: E402
 from google.oauth2.credentials import Credentials  # noqa: E402
 from googleapiclient.discovery import build  # noqa: E402
@@ -97,7 +99,7 @@ class Config:
     gsc_api_endpoint: str = "https://searchconsole.googleapis.com/"
     # Tuning. The concurrency defaults were chosen with bench/bench.py (README: "Performance").
     http_timeout: int = 60  # seconds, for every single network call
-    http_retries: int = 3  # retries of a transient failure (5xx, 429, connection)
+    http_retries: int = field(default=3, metadata={"at_least": 0})  # retries of a transient failure
     run_deadline: int = 7200  # seconds after which no new fetch starts
     # PHP drops POST variables past max_input_vars (default 1,000): token_auth and the urls[N].
     matomo_bulk_size: int = field(default=100, metadata={"at_most": 900})  # sites per bulk request
@@ -110,6 +112,8 @@ class Config:
     gsc_quota_pause: int = 60
     upsert_chunk_size: int = 500  # rows per upsert request
     upsert_workers: int = 6  # upsert requests in flight
+    # Under cron, a progress line this often (seconds), so that a long run does not look stuck.
+    progress_every: int = field(default=60, metadata={"at_least": 0})
 
     def secrets(self) -> tuple[str, ...]:
         return (self.supabase_service_role_key, self.matomo_token_auth, self.google_client_secret)
@@ -131,6 +135,7 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
             raise ConfigError(
                 f"cannot read {env_file} ({error.strerror}): check its owner and mode"
             ) from None
+        warn_of_unknown_settings(env_file)
     env = {name: value.strip() for name, value in environ.items()}
     missing = [f.name.upper() for f in fields(Config) if f.default is MISSING and not env.get(f.name.upper())]
     if missing:
@@ -142,7 +147,7 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
     values, problems = {}, []
     for f in fields(Config):
         name, raw = f.name.upper(), env.get(f.name.upper())
-        least = 0 if f.name == "http_retries" else 1
+        least = f.metadata.get("at_least", 1)
         if not raw:
             continue
         most = f.metadata.get("at_most")
@@ -150,6 +155,8 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
             problems.append(f"{name} must be a whole number of at least {least}")
         elif most and int(raw) > most:
             problems.append(f"{name} must be at most {most} (PHP's max_input_vars)")
+        elif PLACEHOLDER.search(raw):
+            problems.append(f"{name} still holds the placeholder of .env.example: put your own value there")
         elif name.endswith(("_URL", "_URI", "_ENDPOINT")) and not is_http_url(raw):
             problems.append(f"{name} must be an http(s) URL, like https://example.com/")
         else:
@@ -157,6 +164,25 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
     if problems:
         raise ConfigError("Bad configuration: " + "; ".join(problems) + ".")
     return Config(**values)
+
+
+# What .env.example holds where the operator's own values go.
+PLACEHOLDER = re.compile(r"replace-with-|your-project-ref|//matomo\.example\.com")
+SETTING_PREFIXES = ("SUPABASE_", "MATOMO_", "GOOGLE_", "GSC_", "HTTP_", "RUN_", "UPSERT_", "PROGRESS_")
+
+
+def warn_of_unknown_settings(env_file: Path) -> None:
+    """A typo (GSC_QMP for GSC_QPM) would otherwise leave the default in force without a word."""
+    known = [f.name.upper() for f in fields(Config)]
+    try:
+        names = dotenv_values(env_file, encoding="utf-8").keys()
+    except (OSError, UnicodeDecodeError):
+        return  # load_dotenv has said what is wrong with the file
+    for name in names:
+        guess = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
+        if name not in known and (guess or name.upper().startswith(SETTING_PREFIXES)):
+            hint = f"did you mean {guess[0]}? " if guess else ""
+            log.warning("%s in %s is not a setting of aggregator.py (%sit is ignored)", name, env_file, hint)
 
 
 def is_http_url(value: str) -> bool:
@@ -215,19 +241,111 @@ class SecretFilter(logging.Filter):
 
 
 class ProblemLog(logging.Handler):
-    """Keeps every warning and error of the run (redacted) for the --json summary."""
+    """Keeps the run's own warnings and errors (redacted) for --json and for check.
+
+    Only this script's records: a library's "Retrying..." is how a problem is handled, not one.
+    """
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+        if record.name == log.name:
+            self.lines.append(record.getMessage())
+
+
+class Progress:
+    """How far a run is, shown while it goes: on a terminal one line that keeps being rewritten
+    (the log handler clears it before a record and draws it again after, so that log lines are
+    never glued onto it); under cron a log line every PROGRESS_EVERY seconds, so that a long run
+    does not look stuck. Fetches count as they finish, not slice by slice."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.lock = threading.RLock()
+        self.on_terminal = False
+        self.started = self.drawn_at = time.monotonic()
+        self.counts = {"matomo": 0, "gsc": 0}
+        self.wanted = {"matomo": 0, "gsc": 0}
+        self.stored = 0
+        self.stopped = threading.Event()
+
+    def start(self, every: float, matomo: int, gsc: int) -> None:
+        self.on_terminal = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.wanted = {"matomo": matomo, "gsc": gsc}
+        self.counts, self.stored = {"matomo": 0, "gsc": 0}, 0
+        self.stopped.clear()
+        if not self.on_terminal:
+            threading.Thread(target=self.log_every, args=(every,), daemon=True).start()
+
+    def fetched(self, source: str, sites: int) -> None:
+        with self.lock:
+            self.counts[source] += sites
+            if self.on_terminal and time.monotonic() - self.drawn_at > 0.1:
+                self.draw()
+
+    def log_every(self, seconds: float) -> None:
+        while not self.stopped.wait(seconds):
+            log.info("Progress: %s", self.line())
+
+    def draw(self, final: bool = False) -> None:
+        with self.lock:
+            self.text = self.line(final)
+            self.drawn_at = time.monotonic()
+            sys.stderr.write(f"\r\x1b[K{self.text}")
+            sys.stderr.flush()
+
+    @contextlib.contextmanager
+    def shown(self, every: float, matomo: int, gsc: int, outcome: Any) -> Iterator[None]:
+        self.start(every, matomo, gsc)
+        try:
+            yield
+        finally:
+            self.stop(outcome.stored)
+
+    def stop(self, stored: int) -> None:
+        self.stopped.set()
+        with self.lock:
+            self.stored = stored
+            if self.on_terminal:
+                self.draw(final=True)
+                sys.stderr.write("\n")
+                sys.stderr.flush()
+            self.text = ""
+
+    def line(self, final: bool = False) -> str:
+        done, wanted = sum(self.counts.values()), sum(self.wanted.values())
+        text = (
+            f"Matomo {self.counts['matomo']}/{self.wanted['matomo']} and GSC {self.counts['gsc']}/"
+            f"{self.wanted['gsc']} sites {'fetched' if final else 'done'}, stored {self.stored} records"
+        )
+        if final or not done or done >= wanted:
+            return text
+        seconds = (time.monotonic() - self.started) / done * (wanted - done)
+        return text + (
+            f", about {seconds:.0f} s left" if seconds < 120 else f", about {seconds / 60:.0f} min left"
+        )
+
+
+progress = Progress()
+
+
+class LogLines(logging.StreamHandler):
+    def emit(self, record: logging.LogRecord) -> None:
+        with progress.lock:
+            if progress.text:
+                self.stream.write("\r\x1b[K")
+            super().emit(record)
+            if progress.text:
+                self.stream.write(progress.text)
+                self.flush()
 
 
 def setup_logging(level: str) -> tuple[SecretFilter, ProblemLog]:
     secret_filter, problems = SecretFilter(), ProblemLog()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LogLines(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     for each in (handler, problems):
         each.addFilter(secret_filter)
@@ -745,10 +863,7 @@ def post_bulk_request(matomo: MatomoClient, sub_queries: list[str]) -> list:
     if isinstance(answer, dict) and answer.get("result") == "error":
         message = html.unescape(str(answer.get("message", "")))
         if status == 401 and "authenticate" in message:
-            raise MatomoConfigError(
-                f"Matomo rejected MATOMO_TOKEN_AUTH ({message}): create a new token "
-                "(Administration > Personal > Security) with view access to every site"
-            )
+            raise MatomoConfigError(token_refused(message))
         raise MatomoError(f"Matomo error (HTTP {status}): {message}")
     if status != 200 or not isinstance(answer, list):
         raise MatomoError(f"Matomo answered HTTP {status} with an unexpected body")
@@ -760,6 +875,43 @@ def post_bulk_request(matomo: MatomoClient, sub_queries: list[str]) -> list:
     return answer
 
 
+def ask_matomo_version(matomo: MatomoClient) -> requests.Response:
+    """The cheapest API call there is: it tells whether MATOMO_URL and the token work at all."""
+    return matomo.session.post(
+        matomo.endpoint,
+        params={"module": "API", "method": "API.getMatomoVersion", "format": "json"},
+        data={"token_auth": matomo.token},
+        timeout=matomo.timeout,
+    )
+
+
+def matomo_version(matomo: MatomoClient) -> str:
+    """Matomo's version, or a MatomoError that names the setting to fix."""
+    try:
+        response = ask_matomo_version(matomo)
+        answer = response.json()
+    except requests.RequestException as error:
+        raise MatomoError(f"Matomo cannot be reached at MATOMO_URL: {error}") from None
+    except ValueError:
+        raise MatomoError(
+            f"Matomo answered HTTP {response.status_code} with a page that is not JSON to API.getMatomoVersion: "
+            "MATOMO_URL is probably wrong (it must be the base URL of the Matomo install, where index.php is)"
+        ) from None
+    if isinstance(answer, dict) and answer.get("result") == "error":
+        message = html.unescape(str(answer.get("message", "")))
+        if "authenticate" in message:
+            raise MatomoConfigError(token_refused(message))
+        raise MatomoError(f"Matomo error (HTTP {response.status_code}): {message}")
+    return str(answer.get("value", "?")) if isinstance(answer, dict) else "?"
+
+
+def token_refused(message: str) -> str:
+    return (
+        f"Matomo rejected MATOMO_TOKEN_AUTH ({message}): create a new token "
+        "(Administration > Personal > Security) with view access to every site"
+    )
+
+
 def install_answers_json(matomo: MatomoClient) -> bool:
     """Whether MATOMO_URL is a Matomo API at all, asked once per run with the cheapest method.
 
@@ -769,13 +921,7 @@ def install_answers_json(matomo: MatomoClient) -> bool:
     with matomo.probe_lock:
         if "json" not in matomo.probe:
             try:
-                response = matomo.session.post(
-                    matomo.endpoint,
-                    params={"module": "API", "method": "API.getMatomoVersion", "format": "json"},
-                    data={"token_auth": matomo.token},
-                    timeout=matomo.timeout,
-                )
-                response.json()
+                ask_matomo_version(matomo).json()
                 matomo.probe["json"] = True
             except ValueError:
                 matomo.probe["json"] = False
@@ -816,8 +962,11 @@ def get_matomo_data(
     batches = list(chunks(sorted(set(site_ids)), per_request))
     result: dict[int, dict[dt.date, int]] = {}
     with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
-        for visits in pool.map(lambda batch: visits_for_batch(matomo, batch, days), batches):
+        for batch, visits in zip(
+            batches, pool.map(lambda batch: visits_for_batch(matomo, batch, days), batches)
+        ):
             result.update(visits)
+            progress.fetched("matomo", len(batch))
     return result
 
 
@@ -1133,10 +1282,14 @@ def refresh_error_reason(error: RefreshError, account_id: Any) -> str:
     return "the Google token endpoint failed; re-run these dates once it answers"
 
 
-def connect_account(
-    cfg: Config, account_id: Any, refresh_token: str, sites: int, client_refused: Once
-) -> GscAccount | None:
-    """An account ready to query (token refreshed, properties listed), or None after one warning."""
+CLIENT_REFUSED = (
+    "Google refused the OAuth client (invalid_client): GOOGLE_CLIENT_ID or GOOGLE_CLIENT_SECRET is wrong; "
+    "copy both from Google Cloud console > APIs & Services > Credentials"
+)
+
+
+def connect_account(cfg: Config, account_id: Any, refresh_token: str) -> GscAccount | str:
+    """An account ready to query (token refreshed, properties listed), or why it is not."""
     credentials = google_credentials(cfg, refresh_token)
     try:
         service = get_google_client(cfg, credentials)
@@ -1145,24 +1298,12 @@ def connect_account(
             raise ValueError("unexpected answer to sites.list; check GSC_API_ENDPOINT")
     except RefreshError as error:
         if "invalid_client" in str(error):
-            # Every account meets it alike: the fix is one setting, said once.
-            if client_refused.first():
-                log.error(
-                    "Google refused the OAuth client (invalid_client): GOOGLE_CLIENT_ID or GOOGLE_CLIENT_SECRET "
-                    "is wrong; copy both from Google Cloud console > APIs & Services > Credentials. "
-                    "No Search Console data this run"
-                )
-            return None
-        reason = refresh_error_reason(error, account_id)
-        log.warning("GSC account %s: %s (%s); no GSC data for its %d sites", account_id, reason, error, sites)
-        return None
+            return CLIENT_REFUSED
+        return f"{refresh_error_reason(error, account_id)} ({error})"
     except HttpError as error:
-        reason = f"cannot list properties: HTTP {error.status_code}: {http_error_reason(error)}"
-        log.warning("GSC account %s: %s; no GSC data for its %d sites", account_id, reason, sites)
-        return None
+        return f"cannot list properties: HTTP {error.status_code}: {http_error_reason(error)}"
     except Exception as error:  # noqa: BLE001 - one account must never sink the run
-        log.warning("GSC account %s: %s; no GSC data for its %d sites", account_id, error, sites)
-        return None
+        return str(error)
     return GscAccount(
         account_id,
         credentials,
@@ -1174,24 +1315,45 @@ def connect_account(
 
 
 def connected_accounts(
-    cfg: Config, sites: list[Site], refresh_tokens: Mapping[Any, str], pool: Executor
+    cfg: Config,
+    sites: list[Site],
+    refresh_tokens: Mapping[Any, str],
+    pool: Executor,
+    every_account: bool = False,
+    states: dict | None = None,
 ) -> dict[Any, GscAccount]:
-    """Every account that deployed sites use, connected in parallel; failures were logged."""
+    """Every account that deployed sites use (or every account there is), connected in parallel.
+    Each failure is one warning; `states` gets "connected" or the reason for each account."""
     by_account = sites_by_account(sites)
+    if every_account:
+        by_account = {account_id: by_account.get(account_id, []) for account_id in refresh_tokens} | {
+            account_id: group for account_id, group in by_account.items() if account_id not in refresh_tokens
+        }
     for account_id in by_account.keys() - refresh_tokens.keys():
         for site in by_account[account_id]:
             log.warning(
                 "Site %s: gsc_account_id %s matches no row of gsc_accounts; GSC skipped", site.id, account_id
             )
-    client_refused = Once()
     futures = {
-        account_id: pool.submit(
-            connect_account, cfg, account_id, refresh_tokens[account_id], len(group), client_refused
-        )
-        for account_id, group in by_account.items()
+        account_id: pool.submit(connect_account, cfg, account_id, refresh_tokens[account_id])
+        for account_id in by_account
         if account_id in refresh_tokens
     }
-    return {account_id: f.result() for account_id, f in futures.items() if f.result() is not None}
+    connected, client_refused = {}, Once()
+    for account_id, future in futures.items():
+        account = future.result()
+        if states is not None:
+            states[account_id] = "connected" if isinstance(account, GscAccount) else account
+        if isinstance(account, GscAccount):
+            connected[account_id] = account
+        elif account == CLIENT_REFUSED:
+            # Every account meets it alike: the fix is one setting, said once.
+            if client_refused.first():
+                log.error("%s. No Search Console data this run", CLIENT_REFUSED)
+        else:
+            sites_of = len(by_account[account_id])
+            log.warning("GSC account %s: %s; no GSC data for its %d sites", account_id, account, sites_of)
+    return connected
 
 
 def query_targets(
@@ -1319,6 +1481,7 @@ def get_gsc_data(
         account, site_url = targets[site_id]
         try:
             metrics = future.result()
+            progress.fetched("gsc", 1)
         except QuotaExhausted as error:
             over_quota[(account.id, str(error))].append(site_id)
         except HttpError as error:
@@ -1552,6 +1715,7 @@ class Outcome:
     not_stored: int = 0
     matomo_missing: list = field(default_factory=list)  # site ids that lack a Matomo value
     gsc_missing: list = field(default_factory=list)
+    gsc_accounts: dict = field(default_factory=dict)  # account id -> "connected" or why not
 
     def summary(self) -> str:
         return (
@@ -1587,6 +1751,7 @@ class Outcome:
                 "fetched": self.gsc_fetched,
                 "missing_sites": self.gsc_missing,
                 "provisional_values": self.gsc_provisional,
+                "accounts": {str(account_id): state for account_id, state in self.gsc_accounts.items()},
             },
             "records": {"stored": self.stored, "not_stored": self.not_stored},
             "problems": problems,
@@ -1650,55 +1815,64 @@ def aggregate(
 ) -> Outcome:
     """Fetch, shape and store slice after slice, counting into `outcome` as it goes, so that
     whatever ends the run, the counts say what was really stored."""
-    matomo = matomo_client(cfg, deadline)
-    matomo_ids = matomo_ids_by_site(sites)
     outcome.days = days
     outcome.sites = len(sites)
     outcome.domains = {site.id: site.domain for site in sites}
     outcome.matomo_wanted = sum(1 for s in sites if s.matomo_site_id is not None)
     outcome.gsc_wanted = sum(1 for s in sites if s.gsc_account_id is not None) if gsc_days else 0
-    # side runs the Matomo fetch beside the Search Console queries, and the previous slice's
-    # upserts beside the next slice's fetches.
-    with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as gsc_pool:
-        with ThreadPoolExecutor(max_workers=2) as side:
-            accounts = connected_accounts(cfg, sites, refresh_tokens, gsc_pool) if gsc_days else {}
-            targets = query_targets(sites, accounts)
-            storing, done = None, 0
-            for part in slices(sites, len(days), cfg.matomo_bulk_size):
-                if deadline.passed():
-                    log.warning("%s: %d sites were not fetched", deadline.why, len(sites) - done)
-                    outcome.matomo_missing += [s.id for s in sites[done:] if s.matomo_site_id is not None]
-                    if gsc_days:
-                        outcome.gsc_missing += [s.id for s in sites[done:] if s.gsc_account_id is not None]
-                    break
-                part_ids = {s.id: matomo_ids[s.id] for s in part if s.id in matomo_ids}
-                visits_read = side.submit(matomo_data_by_site, matomo, part_ids, days)
-                part_targets = {s.id: targets[s.id] for s in part if s.id in targets}
-                gsc = get_gsc_data(part_targets, gsc_days, cfg, gsc_pool, deadline) if part_targets else {}
-                visits = visits_read.result()
-                outcome.matomo_fetched += len(visits)
-                outcome.gsc_fetched += len(gsc)
-                outcome.matomo_missing += [
-                    s.id for s in part if s.matomo_site_id is not None and s.id not in visits
-                ]
-                if gsc_days:
-                    outcome.gsc_missing += [
-                        s.id for s in part if s.gsc_account_id is not None and s.id not in gsc
+    with progress.shown(cfg.progress_every, outcome.matomo_wanted, outcome.gsc_wanted, outcome):
+        matomo = matomo_client(cfg, deadline)
+        matomo_ids = matomo_ids_by_site(sites)
+        # side runs the Matomo fetch beside the Search Console queries, and the previous slice's
+        # upserts beside the next slice's fetches.
+        with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as gsc_pool:
+            with ThreadPoolExecutor(max_workers=2) as side:
+                accounts = (
+                    connected_accounts(cfg, sites, refresh_tokens, gsc_pool, states=outcome.gsc_accounts)
+                    if gsc_days
+                    else {}
+                )
+                targets = query_targets(sites, accounts)
+                progress.fetched("gsc", outcome.gsc_wanted - len(targets))  # nothing to ask for these
+                storing, done = None, 0
+                for part in slices(sites, len(days), cfg.matomo_bulk_size):
+                    if deadline.passed():
+                        log.warning("%s: %d sites were not fetched", deadline.why, len(sites) - done)
+                        outcome.matomo_missing += [s.id for s in sites[done:] if s.matomo_site_id is not None]
+                        if gsc_days:
+                            outcome.gsc_missing += [
+                                s.id for s in sites[done:] if s.gsc_account_id is not None
+                            ]
+                        break
+                    part_ids = {s.id: matomo_ids[s.id] for s in part if s.id in matomo_ids}
+                    visits_read = side.submit(matomo_data_by_site, matomo, part_ids, days)
+                    part_targets = {s.id: targets[s.id] for s in part if s.id in targets}
+                    gsc = (
+                        get_gsc_data(part_targets, gsc_days, cfg, gsc_pool, deadline) if part_targets else {}
+                    )
+                    visits = visits_read.result()
+                    outcome.matomo_fetched += len(visits)
+                    outcome.gsc_fetched += len(gsc)
+                    outcome.matomo_missing += [
+                        s.id for s in part if s.matomo_site_id is not None and s.id not in visits
                     ]
-                rows = analytics_rows(part, days, visits, gsc)
-                if read_stored_visits:
-                    rows = keep_stored_visits(rows, days, read_stored_visits, outcome)
-                outcome.rows += len(rows)
-                outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
-                del visits, gsc  # not kept alive through the next slice's fetch
+                    if gsc_days:
+                        outcome.gsc_missing += [
+                            s.id for s in part if s.gsc_account_id is not None and s.id not in gsc
+                        ]
+                    rows = analytics_rows(part, days, visits, gsc)
+                    if read_stored_visits:
+                        rows = keep_stored_visits(rows, days, read_stored_visits, outcome)
+                    outcome.rows += len(rows)
+                    outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
+                    del visits, gsc  # not kept alive through the next slice's fetch
+                    if storing:
+                        storing.result()
+                    storing = side.submit(lambda rows=rows: add_stored(outcome, store(rows)))
+                    done += len(part)
                 if storing:
                     storing.result()
-                storing = side.submit(lambda rows=rows: add_stored(outcome, store(rows)))
-                done += len(part)
-                show_progress(outcome, done)
-            if storing:
-                storing.result()
-    show_progress(outcome, len(sites), final=True)
+
     if outcome.gsc_provisional:
         log.info(
             "Search Console: %d values are provisional (the day is not final yet): stored with "
@@ -1737,17 +1911,6 @@ def keep_stored_visits(
     return rows
 
 
-def show_progress(outcome: Outcome, done: int, final: bool = False) -> None:
-    """On a terminal, one line that keeps count; under cron (no TTY) the log stays plain lines."""
-    if not sys.stderr.isatty() or not outcome.sites:
-        return
-    sys.stderr.write(
-        f"\r{done}/{outcome.sites} sites: Matomo {outcome.matomo_fetched}, GSC {outcome.gsc_fetched}, "
-        f"stored {outcome.stored} records" + ("\n" if final else "")
-    )
-    sys.stderr.flush()
-
-
 def sites_with_domains(sites: list[Site], domains: Iterable[str]) -> list[Site]:
     """The sites whose domain is one of `domains` (compared normalised); warns about the rest."""
     wanted = {normalised_domain(d) or d for d in domains}
@@ -1784,6 +1947,7 @@ def matomo_data_by_site(matomo: MatomoClient, ids: Mapping[Any, int], days: list
 def add_stored(outcome: Outcome, counts: tuple[int, int]) -> None:
     outcome.stored += counts[0]
     outcome.not_stored += counts[1]
+    progress.stored = outcome.stored
 
 
 # ---------------------------------------------------------------------------
@@ -1791,45 +1955,115 @@ def add_stored(outcome: Outcome, counts: tuple[int, int]) -> None:
 # ---------------------------------------------------------------------------
 
 
-def check(cfg: Config, today: dt.date, secret_filter: SecretFilter, problems: ProblemLog) -> int:
-    """A readable report on stdout: what each service answered, then one line per problem."""
-    client = supabase_client(cfg)
-    sites, refresh_tokens = deployed_sites(client), refresh_tokens_by_account(client)
+def check(
+    cfg: Config, today: dt.date, secret_filter: SecretFilter, problems: ProblemLog, as_json: bool
+) -> int:
+    """What each service answered, then one line per problem with its fix; nothing is written.
+
+    Every service is checked whatever another answered: Supabase down must not hide a wrong
+    Matomo token or Google secret.
+    """
+    found: dict[str, Any] = {}
+    sites, refresh_tokens = fleet_for_check(cfg, found)
     secret_filter.add(*refresh_tokens.values())
-    print(f"Supabase: {len(sites)} deployed sites, {len(refresh_tokens)} Search Console accounts")
-    if not sites:
-        log.error("%s", NO_SITES)
-    elif not refresh_tokens and any(site.gsc_account_id is not None for site in sites):
-        log.error("%s", NO_ACCOUNTS)
-    if conflict_key_exists(client):
-        print("Supabase: daily_analytics has its (date, site_id) key")
-    ids = matomo_ids_by_site(sites)
-    matomo = matomo_client(cfg, Deadline.after(cfg.run_deadline))
-    visits = matomo_data_by_site(matomo, ids, [today - dt.timedelta(days=DEFAULT_LAG_DAYS)])
-    print(f"Matomo: answered for {len(visits)} of the {len(ids)} sites with a Matomo id")
-    with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as pool:
-        accounts = connected_accounts(cfg, sites, refresh_tokens, pool)
-    targets = query_targets(sites, accounts)
-    print(
-        f"Search Console: {len(accounts)} of {len(sites_by_account(sites))} accounts connected; "
-        f"{len(targets)} sites matched to a property"
-    )
-    for site in sites:
-        if site.matomo_site_id is None or site.gsc_account_id is None:
-            missing = " and ".join(
-                name
-                for name, value in (
-                    ("matomo_site_id", site.matomo_site_id),
-                    ("gsc_account_id", site.gsc_account_id),
-                )
-                if value is None
-            )
-            print(f"Note: site {site.id} ({site.domain}) has no {missing}: that source is not fetched for it")
+    matomo_for_check(cfg, sites, today, found)
+    search_console_for_check(cfg, sites, refresh_tokens, found)
+    return print_check_report(found, problems, as_json)
+
+
+def print_check_report(found: dict, problems: ProblemLog, as_json: bool) -> int:
+    status = EXIT_FAILED if problems.lines else EXIT_OK
+    if as_json:
+        found.pop("lines", None)
+        print(json.dumps({**found, "problems": problems.lines, "exit_status": status}, default=str))
+        return status
+    for line in found.pop("lines", []) + found.pop("notes", []):
+        print(line)
     for line in problems.lines:
         print(f"Problem: {line}")
     count = len(problems.lines)
     print("All good." if not count else f"{count} problem{'s' if count > 1 else ''}.")
-    return EXIT_FAILED if problems.lines else EXIT_OK
+    return status
+
+
+def say(found: dict, line: str) -> None:
+    found.setdefault("lines", []).append(line)
+
+
+def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[Any, str]]:
+    try:
+        client = supabase_client(cfg)
+        sites, refresh_tokens = deployed_sites(client), refresh_tokens_by_account(client)
+    except SupabaseError as error:
+        log.error("%s", error)
+        found["supabase"] = {"reachable": False}
+        return [], {}
+    say(found, f"Supabase: {len(sites)} deployed sites, {len(refresh_tokens)} Search Console accounts")
+    if not sites:
+        log.error("%s", NO_SITES)
+    elif not refresh_tokens and any(site.gsc_account_id is not None for site in sites):
+        log.error("%s", NO_ACCOUNTS)
+    key = conflict_key_exists(client)
+    if key:
+        say(found, "Supabase: daily_analytics has its (date, site_id) key")
+    found["supabase"] = {"reachable": True, "sites": len(sites), "accounts": len(refresh_tokens), "key": key}
+    for site in sites:
+        missing = [name for name in ("matomo_site_id", "gsc_account_id") if getattr(site, name) is None]
+        if missing:
+            found.setdefault("notes", []).append(
+                f"Note: site {site.id} ({site.domain}) has no {' and '.join(missing)}: "
+                "that source is not fetched for it",
+            )
+    return sites, refresh_tokens
+
+
+def matomo_for_check(cfg: Config, sites: list[Site], today: dt.date, found: dict) -> None:
+    matomo = matomo_client(cfg, Deadline.after(cfg.run_deadline))
+    try:
+        version = matomo_version(matomo)
+    except MatomoError as error:
+        log.error("%s", error)
+        found["matomo"] = {"reachable": False}
+        return
+    ids = matomo_ids_by_site(sites)
+    visits = matomo_data_by_site(matomo, ids, [today - dt.timedelta(days=DEFAULT_LAG_DAYS)])
+    say(found, f"Matomo {version}: answered for {len(visits)} of the {len(ids)} sites with a Matomo id")
+    found["matomo"] = {"reachable": True, "version": version, "sites": len(ids), "answered": len(visits)}
+
+
+def search_console_for_check(
+    cfg: Config, sites: list[Site], refresh_tokens: Mapping[Any, str], found: dict
+) -> None:
+    if not refresh_tokens:
+        client_for_check(cfg)  # no account to try it with: ask the token endpoint directly
+    with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as pool:
+        accounts = connected_accounts(cfg, sites, refresh_tokens, pool, every_account=True)
+    targets = query_targets(sites, accounts)
+    say(
+        found,
+        f"Search Console: {len(accounts)} of {len(refresh_tokens)} accounts connected; "
+        f"{len(targets)} sites matched to a property",
+    )
+    found["search_console"] = {
+        "accounts": len(refresh_tokens),
+        "connected": len(accounts),
+        "sites": len(targets),
+    }
+
+
+def client_for_check(cfg: Config) -> None:
+    """Logs an error if Google refuses GOOGLE_CLIENT_ID/SECRET, found with a refresh token that
+    cannot exist: Google checks the client first (invalid_client) and only then the token."""
+    credentials = google_credentials(cfg, "aggregator-check-not-a-token")
+    try:
+        credentials.refresh(google_auth_httplib2.Request(httplib2.Http(timeout=cfg.http_timeout)))
+    except RefreshError as error:
+        if "invalid_client" in str(error):
+            log.error("%s", CLIENT_REFUSED)
+        elif "invalid_grant" not in str(error):
+            log.error("Google's token endpoint (GOOGLE_TOKEN_URI) failed: %s", error)
+    except Exception as error:  # noqa: BLE001 - unreachable, or not a token endpoint at all
+        log.error("Google's token endpoint (GOOGLE_TOKEN_URI) cannot be reached: %s", error)
 
 
 def conflict_key_exists(client: Client) -> bool:
@@ -1856,6 +2090,56 @@ def conflict_key_exists(client: Client) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# accounts: the Search Console accounts at a glance
+# ---------------------------------------------------------------------------
+
+# Runs with --site touch only some accounts: an account's state is that of the newest of
+# these many runs that used it.
+RUNS_LOOKED_AT = 20
+
+
+def list_accounts(cfg: Config) -> int:
+    """One line per gsc_accounts row: id, label, deployed sites, how the last run went; never a token."""
+    client = supabase_client(cfg)
+    accounts = fetch_all(client, "gsc_accounts", "id,label")
+    sites_per_account = Counter(site.gsc_account_id for site in deployed_sites(client))
+    states = last_account_states(client)
+    print(ACCOUNT_FORMAT.format("ID", "LABEL", "SITES", "LAST RUN"))
+    for account in accounts:
+        state = states.get(str(account["id"]))
+        if state is None:
+            state = "-" if not sites_per_account[account["id"]] else "not in the recorded runs"
+        label = account.get("label") or "-"
+        print(ACCOUNT_FORMAT.format(str(account["id"]), label, sites_per_account[account["id"]], state))
+    if not accounts:
+        print("No account yet: add one with `aggregator.py authorize`")
+    return EXIT_OK
+
+
+ACCOUNT_FORMAT = "{:>6}  {:<32}  {:>5}  {}"
+
+
+def last_account_states(client: Client) -> dict[str, str]:
+    """{account id: its state in the newest recorded run that used it, with that run's date}."""
+    query = (
+        client.table("aggregator_runs")
+        .select("finished_at,summary")
+        .order("finished_at", desc=True)
+        .limit(RUNS_LOOKED_AT)
+    )
+    try:
+        runs = rows_of(with_retries(query.execute, client.attempts).data, "aggregator_runs")
+    except (APIError, httpx.HTTPError) as error:
+        raise SupabaseError(describe_supabase_error(error, "reading aggregator_runs")) from None
+    states: dict[str, str] = {}
+    for run in runs:
+        accounts = (run.get("summary") or {}).get("gsc", {}).get("accounts", {})
+        for account_id, state in accounts.items():
+            states.setdefault(account_id, f"{state} ({str(run['finished_at'])[:16].replace('T', ' ')})")
+    return states
+
+
+# ---------------------------------------------------------------------------
 # authorize: a refresh token for a Google account, straight into gsc_accounts
 # ---------------------------------------------------------------------------
 
@@ -1865,11 +2149,20 @@ GOOGLE_AUTH_URI = "https://accounts.google.com/o/oauth2/auth"
 REDIRECT_URI = "http://localhost/"
 
 
+# The email scope lets the operator see which Google account was authorised (and store it as
+# the account's label); Google answers it in an OpenID id_token beside the refresh token.
+AUTHORIZE_SCOPES = ["openid", "https://www.googleapis.com/auth/userinfo.email", GSC_SCOPE]
+CODE_ATTEMPTS = 3
+
+
 def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = input) -> int:
     """Run Google's installed-app flow and store the refresh token; the token is never printed."""
     # Imported here: only this command needs it, and the nightly run starts faster without it.
     from google_auth_oauthlib.flow import Flow
 
+    table = supabase_client(cfg).table("gsc_accounts")
+    if account_id and not account_exists(table, account_id):
+        return EXIT_FAILED
     client = {
         "installed": {
             "client_id": cfg.google_client_id,
@@ -1878,46 +2171,100 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
             "token_uri": cfg.google_token_uri,
         }
     }
-    flow = Flow.from_client_config(client, scopes=[GSC_SCOPE], redirect_uri=REDIRECT_URI)
+    flow = Flow.from_client_config(client, scopes=AUTHORIZE_SCOPES, redirect_uri=REDIRECT_URI)
     url, _ = flow.authorization_url(access_type="offline", prompt="consent")
     print("Open this address in a browser signed in to the Google account, and allow access:")
     print(f"\n    {url}\n")
     print("The browser then goes to a page on localhost that does not load: copy that page's address.")
-    try:
-        answer = ask("Address (or just the code): ").strip()
-    except EOFError:
-        answer = ""
-    code = dict(parse_qsl(urlsplit(answer).query)).get("code", answer) if "code=" in answer else answer
-    if not code:
-        log.error("No code given: run `aggregator.py authorize` again and paste the address")
-        return EXIT_FAILED
-    try:
-        flow.fetch_token(code=code)
-    except Exception as error:  # noqa: BLE001 - oauthlib raises many kinds; each is one line here
-        log.error(
-            "Google refused the code (%s): codes work once and expire in minutes; run authorize again", error
-        )
+    for attempt in range(CODE_ATTEMPTS):
+        code = pasted_code(ask)
+        if code is None:
+            return EXIT_FAILED
+        try:
+            flow.fetch_token(code=code)
+            break
+        except Exception as error:  # noqa: BLE001 - oauthlib raises many kinds; each is one line here
+            log.error(
+                "Google refused the code (%s): codes work once and expire in minutes; %s",
+                error,
+                "open the address again and paste the new one"
+                if attempt + 1 < CODE_ATTEMPTS
+                else "run authorize again",
+            )
+    else:
         return EXIT_FAILED
     refresh_token = flow.credentials.refresh_token
     if not refresh_token:
         log.error("Google sent no refresh token: remove this app's access in the Google account, then retry")
         return EXIT_FAILED
-    table = supabase_client(cfg).table("gsc_accounts")
+    email = email_of(flow.oauth2session.token.get("id_token"))
+    return store_refresh_token(table, account_id, refresh_token, email)
+
+
+def account_exists(table: Any, account_id: str) -> bool:
+    """Whether --account names a gsc_accounts row; said before the browser round trip, not after."""
+    if not re.fullmatch(r"[0-9]{1,18}", account_id):
+        log.error("--account %s: an account id is a number; `aggregator.py accounts` lists them", account_id)
+        return False
+    try:
+        found = with_retries(table.select("id").eq("id", account_id).execute, 2).data
+    except (APIError, httpx.HTTPError) as error:
+        log.error("%s", describe_supabase_error(error, "reading gsc_accounts"))
+        return False
+    if not found:
+        log.error("There is no gsc_accounts row with id %s: omit --account to add a new one", account_id)
+    return bool(found)
+
+
+def pasted_code(ask: Callable[[str], str]) -> str | None:
+    """The authorization code from what the operator pasted, or None (logged) if there is none."""
+    try:
+        answer = ask("Address (or just the code): ").strip()
+    except EOFError:
+        answer = ""
+    fields_ = dict(parse_qsl(urlsplit(answer).query)) if "=" in answer else {}
+    if fields_.get("error"):
+        log.error(
+            "Google answered %s: access was not allowed in the browser; nothing was stored. "
+            "Run authorize again and choose Allow",
+            fields_["error"],
+        )
+        return None
+    code = fields_.get("code", answer)
+    if not code:
+        log.error("No code given: nothing was stored; run authorize again and paste the address")
+        return None
+    return code
+
+
+def email_of(id_token: str | None) -> str | None:
+    """The email claim of an id_token received straight from Google's token endpoint over TLS,
+    which is why its signature need not be checked (OpenID Connect Core 3.1.3.7)."""
+    try:
+        payload = id_token.split(".")[1]  # type: ignore[union-attr]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return str(claims["email"])
+    except Exception:  # noqa: BLE001 - no email is no label, not a failure
+        return None
+
+
+def store_refresh_token(table: Any, account_id: str | None, refresh_token: str, email: str | None) -> int:
+    row = {"oauth_refresh_token": refresh_token, **({"label": email} if email else {})}
     try:
         if account_id:
-            done = table.update({"oauth_refresh_token": refresh_token}).eq("id", account_id).execute().data
-            if not done:
-                log.error(
-                    "There is no gsc_accounts row with id %s: omit --account to add a new one", account_id
-                )
-                return EXIT_FAILED
+            done = with_retries(table.update(row).eq("id", account_id).execute, 2).data
         else:
-            done = table.insert({"oauth_refresh_token": refresh_token}).execute().data
+            done = table.insert(row).execute().data
     except (APIError, httpx.HTTPError) as error:
         log.error("%s", describe_supabase_error(error, "storing the refresh token"))
         return EXIT_FAILED
+    if not done:
+        log.error("gsc_accounts row %s is gone: run authorize again without --account", account_id)
+        return EXIT_FAILED
+    who = f" (Google account {email}, now its label)" if email else ""
     print(
-        f"Stored the refresh token in gsc_accounts row {done[0]['id']}. Point sites at it with gsc_account_id."
+        f"Stored the refresh token in gsc_accounts row {done[0]['id']}{who}. "
+        "Point sites at it with gsc_account_id."
     )
     return EXIT_OK
 
@@ -1925,52 +2272,88 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, not the usage block."""
 
+    owners: dict[str, str] = {}  # option -> the command it belongs to, for a clearer error
+
     def error(self, message: str) -> None:  # type: ignore[override]
+        given = message.split(": ", 1)[-1].split()
+        owner = self.owners.get(given[0].split("=")[0]) if message.startswith("unrecognized") else None
+        if owner:
+            message = (
+                f"{given[0].split('=')[0]} is for the {owner} command: aggregator.py {owner} {given[0]} ..."
+            )
         raise UsageError(f"{message} (see --help)")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(
-        allow_abbrev=False,
-        description="Store Matomo and Search Console numbers for every deployed site, one row per site and day.",
-        epilog="Exit status: 0 ok, 1 nothing could be done, 2 usage error, 3 some values missing.",
+COMMANDS = {
+    "run": "fetch and store the numbers (the default: `aggregator.py` alone is `aggregator.py run`)",
+    "check": "reach every service as a run would, write nothing, and name each problem with its fix",
+    "authorize": "store a Google account's refresh token in gsc_accounts (a browser round trip)",
+    "accounts": "list the Search Console accounts: id, label, sites, and how the last run went",
+}
+# Options every command takes, before or after its name.
+COMMON_OPTIONS = ("--env-file", "--log-level")
+
+
+def with_default_command(argv: list[str]) -> list[str]:
+    """argv with `run` put in where no command is named, so that every older command line works."""
+    position = 0
+    while position < len(argv):
+        token = argv[position]
+        if token in ("-h", "--help") or token in COMMANDS:
+            return argv
+        if token in COMMON_OPTIONS:
+            position += 2
+        elif token.split("=")[0] in COMMON_OPTIONS:
+            position += 1
+        elif not token.startswith("-"):
+            raise UsageError(f"invalid choice: {token!r}: the commands are {', '.join(COMMANDS)}")
+        else:
+            break
+    return [*argv[:position], "run", *argv[position:]]
+
+
+def add_common_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--env-file",
+        type=Path,
+        default=default if default is argparse.SUPPRESS else None,
+        help="read configuration from this file instead of .env beside the script",
     )
     parser.add_argument(
-        "command",
-        nargs="?",
-        default="run",
-        choices=["run", "check", "authorize"],
-        help="run (the default) aggregates; check reaches every service, writes nothing and reports problems; "
-        "authorize stores a Google account's refresh token in gsc_accounts",
+        "--log-level",
+        default=default if default is argparse.SUPPRESS else "INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="how much to log, e.g. --log-level DEBUG (default INFO)",
     )
-    parser.add_argument(
-        "--account", metavar="ID", help="with authorize: replace this gsc_accounts row's token"
-    )
-    parser.add_argument("--date", help="one day, e.g. 2026-11-20")
-    parser.add_argument("--from", dest="start", help="first day of a backfill, e.g. 2026-10-01")
-    parser.add_argument(
+
+
+def add_run_options(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--date", help="one day, e.g. 2026-11-20")
+    run.add_argument("--from", dest="start", help="first day of a backfill, e.g. 2026-10-01")
+    run.add_argument(
         "--to", dest="end", help="last day of a backfill, e.g. 2026-10-31 (default: today minus 2)"
     )
-    parser.add_argument(
+    run.add_argument(
         "--lookback",
         type=int,
         help=f"the nightly run refreshes this many days ending today minus 2, e.g. --lookback 7 "
         f"(default {DEFAULT_LOOKBACK_DAYS}: Search Console keeps revising its last days)",
     )
-    parser.add_argument(
+    run.add_argument(
         "--site",
         action="append",
         default=[],
         metavar="DOMAIN",
         help="only this site, e.g. --site example.com (repeat for more); the others are not touched",
     )
-    parser.add_argument(
+    run.add_argument(
         "--accept-zero-visits",
         action="store_true",
         help="store Matomo's 0 visits even over a stored positive count (by default such a 0 is taken "
         "for a day Matomo has not archived yet, and the stored count is kept)",
     )
-    output = parser.add_mutually_exclusive_group()
+    output = run.add_mutually_exclusive_group()
     output.add_argument(
         "--dry-run",
         action="store_true",
@@ -1979,32 +2362,75 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     output.add_argument(
         "--json", action="store_true", help="print a one-line JSON summary on stdout, for monitoring"
     )
-    parser.add_argument(
-        "--env-file", type=Path, help="read configuration from this file instead of .env beside the script"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(
+        prog="aggregator.py",
+        allow_abbrev=False,
+        description="Store Matomo and Search Console numbers for every deployed site, one row per site and day.",
+        epilog="Exit status: 0 ok, 1 nothing could be done, 2 usage error, 3 some values missing. "
+        "`aggregator.py COMMAND --help` tells more.",
     )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="how much to log, e.g. --log-level DEBUG (default INFO)",
+    add_common_options(parser, None)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    common = argparse.ArgumentParser(add_help=False)
+    add_common_options(common, argparse.SUPPRESS)  # the values given before the command stand
+    parsers = {
+        name: commands.add_parser(name, parents=[common], help=text, description=text, allow_abbrev=False)
+        for name, text in COMMANDS.items()
+    }
+    add_run_options(parsers["run"])
+    parsers["check"].add_argument("--json", action="store_true", help="print the problems as one JSON object")
+    parsers["authorize"].add_argument(
+        "--account", metavar="ID", help="replace the token of this gsc_accounts row instead of adding one"
     )
-    return parser.parse_args(argv)
+    OneLineParser.owners = {
+        option: name
+        for name, sub in parsers.items()
+        for action in sub._actions
+        for option in action.option_strings
+        if option not in (*COMMON_OPTIONS, "-h", "--help")
+    }
+    args = parser.parse_args(with_default_command(list(sys.argv[1:] if argv is None else argv)))
+    for name in (
+        "date",
+        "start",
+        "end",
+        "lookback",
+        "site",
+        "dry_run",
+        "json",
+        "accept_zero_visits",
+        "account",
+    ):
+        if not hasattr(args, name):
+            setattr(args, name, [] if name == "site" else None)
+    return args
 
 
-RUN_ONLY = ("date", "start", "end", "lookback", "site", "dry_run", "json", "accept_zero_visits")
-
-
-def options_that_do_not_apply(args: argparse.Namespace) -> str | None:
-    """A usage error for an option given to a command it means nothing to, or None."""
-    if args.account and args.command != "authorize":
-        return "--account is for the authorize command: aggregator.py authorize --account ID"
-    if args.command != "run":
-        given = [name for name in RUN_ONLY if getattr(args, name) not in (None, False, [])]
-        if given:
-            option = "--" + {"start": "from", "end": "to"}.get(given[0], given[0]).replace("_", "-")
-            return f"{option} is for the run command, not {args.command}"
-    return None
+def operator_command(
+    args: argparse.Namespace, today: dt.date, secret_filter: SecretFilter, problems: ProblemLog
+) -> int:
+    """check, authorize or accounts: each a short conversation with the operator."""
+    if args.command == "check":
+        # Its problems are printed once, as "Problem:" lines, not a second time in the log.
+        logging.getLogger().handlers[0].addFilter(lambda r: r.name != log.name or r.levelno < logging.WARNING)
+    try:
+        cfg = load_config(args.env_file or default_env_file())
+        secret_filter.add(*cfg.secrets())
+        bound_every_exchange(cfg.http_timeout)
+        if args.command == "check":
+            return check(cfg, today, secret_filter, problems, args.json)
+        if args.command == "accounts":
+            return list_accounts(cfg)
+        return authorize(cfg, args.account)
+    except (ConfigError, SupabaseError) as error:
+        log.error("%s", error)
+        return print_check_report({}, problems, args.json) if args.command == "check" else EXIT_FAILED
+    except KeyboardInterrupt:
+        log.error("Interrupted: nothing was stored")
+        return 130
 
 
 def stop_on_signals(deadline: Deadline) -> dict[str, int]:
@@ -2038,21 +2464,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"aggregator.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    misplaced = options_that_do_not_apply(args)
-    if misplaced:
-        print(f"aggregator.py: error: {misplaced} (see --help)", file=sys.stderr)
-        return EXIT_USAGE
-    if args.command in ("check", "authorize"):
-        try:
-            cfg = load_config(args.env_file or default_env_file())
-            secret_filter.add(*cfg.secrets())
-            bound_every_exchange(cfg.http_timeout)
-            if args.command == "check":
-                return check(cfg, today, secret_filter, problems)
-            return authorize(cfg, args.account)
-        except (ConfigError, SupabaseError) as error:
-            log.error("%s", error)
-            return EXIT_FAILED
+    if args.command != "run":
+        return operator_command(args, today, secret_filter, problems)
     # The run counts into `outcome` as it goes: whatever ends it, the summary tells the truth.
     cfg, outcome, status = None, Outcome(), EXIT_FAILED
     deadline = Deadline.after(float("inf"))

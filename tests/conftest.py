@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import os
+import pty
 import re
 import subprocess
 import sys
@@ -98,6 +99,24 @@ def without_conflict_key(db):
 def lines_with(text: str, output: str) -> list[str]:
     """The lines of a run's output that contain `text`."""
     return [line for line in output.splitlines() if text in line]
+
+
+def shown_on_a_terminal(launch, *args: str) -> str:
+    """What a run writes to its stderr when that is a terminal."""
+    terminal, screen = pty.openpty()
+    process = launch(*args, log_level="WARNING", stderr=screen)
+    process.communicate(timeout=120)
+    os.close(screen)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the terminal is closed once everything was read
+            break
+        if not chunk:
+            break
+        shown += chunk
+    return shown.decode()
 
 
 def query_of(site) -> str:

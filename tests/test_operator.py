@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import pty
 import subprocess
 import sys
 import time
@@ -12,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ANON_KEY, DAY, ROOT, stored
+from conftest import ANON_KEY, DAY, ROOT, shown_on_a_terminal, stored
 
 
 def test_site_restricts_the_run_and_leaves_the_others_untouched(fleet, db, run_aggregator):
@@ -76,7 +74,13 @@ def test_json_summarises_the_run_for_monitoring(fleet, db, matomo, run_aggregato
         "missing_sites": [broken.id],
         "zeros_not_stored": 0,
     }
-    assert summary["gsc"] == {"wanted": 2, "fetched": 2, "missing_sites": [], "provisional_values": 0}
+    assert summary["gsc"] == {
+        "wanted": 2,
+        "fetched": 2,
+        "missing_sites": [],
+        "provisional_values": 0,
+        "accounts": {str(account.id): "connected"},
+    }
     # broken: no Matomo value, and DAY is not final in Search Console with no row yet: nothing to store
     assert summary["records"] == {"stored": 1, "not_stored": 0}
     assert any("Archiving failed" in line for line in summary["problems"])
@@ -132,7 +136,7 @@ def test_check_reports_a_healthy_setup_and_writes_nothing(fleet, db, run_aggrega
     assert result.stdout.splitlines() == [
         "Supabase: 2 deployed sites, 1 Search Console accounts",
         "Supabase: daily_analytics has its (date, site_id) key",
-        "Matomo: answered for 1 of the 1 sites with a Matomo id",
+        "Matomo 5.4.0: answered for 1 of the 1 sites with a Matomo id",
         "Search Console: 1 of 1 accounts connected; 1 sites matched to a property",
         f"Note: site {fleet.db.execute('select max(id) from sites').fetchone()[0]} (plain.example.com) has no "
         "matomo_site_id and gsc_account_id: that source is not fetched for it",
@@ -212,22 +216,10 @@ def test_progress_shows_on_a_terminal_and_not_under_cron(fleet, launch, run_aggr
         fleet.visits(fleet.site(f"s{n}.example.com"), 1)
 
     under_cron = run_aggregator("--date", DAY.isoformat())
-    terminal, screen = pty.openpty()
-    process = launch("--date", DAY.isoformat(), "--log-level", "WARNING", stderr=screen)
-    process.communicate(timeout=120)
-    os.close(screen)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(terminal, 4096)
-        except OSError:  # the terminal is closed once everything was read
-            break
-        if not chunk:
-            break
-        shown += chunk
+    shown = shown_on_a_terminal(launch, "--date", DAY.isoformat())
 
-    assert "sites: Matomo" not in under_cron.stderr
-    assert "\r3/3 sites: Matomo 3, GSC 0, stored 3 records" in shown.decode()
+    assert "sites fetched" not in under_cron.stderr
+    assert "\r\x1b[KMatomo 3/3 and GSC 0/0 sites fetched, stored 3 records" in shown
 
 
 def test_the_demo_runs_the_real_aggregator_and_prints_the_table(database):

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import threading
 import time
-from base64 import b64decode
+from base64 import b64decode, urlsafe_b64encode
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -43,7 +44,8 @@ class FakeGoogle(FakeServer):
         # Instead of `search`, a benchmark may generate (clicks, impressions, ctr, position) or None.
         self.search_fn: Callable[[str, str], tuple | None] | None = None
         self.qpm: int | None = None  # answer 429 above this many queries per account per minute
-        self.codes: dict[str, str] = {}  # authorization code -> the refresh token it grants
+        # authorization code -> the refresh token it grants (and the Google account's email)
+        self.codes: dict[str, str | tuple[str, str]] = {}
         # An access token says it lasts an hour; Google may still end it sooner (a run of two
         # hours outlives it anyway): after this many seconds the API answers 401.
         self.token_lifetime: float | None = None
@@ -154,10 +156,13 @@ class FakeGoogle(FakeServer):
         )
 
     def exchange(self, form: dict[str, str]) -> Response:
-        """The authorization-code grant of the installed-app flow: a code is good once."""
-        refresh_token = self.codes.pop(form.get("code", ""), None)
-        if refresh_token is None or not form.get("code_verifier"):
+        """The authorization-code grant of the installed-app flow: a code is good once. The
+        consent granted the scopes asked (openid, email, Search Console), so the answer carries
+        an OpenID id_token with the account's email."""
+        granted = self.codes.pop(form.get("code", ""), None)
+        if granted is None or not form.get("code_verifier"):
             return Response(400, {"error": "invalid_grant", "error_description": "Malformed auth code."})
+        refresh_token, email = granted if isinstance(granted, tuple) else (granted, "owner@example.com")
         self.add_account(refresh_token, {})
         access_token = f"ya29.fake-{next(self._numbers)}"
         self.access_tokens[access_token] = self.accounts[refresh_token]
@@ -168,7 +173,9 @@ class FakeGoogle(FakeServer):
                 "expires_in": 3599,
                 "token_type": "Bearer",
                 "refresh_token": refresh_token,
-                "scope": "https://www.googleapis.com/auth/webmasters.readonly",
+                "scope": "openid https://www.googleapis.com/auth/userinfo.email "
+                "https://www.googleapis.com/auth/webmasters.readonly",
+                "id_token": id_token(self.client_id, email),
             },
         )
 
@@ -215,6 +222,26 @@ class FakeGoogle(FakeServer):
         if rows:
             answer["rows"] = rows  # no data: `rows` is absent, not []
         return Response(200, answer)
+
+
+def id_token(client_id: str, email: str) -> str:
+    """An OpenID id_token as Google's token endpoint sends it: a signed JWT (the signature here is
+    not a real one; a client that takes the token straight from the endpoint does not check it)."""
+
+    def part(value: object) -> str:
+        return urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    now = int(time.time())
+    claims = {
+        "iss": "https://accounts.google.com",
+        "aud": client_id,
+        "sub": "10769150350006150715113",
+        "email": email,
+        "email_verified": True,
+        "iat": now,
+        "exp": now + 3600,
+    }
+    return f"{part({'alg': 'RS256', 'kid': 'test', 'typ': 'JWT'})}.{part(claims)}.{part('signature')}"
 
 
 def error(status: int, message: str, state: str, reason: str) -> Response:

@@ -1,0 +1,297 @@
+"""The operator's commands: check that never says "All good" wrongly, accounts, authorize, the
+progress a long run shows, and options that belong to their command."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import socket
+import time
+
+import pytest
+
+from conftest import DAY, lines_with, shown_on_a_terminal
+
+
+def closed_url() -> str:
+    """An address where nothing listens: connections are refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+def problems_of(result) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line.startswith("Problem: ")]
+
+
+# ---------------------------------------------------------------------------
+# check
+# ---------------------------------------------------------------------------
+
+
+def test_check_counts_a_dead_matomo_once_without_the_librarys_retries(fleet, config, run_aggregator):
+    fleet.site("shop.example.com")
+    config.update(MATOMO_URL=closed_url(), HTTP_RETRIES="2")
+
+    result = run_aggregator("check")
+
+    assert result.returncode == 1
+    (problem,) = problems_of(result)
+    assert "Matomo cannot be reached at MATOMO_URL" in problem
+    assert result.stdout.splitlines()[-1] == "1 problem."
+    # Printed once: as a Problem line, not again in the log (both show on a terminal).
+    assert len(lines_with("Matomo cannot be reached", result.output)) == 1
+
+
+def test_check_goes_on_past_a_dead_supabase_to_a_wrong_token_and_secret(config, run_aggregator):
+    config.update(
+        SUPABASE_URL=closed_url(),
+        HTTP_RETRIES="1",
+        MATOMO_TOKEN_AUTH="not-the-token-0123456789",
+        GOOGLE_CLIENT_SECRET="GOCSPX-not-the-secret",
+    )
+
+    result = run_aggregator("check")
+
+    assert result.returncode == 1
+    problems = problems_of(result)
+    assert len(problems) == 3, result.stdout
+    assert "reading sites" in problems[0]
+    assert "MATOMO_TOKEN_AUTH" in problems[1]
+    assert "GOOGLE_CLIENT_ID or GOOGLE_CLIENT_SECRET is wrong" in problems[2]
+    assert "not-the-token" not in result.output and "not-the-secret" not in result.output
+
+
+def test_check_tries_every_account_also_those_without_sites(fleet, run_aggregator):
+    fleet.site("shop.example.com", fleet.account())
+    unused = fleet.account(revoked=True)
+
+    result = run_aggregator("check")
+
+    assert result.returncode == 1
+    (problem,) = problems_of(result)
+    assert f"GSC account {unused.id}: the refresh token has expired or been revoked" in problem
+    assert "Search Console: 1 of 2 accounts connected; 1 sites matched to a property" in result.stdout
+
+
+def test_check_spots_placeholders_and_mistyped_settings_before_any_network_call(
+    config, gateway, matomo, google, run_aggregator
+):
+    config.update(SUPABASE_SERVICE_ROLE_KEY="replace-with-your-service-role-key", GSC_QMP="600")
+
+    result = run_aggregator("check")
+
+    assert result.returncode == 1
+    problems = problems_of(result)
+    assert len(problems) == 2, result.stdout
+    assert "GSC_QMP" in problems[0] and "did you mean GSC_QPM?" in problems[0]
+    assert "SUPABASE_SERVICE_ROLE_KEY still holds the placeholder of .env.example" in problems[1]
+    assert gateway.requests == matomo.requests == google.requests == []
+
+
+def test_a_mistyped_setting_is_a_warning_in_a_run_which_goes_on(fleet, config, run_aggregator):
+    fleet.visits(fleet.site("shop.example.com"), 5)
+    config["MATOMO_BULKSIZE"] = "50"
+
+    result = run_aggregator("--date", DAY.isoformat())
+
+    assert result.returncode == 0
+    assert "MATOMO_BULKSIZE in" in result.stderr and "did you mean MATOMO_BULK_SIZE?" in result.stderr
+
+
+def test_check_json_gives_the_same_problems_for_monitoring(fleet, matomo, run_aggregator):
+    unknown = fleet.site("unknown.example.com")
+    matomo.site_ids.discard(unknown.matomo_id)
+
+    result = run_aggregator("check", "--json")
+
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["exit_status"] == 1
+    assert len(report["problems"]) == 1 and f"Matomo site id {unknown.matomo_id}" in report["problems"][0]
+    assert report["matomo"] == {"reachable": True, "version": "5.4.0", "sites": 1, "answered": 0}
+    assert report["supabase"]["sites"] == 1
+
+
+def test_check_json_with_a_bad_configuration_is_still_json(config, run_aggregator):
+    del config["MATOMO_URL"]
+
+    result = run_aggregator("check", "--json")
+
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert "MATOMO_URL" in report["problems"][0]
+
+
+# ---------------------------------------------------------------------------
+# A long run shows that it is alive
+# ---------------------------------------------------------------------------
+
+
+def test_under_cron_a_long_run_logs_progress_lines(fleet, matomo, config, run_aggregator):
+    for n in range(3):
+        fleet.visits(fleet.site(f"s{n}.example.com"), 1)
+    matomo.site_day_cost = 0.8  # seconds per site and day: three requests one after another
+    config.update(PROGRESS_EVERY="1", MATOMO_BULK_SIZE="1", MATOMO_WORKERS="1")
+
+    result = run_aggregator("--date", DAY.isoformat(), log_level="INFO")
+
+    assert result.returncode == 0
+    progress = lines_with("INFO Progress: Matomo ", result.stderr)
+    assert progress, result.stderr
+    assert re.search(r"Progress: Matomo [0-3]/3 and GSC 0/0 sites done, stored 0 records", progress[0])
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr
+
+
+def test_on_a_terminal_log_lines_are_not_glued_to_the_progress_line(fleet, matomo, config, launch):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(3)]
+    matomo.error_slots[sites[1].matomo_id] = "Archiving failed: General error"
+    matomo.site_day_cost = 0.2
+    config.update(MATOMO_BULK_SIZE="1", MATOMO_WORKERS="1")
+
+    shown = shown_on_a_terminal(launch, "--date", DAY.isoformat())
+
+    warnings = [
+        m.start() for m in re.finditer(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ WARNING Matomo site id", shown)
+    ]
+    assert warnings, shown
+    for start in warnings:
+        assert shown[:start].endswith(("\r\x1b[K", "\n")), repr(shown[start - 40 : start])
+    assert re.search(r"Matomo 1/3 and GSC 0/0 sites done, stored 0 records, about \d+ s left", shown), shown
+
+
+# ---------------------------------------------------------------------------
+# Commands and their options
+# ---------------------------------------------------------------------------
+
+
+def test_each_command_has_its_own_help(run_aggregator):
+    main, check, run = (
+        run_aggregator(*args) for args in (["--help"], ["check", "--help"], ["run", "--help"])
+    )
+
+    assert main.returncode == check.returncode == run.returncode == 0
+    for command in ("run", "check", "authorize", "accounts"):
+        assert command in main.stdout
+    assert "--json" in check.stdout and "--site" not in check.stdout
+    assert "--site" in run.stdout and "--dry-run" in run.stdout
+
+
+def test_the_run_command_can_be_named_or_left_out(fleet, db, run_aggregator):
+    fleet.visits(fleet.site("shop.example.com"), 4)
+
+    named, implied = (
+        run_aggregator("run", "--date", DAY.isoformat()),
+        run_aggregator("--date", DAY.isoformat()),
+    )
+
+    assert named.returncode == implied.returncode == 0
+    assert (
+        named.summary
+        == implied.summary
+        == ("Processed 1 sites. Fetched Matomo data for 1. Fetched GSC data for 0. Stored 1 records.")
+    )
+
+
+def test_accounts_lists_each_account_with_its_last_run_and_no_token(fleet, db, run_aggregator):
+    working, revoked, unused = fleet.account(), fleet.account(revoked=True), fleet.account()
+    fleet.site("a.example.com", working)
+    fleet.site("b.example.com", working)
+    fleet.site("c.example.com", revoked)
+    run_aggregator()  # the nightly run records how each account did
+
+    result = run_aggregator("accounts")
+
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert result.stdout.splitlines()[0].split() == ["ID", "LABEL", "SITES", "LAST", "RUN"]
+    assert re.match(
+        rf"\s*{working.id}\s+owner1@example.com\s+2\s+connected \(\d{{4}}-", rows[str(working.id)]
+    )
+    assert re.match(
+        rf"\s*{revoked.id}\s+owner2@example.com\s+1\s+the refresh token has expired or been revoked",
+        rows[str(revoked.id)],
+    )
+    assert re.match(rf"\s*{unused.id}\s+owner3@example.com\s+0\s+-$", rows[str(unused.id)])
+
+
+# ---------------------------------------------------------------------------
+# authorize
+# ---------------------------------------------------------------------------
+
+
+def google_answer(
+    google, refresh_token: str, email: str = "owner@example.com", code: str = "4/0AfJohX-code"
+) -> str:
+    """The address the browser lands on after Allow, as the operator pastes it."""
+    google.codes[code] = (refresh_token, email)
+    return f"http://localhost/?state=s&code={code}&scope=email%20openid\n"
+
+
+@pytest.fixture
+def insecure_transport(monkeypatch):
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # the stand-in speaks http, not https
+
+
+def test_authorize_shows_and_stores_which_google_account_it_was(
+    db, google, insecure_transport, run_aggregator
+):
+    result = run_aggregator("authorize", answer=google_answer(google, "1//0mail-Tq4", "ops@example.org"))
+
+    assert result.returncode == 0, result.stderr
+    assert "Google account ops@example.org" in result.stdout
+    assert "userinfo.email" in result.stdout  # the scope is asked for in the address shown
+    assert db.execute("select label, oauth_refresh_token from gsc_accounts").fetchall() == [
+        ("ops@example.org", "1//0mail-Tq4")
+    ]
+
+
+@pytest.mark.parametrize("account", ["999", "abc"])
+def test_authorize_checks_the_account_before_the_browser_round_trip(account, db, google, run_aggregator):
+    result = run_aggregator("authorize", "--account", account, answer="")
+
+    assert result.returncode == 1
+    assert "accounts.google.com" not in result.stdout
+    assert (
+        len(lines_with("ERROR", result.stderr)) == 1 and "accounts" in lines_with("ERROR", result.stderr)[0]
+    )
+
+
+def test_authorize_asks_again_after_a_wrong_code(db, google, insecure_transport, run_aggregator):
+    answer = "4/0mistyped-code\n" + google_answer(google, "1//0second-try-Hz7")
+
+    result = run_aggregator("authorize", answer=answer)
+
+    assert result.returncode == 0, result.stderr
+    assert "Google refused the code" in result.stderr and "paste the new one" in result.stderr
+    assert db.execute("select oauth_refresh_token from gsc_accounts").fetchall() == [("1//0second-try-Hz7",)]
+
+
+def test_authorize_after_deny_in_the_browser_says_so_in_one_line(
+    db, google, insecure_transport, run_aggregator
+):
+    result = run_aggregator("authorize", answer="http://localhost/?error=access_denied&state=s\n")
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.output
+    (line,) = lines_with("ERROR", result.stderr)
+    assert "access_denied" in line and "choose Allow" in line
+    assert db.execute("select count(*) from gsc_accounts").fetchone() == (0,)
+
+
+def test_authorize_interrupted_at_the_prompt_is_one_line(db, google, insecure_transport, launch):
+    process = launch("authorize", log_level="INFO")
+    shown, deadline = b"", time.monotonic() + 60
+    while b"Address" not in shown and time.monotonic() < deadline:
+        if select.select([process.stdout], [], [], 1)[0]:
+            shown += os.read(process.stdout.fileno(), 4096)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert lines_with("ERROR", stderr) and "nothing was stored" in lines_with("ERROR", stderr)[0]
