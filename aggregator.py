@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, Union
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit
 
 # On Python 3.9 and 3.10 Google's libraries print a six-line FutureWarning on import, every
@@ -203,7 +203,7 @@ def warn_if_readable_by_others(env_file: Path) -> None:
 # A secret not known in advance, e.g. the refresh token that requests-oauthlib logs at DEBUG
 # when `authorize` receives it: the value of any field with one of these names.
 SECRET_FIELD = re.compile(
-    r"""((?:refresh_token|access_token|client_secret|token_auth|apikey)["']?\s*[:=]\s*["']?)[^"'&\s,}]+"""
+    r"""((?:refresh_token|access_token|client_secret|token_auth|apikey|private_key)["']?\s*[:=]\s*["']?)[^"'&\s,}]+"""
 )
 
 
@@ -639,9 +639,29 @@ def deployed_sites(client: Client) -> list[Site]:
     return [Site(r["id"], r["domain"], r["matomo_site_id"], r["gsc_account_id"]) for r in rows]
 
 
-def refresh_tokens_by_account(client: Client) -> dict[Any, str]:
-    rows = fetch_all(client, "gsc_accounts", "id,oauth_refresh_token")
-    return {row["id"]: row["oauth_refresh_token"] for row in rows}
+# An account's credential: a refresh token (str) or a service account's JSON key (dict).
+AccountKey = Union[str, dict]
+
+
+def account_keys(client: Client) -> dict[Any, AccountKey]:
+    """{account id: its refresh token or service-account key} for every gsc_accounts row."""
+    rows = fetch_all(client, "gsc_accounts", "id,oauth_refresh_token,service_account_key")
+    return {row["id"]: row["service_account_key"] or row["oauth_refresh_token"] for row in rows}
+
+
+def secrets_of(keys: Iterable[AccountKey]) -> list[str]:
+    """What the secret filter must learn from these credentials: a refresh token whole; of a
+    service-account key its private key (also JSON-escaped, and line by line: a log may show it
+    either way) and the key's id."""
+    secrets: list[str] = []
+    for key in keys:
+        if isinstance(key, str):
+            secrets.append(key)
+        elif isinstance(key, dict):
+            pem = str(key.get("private_key", ""))
+            lines = [line for line in pem.splitlines() if len(line) >= 16 and "PRIVATE KEY" not in line]
+            secrets += [pem, json.dumps(pem)[1:-1], *lines, str(key.get("private_key_id", ""))]
+    return secrets
 
 
 # Provisional Search Console values are fetched again by the nightly run until they are final;
@@ -1057,15 +1077,27 @@ def newest_final_day(pacific_today: dt.date) -> dt.date:
     return pacific_today - dt.timedelta(days=DEFAULT_LAG_DAYS)
 
 
-def google_credentials(cfg: Config, refresh_token: str) -> Credentials:
+def google_credentials(cfg: Config, key: AccountKey) -> Any:
+    """Credentials that refresh themselves: a user's (refresh token) or a service account's (JSON
+    key, signed JWT-bearer grant). Either way a malformed key raises ValueError, without the key."""
+    if isinstance(key, dict):
+        # Imported here: only service accounts need it (and cryptography with it).
+        from google.oauth2 import service_account
+
+        info = {**key, "token_uri": cfg.google_token_uri}
+        return service_account.Credentials.from_service_account_info(info, scopes=[GSC_SCOPE])
     return Credentials(
         token=None,
-        refresh_token=refresh_token,
+        refresh_token=key,
         client_id=cfg.google_client_id,
         client_secret=cfg.google_client_secret,
         token_uri=cfg.google_token_uri,
         scopes=[GSC_SCOPE],
     )
+
+
+def service_account_email(key: AccountKey) -> str | None:
+    return str(key.get("client_email")) if isinstance(key, dict) else None
 
 
 def get_google_client(cfg: Config, credentials: Credentials) -> Any:
@@ -1155,6 +1187,7 @@ class QuotaExhausted(Exception):
 @dataclass(frozen=True)
 class GscAccount:
     id: Any
+    service_account: str | None  # its email, for a service account
     credentials: Credentials
     analytics: Any  # the service's searchanalytics() resource, shared by all threads
     properties: dict[str, str]
@@ -1267,8 +1300,15 @@ def http_error_reason(error: HttpError) -> str:
     return reason
 
 
-def refresh_error_reason(error: RefreshError, account_id: Any) -> str:
+def refresh_error_reason(error: RefreshError, account_id: Any, key: AccountKey) -> str:
     """What a refused token refresh means for this account, and the fix."""
+    email = service_account_email(key)
+    if email and "invalid_grant" in str(error):
+        return (
+            f"Google refused the key of service account {email} (deleted, or not this account's key): "
+            "create a new JSON key (Google Cloud console > IAM > Service accounts > Keys) and store it with "
+            f"aggregator.py authorize --service-account KEY.json --account {account_id}"
+        )
     if "invalid_grant" in str(error):
         return (
             "the refresh token has expired or been revoked: re-authorize this account "
@@ -1288,24 +1328,25 @@ CLIENT_REFUSED = (
 )
 
 
-def connect_account(cfg: Config, account_id: Any, refresh_token: str) -> GscAccount | str:
+def connect_account(cfg: Config, account_id: Any, key: AccountKey) -> GscAccount | str:
     """An account ready to query (token refreshed, properties listed), or why it is not."""
-    credentials = google_credentials(cfg, refresh_token)
     try:
+        credentials = google_credentials(cfg, key)
         service = get_google_client(cfg, credentials)
         listing = service.sites().list().execute(num_retries=cfg.http_retries)
         if not isinstance(listing, dict):
             raise ValueError("unexpected answer to sites.list; check GSC_API_ENDPOINT")
     except RefreshError as error:
-        if "invalid_client" in str(error):
+        if "invalid_client" in str(error) and not isinstance(key, dict):
             return CLIENT_REFUSED
-        return f"{refresh_error_reason(error, account_id)} ({error})"
+        return f"{refresh_error_reason(error, account_id, key)} ({error})"
     except HttpError as error:
         return f"cannot list properties: HTTP {error.status_code}: {http_error_reason(error)}"
     except Exception as error:  # noqa: BLE001 - one account must never sink the run
         return str(error)
     return GscAccount(
         account_id,
+        service_account_email(key),
         credentials,
         service.searchanalytics(),
         verified_properties(listing),
@@ -1317,7 +1358,7 @@ def connect_account(cfg: Config, account_id: Any, refresh_token: str) -> GscAcco
 def connected_accounts(
     cfg: Config,
     sites: list[Site],
-    refresh_tokens: Mapping[Any, str],
+    keys: Mapping[Any, AccountKey],
     pool: Executor,
     every_account: bool = False,
     states: dict | None = None,
@@ -1326,18 +1367,18 @@ def connected_accounts(
     Each failure is one warning; `states` gets "connected" or the reason for each account."""
     by_account = sites_by_account(sites)
     if every_account:
-        by_account = {account_id: by_account.get(account_id, []) for account_id in refresh_tokens} | {
-            account_id: group for account_id, group in by_account.items() if account_id not in refresh_tokens
+        by_account = {account_id: by_account.get(account_id, []) for account_id in keys} | {
+            account_id: group for account_id, group in by_account.items() if account_id not in keys
         }
-    for account_id in by_account.keys() - refresh_tokens.keys():
+    for account_id in by_account.keys() - keys.keys():
         for site in by_account[account_id]:
             log.warning(
                 "Site %s: gsc_account_id %s matches no row of gsc_accounts; GSC skipped", site.id, account_id
             )
     futures = {
-        account_id: pool.submit(connect_account, cfg, account_id, refresh_tokens[account_id])
+        account_id: pool.submit(connect_account, cfg, account_id, keys[account_id])
         for account_id in by_account
-        if account_id in refresh_tokens
+        if account_id in keys
     }
     connected, client_refused = {}, Once()
     for account_id, future in futures.items():
@@ -1378,11 +1419,14 @@ def query_targets(
         elif site_url is None:
             log.warning(
                 "Site %s: account %s has no verified Search Console property for %s "
-                "(looked for sc-domain:%s and https/http URL prefixes)",
+                "(looked for sc-domain:%s and https/http URL prefixes)%s",
                 site.id,
                 account.id,
                 domain,
                 domain,
+                f"; add {account.service_account} as a user of the property in Search Console"
+                if account.service_account
+                else "",
             )
         elif property_key(site_url) in owner_of:
             log.warning(
@@ -1778,13 +1822,13 @@ def run(
     with ThreadPoolExecutor(max_workers=2) as side:
         sites_read = side.submit(deployed_sites, client)
         provisional_read = side.submit(oldest_provisional_day, client, today) if nightly else None
-        refresh_tokens = refresh_tokens_by_account(client)
+        keys = account_keys(client)
         sites = sites_read.result()
         provisional_since = provisional_read.result() if provisional_read else None
-    secret_filter.add(*refresh_tokens.values())
+    secret_filter.add(*secrets_of(keys.values()))
     if not sites:
         raise SupabaseError(NO_SITES)
-    if not refresh_tokens and any(site.gsc_account_id is not None for site in sites):
+    if not keys and any(site.gsc_account_id is not None for site in sites):
         log.error("%s", NO_ACCOUNTS)
     if provisional_since and provisional_since < days[0]:
         log.info("Search Console values from %s on are provisional: fetching them again", provisional_since)
@@ -1799,13 +1843,13 @@ def run(
         store = lambda rows: store_rows(client, rows, cfg)  # noqa: E731
     gsc_days = [day for day in days if day >= gsc_oldest_day(today)]
     read_stored = None if accept_zero_visits else (lambda ids, days: stored_visits(client, ids, days))
-    return aggregate(cfg, sites, refresh_tokens, days, gsc_days, deadline, store, read_stored, outcome)
+    return aggregate(cfg, sites, keys, days, gsc_days, deadline, store, read_stored, outcome)
 
 
 def aggregate(
     cfg: Config,
     sites: list[Site],
-    refresh_tokens: Mapping[Any, str],
+    keys: Mapping[Any, AccountKey],
     days: list[dt.date],
     gsc_days: list[dt.date],
     deadline: Deadline,
@@ -1828,7 +1872,7 @@ def aggregate(
         with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as gsc_pool:
             with ThreadPoolExecutor(max_workers=2) as side:
                 accounts = (
-                    connected_accounts(cfg, sites, refresh_tokens, gsc_pool, states=outcome.gsc_accounts)
+                    connected_accounts(cfg, sites, keys, gsc_pool, states=outcome.gsc_accounts)
                     if gsc_days
                     else {}
                 )
@@ -1964,10 +2008,10 @@ def check(
     Matomo token or Google secret.
     """
     found: dict[str, Any] = {}
-    sites, refresh_tokens = fleet_for_check(cfg, found)
-    secret_filter.add(*refresh_tokens.values())
+    sites, keys = fleet_for_check(cfg, found)
+    secret_filter.add(*secrets_of(keys.values()))
     matomo_for_check(cfg, sites, today, found)
-    search_console_for_check(cfg, sites, refresh_tokens, found)
+    search_console_for_check(cfg, sites, keys, found)
     return print_check_report(found, problems, as_json)
 
 
@@ -1990,23 +2034,23 @@ def say(found: dict, line: str) -> None:
     found.setdefault("lines", []).append(line)
 
 
-def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[Any, str]]:
+def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[Any, AccountKey]]:
     try:
         client = supabase_client(cfg)
-        sites, refresh_tokens = deployed_sites(client), refresh_tokens_by_account(client)
+        sites, keys = deployed_sites(client), account_keys(client)
     except SupabaseError as error:
         log.error("%s", error)
         found["supabase"] = {"reachable": False}
         return [], {}
-    say(found, f"Supabase: {len(sites)} deployed sites, {len(refresh_tokens)} Search Console accounts")
+    say(found, f"Supabase: {len(sites)} deployed sites, {len(keys)} Search Console accounts")
     if not sites:
         log.error("%s", NO_SITES)
-    elif not refresh_tokens and any(site.gsc_account_id is not None for site in sites):
+    elif not keys and any(site.gsc_account_id is not None for site in sites):
         log.error("%s", NO_ACCOUNTS)
     key = conflict_key_exists(client)
     if key:
         say(found, "Supabase: daily_analytics has its (date, site_id) key")
-    found["supabase"] = {"reachable": True, "sites": len(sites), "accounts": len(refresh_tokens), "key": key}
+    found["supabase"] = {"reachable": True, "sites": len(sites), "accounts": len(keys), "key": key}
     for site in sites:
         missing = [name for name in ("matomo_site_id", "gsc_account_id") if getattr(site, name) is None]
         if missing:
@@ -2014,7 +2058,7 @@ def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[Any, str
                 f"Note: site {site.id} ({site.domain}) has no {' and '.join(missing)}: "
                 "that source is not fetched for it",
             )
-    return sites, refresh_tokens
+    return sites, keys
 
 
 def matomo_for_check(cfg: Config, sites: list[Site], today: dt.date, found: dict) -> None:
@@ -2032,23 +2076,32 @@ def matomo_for_check(cfg: Config, sites: list[Site], today: dt.date, found: dict
 
 
 def search_console_for_check(
-    cfg: Config, sites: list[Site], refresh_tokens: Mapping[Any, str], found: dict
+    cfg: Config, sites: list[Site], keys: Mapping[Any, AccountKey], found: dict
 ) -> None:
-    if not refresh_tokens:
+    if not keys:
         client_for_check(cfg)  # no account to try it with: ask the token endpoint directly
+    states: dict[Any, str] = {}
     with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as pool:
-        accounts = connected_accounts(cfg, sites, refresh_tokens, pool, every_account=True)
+        accounts = connected_accounts(cfg, sites, keys, pool, every_account=True, states=states)
+    for account_id, state in states.items():
+        shown = "connected" if state == "connected" else "not connected"
+        say(found, f"Search Console account {account_id}: {credential_kind(keys[account_id])}; {shown}")
     targets = query_targets(sites, accounts)
     say(
         found,
-        f"Search Console: {len(accounts)} of {len(refresh_tokens)} accounts connected; "
+        f"Search Console: {len(accounts)} of {len(keys)} accounts connected; "
         f"{len(targets)} sites matched to a property",
     )
     found["search_console"] = {
-        "accounts": len(refresh_tokens),
+        "accounts": len(keys),
         "connected": len(accounts),
         "sites": len(targets),
     }
+
+
+def credential_kind(key: AccountKey) -> str:
+    email = service_account_email(key)
+    return f"service account {email}" if email else "refresh token"
 
 
 def client_for_check(cfg: Config) -> None:
@@ -2098,25 +2151,29 @@ def conflict_key_exists(client: Client) -> bool:
 RUNS_LOOKED_AT = 20
 
 
-def list_accounts(cfg: Config) -> int:
+def list_accounts(cfg: Config, secret_filter: SecretFilter) -> int:
     """One line per gsc_accounts row: id, label, deployed sites, how the last run went; never a token."""
     client = supabase_client(cfg)
     accounts = fetch_all(client, "gsc_accounts", "id,label")
+    keys = account_keys(client)  # only to tell the kind; never printed
+    secret_filter.add(*secrets_of(keys.values()))
     sites_per_account = Counter(site.gsc_account_id for site in deployed_sites(client))
     states = last_account_states(client)
-    print(ACCOUNT_FORMAT.format("ID", "LABEL", "SITES", "LAST RUN"))
+    print(ACCOUNT_FORMAT.format("ID", "KIND", "LABEL", "SITES", "LAST RUN"))
     for account in accounts:
-        state = states.get(str(account["id"]))
+        account_id = account["id"]
+        state = states.get(str(account_id))
         if state is None:
-            state = "-" if not sites_per_account[account["id"]] else "not in the recorded runs"
-        label = account.get("label") or "-"
-        print(ACCOUNT_FORMAT.format(str(account["id"]), label, sites_per_account[account["id"]], state))
+            state = "-" if not sites_per_account[account_id] else "not in the recorded runs"
+        kind = "service account" if isinstance(keys.get(account_id), dict) else "refresh token"
+        label = account.get("label") or service_account_email(keys.get(account_id, "")) or "-"
+        print(ACCOUNT_FORMAT.format(str(account_id), kind, label, sites_per_account[account_id], state))
     if not accounts:
         print("No account yet: add one with `aggregator.py authorize`")
     return EXIT_OK
 
 
-ACCOUNT_FORMAT = "{:>6}  {:<32}  {:>5}  {}"
+ACCOUNT_FORMAT = "{:>6}  {:<15}  {:<40}  {:>5}  {}"
 
 
 def last_account_states(client: Client) -> dict[str, str]:
@@ -2250,23 +2307,88 @@ def email_of(id_token: str | None) -> str | None:
 
 def store_refresh_token(table: Any, account_id: str | None, refresh_token: str, email: str | None) -> int:
     row = {"oauth_refresh_token": refresh_token, **({"label": email} if email else {})}
+    done = stored_account_row(table, account_id, row, "service_account_key")
+    if done is None:
+        return EXIT_FAILED
+    who = f" (Google account {email}, now its label)" if email else ""
+    print(f"Stored the refresh token in gsc_accounts row {done}{who}. Point sites at it with gsc_account_id.")
+    return EXIT_OK
+
+
+def stored_account_row(table: Any, account_id: str | None, row: dict, other_credential: str) -> Any:
+    """The id of the gsc_accounts row that now holds `row` (a new one without account_id), or None
+    after an error. Replacing a credential clears the other kind: a row holds exactly one."""
     try:
         if account_id:
-            done = with_retries(table.update(row).eq("id", account_id).execute, 2).data
+            update = table.update({**row, other_credential: None}).eq("id", account_id)
+            done = with_retries(update.execute, 2).data
         else:
             done = table.insert(row).execute().data
     except (APIError, httpx.HTTPError) as error:
-        log.error("%s", describe_supabase_error(error, "storing the refresh token"))
-        return EXIT_FAILED
+        log.error("%s", describe_supabase_error(error, "storing the credential in gsc_accounts"))
+        return None
     if not done:
         log.error("gsc_accounts row %s is gone: run authorize again without --account", account_id)
+        return None
+    return done[0]["id"]
+
+
+def authorize_service_account(
+    cfg: Config, key_file: Path, account_id: str | None, secret_filter: SecretFilter
+) -> int:
+    """Store a service account's JSON key once Google has accepted it; the key is never printed."""
+    key = service_account_key(key_file)
+    secret_filter.add(*secrets_of([key]))
+    table = supabase_client(cfg).table("gsc_accounts")
+    if account_id and not account_exists(table, account_id):
         return EXIT_FAILED
-    who = f" (Google account {email}, now its label)" if email else ""
-    print(
-        f"Stored the refresh token in gsc_accounts row {done[0]['id']}{who}. "
-        "Point sites at it with gsc_account_id."
+    email = str(key["client_email"])
+    try:  # a deleted or foreign key is refused now, not at 3 a.m.
+        google_credentials(cfg, key).refresh(
+            google_auth_httplib2.Request(httplib2.Http(timeout=cfg.http_timeout))
+        )
+    except RefreshError as error:
+        log.error("%s (%s); nothing was stored", refresh_error_reason(error, account_id or "ID", key), error)
+        return EXIT_FAILED
+    except Exception as error:  # noqa: BLE001 - unreachable, or a key cryptography cannot read
+        log.error("The key of %s could not be tried with Google (%s); nothing was stored", email, error)
+        return EXIT_FAILED
+    done = stored_account_row(
+        table, account_id, {"service_account_key": key, "label": email}, "oauth_refresh_token"
     )
+    if done is None:
+        return EXIT_FAILED
+    print(
+        f"Stored the key of service account {email} in gsc_accounts row {done}. Point sites at it with gsc_account_id."
+    )
+    print(
+        f"One step is left: in Search Console, for each property of these sites, open Settings > Users and "
+        f"permissions > Add user, and add {email} (permission Restricted is enough)."
+    )
+    print(f"The key is stored: delete {key_file} from this disk.")
     return EXIT_OK
+
+
+def service_account_key(key_file: Path) -> dict:
+    """The JSON key in key_file, checked for what Google needs; ConfigError (one line) otherwise."""
+    how = "download one: Google Cloud console > IAM > Service accounts > Keys > Add key > JSON"
+    try:
+        key = json.loads(key_file.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"--service-account {key_file}: cannot read it ({error.strerror})") from None
+    except ValueError:
+        raise ConfigError(f"--service-account {key_file} is not a JSON key file; {how}") from None
+    if not isinstance(key, dict) or key.get("type") != "service_account":
+        kind = key.get("type") if isinstance(key, dict) else None
+        raise ConfigError(
+            f"--service-account {key_file} is not a service account key (its type is {str(kind)[:30]!r}); {how}"
+        )
+    missing = [name for name in ("client_email", "private_key") if not key.get(name)]
+    if missing:
+        raise ConfigError(f"--service-account {key_file} has no {' and no '.join(missing)}; {how}")
+    if "PRIVATE KEY-----" not in str(key["private_key"]):
+        raise ConfigError(f"--service-account {key_file}: its private_key is not a PEM private key; {how}")
+    return key
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -2287,7 +2409,8 @@ class OneLineParser(argparse.ArgumentParser):
 COMMANDS = {
     "run": "fetch and store the numbers (the default: `aggregator.py` alone is `aggregator.py run`)",
     "check": "reach every service as a run would, write nothing, and name each problem with its fix",
-    "authorize": "store a Google account's refresh token in gsc_accounts (a browser round trip)",
+    "authorize": "store a Google account's refresh token (a browser round trip), or a service account's key, "
+    "in gsc_accounts",
     "accounts": "list the Search Console accounts: id, label, sites, and how the last run went",
 }
 # Options every command takes, before or after its name.
@@ -2383,7 +2506,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_run_options(parsers["run"])
     parsers["check"].add_argument("--json", action="store_true", help="print the problems as one JSON object")
     parsers["authorize"].add_argument(
-        "--account", metavar="ID", help="replace the token of this gsc_accounts row instead of adding one"
+        "--account",
+        metavar="ID",
+        help="replace the credential of this gsc_accounts row instead of adding one",
+    )
+    parsers["authorize"].add_argument(
+        "--service-account",
+        metavar="KEY.json",
+        type=Path,
+        help="store this Google Cloud service account's JSON key instead of a user's refresh token "
+        "(no browser; the key does not expire by itself)",
     )
     OneLineParser.owners = {
         option: name
@@ -2423,7 +2555,9 @@ def operator_command(
         if args.command == "check":
             return check(cfg, today, secret_filter, problems, args.json)
         if args.command == "accounts":
-            return list_accounts(cfg)
+            return list_accounts(cfg, secret_filter)
+        if args.service_account:
+            return authorize_service_account(cfg, args.service_account, args.account, secret_filter)
         return authorize(cfg, args.account)
     except (ConfigError, SupabaseError) as error:
         log.error("%s", error)

@@ -16,7 +16,10 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import Jsonb
 
 from fakes.database import create_database, drop_database, server_url
 from fakes.google import FakeGoogle
@@ -195,6 +198,26 @@ class Fleet:
         self.google.add_account(token, {}).revoked = revoked
         return AccountRef(account_id, token)
 
+    def service_account(self, wrong_key: bool = False) -> AccountRef:
+        """A gsc_accounts row holding a service account's JSON key, as Google Cloud issues it;
+        with wrong_key, the row holds a key Google does not know (deleted, or another account's)."""
+        n = self.db.execute("select count(*) from gsc_accounts").fetchone()[0] + 1
+        email = f"aggregator-{n}@fleet-analytics-{n}.iam.gserviceaccount.com"
+        key, public_key = service_account_key(email)
+        stored = service_account_key(email)[0] if wrong_key else key
+        self.google.add_service_account(email, public_key, secret_parts(key) + secret_parts(stored))
+        account_id = self.db.execute(
+            "insert into gsc_accounts (label, service_account_key) values (%s, %s) returning id",
+            [email, Jsonb(stored)],
+        ).fetchone()[0]
+        return AccountRef(account_id, email)
+
+    def google_account(self, ref: AccountRef):
+        """The stand-in's record of an account: a user's (by refresh token) or a service account's."""
+        if ref.refresh_token in self.google.service_accounts:
+            return self.google.service_accounts[ref.refresh_token].account
+        return self.google.accounts[ref.refresh_token]
+
     def site(
         self,
         domain: str,
@@ -215,7 +238,7 @@ class Fleet:
             self.matomo.site_ids.add(matomo_id)
         site_url = f"sc-domain:{domain}" if prop == "domain" else prop
         if account and site_url:
-            self.google.accounts[account.refresh_token].properties[site_url] = permission
+            self.google_account(account).properties[site_url] = permission
         return SiteRef(site_id, domain, matomo_id, site_url)
 
     def many(self, count: int, accounts: list[AccountRef]) -> list[SiteRef]:
@@ -239,7 +262,7 @@ class Fleet:
         for n, (site_id, (domain, matomo_id, _)) in enumerate(zip(ids, rows)):
             account = accounts[n % len(accounts)]
             self.matomo.site_ids.add(matomo_id)
-            self.google.accounts[account.refresh_token].properties[f"sc-domain:{domain}"] = "siteOwner"
+            self.google_account(account).properties[f"sc-domain:{domain}"] = "siteOwner"
             sites.append(SiteRef(site_id, domain, matomo_id, f"sc-domain:{domain}"))
         return sites
 
@@ -259,6 +282,32 @@ class Fleet:
             f"insert into daily_analytics ({', '.join(columns)}) values ({', '.join(['%s'] * len(columns))})",
             [day, site.id, *values.values()],
         )
+
+
+def service_account_key(email: str) -> tuple[dict, object]:
+    """A service account's JSON key file's content as Google Cloud issues it, and its public half."""
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+    key = {
+        "type": "service_account",
+        "project_id": email.split("@")[1].split(".")[0],
+        "private_key_id": os.urandom(20).hex(),
+        "private_key": pem,
+        "client_email": email,
+        "client_id": "1" + str(int.from_bytes(os.urandom(8), "big")).zfill(20),
+        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+        "token_uri": "https://oauth2.googleapis.com/token",
+        "auth_provider_x509_cert_url": "https://www.googleapis.com/oauth2/v1/certs",
+        "client_x509_cert_url": f"https://www.googleapis.com/robot/v1/metadata/x509/{quote(email)}",
+        "universe_domain": "googleapis.com",
+    }
+    return key, private.public_key()
+
+
+def secret_parts(key: dict) -> list[str]:
+    """What must never be printed of a key: the private key, any line of it, the key's id."""
+    lines = [line for line in key["private_key"].splitlines() if len(line) >= 16 and "KEY-----" not in line]
+    return [key["private_key"], key["private_key_id"], *lines]
 
 
 @pytest.fixture
@@ -304,7 +353,8 @@ LOG_LEVEL = os.environ.get("TEST_LOG_LEVEL", "DEBUG")
 
 
 def assert_no_secret(text: str, google: FakeGoogle) -> None:
-    for secret in (*SECRETS, *google.accounts):
+    keys = [part for account in google.service_accounts.values() for part in account.secrets]
+    for secret in (*SECRETS, *google.accounts, *keys):
         assert secret not in text, "a secret was printed"
 
 

@@ -208,15 +208,16 @@ def test_accounts_lists_each_account_with_its_last_run_and_no_token(fleet, db, r
 
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
-    assert result.stdout.splitlines()[0].split() == ["ID", "LABEL", "SITES", "LAST", "RUN"]
+    assert result.stdout.splitlines()[0].split() == ["ID", "KIND", "LABEL", "SITES", "LAST", "RUN"]
     assert re.match(
-        rf"\s*{working.id}\s+owner1@example.com\s+2\s+connected \(\d{{4}}-", rows[str(working.id)]
+        rf"\s*{working.id}\s+refresh token\s+owner1@example.com\s+2\s+connected \(\d{{4}}-",
+        rows[str(working.id)],
     )
     assert re.match(
-        rf"\s*{revoked.id}\s+owner2@example.com\s+1\s+the refresh token has expired or been revoked",
+        rf"\s*{revoked.id}\s+refresh token\s+owner2@example.com\s+1\s+the refresh token has expired or been revoked",
         rows[str(revoked.id)],
     )
-    assert re.match(rf"\s*{unused.id}\s+owner3@example.com\s+0\s+-$", rows[str(unused.id)])
+    assert re.match(rf"\s*{unused.id}\s+refresh token\s+owner3@example.com\s+0\s+-$", rows[str(unused.id)])
 
 
 # ---------------------------------------------------------------------------

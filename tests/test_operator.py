@@ -137,6 +137,7 @@ def test_check_reports_a_healthy_setup_and_writes_nothing(fleet, db, run_aggrega
         "Supabase: 2 deployed sites, 1 Search Console accounts",
         "Supabase: daily_analytics has its (date, site_id) key",
         "Matomo 5.4.0: answered for 1 of the 1 sites with a Matomo id",
+        f"Search Console account {account.id}: refresh token; connected",
         "Search Console: 1 of 1 accounts connected; 1 sites matched to a property",
         f"Note: site {fleet.db.execute('select max(id) from sites').fetchone()[0]} (plain.example.com) has no "
         "matomo_site_id and gsc_account_id: that source is not fetched for it",

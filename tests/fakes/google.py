@@ -8,11 +8,16 @@ import itertools
 import json
 import threading
 import time
-from base64 import b64decode, urlsafe_b64encode
+from base64 import b64decode, urlsafe_b64decode, urlsafe_b64encode
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import unquote
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from cryptography.hazmat.primitives.hashes import SHA256
 
 from .base import FakeServer, Request, Response
 
@@ -31,6 +36,20 @@ class Account:
     client_id: str | None = None  # the OAuth client the refresh token was issued to (None: ours)
 
 
+@dataclass
+class ServiceAccount:
+    """A Google Cloud service account: Google holds the public half of each of its keys."""
+
+    email: str
+    public_key: RSAPublicKey
+    account: Account  # what the service account was added to in Search Console
+    secrets: list[str] = field(default_factory=list)  # the private key, for the suite's secret scan
+
+
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+GOOGLE_TOKEN_ENDPOINT = "https://oauth2.googleapis.com/token"
+
+
 class FakeGoogle(FakeServer):
     """Plays both https://oauth2.googleapis.com/token (at /token) and the Search Console API."""
 
@@ -39,6 +58,7 @@ class FakeGoogle(FakeServer):
         self.client_id = client_id
         self.client_secret = client_secret
         self.accounts: dict[str, Account] = {}  # refresh token -> account
+        self.service_accounts: dict[str, ServiceAccount] = {}  # client_email -> its key and properties
         self.access_tokens: dict[str, Account] = {}
         self.search: dict[tuple[str, str], tuple[float, float, float, float]] = {}
         # Instead of `search`, a benchmark may generate (clicks, impressions, ctr, position) or None.
@@ -66,6 +86,11 @@ class FakeGoogle(FakeServer):
     @property
     def api_endpoint(self) -> str:
         return self.url + "/"
+
+    def add_service_account(self, email: str, public_key: RSAPublicKey, secrets: list[str]) -> Account:
+        account = Account(email)
+        self.service_accounts[email] = ServiceAccount(email, public_key, account, secrets)
+        return account
 
     def add_account(self, refresh_token: str, properties: dict[str, str]) -> Account:
         account = Account(refresh_token, dict(properties))
@@ -125,6 +150,8 @@ class FakeGoogle(FakeServer):
         return self.search.get((site_url, day))
 
     def token(self, form: dict[str, str], basic: str = "") -> Response:
+        if form.get("grant_type") == JWT_BEARER:
+            return self.jwt_grant(form.get("assertion", ""))
         # The client id and secret come in the body, or (requests-oauthlib) as HTTP Basic auth.
         if basic.startswith("Basic "):
             form = {
@@ -154,6 +181,43 @@ class FakeGoogle(FakeServer):
                 "scope": "https://www.googleapis.com/auth/webmasters.readonly",
             },
         )
+
+    def jwt_grant(self, assertion: str) -> Response:
+        """A service account's grant (RFC 7523): a JWT signed with its private key, no client secret.
+        Google checks the signature against the public half of the account's keys."""
+        try:
+            header, payload, signature = assertion.split(".")
+            claims = json.loads(unpadded_b64decode(payload))
+        except ValueError:
+            return Response(400, {"error": "invalid_grant", "error_description": "Invalid JWT: malformed."})
+        found = self.service_accounts.get(claims.get("iss", ""))
+        if found is None:
+            return Response(
+                400, {"error": "invalid_grant", "error_description": "Invalid grant: account not found"}
+            )
+        try:
+            found.public_key.verify(
+                unpadded_b64decode(signature), f"{header}.{payload}".encode(), PKCS1v15(), SHA256()
+            )
+        except (InvalidSignature, ValueError):
+            return Response(400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."})
+        now = time.time()
+        # The audience is Google's token endpoint, wherever the request was sent.
+        if claims.get("aud") != GOOGLE_TOKEN_ENDPOINT or not claims.get("iat", 0) - 300 <= now <= claims.get(
+            "exp", 0
+        ):
+            return Response(
+                400,
+                {
+                    "error": "invalid_grant",
+                    "error_description": "Invalid JWT: Token must be a short-lived token (60 minutes) and in a "
+                    "reasonable timeframe. Check your iat and exp values in the JWT claim.",
+                },
+            )
+        access_token = f"ya29.c.fake-{next(self._numbers)}"
+        self.access_tokens[access_token] = found.account
+        self.issued[access_token] = time.monotonic()
+        return Response(200, {"access_token": access_token, "expires_in": 3599, "token_type": "Bearer"})
 
     def exchange(self, form: dict[str, str]) -> Response:
         """The authorization-code grant of the installed-app flow: a code is good once. The
@@ -222,6 +286,10 @@ class FakeGoogle(FakeServer):
         if rows:
             answer["rows"] = rows  # no data: `rows` is absent, not []
         return Response(200, answer)
+
+
+def unpadded_b64decode(text: str) -> bytes:
+    return urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def id_token(client_id: str, email: str) -> str:
