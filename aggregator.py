@@ -20,6 +20,7 @@ import base64
 import contextlib
 import datetime as dt
 import difflib
+import functools
 import html
 import itertools
 import json
@@ -561,6 +562,8 @@ class Site:
 PAGE_SIZE = 1000
 
 
+# One client per run: each costs ~40 ms of start-up (supabase-py makes four HTTP clients).
+@functools.cache
 def supabase_client(cfg: Config) -> Client:
     options = ClientOptions(
         postgrest_client_timeout=cfg.http_timeout,
@@ -585,24 +588,24 @@ def fetch_all(
 ) -> list[dict]:
     """Every row of a table that `narrow` (filters on a query) keeps, page by page.
 
-    Paging stops at an empty page, not a short one: a project whose max-rows is below
-    PAGE_SIZE answers short pages all the way through. `order` must be unique per row.
+    Paging stops once the total PostgREST counts (Prefer: count=exact) is read, or at an empty
+    page, never at a short one: a project whose max-rows is below PAGE_SIZE answers short pages
+    all the way through. `order` must be unique per row.
     """
     rows: list[dict] = []
     while True:
-        query = narrow(client.table(table).select(columns))
+        # The count spares the empty page that would otherwise end every read: a round trip.
+        query = narrow(client.table(table).select(columns, count="exact"))
         for column in order.split(","):
             query = query.order(column)
         try:
-            page = with_retries(
-                query.range(len(rows), len(rows) + PAGE_SIZE - 1).execute, client.attempts
-            ).data
+            answer = with_retries(query.range(len(rows), len(rows) + PAGE_SIZE - 1).execute, client.attempts)
         except (APIError, httpx.HTTPError) as error:
             raise SupabaseError(describe_supabase_error(error, f"reading {table}")) from None
-        page = rows_of(page, table)
-        if not page:
-            return rows
+        page = rows_of(answer.data, table)
         rows.extend(page)
+        if not page or (answer.count is not None and len(rows) >= answer.count):
+            return rows
 
 
 # What an empty answer most likely means: row level security hides every row from any key but
@@ -1889,12 +1892,12 @@ def aggregate(
                             ]
                         break
                     part_ids = {s.id: matomo_ids[s.id] for s in part if s.id in matomo_ids}
-                    visits_read = side.submit(matomo_data_by_site, matomo, part_ids, days)
+                    visits_read = side.submit(visits_and_stored, matomo, part_ids, days, read_stored_visits)
                     part_targets = {s.id: targets[s.id] for s in part if s.id in targets}
                     gsc = (
                         get_gsc_data(part_targets, gsc_days, cfg, gsc_pool, deadline) if part_targets else {}
                     )
-                    visits = visits_read.result()
+                    visits, stored = visits_read.result()
                     outcome.matomo_fetched += len(visits)
                     outcome.gsc_fetched += len(gsc)
                     outcome.matomo_missing += [
@@ -1906,7 +1909,7 @@ def aggregate(
                         ]
                     rows = analytics_rows(part, days, visits, gsc)
                     if read_stored_visits:
-                        rows = keep_stored_visits(rows, days, read_stored_visits, outcome)
+                        rows = keep_stored_visits(rows, stored, outcome)
                     outcome.rows += len(rows)
                     outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
                     del visits, gsc  # not kept alive through the next slice's fetch
@@ -1926,20 +1929,31 @@ def aggregate(
     return outcome
 
 
-def keep_stored_visits(
-    rows: list[dict],
+def visits_and_stored(
+    matomo: MatomoClient,
+    ids: Mapping[Any, int],
     days: list[dt.date],
-    read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[Any, str], int]],
-    outcome: Outcome,
+    read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[Any, str], int]] | None,
+) -> tuple[dict[Any, dict], Mapping[tuple[Any, str], int] | SupabaseError]:
+    """The Matomo visits of a slice and, for the sites with a 0 among them, the counts stored
+    now: read as soon as Matomo has answered, while Search Console is still being asked."""
+    visits = matomo_data_by_site(matomo, ids, days)
+    zero_sites = {site_id for site_id, by_day in visits.items() if 0 in by_day.values()}
+    if not (zero_sites and read_stored_visits):
+        return visits, {}
+    try:
+        return visits, read_stored_visits(zero_sites, days)
+    except SupabaseError as error:
+        return visits, error
+
+
+def keep_stored_visits(
+    rows: list[dict], stored: Mapping[tuple[Any, str], int] | SupabaseError, outcome: Outcome
 ) -> list[dict]:
     """The rows without the Matomo zeros that would lower a stored count; one warning per site."""
-    zero_sites = {row["site_id"] for row in rows if row.get("matomo_visits") == 0}
-    if not zero_sites:
-        return rows
-    try:
-        stored = read_stored_visits(zero_sites, days)
-    except SupabaseError as error:
-        log.warning("%s; the Matomo zeros of %d sites are not stored this time", error, len(zero_sites))
+    if isinstance(stored, SupabaseError):
+        zero_sites = {row["site_id"] for row in rows if row.get("matomo_visits") == 0}
+        log.warning("%s; the Matomo zeros of %d sites are not stored this time", stored, len(zero_sites))
         stored = {(row["site_id"], row["date"]): 1 for row in rows if row.get("matomo_visits") == 0}
     rows, kept = without_lowering_zeros(rows, stored)
     for site_id, dates in kept.items():

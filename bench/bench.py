@@ -97,20 +97,25 @@ def seed(conn: psycopg.Connection, google: FakeGoogle, matomo: FakeMatomo, s: Sc
     matomo.visits_fn = lambda site, day: (site * 7 + len(day)) % 50 if site <= s.sites else None
 
 
-def lower_bound(s: Scenario, latency: float, settings: list[str]) -> float:
-    """Seconds the job cannot go below, given the latency and its concurrency limits."""
+def lower_bound(s: Scenario, latency: float, settings: list[str], counts: dict[str, int]) -> float:
+    """Seconds the job cannot go below: the round trips on its critical path, from the requests it
+    really made (counts) and its concurrency limits, times the latency; or Search Console's
+    quota, when that is longer."""
     overrides = {k.lower(): int(v) for k, _, v in (setting.partition("=") for setting in settings)}
     cfg = Config("", "", "", "", "", "", **overrides)
-    reads = s.sites // PAGE_SIZE + 1  # pages of sites, the last one empty; accounts are read beside them
-    per_account = math.ceil(s.sites / s.accounts)
+    reads = math.ceil(s.sites / PAGE_SIZE)  # pages of sites, one after another; the rest beside them
+    queries, per_account = counts["query"], math.ceil(counts["query"] / s.accounts)
     gsc = 2 + max(  # a token refresh and sites.list, then the queries
-        math.ceil(s.sites / cfg.gsc_workers), math.ceil(per_account / cfg.gsc_account_workers)
+        math.ceil(queries / cfg.gsc_workers), math.ceil(per_account / cfg.gsc_account_workers)
     )
-    matomo = math.ceil(math.ceil(s.sites / cfg.matomo_bulk_size) / cfg.matomo_workers)
-    upserts = math.ceil(math.ceil(s.sites * s.days / cfg.upsert_chunk_size) / cfg.upsert_workers)
-    bound = latency * (reads + max(gsc, matomo) + upserts)
+    matomo = math.ceil(counts["bulk"] / cfg.matomo_workers)
+    upserts = math.ceil(counts["upsert"] / cfg.upsert_workers)
+    record = 1  # the aggregator_runs row
+    bound = latency * (reads + max(gsc, matomo) + upserts + record)
     if s.qpm and per_account > s.qpm:
-        bound = max(bound, (math.ceil(per_account / s.qpm) - 1) * 60 + latency * (reads + 3 + upserts))
+        bound = max(
+            bound, (math.ceil(per_account / s.qpm) - 1) * 60 + latency * (reads + 3 + upserts + record)
+        )
     return bound
 
 
@@ -148,6 +153,11 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated scenario names, e.g. nightly,quota")
     parser.add_argument("--repeat", type=int, default=1, help="runs per scenario; the table shows the median")
     parser.add_argument(
+        "--http10",
+        action="store_true",
+        help="the stand-ins answer HTTP/1.0 and close every connection (a new one per request)",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], help="a setting for the run's .env, e.g. --set GSC_WORKERS=64"
     )
     options = parser.parse_args()
@@ -168,6 +178,7 @@ def main() -> int:
                 )
                 for server in (gateway, matomo, google):
                     server.latency, server.keep_requests = options.latency, False
+                    server.http10 = options.http10
                 seed(conn, google, matomo, s)
                 settings = {**stand_in_settings(gateway, matomo, google), "RUN_DEADLINE": "3600"}
                 settings.update(setting.split("=", 1) for setting in options.set)
@@ -183,7 +194,12 @@ def main() -> int:
                 stored = conn.execute("select count(*) from daily_analytics").fetchone()[0]
                 for server in (gateway, matomo, google):
                     server.stop()
-                bound = lower_bound(s, options.latency, options.set)
+                counts = {
+                    "query": google.counts["query"],
+                    "bulk": matomo.counts["bulk"],
+                    "upsert": gateway.counts["upsert"] - 1,  # the last one records the run
+                }
+                bound = lower_bound(s, options.latency, options.set, counts)
                 rows.append(
                     [
                         s.name,
@@ -206,11 +222,11 @@ def main() -> int:
                     print(log[-2000:], file=sys.stderr)
     finally:
         drop_database(admin, name)
-    print_table(rows, options.latency)
+    print_table(rows, options.latency, options.http10)
     return 0
 
 
-def print_table(rows: list[list], latency: float) -> None:
+def print_table(rows: list[list], latency: float, http10: bool) -> None:
     header = [
         "scenario",
         "sites",
@@ -228,7 +244,11 @@ def print_table(rows: list[list], latency: float) -> None:
         "target",
     ]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    print(f"\nlatency {latency * 1000:.0f} ms per request, {os.cpu_count()} cores, defaults from Config\n")
+    connections = "HTTP/1.0, a new connection per request" if http10 else "HTTP/1.1 keep-alive"
+    print(
+        f"\nlatency {latency * 1000:.0f} ms per request, {connections}, {os.cpu_count()} cores, "
+        "defaults from Config\n"
+    )
     for r in [header, ["-" * w for w in widths], *rows]:
         print("| " + " | ".join(str(v).ljust(w) for v, w in zip(r, widths)) + " |")
 

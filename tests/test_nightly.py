@@ -69,12 +69,13 @@ def test_lookback_sets_the_nightly_window(fleet, db, google, run_aggregator):
     assert google.count("/searchAnalytics/query") == 1
 
 
-def test_a_fleet_larger_than_supabases_row_cap_is_read_whole(fleet, db, gateway, run_aggregator):
+@pytest.mark.parametrize("max_rows", [1000, 400])  # Supabase's default cap, and a lower one
+def test_a_fleet_larger_than_supabases_row_cap_is_read_whole(max_rows, fleet, db, gateway, run_aggregator):
     accounts = [fleet.account() for _ in range(3)]
     sites = fleet.many(1205, accounts)
     for site in sites[::100]:
         fleet.visits(site, 3)
-    gateway.max_rows = 1000
+    gateway.max_rows = max_rows
 
     result = run_aggregator()
 

@@ -269,15 +269,17 @@ def upsert_of(site):
 def test_postgrests_own_transient_errors_are_retried_on_reads_and_writes(
     errors, fleet, db, gateway, config, run_aggregator
 ):
-    fleet.account()  # an account without sites: gsc_accounts is read, no query is made
+    for _ in range(4):
+        fleet.account()  # accounts without sites: gsc_accounts is read, no query is made
     sites = [fleet.site(f"s{n}.example.com") for n in range(6)]
     for n, site in enumerate(sites):
         fleet.visits(site, n + 1)
-    reads = [  # every page is read until an empty one
+    gateway.max_rows = 3  # two pages of sites and two of accounts
+    reads = [
         read_of("sites", 0),
-        read_of("sites", 6),
+        read_of("sites", 3),
         read_of("gsc_accounts", 0),
-        read_of("gsc_accounts", 1),
+        read_of("gsc_accounts", 3),
         read_of("daily_analytics", gsc_final="eq.false"),
         read_of("daily_analytics", matomo_visits="gt.0"),
     ]

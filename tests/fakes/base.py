@@ -20,6 +20,7 @@ class Request:
     headers: dict[str, str]
     body: bytes
     query_pairs: list[tuple[str, str]] = field(default_factory=list)  # repeats kept, in order
+    received: float = field(default_factory=time.time)  # when it arrived, for timelines
 
     @property
     def form(self) -> dict[str, str]:
@@ -58,6 +59,9 @@ class Fault:
 
 class FakeServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver listens with a backlog of 5: 64 new connections at once would have their SYNs
+    # dropped and retried a second later. Real servers queue hundreds (nginx: 511).
+    request_queue_size = 511
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
@@ -66,6 +70,9 @@ class FakeServer(ThreadingHTTPServer):
         self.keep_requests = True  # a benchmark turns this off and reads `counts`
         self.counts: Counter[str] = Counter()  # requests per kind(request)
         self.latency = 0.0
+        # As simple servers and some proxies do: answer HTTP/1.0 and close the connection after
+        # every answer, so that each request needs a new connection.
+        self.http10 = False
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
@@ -164,8 +171,12 @@ class Handler(BaseHTTPRequestHandler):
         payload = response.payload()
         # Status line, headers and body in one write: split writes meet Nagle's algorithm and
         # delayed ACKs, and every answer would take 40 ms more than the injected latency.
-        head = [f"HTTP/1.1 {response.status} {self.responses.get(response.status, ('',))[0]}"]
+        version = "HTTP/1.0" if self.server.http10 else "HTTP/1.1"
+        head = [f"{version} {response.status} {self.responses.get(response.status, ('',))[0]}"]
         head += [f"Content-Type: {response.content_type}", f"Content-Length: {len(payload)}"]
+        if self.server.http10:
+            head.append("Connection: close")
+            self.close_connection = True
         head += [f"{name}: {value}" for name, value in response.headers.items()]
         answer = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
         if fault and fault.cut is not None:  # Content-Length promises more than comes

@@ -142,13 +142,26 @@ class FakePostgrest(FakeServer):
             sql.Literal(offset),
         )
         wrapped = sql.SQL("select coalesce(json_agg(t), '[]'::json) from ({}) t").format(query)
+        # Prefer: count=exact adds the total after the slash (a count(*) with the same filters);
+        # a range short of it is 206 Partial Content, an offset past it 416.
+        counted = "count=exact" in request.headers.get("prefer", "")
+        total_query = sql.SQL("select count(*) from {}{}").format(sql.Identifier("public", table), where)
         conn = self.connection()
         with conn.transaction():
             conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
             rows = conn.execute(wrapped, values).fetchone()[0]
+            total = conn.execute(total_query, values).fetchone()[0] if counted else "*"
+        if counted and offset > total and offset:
+            raise GatewayError(
+                416,
+                "PGRST103",
+                "Requested range not satisfiable",
+                f"An offset of {offset} was requested, but there are only {total} rows.",
+            )
         end = offset + len(rows) - 1
-        content_range = f"{offset}-{end}/*" if rows else "*/*"
-        return Response(200, rows, headers={"Content-Range": content_range})
+        content_range = f"{offset}-{end}/{total}" if rows else f"*/{total}"
+        status = 206 if counted and end + 1 < total else 200
+        return Response(status, rows, headers={"Content-Range": content_range})
 
     def filters(self, params: dict[str, str] | list[tuple[str, str]]) -> tuple[sql.Composable, list]:
         clauses, values = [], []
