@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from aggregator import DEFAULT_LAG_DAYS, DEFAULT_LOOKBACK_DAYS, PAGE_SIZE, Config  # noqa: E402
+from aggregator import DEFAULT_LAG_DAYS, DEFAULT_LOOKBACK_DAYS, PAGE_SIZE, ROWS_PER_SLICE, Config  # noqa: E402
 from fakes.database import create_database, drop_database, server_url  # noqa: E402
 from fakes.google import FakeGoogle  # noqa: E402
 from fakes.matomo import FakeMatomo  # noqa: E402
@@ -100,22 +100,27 @@ def seed(conn: psycopg.Connection, google: FakeGoogle, matomo: FakeMatomo, s: Sc
 def lower_bound(s: Scenario, latency: float, settings: list[str], counts: dict[str, int]) -> float:
     """Seconds the job cannot go below: the round trips on its critical path, from the requests it
     really made (counts) and its concurrency limits, times the latency; or Search Console's
-    quota, when that is longer."""
+    quota, when that is longer.
+
+    A run fetches and stores slice by slice, storing one slice while it fetches the next: with
+    n slices the path is the first slice's fetch, n - 1 times the longer of a slice's fetch and
+    store, and the last slice's store.
+    """
     overrides = {k.lower(): int(v) for k, _, v in (setting.partition("=") for setting in settings)}
     cfg = Config("", "", "", "", "", "", **overrides)
     reads = math.ceil(s.sites / PAGE_SIZE)  # pages of sites, one after another; the rest beside them
     queries, per_account = counts["query"], math.ceil(counts["query"] / s.accounts)
-    gsc = 2 + max(  # a token refresh and sites.list, then the queries
-        math.ceil(queries / cfg.gsc_workers), math.ceil(per_account / cfg.gsc_account_workers)
-    )
-    matomo = math.ceil(counts["bulk"] / cfg.matomo_workers)
-    upserts = math.ceil(counts["upsert"] / cfg.upsert_workers)
+    connect = 2 if queries else 0  # a token refresh, then sites.list
+    gsc = max(math.ceil(queries / cfg.gsc_workers), math.ceil(per_account / cfg.gsc_account_workers))
+    fetch = max(gsc, math.ceil(counts["bulk"] / cfg.matomo_workers))
+    store = math.ceil(counts["upsert"] / cfg.upsert_workers)
+    per_slice = max(1, ROWS_PER_SLICE // s.days)
+    n = math.ceil(s.sites / max(cfg.matomo_bulk_size, per_slice - per_slice % cfg.matomo_bulk_size))
+    pipeline = fetch / n + (n - 1) * max(fetch, store) / n + store / n
     record = 1  # the aggregator_runs row
-    bound = latency * (reads + max(gsc, matomo) + upserts + record)
+    bound = latency * (reads + connect + pipeline + record)
     if s.qpm and per_account > s.qpm:
-        bound = max(
-            bound, (math.ceil(per_account / s.qpm) - 1) * 60 + latency * (reads + 3 + upserts + record)
-        )
+        bound = max(bound, (math.ceil(per_account / s.qpm) - 1) * 60 + latency * (reads + 3 + store + record))
     return bound
 
 
