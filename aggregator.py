@@ -38,7 +38,7 @@ import time
 import warnings
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, TypeVar, Union
@@ -58,6 +58,7 @@ from google.oauth2.credentials import Credentials  # noqa: E402
 from googleapiclient.discovery import build  # noqa: E402
 from googleapiclient.errors import HttpError  # noqa: E402
 from postgrest.exceptions import APIError  # noqa: E402
+from postgrest.types import CountMethod, ReturnMethod  # noqa: E402
 from requests.adapters import HTTPAdapter  # noqa: E402
 from supabase import Client, ClientOptions, create_client  # noqa: E402
 from urllib3.util.retry import Retry  # noqa: E402
@@ -76,6 +77,7 @@ GSC_RETENTION_DAYS = 480
 GSC_SCOPE = "https://www.googleapis.com/auth/webmasters.readonly"
 MIGRATION = "supabase/migrations/20261125000000_analytics.sql"
 T = TypeVar("T")
+SiteId = int  # sites.id and gsc_accounts.id are bigints
 
 
 # ---------------------------------------------------------------------------
@@ -146,7 +148,8 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
             f"Set them in {env_file} (see .env.example) or in the environment."
         )
     # No message echoes a value: a key pasted into the wrong variable would be printed.
-    values, problems = {}, []
+    values: dict[str, Any] = {}
+    problems: list[str] = []
     for f in fields(Config):
         name, raw = f.name.upper(), env.get(f.name.upper())
         least = f.metadata.get("at_least", 1)
@@ -345,8 +348,11 @@ class LogLines(logging.StreamHandler):
                 self.flush()
 
 
-def setup_logging(level: str) -> tuple[SecretFilter, ProblemLog]:
-    secret_filter, problems = SecretFilter(), ProblemLog()
+# The run's secrets and problems: one of each per process, like `log`.
+secret_filter, problems = SecretFilter(), ProblemLog()
+
+
+def setup_logging(level: str) -> None:
     handler = LogLines(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     for each in (handler, problems):
@@ -360,7 +366,6 @@ def setup_logging(level: str) -> tuple[SecretFilter, ProblemLog]:
         # These log one INFO line per request: thousands of lines a night.
         for noisy in ("httpx", "googleapiclient.discovery", "google_auth_httplib2"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    return secret_filter, problems
 
 
 # ---------------------------------------------------------------------------
@@ -502,40 +507,46 @@ def days_between(start: dt.date, end: dt.date) -> list[dt.date]:
     return [start + dt.timedelta(days=n) for n in range((end - start).days + 1)]
 
 
-def target_days(args: argparse.Namespace, today: dt.date) -> list[dt.date]:
+def target_days(
+    today: dt.date,
+    date: str | None = None,
+    start: str | None = None,
+    end: str | None = None,
+    lookback: int | None = None,
+) -> list[dt.date]:
     """The inclusive list of days to aggregate, validated."""
     latest = today - dt.timedelta(days=DEFAULT_LAG_DAYS)
-    if args.date and (args.start or args.end):
+    if date and (start or end):
         raise UsageError("use either --date or --from/--to, not both")
-    if args.end and not args.start:
+    if end and not start:
         raise UsageError("--to needs --from, e.g. --from 2026-10-01 --to 2026-10-31")
-    if args.lookback is not None and (args.date or args.start):
+    if lookback is not None and (date or start):
         raise UsageError("--lookback is for the nightly run; with --date or --from, name the days instead")
-    if args.lookback is not None and not 1 <= args.lookback <= 90:
-        raise UsageError(f"--lookback takes 1 to 90 days, got {args.lookback}")
-    if args.date:
-        start = end = parse_day(args.date)
-    elif args.start:
-        start = parse_day(args.start)
-        end = parse_day(args.end) if args.end else max(latest, start)
+    if lookback is not None and not 1 <= lookback <= 90:
+        raise UsageError(f"--lookback takes 1 to 90 days, got {lookback}")
+    if date:
+        first = last = parse_day(date)
+    elif start:
+        first = parse_day(start)
+        last = parse_day(end) if end else max(latest, first)
     else:
-        end = latest
-        start = latest - dt.timedelta(days=(args.lookback or DEFAULT_LOOKBACK_DAYS) - 1)
-    if start > end:
-        raise UsageError(f"the range ends ({end}) before it starts ({start})")
-    if end >= today:
+        last = latest
+        first = latest - dt.timedelta(days=(lookback or DEFAULT_LOOKBACK_DAYS) - 1)
+    if first > last:
+        raise UsageError(f"the range ends ({last}) before it starts ({first})")
+    if last >= today:
         raise UsageError(
-            f"{end} is {'in the future' if end > today else 'today, which is not over'}: "
+            f"{last} is {'in the future' if last > today else 'today, which is not over'}: "
             f"the latest day accepted is yesterday ({today - dt.timedelta(days=1)})"
         )
-    if start < gsc_oldest_day(today):
+    if first < gsc_oldest_day(today):
         log.warning(
             "%s is older than Search Console keeps (about 16 months): GSC is fetched only from %s on; "
             "Matomo for every day",
-            start,
+            first,
             gsc_oldest_day(today),
         )
-    return days_between(start, end)
+    return days_between(first, last)
 
 
 def gsc_oldest_day(today: dt.date) -> dt.date:
@@ -565,7 +576,7 @@ PAGE_SIZE = 1000
 
 # One client per run: each costs ~40 ms of start-up (supabase-py makes four HTTP clients).
 @functools.cache
-def supabase_client(cfg: Config) -> Client:
+def supabase_client(cfg: Config) -> Supabase:
     options = ClientOptions(
         postgrest_client_timeout=cfg.http_timeout,
         auto_refresh_token=False,
@@ -576,12 +587,22 @@ def supabase_client(cfg: Config) -> Client:
     if hasattr(options, "postgrest_client_retry"):
         options.postgrest_client_retry = False
     client = create_client(cfg.supabase_url, cfg.supabase_service_role_key, options)
-    client.attempts = cfg.http_retries + 1  # type: ignore[attr-defined] # read by with_retries' callers
-    return client
+    return Supabase(client, cfg.http_retries + 1)
+
+
+@dataclass(frozen=True)
+class Supabase:
+    """The Supabase client, and how many times a call that fails transiently is made."""
+
+    client: Client
+    attempts: int
+
+    def table(self, name: str) -> Any:
+        return self.client.table(name)
 
 
 def fetch_all(
-    client: Client,
+    client: Supabase,
     table: str,
     columns: str,
     narrow: Callable[[Any], Any] = lambda q: q,
@@ -596,7 +617,7 @@ def fetch_all(
     rows: list[dict] = []
     while True:
         # The count spares the empty page that would otherwise end every read: a round trip.
-        query = narrow(client.table(table).select(columns, count="exact"))
+        query = narrow(client.table(table).select(columns, count=CountMethod.exact))
         for column in order.split(","):
             query = query.order(column)
         try:
@@ -633,7 +654,7 @@ def rows_of(data: Any, table: str) -> list[dict]:
     )
 
 
-def deployed_sites(client: Client) -> list[Site]:
+def deployed_sites(client: Supabase) -> list[Site]:
     rows = fetch_all(
         client,
         "sites",
@@ -647,7 +668,7 @@ def deployed_sites(client: Client) -> list[Site]:
 AccountKey = Union[str, dict]
 
 
-def account_keys(client: Client) -> dict[Any, AccountKey]:
+def account_keys(client: Supabase) -> dict[Any, AccountKey]:
     """{account id: its refresh token or service-account key} for every gsc_accounts row."""
     rows = fetch_all(client, "gsc_accounts", "id,oauth_refresh_token,service_account_key")
     return {row["id"]: row["service_account_key"] or row["oauth_refresh_token"] for row in rows}
@@ -673,7 +694,7 @@ def secrets_of(keys: Iterable[AccountKey]) -> list[str]:
 PROVISIONAL_HORIZON_DAYS = 14
 
 
-def oldest_provisional_day(client: Client, today: dt.date) -> dt.date | None:
+def oldest_provisional_day(client: Supabase, today: dt.date) -> dt.date | None:
     """The oldest day of the last two weeks that holds a provisional Search Console value."""
     since = today - dt.timedelta(days=PROVISIONAL_HORIZON_DAYS)
     query = (
@@ -691,7 +712,18 @@ def oldest_provisional_day(client: Client, today: dt.date) -> dt.date | None:
     return dt.date.fromisoformat(rows[0]["date"]) if rows else None
 
 
-def stored_visits(client: Client, site_ids: Iterable[Any], days: list[dt.date]) -> dict[tuple[Any, str], int]:
+def positive_visits_of(query: Any, ids: list[Any], days: list[dt.date]) -> Any:
+    return (
+        query.in_("site_id", ids)
+        .gte("date", days[0].isoformat())
+        .lte("date", days[-1].isoformat())
+        .gt("matomo_visits", 0)
+    )
+
+
+def stored_visits(
+    client: Supabase, site_ids: Iterable[Any], days: list[dt.date]
+) -> dict[tuple[Any, str], int]:
     """{(site id, day): visits} of the positive Matomo counts already stored for these sites and days."""
     found: dict[tuple[Any, str], int] = {}
     for some in chunks(sorted(set(site_ids)), 200):  # keeps the URL short
@@ -699,12 +731,7 @@ def stored_visits(client: Client, site_ids: Iterable[Any], days: list[dt.date]) 
             client,
             "daily_analytics",
             "site_id,date,matomo_visits",
-            lambda query, ids=some: (
-                query.in_("site_id", ids)
-                .gte("date", days[0].isoformat())
-                .lte("date", days[-1].isoformat())
-                .gt("matomo_visits", 0)
-            ),
+            functools.partial(positive_visits_of, ids=some, days=days),
             order="site_id,date",
         )
         found.update({(row["site_id"], row["date"]): row["matomo_visits"] for row in rows})
@@ -1179,7 +1206,7 @@ def error_reasons(error: HttpError) -> set[str]:
     """The `reason` of each entry of a Google error body's `errors` list."""
     try:
         entries = json.loads(error.content).get("error", {}).get("errors", [])
-        return {entry.get("reason") for entry in entries if isinstance(entry, dict)}
+        return {str(entry.get("reason")) for entry in entries if isinstance(entry, dict)}
     except (ValueError, AttributeError, TypeError):
         return set()
 
@@ -1582,14 +1609,15 @@ def matomo_ids_by_site(sites: Iterable[Site]) -> dict[Any, int]:
     for site in sites:
         if site.matomo_site_id is None:
             continue
-        if matomo_id(site) is None:
+        found = matomo_id(site)
+        if found is None:
             log.warning(
                 "Site %s: matomo_site_id %r is not a positive number; Matomo skipped",
                 site.id,
                 site.matomo_site_id,
             )
         else:
-            ids[site.id] = matomo_id(site)
+            ids[site.id] = found
     return ids
 
 
@@ -1680,7 +1708,7 @@ def rows_by_columns(rows: Iterable[dict]) -> dict[tuple[str, ...], list[dict]]:
 # ---------------------------------------------------------------------------
 
 
-def store_rows(client: Client, rows: list[dict], cfg: Config) -> tuple[int, int]:
+def store_rows(client: Supabase, rows: list[dict], cfg: Config) -> tuple[int, int]:
     """Upsert rows in chunks of one shape, a few at a time; returns (stored, not stored)."""
     batches = [
         chunk for group in rows_by_columns(rows).values() for chunk in chunks(group, cfg.upsert_chunk_size)
@@ -1692,7 +1720,7 @@ def store_rows(client: Client, rows: list[dict], cfg: Config) -> tuple[int, int]
         if hopeless.happened:
             return 0
         request = client.table("daily_analytics").upsert(
-            chunk, on_conflict="date,site_id", returning="minimal"
+            chunk, on_conflict="date,site_id", returning=ReturnMethod.minimal
         )
         try:
             with_retries(request.execute, cfg.http_retries + 1)
@@ -1741,7 +1769,7 @@ def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict
         "summary": document,
     }
     try:
-        supabase_client(cfg).table("aggregator_runs").insert(row, returning="minimal").execute()
+        supabase_client(cfg).table("aggregator_runs").insert(row, returning=ReturnMethod.minimal).execute()
     except (APIError, httpx.HTTPError) as error:
         log.warning("%s; this run is not recorded", describe_supabase_error(error, "recording the run"))
 
@@ -1751,40 +1779,73 @@ def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict
 # ---------------------------------------------------------------------------
 
 
+# Each source, and the sites column that asks for it: a site without a Matomo id is not asked
+# Matomo, one without an account not Search Console.
+SOURCES = {"matomo": "matomo_site_id", "gsc": "gsc_account_id"}
+
+
+def wants(site: Site, source: str) -> bool:
+    return getattr(site, SOURCES[source]) is not None
+
+
+@dataclass
+class SourceCount:
+    wanted: int = 0  # sites that ask for the source
+    fetched: int = 0  # sites it answered for
+    missing_sites: list[SiteId] = field(default_factory=list)  # sites it did not answer for
+
+
 @dataclass
 class Outcome:
+    """What a run did, counted as it happens (main() owns it, so a signal or a crash still finds
+    the true counts)."""
+
     days: list = field(default_factory=list)  # the days asked for, provisional ones included
     domains: dict = field(default_factory=dict)  # site id -> domain, for the re-run advice
     sites: int = 0
-    matomo_wanted: int = 0
-    matomo_fetched: int = 0
-    gsc_wanted: int = 0
-    gsc_fetched: int = 0
+    matomo: SourceCount = field(default_factory=SourceCount)
+    gsc: SourceCount = field(default_factory=SourceCount)
     gsc_provisional: int = 0  # (site, day) values stored with gsc_final = false
     matomo_zeros_kept: int = 0  # (site, day) zeros not stored over a positive count
     rows: int = 0
     stored: int = 0
     not_stored: int = 0
-    matomo_missing: list = field(default_factory=list)  # site ids that lack a Matomo value
-    gsc_missing: list = field(default_factory=list)
     gsc_accounts: dict = field(default_factory=dict)  # account id -> "connected" or why not
+    done: int = 0  # sites whose slice was fetched
+
+    def sources(self) -> dict[str, SourceCount]:
+        return {"matomo": self.matomo, "gsc": self.gsc}
+
+    def begin(self, sites: list[Site], days: list[dt.date], sources: Iterable[str]) -> None:
+        self.days, self.sites = days, len(sites)
+        self.domains = {site.id: site.domain for site in sites}
+        for source in sources:
+            self.sources()[source].wanted = sum(1 for site in sites if wants(site, source))
+
+    def count_fetched(self, part: list[Site], answers: Mapping[str, Mapping[SiteId, Any]]) -> None:
+        """Counts what each source answered for the sites of a slice."""
+        for source, answered in answers.items():
+            count = self.sources()[source]
+            count.fetched += len(answered)
+            count.missing_sites += [s.id for s in part if wants(s, source) and s.id not in answered]
+        self.done += len(part)
+
+    def give_up(self, sites: list[Site], sources: Iterable[str]) -> None:
+        """The sites the deadline left unfetched are missing from every source they ask for."""
+        for source in sources:
+            self.sources()[source].missing_sites += [s.id for s in sites if wants(s, source)]
 
     def summary(self) -> str:
         return (
-            f"Processed {self.sites} sites. Fetched Matomo data for {self.matomo_fetched}. "
-            f"Fetched GSC data for {self.gsc_fetched}. Stored {self.stored} records."
+            f"Processed {self.sites} sites. Fetched Matomo data for {self.matomo.fetched}. "
+            f"Fetched GSC data for {self.gsc.fetched}. Stored {self.stored} records."
         )
 
     def exit_status(self) -> int:
         if self.not_stored and not self.stored:
             return EXIT_FAILED
-        complete = (
-            self.matomo_fetched == self.matomo_wanted
-            and not self.matomo_zeros_kept
-            and self.gsc_fetched == self.gsc_wanted
-            and not self.not_stored
-        )
-        return EXIT_OK if complete else EXIT_PARTIAL
+        complete = all(count.fetched == count.wanted for count in self.sources().values())
+        return EXIT_OK if complete and not self.matomo_zeros_kept and not self.not_stored else EXIT_PARTIAL
 
     def report(self, days: list[dt.date], status: int, seconds: float, problems: list[str]) -> dict:
         """The run for monitoring (--json) and for aggregator_runs."""
@@ -1792,16 +1853,9 @@ class Outcome:
             "from": days[0].isoformat(),
             "to": days[-1].isoformat(),
             "sites": self.sites,
-            "matomo": {
-                "wanted": self.matomo_wanted,
-                "fetched": self.matomo_fetched,
-                "missing_sites": self.matomo_missing,
-                "zeros_not_stored": self.matomo_zeros_kept,
-            },
+            "matomo": {**vars(self.matomo), "zeros_not_stored": self.matomo_zeros_kept},
             "gsc": {
-                "wanted": self.gsc_wanted,
-                "fetched": self.gsc_fetched,
-                "missing_sites": self.gsc_missing,
+                **vars(self.gsc),
                 "provisional_values": self.gsc_provisional,
                 "accounts": {str(account_id): state for account_id, state in self.gsc_accounts.items()},
             },
@@ -1812,24 +1866,77 @@ class Outcome:
         }
 
 
-def run(
-    cfg: Config,
-    days: list[dt.date],
-    today: dt.date,
-    secret_filter: SecretFilter,
-    only_domains: Iterable[str] = (),
-    dry_run: bool = False,
-    nightly: bool = False,
-    accept_zero_visits: bool = False,
-    deadline: Deadline | None = None,
-    outcome: Outcome | None = None,
-) -> Outcome:
-    deadline = deadline or Deadline.after(cfg.run_deadline)
-    outcome = outcome or Outcome()
+@dataclass(frozen=True)
+class Asked:
+    """What the command line asks of a run."""
+
+    days: list[dt.date]
+    today: dt.date
+    only_domains: tuple[str, ...] = ()
+    dry_run: bool = False
+    nightly: bool = False
+    accept_zero_visits: bool = False
+
+
+def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outcome:
+    """The job, in the seed's five steps: read the deployed sites and the accounts; then, slice by
+    slice, get Matomo's visits and Search Console's numbers, shape one row per site and day, and
+    upsert them (storing a slice while the next is fetched)."""
     client = supabase_client(cfg)
+    sites, keys, days = fleet_to_fetch(client, asked)
+    gsc_days = [day for day in days if day >= gsc_oldest_day(asked.today)]
+    sources = ["matomo", "gsc"] if gsc_days else ["matomo"]
+    outcome.begin(sites, days, sources)
+    store = print_rows_table() if asked.dry_run else functools.partial(store_rows, client, cfg=cfg)
+    read_stored = None if asked.accept_zero_visits else functools.partial(stored_visits, client)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            progress.shown(cfg.progress_every, outcome.matomo.wanted, outcome.gsc.wanted, outcome)
+        )
+        gsc_pool = stack.enter_context(ThreadPoolExecutor(max_workers=cfg.gsc_workers))
+        side = stack.enter_context(
+            ThreadPoolExecutor(max_workers=2)
+        )  # Matomo beside GSC; storing beside both
+        matomo, matomo_ids = matomo_client(cfg, deadline), matomo_ids_by_site(sites)
+        accounts = (
+            connected_accounts(cfg, sites, keys, gsc_pool, states=outcome.gsc_accounts) if gsc_days else {}
+        )
+        targets = query_targets(sites, accounts)
+        progress.fetched("gsc", outcome.gsc.wanted - len(targets))  # nothing to ask for these
+        storing: Future | None = None
+        for part in slices(sites, len(days), cfg.matomo_bulk_size):
+            if deadline.passed():
+                log.warning("%s: %d sites were not fetched", deadline.why, len(sites) - outcome.done)
+                outcome.give_up(sites[outcome.done :], sources)
+                break
+            part_ids = {s.id: matomo_ids[s.id] for s in part if s.id in matomo_ids}
+            visits_read = side.submit(visits_and_stored, matomo, part_ids, days, read_stored)
+            part_targets = {s.id: targets[s.id] for s in part if s.id in targets}
+            gsc = get_gsc_data(part_targets, gsc_days, cfg, gsc_pool, deadline) if part_targets else {}
+            visits, stored = visits_read.result()
+            outcome.count_fetched(part, {"matomo": visits, "gsc": gsc} if gsc_days else {"matomo": visits})
+            rows = slice_rows(part, days, visits, gsc, stored if read_stored else {}, outcome)
+            del visits, gsc  # not kept alive through the next slice's fetch
+            if storing:
+                storing.result()
+            storing = side.submit(store_and_count, store, rows, outcome)
+        if storing:
+            storing.result()
+    if outcome.gsc_provisional:
+        log.info(
+            "Search Console: %d values are provisional (the day is not final yet): stored with "
+            "gsc_final = false; the nightly run replaces them with the final numbers",
+            outcome.gsc_provisional,
+        )
+    return outcome
+
+
+def fleet_to_fetch(client: Supabase, asked: Asked) -> tuple[list[Site], dict[Any, AccountKey], list[dt.date]]:
+    """The deployed sites to fetch, every account's credential, and the days: those asked for,
+    reaching back, in the nightly run, to the oldest day still provisional."""
     with ThreadPoolExecutor(max_workers=2) as side:
         sites_read = side.submit(deployed_sites, client)
-        provisional_read = side.submit(oldest_provisional_day, client, today) if nightly else None
+        provisional_read = side.submit(oldest_provisional_day, client, asked.today) if asked.nightly else None
         keys = account_keys(client)
         sites = sites_read.result()
         provisional_since = provisional_read.result() if provisional_read else None
@@ -1838,100 +1945,29 @@ def run(
         raise SupabaseError(NO_SITES)
     if not keys and any(site.gsc_account_id is not None for site in sites):
         log.error("%s", NO_ACCOUNTS)
+    days = asked.days
     if provisional_since and provisional_since < days[0]:
         log.info("Search Console values from %s on are provisional: fetching them again", provisional_since)
         days = days_between(provisional_since, days[-1])
-    if only_domains:
-        sites = sites_with_domains(sites, only_domains)
+    if asked.only_domains:
+        sites = sites_with_domains(sites, asked.only_domains)
     log.info("Aggregating %s to %s for %d deployed sites", days[0], days[-1], len(sites))
-    if dry_run:
-        print(ROW_FORMAT.format(*ROW_COLUMNS), flush=True)
-        store: Callable[[list[dict]], tuple[int, int]] = print_rows
-    else:
-        store = lambda rows: store_rows(client, rows, cfg)  # noqa: E731
-    gsc_days = [day for day in days if day >= gsc_oldest_day(today)]
-    read_stored = None if accept_zero_visits else (lambda ids, days: stored_visits(client, ids, days))
-    return aggregate(cfg, sites, keys, days, gsc_days, deadline, store, read_stored, outcome)
+    return sites, keys, days
 
 
-def aggregate(
-    cfg: Config,
-    sites: list[Site],
-    keys: Mapping[Any, AccountKey],
+def slice_rows(
+    part: list[Site],
     days: list[dt.date],
-    gsc_days: list[dt.date],
-    deadline: Deadline,
-    store: Callable[[list[dict]], tuple[int, int]],
-    read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[Any, str], int]] | None,
+    visits: Mapping[SiteId, Mapping[dt.date, int]],
+    gsc: Mapping[SiteId, Mapping[dt.date, GscMetrics]],
+    stored: Mapping[tuple[Any, str], int] | SupabaseError,
     outcome: Outcome,
-) -> Outcome:
-    """Fetch, shape and store slice after slice, counting into `outcome` as it goes, so that
-    whatever ends the run, the counts say what was really stored."""
-    outcome.days = days
-    outcome.sites = len(sites)
-    outcome.domains = {site.id: site.domain for site in sites}
-    outcome.matomo_wanted = sum(1 for s in sites if s.matomo_site_id is not None)
-    outcome.gsc_wanted = sum(1 for s in sites if s.gsc_account_id is not None) if gsc_days else 0
-    with progress.shown(cfg.progress_every, outcome.matomo_wanted, outcome.gsc_wanted, outcome):
-        matomo = matomo_client(cfg, deadline)
-        matomo_ids = matomo_ids_by_site(sites)
-        # side runs the Matomo fetch beside the Search Console queries, and the previous slice's
-        # upserts beside the next slice's fetches.
-        with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as gsc_pool:
-            with ThreadPoolExecutor(max_workers=2) as side:
-                accounts = (
-                    connected_accounts(cfg, sites, keys, gsc_pool, states=outcome.gsc_accounts)
-                    if gsc_days
-                    else {}
-                )
-                targets = query_targets(sites, accounts)
-                progress.fetched("gsc", outcome.gsc_wanted - len(targets))  # nothing to ask for these
-                storing, done = None, 0
-                for part in slices(sites, len(days), cfg.matomo_bulk_size):
-                    if deadline.passed():
-                        log.warning("%s: %d sites were not fetched", deadline.why, len(sites) - done)
-                        outcome.matomo_missing += [s.id for s in sites[done:] if s.matomo_site_id is not None]
-                        if gsc_days:
-                            outcome.gsc_missing += [
-                                s.id for s in sites[done:] if s.gsc_account_id is not None
-                            ]
-                        break
-                    part_ids = {s.id: matomo_ids[s.id] for s in part if s.id in matomo_ids}
-                    visits_read = side.submit(visits_and_stored, matomo, part_ids, days, read_stored_visits)
-                    part_targets = {s.id: targets[s.id] for s in part if s.id in targets}
-                    gsc = (
-                        get_gsc_data(part_targets, gsc_days, cfg, gsc_pool, deadline) if part_targets else {}
-                    )
-                    visits, stored = visits_read.result()
-                    outcome.matomo_fetched += len(visits)
-                    outcome.gsc_fetched += len(gsc)
-                    outcome.matomo_missing += [
-                        s.id for s in part if s.matomo_site_id is not None and s.id not in visits
-                    ]
-                    if gsc_days:
-                        outcome.gsc_missing += [
-                            s.id for s in part if s.gsc_account_id is not None and s.id not in gsc
-                        ]
-                    rows = analytics_rows(part, days, visits, gsc)
-                    if read_stored_visits:
-                        rows = keep_stored_visits(rows, stored, outcome)
-                    outcome.rows += len(rows)
-                    outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
-                    del visits, gsc  # not kept alive through the next slice's fetch
-                    if storing:
-                        storing.result()
-                    storing = side.submit(lambda rows=rows: add_stored(outcome, store(rows)))
-                    done += len(part)
-                if storing:
-                    storing.result()
-
-    if outcome.gsc_provisional:
-        log.info(
-            "Search Console: %d values are provisional (the day is not final yet): stored with "
-            "gsc_final = false; the nightly run replaces them with the final numbers",
-            outcome.gsc_provisional,
-        )
-    return outcome
+) -> list[dict]:
+    """The rows to upsert for a slice, without the Matomo zeros that would lower stored counts."""
+    rows = keep_stored_visits(analytics_rows(part, days, visits, gsc), stored, outcome)
+    outcome.rows += len(rows)
+    outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
+    return rows
 
 
 def visits_and_stored(
@@ -1988,6 +2024,12 @@ ROW_COLUMNS = ("date", "site_id", "matomo_visits", "gsc_clicks", "gsc_impression
 ROW_FORMAT = "{:<10}  {:>10}  {:>13}  {:>10}  {:>15}  {:>8}  {:>12}"
 
 
+def print_rows_table() -> Callable[[list[dict]], tuple[int, int]]:
+    """--dry-run's stand-in for store_rows, once the table's head is printed."""
+    print(ROW_FORMAT.format(*ROW_COLUMNS), flush=True)
+    return print_rows
+
+
 def print_rows(rows: list[dict]) -> tuple[int, int]:
     """--dry-run's stand-in for store_rows: the rows as an aligned table; '-' is a column not written."""
     for row in rows:
@@ -2007,9 +2049,12 @@ def matomo_data_by_site(matomo: MatomoClient, ids: Mapping[Any, int], days: list
     return {site_id: by_matomo_id[m] for site_id, m in ids.items() if m in by_matomo_id}
 
 
-def add_stored(outcome: Outcome, counts: tuple[int, int]) -> None:
-    outcome.stored += counts[0]
-    outcome.not_stored += counts[1]
+def store_and_count(
+    store: Callable[[list[dict]], tuple[int, int]], rows: list[dict], outcome: Outcome
+) -> None:
+    stored, not_stored = store(rows)
+    outcome.stored += stored
+    outcome.not_stored += not_stored
     progress.stored = outcome.stored
 
 
@@ -2018,9 +2063,7 @@ def add_stored(outcome: Outcome, counts: tuple[int, int]) -> None:
 # ---------------------------------------------------------------------------
 
 
-def check(
-    cfg: Config, today: dt.date, secret_filter: SecretFilter, problems: ProblemLog, as_json: bool
-) -> int:
+def check(cfg: Config, today: dt.date, as_json: bool) -> int:
     """What each service answered, then one line per problem with its fix; nothing is written.
 
     Every service is checked whatever another answered: Supabase down must not hide a wrong
@@ -2031,10 +2074,10 @@ def check(
     secret_filter.add(*secrets_of(keys.values()))
     matomo_for_check(cfg, sites, today, found)
     search_console_for_check(cfg, sites, keys, found)
-    return print_check_report(found, problems, as_json)
+    return print_check_report(found, as_json)
 
 
-def print_check_report(found: dict, problems: ProblemLog, as_json: bool) -> int:
+def print_check_report(found: dict, as_json: bool) -> int:
     status = EXIT_FAILED if problems.lines else EXIT_OK
     if as_json:
         found.pop("lines", None)
@@ -2138,7 +2181,7 @@ def client_for_check(cfg: Config) -> None:
         log.error("Google's token endpoint (GOOGLE_TOKEN_URI) cannot be reached: %s", error)
 
 
-def conflict_key_exists(client: Client) -> bool:
+def conflict_key_exists(client: Supabase) -> bool:
     """Whether upserts on (date, site_id) can work, found without writing anything.
 
     Postgres resolves ON CONFLICT before it reads a single row: a missing key fails at once
@@ -2147,7 +2190,7 @@ def conflict_key_exists(client: Client) -> bool:
     probe = {"date": "1970-01-01", "site_id": -1}
     try:
         client.table("daily_analytics").upsert(
-            probe, on_conflict="date,site_id", returning="minimal"
+            probe, on_conflict="date,site_id", returning=ReturnMethod.minimal
         ).execute()
     except APIError as error:
         if str(error.code) in SCHEMA_ERRORS:
@@ -2170,7 +2213,7 @@ def conflict_key_exists(client: Client) -> bool:
 RUNS_LOOKED_AT = 20
 
 
-def list_accounts(cfg: Config, secret_filter: SecretFilter) -> int:
+def list_accounts(cfg: Config) -> int:
     """One line per gsc_accounts row: id, label, deployed sites, how the last run went; never a token."""
     client = supabase_client(cfg)
     accounts = fetch_all(client, "gsc_accounts", "id,label")
@@ -2195,7 +2238,7 @@ def list_accounts(cfg: Config, secret_filter: SecretFilter) -> int:
 ACCOUNT_FORMAT = "{:>6}  {:<15}  {:<40}  {:>5}  {}"
 
 
-def last_account_states(client: Client) -> dict[str, str]:
+def last_account_states(client: Supabase) -> dict[str, str]:
     """{account id: its state in the newest recorded run that used it, with that run's date}."""
     query = (
         client.table("aggregator_runs")
@@ -2352,9 +2395,7 @@ def stored_account_row(table: Any, account_id: str | None, row: dict, other_cred
     return done[0]["id"]
 
 
-def authorize_service_account(
-    cfg: Config, key_file: Path, account_id: str | None, secret_filter: SecretFilter
-) -> int:
+def authorize_service_account(cfg: Config, key_file: Path, account_id: str | None) -> int:
     """Store a service account's JSON key once Google has accepted it; the key is never printed."""
     key = service_account_key(key_file)
     secret_filter.add(*secrets_of([key]))
@@ -2516,7 +2557,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_common_options(parser, None)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    common = argparse.ArgumentParser(add_help=False)
+    common = OneLineParser(add_help=False)
     add_common_options(common, argparse.SUPPRESS)  # the values given before the command stand
     parsers = {
         name: commands.add_parser(name, parents=[common], help=text, description=text, allow_abbrev=False)
@@ -2560,9 +2601,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def operator_command(
-    args: argparse.Namespace, today: dt.date, secret_filter: SecretFilter, problems: ProblemLog
-) -> int:
+def operator_command(args: argparse.Namespace, today: dt.date) -> int:
     """check, authorize or accounts: each a short conversation with the operator."""
     if args.command == "check":
         # Its problems are printed once, as "Problem:" lines, not a second time in the log.
@@ -2572,15 +2611,15 @@ def operator_command(
         secret_filter.add(*cfg.secrets())
         bound_every_exchange(cfg.http_timeout)
         if args.command == "check":
-            return check(cfg, today, secret_filter, problems, args.json)
+            return check(cfg, today, args.json)
         if args.command == "accounts":
-            return list_accounts(cfg, secret_filter)
+            return list_accounts(cfg)
         if args.service_account:
-            return authorize_service_account(cfg, args.service_account, args.account, secret_filter)
+            return authorize_service_account(cfg, args.service_account, args.account)
         return authorize(cfg, args.account)
     except (ConfigError, SupabaseError) as error:
         log.error("%s", error)
-        return print_check_report({}, problems, args.json) if args.command == "check" else EXIT_FAILED
+        return print_check_report({}, args.json) if args.command == "check" else EXIT_FAILED
     except KeyboardInterrupt:
         log.error("Interrupted: nothing was stored")
         return 130
@@ -2614,14 +2653,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         if args.env_file and not args.env_file.is_file():
             raise UsageError(f"--env-file {args.env_file}: no such file")
-        secret_filter, problems = setup_logging(args.log_level)
+        setup_logging(args.log_level)
         today = dt.date.today()
-        days = target_days(args, today)
+        days = target_days(today, args.date, args.start, args.end, args.lookback)
     except UsageError as error:
         print(f"aggregator.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     if args.command != "run":
-        return operator_command(args, today, secret_filter, problems)
+        return operator_command(args, today)
     # The run counts into `outcome` as it goes: whatever ends it, the summary tells the truth.
     cfg, outcome, status = None, Outcome(), EXIT_FAILED
     deadline = Deadline.after(float("inf"))
@@ -2631,19 +2670,15 @@ def main(argv: list[str] | None = None) -> int:
         secret_filter.add(*cfg.secrets())
         bound_every_exchange(cfg.http_timeout)
         deadline.at = time.monotonic() + cfg.run_deadline
-        nightly = not (args.date or args.start)
-        run(
-            cfg,
+        asked = Asked(
             days,
             today,
-            secret_filter,
-            args.site,
+            tuple(args.site),
             args.dry_run,
-            nightly,
-            args.accept_zero_visits,
-            deadline,
-            outcome,
+            nightly=not (args.date or args.start),
+            accept_zero_visits=args.accept_zero_visits,
         )
+        run(cfg, asked, deadline, outcome)
         status = outcome.exit_status()
     except (ConfigError, SupabaseError) as error:
         log.error("%s", error)
@@ -2680,7 +2715,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def rerun_command(outcome: Outcome) -> str | None:
     """The command that re-runs just what is missing, or None when nothing is."""
-    missing = sorted(set(outcome.matomo_missing) | set(outcome.gsc_missing), key=str)
+    missing = sorted({site_id for count in outcome.sources().values() for site_id in count.missing_sites})
     if not outcome.days or not (missing or outcome.not_stored or outcome.matomo_zeros_kept):
         return None
     first, last = outcome.days[0].isoformat(), outcome.days[-1].isoformat()

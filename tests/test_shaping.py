@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import logging
 
@@ -131,9 +130,7 @@ def test_target_days():
     today = dt.date(2026, 11, 25)
 
     def days(**kw):
-        return ag.target_days(
-            argparse.Namespace(**{"date": None, "start": None, "end": None, "lookback": None, **kw}), today
-        )
+        return ag.target_days(today, **kw)
 
     assert days() == [dt.date(2026, 11, 21), dt.date(2026, 11, 22), dt.date(2026, 11, 23)]
     assert days(lookback=1) == [dt.date(2026, 11, 23)]
@@ -187,9 +184,9 @@ def test_the_secret_filter_redacts_messages_arguments_encodings_and_tracebacks()
 
 def test_exit_status():
     def outcome(**counts):
-        return ag.Outcome(sites=2, matomo_wanted=2, matomo_fetched=2, gsc_wanted=1, gsc_fetched=1, **counts)
+        return ag.Outcome(sites=2, matomo=ag.SourceCount(2, 2), gsc=ag.SourceCount(1, 1), **counts)
 
     assert outcome(stored=2).exit_status() == 0
-    assert ag.Outcome(sites=2, matomo_wanted=2, matomo_fetched=1, stored=2).exit_status() == 3
+    assert ag.Outcome(sites=2, matomo=ag.SourceCount(2, 1), stored=2).exit_status() == 3
     assert outcome(stored=1, not_stored=1).exit_status() == 3
     assert outcome(stored=0, not_stored=2).exit_status() == 1
