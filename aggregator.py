@@ -369,7 +369,7 @@ def setup_logging(level: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Run-wide helpers
+# Small tools: the deadline, a wall clock on every exchange, chunks
 # ---------------------------------------------------------------------------
 
 
@@ -1075,6 +1075,56 @@ def visits_for_batch(
     return result
 
 
+def matomo_id(site: Site) -> int | None:
+    """The site's Matomo id as a positive int, or None when it is missing or malformed."""
+    value = site.matomo_site_id
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def matomo_ids_by_site(sites: Iterable[Site]) -> dict[Any, int]:
+    """{site id: Matomo id} for the sites that have a usable one; a malformed one is warned about."""
+    ids = {}
+    for site in sites:
+        if site.matomo_site_id is None:
+            continue
+        found = matomo_id(site)
+        if found is None:
+            log.warning(
+                "Site %s: matomo_site_id %r is not a positive number; Matomo skipped",
+                site.id,
+                site.matomo_site_id,
+            )
+        else:
+            ids[site.id] = found
+    return ids
+
+
+def matomo_data_by_site(matomo: MatomoClient, ids: Mapping[Any, int], days: list[dt.date]) -> dict[Any, dict]:
+    """{site id: {day: visits}} for the sites Matomo answered for."""
+    by_matomo_id = get_matomo_data(matomo, ids.values(), days) if ids else {}
+    return {site_id: by_matomo_id[m] for site_id, m in ids.items() if m in by_matomo_id}
+
+
+def visits_and_stored(
+    matomo: MatomoClient,
+    ids: Mapping[Any, int],
+    days: list[dt.date],
+    read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[Any, str], int]] | None,
+) -> tuple[dict[Any, dict], Mapping[tuple[Any, str], int] | SupabaseError]:
+    """The Matomo visits of a slice and, for the sites with a 0 among them, the counts stored
+    now: read as soon as Matomo has answered, while Search Console is still being asked."""
+    visits = matomo_data_by_site(matomo, ids, days)
+    zero_sites = {site_id for site_id, by_day in visits.items() if 0 in by_day.values()}
+    if not (zero_sites and read_stored_visits):
+        return visits, {}
+    try:
+        return visits, read_stored_visits(zero_sites, days)
+    except SupabaseError as error:
+        return visits, error
+
+
 # ---------------------------------------------------------------------------
 # Google Search Console
 # ---------------------------------------------------------------------------
@@ -1386,6 +1436,14 @@ def connect_account(cfg: Config, account_id: Any, key: AccountKey) -> GscAccount
     )
 
 
+def sites_by_account(sites: Iterable[Site]) -> dict[Any, list[Site]]:
+    grouped: dict[Any, list[Site]] = defaultdict(list)
+    for site in sites:
+        if site.gsc_account_id is not None:
+            grouped[site.gsc_account_id].append(site)
+    return dict(grouped)
+
+
 def connected_accounts(
     cfg: Config,
     sites: list[Site],
@@ -1587,40 +1645,6 @@ def get_gsc_data(
 # ---------------------------------------------------------------------------
 
 
-def sites_by_account(sites: Iterable[Site]) -> dict[Any, list[Site]]:
-    grouped: dict[Any, list[Site]] = defaultdict(list)
-    for site in sites:
-        if site.gsc_account_id is not None:
-            grouped[site.gsc_account_id].append(site)
-    return dict(grouped)
-
-
-def matomo_id(site: Site) -> int | None:
-    """The site's Matomo id as a positive int, or None when it is missing or malformed."""
-    value = site.matomo_site_id
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def matomo_ids_by_site(sites: Iterable[Site]) -> dict[Any, int]:
-    """{site id: Matomo id} for the sites that have a usable one; a malformed one is warned about."""
-    ids = {}
-    for site in sites:
-        if site.matomo_site_id is None:
-            continue
-        found = matomo_id(site)
-        if found is None:
-            log.warning(
-                "Site %s: matomo_site_id %r is not a positive number; Matomo skipped",
-                site.id,
-                site.matomo_site_id,
-            )
-        else:
-            ids[site.id] = found
-    return ids
-
-
 # A slice of the fleet is fetched, shaped and stored before the next; this bounds memory
 # (a year for 10,000 sites is 3.65 million rows) while the nightly run stays one slice.
 ROWS_PER_SLICE = 10_000
@@ -1752,26 +1776,6 @@ def store_rows(client: Supabase, rows: list[dict], cfg: Config) -> tuple[int, in
     with ThreadPoolExecutor(max_workers=cfg.upsert_workers) as pool:
         stored = sum(pool.map(store, batches))
     return stored, len(rows) - stored
-
-
-def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict) -> None:
-    """One row in aggregator_runs for dashboards; a failure here is a warning, not a failed run."""
-    row = {
-        "started_at": started_at.isoformat(),
-        "date_from": document["from"],
-        "date_to": document["to"],
-        "sites": document["sites"],
-        "matomo_fetched": document["matomo"]["fetched"],
-        "gsc_fetched": document["gsc"]["fetched"],
-        "records_stored": document["records"]["stored"],
-        "records_not_stored": document["records"]["not_stored"],
-        "exit_status": status,
-        "summary": document,
-    }
-    try:
-        supabase_client(cfg).table("aggregator_runs").insert(row, returning=ReturnMethod.minimal).execute()
-    except (APIError, httpx.HTTPError) as error:
-        log.warning("%s; this run is not recorded", describe_supabase_error(error, "recording the run"))
 
 
 # ---------------------------------------------------------------------------
@@ -1970,24 +1974,6 @@ def slice_rows(
     return rows
 
 
-def visits_and_stored(
-    matomo: MatomoClient,
-    ids: Mapping[Any, int],
-    days: list[dt.date],
-    read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[Any, str], int]] | None,
-) -> tuple[dict[Any, dict], Mapping[tuple[Any, str], int] | SupabaseError]:
-    """The Matomo visits of a slice and, for the sites with a 0 among them, the counts stored
-    now: read as soon as Matomo has answered, while Search Console is still being asked."""
-    visits = matomo_data_by_site(matomo, ids, days)
-    zero_sites = {site_id for site_id, by_day in visits.items() if 0 in by_day.values()}
-    if not (zero_sites and read_stored_visits):
-        return visits, {}
-    try:
-        return visits, read_stored_visits(zero_sites, days)
-    except SupabaseError as error:
-        return visits, error
-
-
 def keep_stored_visits(
     rows: list[dict], stored: Mapping[tuple[Any, str], int] | SupabaseError, outcome: Outcome
 ) -> list[dict]:
@@ -2020,7 +2006,23 @@ def sites_with_domains(sites: list[Site], domains: Iterable[str]) -> list[Site]:
     return chosen
 
 
+def store_and_count(
+    store: Callable[[list[dict]], tuple[int, int]], rows: list[dict], outcome: Outcome
+) -> None:
+    stored, not_stored = store(rows)
+    outcome.stored += stored
+    outcome.not_stored += not_stored
+    progress.stored = outcome.stored
+
+
+# ---------------------------------------------------------------------------
+# What a run leaves for the operator: the dry-run table, the aggregator_runs row
+# ---------------------------------------------------------------------------
+
+
 ROW_COLUMNS = ("date", "site_id", "matomo_visits", "gsc_clicks", "gsc_impressions", "gsc_ctr", "gsc_position")
+
+
 ROW_FORMAT = "{:<10}  {:>10}  {:>13}  {:>10}  {:>15}  {:>8}  {:>12}"
 
 
@@ -2043,19 +2045,24 @@ def format_cell(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def matomo_data_by_site(matomo: MatomoClient, ids: Mapping[Any, int], days: list[dt.date]) -> dict[Any, dict]:
-    """{site id: {day: visits}} for the sites Matomo answered for."""
-    by_matomo_id = get_matomo_data(matomo, ids.values(), days) if ids else {}
-    return {site_id: by_matomo_id[m] for site_id, m in ids.items() if m in by_matomo_id}
-
-
-def store_and_count(
-    store: Callable[[list[dict]], tuple[int, int]], rows: list[dict], outcome: Outcome
-) -> None:
-    stored, not_stored = store(rows)
-    outcome.stored += stored
-    outcome.not_stored += not_stored
-    progress.stored = outcome.stored
+def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict) -> None:
+    """One row in aggregator_runs for dashboards; a failure here is a warning, not a failed run."""
+    row = {
+        "started_at": started_at.isoformat(),
+        "date_from": document["from"],
+        "date_to": document["to"],
+        "sites": document["sites"],
+        "matomo_fetched": document["matomo"]["fetched"],
+        "gsc_fetched": document["gsc"]["fetched"],
+        "records_stored": document["records"]["stored"],
+        "records_not_stored": document["records"]["not_stored"],
+        "exit_status": status,
+        "summary": document,
+    }
+    try:
+        supabase_client(cfg).table("aggregator_runs").insert(row, returning=ReturnMethod.minimal).execute()
+    except (APIError, httpx.HTTPError) as error:
+        log.warning("%s; this run is not recorded", describe_supabase_error(error, "recording the run"))
 
 
 # ---------------------------------------------------------------------------
@@ -2451,6 +2458,11 @@ def service_account_key(key_file: Path) -> dict:
     return key
 
 
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, not the usage block."""
 
@@ -2601,30 +2613,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def operator_command(args: argparse.Namespace, today: dt.date) -> int:
-    """check, authorize or accounts: each a short conversation with the operator."""
-    if args.command == "check":
-        # Its problems are printed once, as "Problem:" lines, not a second time in the log.
-        logging.getLogger().handlers[0].addFilter(lambda r: r.name != log.name or r.levelno < logging.WARNING)
-    try:
-        cfg = load_config(args.env_file or default_env_file())
-        secret_filter.add(*cfg.secrets())
-        bound_every_exchange(cfg.http_timeout)
-        if args.command == "check":
-            return check(cfg, today, args.json)
-        if args.command == "accounts":
-            return list_accounts(cfg)
-        if args.service_account:
-            return authorize_service_account(cfg, args.service_account, args.account)
-        return authorize(cfg, args.account)
-    except (ConfigError, SupabaseError) as error:
-        log.error("%s", error)
-        return print_check_report({}, args.json) if args.command == "check" else EXIT_FAILED
-    except KeyboardInterrupt:
-        log.error("Interrupted: nothing was stored")
-        return 130
-
-
 def stop_on_signals(deadline: Deadline) -> dict[str, int]:
     """Ctrl-C and SIGTERM (a stopping system, `kill`) end the run as its deadline would: no new
     fetch starts, what was fetched is stored and the run recorded. A second one quits at once.
@@ -2645,7 +2633,7 @@ def stop_on_signals(deadline: Deadline) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    started, started_at = time.monotonic(), dt.datetime.now(dt.timezone.utc)
+    started = time.monotonic()
     # The libraries' objects live as long as the run: the cyclic collector need not scan them
     # again and again while thousands of answers are parsed.
     gc.freeze()
@@ -2659,47 +2647,75 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"aggregator.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    if args.command != "run":
-        return operator_command(args, today)
-    # The run counts into `outcome` as it goes: whatever ends it, the summary tells the truth.
-    cfg, outcome, status = None, Outcome(), EXIT_FAILED
+    if args.command == "check":
+        # Its problems are printed once, as "Problem:" lines, not a second time in the log.
+        logging.getLogger().handlers[0].addFilter(lambda r: r.name != log.name or r.levelno < logging.WARNING)
+    # A run counts into `outcome` as it goes: whatever ends it, the summary tells the truth.
+    cfg, outcome, status = None, Outcome(days=days), EXIT_FAILED
     deadline = Deadline.after(float("inf"))
-    signals = stop_on_signals(deadline)
+    signals = stop_on_signals(deadline) if args.command == "run" else {}
     try:
         cfg = load_config(args.env_file or default_env_file())
         secret_filter.add(*cfg.secrets())
         bound_every_exchange(cfg.http_timeout)
         deadline.at = time.monotonic() + cfg.run_deadline
-        asked = Asked(
-            days,
-            today,
-            tuple(args.site),
-            args.dry_run,
-            nightly=not (args.date or args.start),
-            accept_zero_visits=args.accept_zero_visits,
-        )
-        run(cfg, asked, deadline, outcome)
-        status = outcome.exit_status()
+        status = command(cfg, args, today, deadline, outcome)
     except (ConfigError, SupabaseError) as error:
         log.error("%s", error)
+        if args.command == "check":
+            status = print_check_report({}, args.json)
     except UsageError as error:
         print(f"aggregator.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        log.error("Interrupted; re-run the same dates to complete them")
+        log.error(
+            "Interrupted; %s",
+            "re-run the same dates to complete them" if args.command == "run" else "nothing was stored",
+        )
         status = 130
     except Exception:  # noqa: BLE001 - a bug: log it (redacted) instead of a raw traceback
         log.exception("Unexpected error; please report it with this log")
-    if signals:
-        status = signals["status"]
+    if args.command != "run":
+        return status
+    return finished(args, cfg, signals.get("status", status), outcome, started)
+
+
+def command(
+    cfg: Config, args: argparse.Namespace, today: dt.date, deadline: Deadline, outcome: Outcome
+) -> int:
+    """The command asked for; its exit status."""
+    if args.command == "check":
+        return check(cfg, today, args.json)
+    if args.command == "accounts":
+        return list_accounts(cfg)
+    if args.command == "authorize" and args.service_account:
+        return authorize_service_account(cfg, args.service_account, args.account)
+    if args.command == "authorize":
+        return authorize(cfg, args.account)
+    asked = Asked(
+        outcome.days,
+        today,
+        tuple(args.site),
+        args.dry_run,
+        nightly=not (args.date or args.start),
+        accept_zero_visits=args.accept_zero_visits,
+    )
+    return run(cfg, asked, deadline, outcome).exit_status()
+
+
+def finished(
+    args: argparse.Namespace, cfg: Config | None, status: int, outcome: Outcome, started: float
+) -> int:
+    """The end of every run: the summary, the record, --json, and the verdict as the last line."""
     log.info("%s", outcome.summary())
     if args.dry_run:
         log.info("Dry run: nothing was written; %d records would have been stored", outcome.rows)
     if outcome.not_stored:
         log.error("%d records were not stored; re-run the same dates to store them", outcome.not_stored)
-    report = outcome.report(outcome.days or days, status, time.monotonic() - started, problems.lines)
+    seconds = time.monotonic() - started
+    report = outcome.report(outcome.days, status, seconds, problems.lines)
     if cfg and not args.dry_run:
-        record_run(cfg, started_at, status, report)
+        record_run(cfg, dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds), status, report)
     if args.json:
         print(json.dumps(report, default=str), flush=True)
     rerun = rerun_command(outcome)
