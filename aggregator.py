@@ -267,23 +267,28 @@ class Progress:
     does not look stuck. Fetches count as they finish, not slice by slice."""
 
     def __init__(self) -> None:
-        self.text = ""
-        self.lock = threading.RLock()
-        self.on_terminal = False
-        self.started = self.drawn_at = time.monotonic()
-        self.counts = {"matomo": 0, "gsc": 0}
-        self.wanted = {"matomo": 0, "gsc": 0}
-        self.stored = 0
-        self.stopped = threading.Event()
+        self.text, self.lock, self.stopped = "", threading.RLock(), threading.Event()
+        self.on_terminal, self.started, self.drawn_at = False, 0.0, 0.0
+        self.counts, self.wanted, self.stored = {"matomo": 0, "gsc": 0}, {"matomo": 0, "gsc": 0}, 0
 
-    def start(self, every: float, matomo: int, gsc: int) -> None:
-        self.on_terminal = sys.stderr.isatty()
-        self.started = time.monotonic()
-        self.wanted = {"matomo": matomo, "gsc": gsc}
-        self.counts, self.stored = {"matomo": 0, "gsc": 0}, 0
+    @contextlib.contextmanager
+    def shown(self, every: float, outcome: Any) -> Iterator[None]:
+        self.on_terminal, self.started, self.stored = sys.stderr.isatty(), time.monotonic(), 0
+        self.wanted = {"matomo": outcome.matomo.wanted, "gsc": outcome.gsc.wanted}
+        self.counts = {"matomo": 0, "gsc": 0}
         self.stopped.clear()
         if not self.on_terminal:
             threading.Thread(target=self.log_every, args=(every,), daemon=True).start()
+        try:
+            yield
+        finally:
+            self.stopped.set()
+            with self.lock:
+                self.stored = outcome.stored
+                if self.on_terminal:
+                    self.draw(final=True)
+                    sys.stderr.write("\n")
+                self.text = ""
 
     def fetched(self, source: str, sites: int) -> None:
         with self.lock:
@@ -297,28 +302,9 @@ class Progress:
 
     def draw(self, final: bool = False) -> None:
         with self.lock:
-            self.text = self.line(final)
-            self.drawn_at = time.monotonic()
+            self.text, self.drawn_at = self.line(final), time.monotonic()
             sys.stderr.write(f"\r\x1b[K{self.text}")
             sys.stderr.flush()
-
-    @contextlib.contextmanager
-    def shown(self, every: float, matomo: int, gsc: int, outcome: Any) -> Iterator[None]:
-        self.start(every, matomo, gsc)
-        try:
-            yield
-        finally:
-            self.stop(outcome.stored)
-
-    def stop(self, stored: int) -> None:
-        self.stopped.set()
-        with self.lock:
-            self.stored = stored
-            if self.on_terminal:
-                self.draw(final=True)
-                sys.stderr.write("\n")
-                sys.stderr.flush()
-            self.text = ""
 
     def line(self, final: bool = False) -> str:
         done, wanted = sum(self.counts.values()), sum(self.wanted.values())
@@ -328,10 +314,8 @@ class Progress:
         )
         if final or not done or done >= wanted:
             return text
-        seconds = (time.monotonic() - self.started) / done * (wanted - done)
-        return text + (
-            f", about {seconds:.0f} s left" if seconds < 120 else f", about {seconds / 60:.0f} min left"
-        )
+        left = (time.monotonic() - self.started) / done * (wanted - done)
+        return text + (f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.0f} min left")
 
 
 progress = Progress()
@@ -780,10 +764,6 @@ def describe_supabase_error(error: Exception, doing: str) -> str:
     return f"Supabase error while {doing}: {message} (code {code}): {fix}"
 
 
-def is_transient(error: Exception) -> bool:
-    return supabase_error_kind(error) == "transient"
-
-
 def with_retries(call: Callable[[], T], attempts: int, delay: float = 0.5) -> T:
     """Run call(), retrying transient Supabase failures with exponential backoff.
 
@@ -793,7 +773,7 @@ def with_retries(call: Callable[[], T], attempts: int, delay: float = 0.5) -> T:
         try:
             return call()
         except (APIError, httpx.HTTPError) as error:
-            if attempt + 1 == attempts or not is_transient(error):
+            if attempt + 1 == attempts or supabase_error_kind(error) != "transient":
                 raise
             log.info("Supabase: transient error (%s), retrying", describe_supabase_error(error, "talking"))
             time.sleep(delay * 2**attempt)
@@ -1894,9 +1874,7 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
     store = print_rows_table() if asked.dry_run else functools.partial(store_rows, client, cfg=cfg)
     read_stored = None if asked.accept_zero_visits else functools.partial(stored_visits, client)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(
-            progress.shown(cfg.progress_every, outcome.matomo.wanted, outcome.gsc.wanted, outcome)
-        )
+        stack.enter_context(progress.shown(cfg.progress_every, outcome))
         gsc_pool = stack.enter_context(ThreadPoolExecutor(max_workers=cfg.gsc_workers))
         side = stack.enter_context(
             ThreadPoolExecutor(max_workers=2)
@@ -2021,8 +1999,6 @@ def store_and_count(
 
 
 ROW_COLUMNS = ("date", "site_id", "matomo_visits", "gsc_clicks", "gsc_impressions", "gsc_ctr", "gsc_position")
-
-
 ROW_FORMAT = "{:<10}  {:>10}  {:>13}  {:>10}  {:>15}  {:>8}  {:>12}"
 
 
@@ -2036,13 +2012,13 @@ def print_rows(rows: list[dict]) -> tuple[int, int]:
     """--dry-run's stand-in for store_rows: the rows as an aligned table; '-' is a column not written."""
     for row in rows:
         cells = [row.get(column, "-") for column in ROW_COLUMNS]
-        print(ROW_FORMAT.format(*("" if c is None else format_cell(c) for c in cells)))
+        print(
+            ROW_FORMAT.format(
+                *("" if c is None else f"{c:.4f}" if isinstance(c, float) else c for c in cells)
+            )
+        )
     sys.stdout.flush()
     return 0, 0
-
-
-def format_cell(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict) -> None:
@@ -2200,7 +2176,7 @@ def conflict_key_exists(client: Supabase) -> bool:
             probe, on_conflict="date,site_id", returning=ReturnMethod.minimal
         ).execute()
     except APIError as error:
-        if str(error.code) in SCHEMA_ERRORS:
+        if supabase_error_kind(error) == "schema":
             log.error("%s", describe_supabase_error(error, "checking daily_analytics"))
             return False
         return True  # the row itself was refused (no site -1): the key is there, nothing was written
@@ -2596,21 +2572,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         for option in action.option_strings
         if option not in (*COMMON_OPTIONS, "-h", "--help")
     }
-    args = parser.parse_args(with_default_command(list(sys.argv[1:] if argv is None else argv)))
-    for name in (
-        "date",
-        "start",
-        "end",
-        "lookback",
-        "site",
-        "dry_run",
-        "json",
-        "accept_zero_visits",
-        "account",
-    ):
-        if not hasattr(args, name):
-            setattr(args, name, [] if name == "site" else None)
-    return args
+    # Every command's namespace has every option, so that main() can ask any of them.
+    run_options = ("date", "start", "end", "lookback", "dry_run", "json", "accept_zero_visits")
+    parser.set_defaults(**dict.fromkeys(run_options), site=[], account=None, service_account=None)
+    return parser.parse_args(with_default_command(list(sys.argv[1:] if argv is None else argv)))
 
 
 def stop_on_signals(deadline: Deadline) -> dict[str, int]:

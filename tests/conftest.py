@@ -10,7 +10,7 @@ import pty
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import quote
 
@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
+from aggregator import Config
 from fakes.database import create_database, drop_database, server_url
 from fakes.google import FakeGoogle
 from fakes.matomo import FakeMatomo
@@ -35,21 +36,8 @@ ANON_KEY = "sb_publishable_ANONkey0test0aggregator"
 MATOMO_TOKEN = "matomoTOKEN0a1b2c3d4e5f6a7b8c9d0"
 CLIENT_ID = "1234567890-test.apps.googleusercontent.com"
 CLIENT_SECRET = "GOCSPX-CLIENTsecret0test0Yk"
-CONFIG_NAMES = (
-    "SUPABASE_URL",
-    "SUPABASE_SERVICE_ROLE_KEY",
-    "MATOMO_URL",
-    "MATOMO_TOKEN_AUTH",
-    "GOOGLE_CLIENT_ID",
-    "GOOGLE_CLIENT_SECRET",
-    "GOOGLE_TOKEN_URI",
-    "GSC_API_ENDPOINT",
-    "HTTP_TIMEOUT",
-    "HTTP_RETRIES",
-    "MATOMO_BULK_SIZE",
-    "UPSERT_CHUNK_SIZE",
-    "GSC_ACCOUNT_WORKERS",
-)
+# Every setting the script reads: an operator's shell must not leak into a test's run.
+CONFIG_NAMES = tuple(f.name.upper() for f in fields(Config))
 
 TODAY = dt.date.today()
 DAY = TODAY - dt.timedelta(days=2)  # the default target date
@@ -362,8 +350,11 @@ def assert_no_secret(text: str, google: FakeGoogle) -> None:
 def launch(tmp_path, config, google):
     """Start `python aggregator.py ARGS` as cron would, with the config written to a .env."""
 
-    def start(*args: str, log_level: str = LOG_LEVEL, stderr=subprocess.PIPE) -> subprocess.Popen:
+    def start(
+        *args: str, log_level: str = LOG_LEVEL, stderr=subprocess.PIPE, env_mode: int = 0o600
+    ) -> subprocess.Popen:
         env_file = write_env_file(tmp_path / ".env", config)
+        env_file.chmod(env_mode)
         environ = {k: v for k, v in os.environ.items() if k not in CONFIG_NAMES}
         command = [sys.executable, str(AGGREGATOR), "--env-file", str(env_file), "--log-level", log_level]
         return subprocess.Popen(
@@ -384,9 +375,13 @@ def run_aggregator(launch, google):
     """Run the script to its end; every run is checked for leaked secrets."""
 
     def run(
-        *args: str, log_level: str = LOG_LEVEL, timeout: float = 180, answer: str | None = None
+        *args: str,
+        log_level: str = LOG_LEVEL,
+        timeout: float = 180,
+        answer: str | None = None,
+        env_mode: int = 0o600,
     ) -> Result:
-        process = launch(*args, log_level=log_level)
+        process = launch(*args, log_level=log_level, env_mode=env_mode)
         stdout, stderr = process.communicate(answer, timeout=timeout)
         result = Result(process.returncode, stdout, stderr)
         assert_no_secret(result.output, google)

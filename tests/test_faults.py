@@ -470,30 +470,13 @@ def test_bad_rows_are_skipped_for_their_source_with_one_warning_each(
 # ---------------------------------------------------------------------------
 
 
-def test_an_env_file_readable_by_others_is_warned_about(fleet, tmp_path, config, launch, google):
+def test_an_env_file_readable_by_others_is_warned_about(fleet, tmp_path, run_aggregator):
     fleet.site("example.com")
-    process = launch()
-    process.communicate()
-    (tmp_path / ".env").chmod(0o644)
 
-    # launch() rewrites the file with 0600; run this one by hand with the loose mode kept.
-    import os
-    import subprocess
-    import sys
+    result = run_aggregator(env_mode=0o644)
 
-    from conftest import AGGREGATOR, CONFIG_NAMES, assert_no_secret
-
-    environ = {k: v for k, v in os.environ.items() if k not in CONFIG_NAMES}
-    done = subprocess.run(
-        [sys.executable, str(AGGREGATOR), "--env-file", str(tmp_path / ".env")],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert lines_with(f"{tmp_path / '.env'} is readable by other users; run: chmod 600", done.stderr)
-    assert_no_secret(done.stdout + done.stderr, google)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert lines_with(f"{tmp_path / '.env'} is readable by other users; run: chmod 600", result.stderr)
 
 
 def test_the_anon_key_reads_no_refresh_token(fleet, gateway):
