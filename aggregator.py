@@ -77,7 +77,8 @@ GSC_RETENTION_DAYS = 480
 GSC_SCOPE = "https://www.googleapis.com/auth/webmasters.readonly"
 MIGRATION = "supabase/migrations/20261125000000_analytics.sql"
 T = TypeVar("T")
-SiteId = int  # sites.id and gsc_accounts.id are bigints
+SiteId = int  # sites.id, a bigint
+AccountId = int  # gsc_accounts.id, a bigint
 
 
 # ---------------------------------------------------------------------------
@@ -548,10 +549,10 @@ class SupabaseError(Exception):
 
 @dataclass(frozen=True)
 class Site:
-    id: Any
+    id: SiteId
     domain: str | None
-    matomo_site_id: Any
-    gsc_account_id: Any
+    matomo_site_id: Any  # as stored; matomo_id() says whether it is usable
+    gsc_account_id: AccountId | None
 
 
 # A Supabase project silently caps every answer (1,000 rows by default).
@@ -652,7 +653,7 @@ def deployed_sites(client: Supabase) -> list[Site]:
 AccountKey = Union[str, dict]
 
 
-def account_keys(client: Supabase) -> dict[Any, AccountKey]:
+def account_keys(client: Supabase) -> dict[AccountId, AccountKey]:
     """{account id: its refresh token or service-account key} for every gsc_accounts row."""
     rows = fetch_all(client, "gsc_accounts", "id,oauth_refresh_token,service_account_key")
     return {row["id"]: row["service_account_key"] or row["oauth_refresh_token"] for row in rows}
@@ -696,7 +697,7 @@ def oldest_provisional_day(client: Supabase, today: dt.date) -> dt.date | None:
     return dt.date.fromisoformat(rows[0]["date"]) if rows else None
 
 
-def positive_visits_of(query: Any, ids: list[Any], days: list[dt.date]) -> Any:
+def positive_visits_of(query: Any, ids: list[SiteId], days: list[dt.date]) -> Any:
     return (
         query.in_("site_id", ids)
         .gte("date", days[0].isoformat())
@@ -706,10 +707,10 @@ def positive_visits_of(query: Any, ids: list[Any], days: list[dt.date]) -> Any:
 
 
 def stored_visits(
-    client: Supabase, site_ids: Iterable[Any], days: list[dt.date]
-) -> dict[tuple[Any, str], int]:
+    client: Supabase, site_ids: Iterable[SiteId], days: list[dt.date]
+) -> dict[tuple[SiteId, str], int]:
     """{(site id, day): visits} of the positive Matomo counts already stored for these sites and days."""
-    found: dict[tuple[Any, str], int] = {}
+    found: dict[tuple[SiteId, str], int] = {}
     for some in chunks(sorted(set(site_ids)), 200):  # keeps the URL short
         rows = fetch_all(
             client,
@@ -906,25 +907,22 @@ def post_bulk_request(matomo: MatomoClient, sub_queries: list[str]) -> list:
     return answer
 
 
-def ask_matomo_version(matomo: MatomoClient) -> requests.Response:
-    """The cheapest API call there is: it tells whether MATOMO_URL and the token work at all."""
-    return matomo.session.post(
-        matomo.endpoint,
-        params={"module": "API", "method": "API.getMatomoVersion", "format": "json"},
-        data={"token_auth": matomo.token},
-        timeout=matomo.timeout,
-    )
-
-
 def matomo_version(matomo: MatomoClient) -> str:
-    """Matomo's version, or a MatomoError that names the setting to fix."""
+    """Matomo's version, or a MatomoError that names the setting to fix. The cheapest API call
+    there is: it tells whether MATOMO_URL and the token work at all."""
     try:
-        response = ask_matomo_version(matomo)
-        answer = response.json()
+        response = matomo.session.post(
+            matomo.endpoint,
+            params={"module": "API", "method": "API.getMatomoVersion", "format": "json"},
+            data={"token_auth": matomo.token},
+            timeout=matomo.timeout,
+        )
     except requests.RequestException as error:
         raise MatomoError(f"Matomo cannot be reached at MATOMO_URL: {error}") from None
+    try:
+        answer = response.json()
     except ValueError:
-        raise MatomoError(
+        raise MatomoHtmlError(
             f"Matomo answered HTTP {response.status_code} with a page that is not JSON to API.getMatomoVersion: "
             "MATOMO_URL is probably wrong (it must be the base URL of the Matomo install, where index.php is)"
         ) from None
@@ -952,13 +950,12 @@ def install_answers_json(matomo: MatomoClient) -> bool:
     with matomo.probe_lock:
         if "json" not in matomo.probe:
             try:
-                ask_matomo_version(matomo).json()
-                matomo.probe["json"] = True
-            except ValueError:
+                matomo_version(matomo)
+            except MatomoHtmlError:
                 matomo.probe["json"] = False
-            except requests.RequestException:
-                matomo.probe["json"] = True  # unreachable is not "wrong URL": the split goes on
-        return matomo.probe["json"]
+            except MatomoError:
+                pass  # unreachable, or a JSON error: not "wrong URL", and the split goes on
+        return matomo.probe.setdefault("json", True)
 
 
 def visits_by_day(slot: Any, days: list[dt.date]) -> dict[dt.date, int]:
@@ -1009,20 +1006,9 @@ def visits_for_batch(
     if matomo.deadline.passed():
         log.warning("%s: no Matomo values for %d sites (ids %s)", matomo.deadline.why, len(ids), id_list(ids))
         return {}
-    date = matomo_date_param(days)
     # showColumns: only the one metric we store (a year of 10,000 sites: 108 MB of JSON, not 742).
-    queries = [
-        urlencode(
-            {
-                "method": "VisitsSummary.get",
-                "idSite": i,
-                "date": date,
-                "period": "day",
-                "showColumns": "nb_visits",
-            }
-        )
-        for i in ids
-    ]
+    query = {"date": matomo_date_param(days), "period": "day", "showColumns": "nb_visits"}
+    queries = [urlencode({"method": "VisitsSummary.get", "idSite": i, **query}) for i in ids]
     try:
         slots = post_bulk_request(matomo, queries)
     except MatomoConfigError as error:
@@ -1063,7 +1049,7 @@ def matomo_id(site: Site) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def matomo_ids_by_site(sites: Iterable[Site]) -> dict[Any, int]:
+def matomo_ids_by_site(sites: Iterable[Site]) -> dict[SiteId, int]:
     """{site id: Matomo id} for the sites that have a usable one; a malformed one is warned about."""
     ids = {}
     for site in sites:
@@ -1081,7 +1067,9 @@ def matomo_ids_by_site(sites: Iterable[Site]) -> dict[Any, int]:
     return ids
 
 
-def matomo_data_by_site(matomo: MatomoClient, ids: Mapping[Any, int], days: list[dt.date]) -> dict[Any, dict]:
+def matomo_data_by_site(
+    matomo: MatomoClient, ids: Mapping[SiteId, int], days: list[dt.date]
+) -> dict[SiteId, dict]:
     """{site id: {day: visits}} for the sites Matomo answered for."""
     by_matomo_id = get_matomo_data(matomo, ids.values(), days) if ids else {}
     return {site_id: by_matomo_id[m] for site_id, m in ids.items() if m in by_matomo_id}
@@ -1089,10 +1077,10 @@ def matomo_data_by_site(matomo: MatomoClient, ids: Mapping[Any, int], days: list
 
 def visits_and_stored(
     matomo: MatomoClient,
-    ids: Mapping[Any, int],
+    ids: Mapping[SiteId, int],
     days: list[dt.date],
-    read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[Any, str], int]] | None,
-) -> tuple[dict[Any, dict], Mapping[tuple[Any, str], int] | SupabaseError]:
+    read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[SiteId, str], int]] | None,
+) -> tuple[dict[SiteId, dict], Mapping[tuple[SiteId, str], int] | SupabaseError]:
     """The Matomo visits of a slice and, for the sites with a 0 among them, the counts stored
     now: read as soon as Matomo has answered, while Search Console is still being asked."""
     visits = matomo_data_by_site(matomo, ids, days)
@@ -1247,7 +1235,7 @@ class QuotaExhausted(Exception):
 
 @dataclass(frozen=True)
 class GscAccount:
-    id: Any
+    id: AccountId
     service_account: str | None  # its email, for a service account
     credentials: Credentials
     analytics: Any  # the service's searchanalytics() resource, shared by all threads
@@ -1361,7 +1349,7 @@ def http_error_reason(error: HttpError) -> str:
     return reason
 
 
-def refresh_error_reason(error: RefreshError, account_id: Any, key: AccountKey) -> str:
+def refresh_error_reason(error: RefreshError, account_id: AccountId | str, key: AccountKey) -> str:
     """What a refused token refresh means for this account, and the fix."""
     email = service_account_email(key)
     if email and "invalid_grant" in str(error):
@@ -1389,7 +1377,7 @@ CLIENT_REFUSED = (
 )
 
 
-def connect_account(cfg: Config, account_id: Any, key: AccountKey) -> GscAccount | str:
+def connect_account(cfg: Config, account_id: AccountId, key: AccountKey) -> GscAccount | str:
     """An account ready to query (token refreshed, properties listed), or why it is not."""
     try:
         credentials = google_credentials(cfg, key)
@@ -1416,8 +1404,8 @@ def connect_account(cfg: Config, account_id: Any, key: AccountKey) -> GscAccount
     )
 
 
-def sites_by_account(sites: Iterable[Site]) -> dict[Any, list[Site]]:
-    grouped: dict[Any, list[Site]] = defaultdict(list)
+def sites_by_account(sites: Iterable[Site]) -> dict[AccountId, list[Site]]:
+    grouped: dict[AccountId, list[Site]] = defaultdict(list)
     for site in sites:
         if site.gsc_account_id is not None:
             grouped[site.gsc_account_id].append(site)
@@ -1427,11 +1415,11 @@ def sites_by_account(sites: Iterable[Site]) -> dict[Any, list[Site]]:
 def connected_accounts(
     cfg: Config,
     sites: list[Site],
-    keys: Mapping[Any, AccountKey],
+    keys: Mapping[AccountId, AccountKey],
     pool: Executor,
     every_account: bool = False,
     states: dict | None = None,
-) -> dict[Any, GscAccount]:
+) -> dict[AccountId, GscAccount]:
     """Every account that deployed sites use (or every account there is), connected in parallel.
     Each failure is one warning; `states` gets "connected" or the reason for each account."""
     by_account = sites_by_account(sites)
@@ -1467,16 +1455,16 @@ def connected_accounts(
 
 
 def query_targets(
-    sites: Iterable[Site], accounts: Mapping[Any, GscAccount]
-) -> dict[Any, tuple[GscAccount, str]]:
+    sites: Iterable[Site], accounts: Mapping[AccountId, GscAccount]
+) -> dict[SiteId, tuple[GscAccount, str]]:
     """{site id: (account, property)} for the sites whose account holds a property for their domain.
 
     Two deployed sites with one domain would both get its numbers: the first (lowest id) does.
     """
-    targets: dict[Any, tuple[GscAccount, str]] = {}
-    owner_of: dict[str, Any] = {}
-    for site in sorted(sites, key=lambda s: str(s.id).zfill(20)):
-        account = accounts.get(site.gsc_account_id)
+    targets: dict[SiteId, tuple[GscAccount, str]] = {}
+    owner_of: dict[str, SiteId] = {}
+    for site in sorted(sites, key=lambda s: s.id):
+        account = accounts.get(site.gsc_account_id) if site.gsc_account_id is not None else None
         if account is None:
             continue  # no account, or one that failed: already logged
         domain = normalised_domain(site.domain)
@@ -1555,41 +1543,47 @@ def query_property(
         return metrics_by_day(answer, days, newest_final)
 
 
-def round_robin(targets: Mapping[Any, tuple[GscAccount, str]]) -> list[Any]:
+def round_robin(targets: Mapping[SiteId, tuple[GscAccount, str]]) -> list[SiteId]:
     """Site ids ordered one account after another, so that the pool's threads spread over accounts."""
-    queues: dict[Any, list[Any]] = defaultdict(list)
+    queues: dict[AccountId, list[SiteId]] = defaultdict(list)
     for site_id, (account, _) in targets.items():
         queues[account.id].append(site_id)
     rounds = itertools.zip_longest(*queues.values())
     return [site_id for one_round in rounds for site_id in one_round if site_id is not None]
 
 
-def get_gsc_data(
-    targets: Mapping[Any, tuple[GscAccount, str]],
-    days: list[dt.date],
-    cfg: Config,
-    pool: Executor,
-    deadline: Deadline,
-) -> dict[Any, dict[dt.date, GscMetrics]]:
-    """{site id: {day: metrics}} for each site whose property answered; one query per site."""
+def search_query(days: list[dt.date]) -> dict:
+    """The searchAnalytics.query body for a range of days."""
     # One query covers the whole range: it can hold 25,000 rows, far beyond GSC's 16 months.
     # dataState "all": without it a day that is not final yet is omitted like a day without
     # traffic, and would be stored as 0; with it, metadata says which days are not final.
-    body = {
-        "startDate": days[0].isoformat(),
-        "endDate": days[-1].isoformat(),
+    start, end = days[0].isoformat(), days[-1].isoformat()
+    return {
+        "startDate": start,
+        "endDate": end,
         "dimensions": ["date"],
         "type": "web",
         "dataState": "all",
         "rowLimit": 25000,
     }
+
+
+def get_gsc_data(
+    targets: Mapping[SiteId, tuple[GscAccount, str]],
+    days: list[dt.date],
+    cfg: Config,
+    pool: Executor,
+    deadline: Deadline,
+) -> dict[SiteId, dict[dt.date, GscMetrics]]:
+    """{site id: {day: metrics}} for each site whose property answered; one query per site."""
+    body = search_query(days)
     newest_final = newest_final_day(search_console_today())
     futures = {
         site_id: pool.submit(query_property, *targets[site_id], body, days, newest_final, cfg, deadline)
         for site_id in round_robin(targets)
     }
     result, too_late = {}, 0
-    over_quota: dict[Any, list[Any]] = defaultdict(list)
+    over_quota: dict[tuple[AccountId, str], list[SiteId]] = defaultdict(list)
     for site_id, future in futures.items():
         account, site_url = targets[site_id]
         try:
@@ -1642,8 +1636,8 @@ def slices(sites: list[Site], days: int, bulk_size: int) -> Iterator[list[Site]]
 def analytics_rows(
     sites: Iterable[Site],
     days: list[dt.date],
-    visits: Mapping[Any, Mapping[dt.date, int]],
-    gsc: Mapping[Any, Mapping[dt.date, GscMetrics]],
+    visits: Mapping[SiteId, Mapping[dt.date, int]],
+    gsc: Mapping[SiteId, Mapping[dt.date, GscMetrics]],
 ) -> list[dict]:
     """One row per site and day that has at least one fetched value.
 
@@ -1673,8 +1667,8 @@ def analytics_rows(
 
 
 def without_lowering_zeros(
-    rows: list[dict], stored: Mapping[tuple[Any, str], int]
-) -> tuple[list[dict], dict[Any, list[str]]]:
+    rows: list[dict], stored: Mapping[tuple[SiteId, str], int]
+) -> tuple[list[dict], dict[SiteId, list[str]]]:
     """The rows minus every Matomo 0 that would replace a stored positive count, and
     {site id: [days]} of those zeros.
 
@@ -1682,7 +1676,7 @@ def without_lowering_zeros(
     """
     if not stored:
         return rows, {}
-    kept: dict[Any, list[str]] = defaultdict(list)
+    kept: dict[SiteId, list[str]] = defaultdict(list)
     result = []
     for row in rows:
         if row.get("matomo_visits") == 0 and (row["site_id"], row["date"]) in stored:
@@ -1735,22 +1729,15 @@ def store_rows(client: Supabase, rows: list[dict], cfg: Config) -> tuple[int, in
                 # One row can sink a chunk (its site deleted during the run: 23503): halves find
                 # it, and the other rows are stored.
                 return store(chunk[: len(chunk) // 2]) + store(chunk[len(chunk) // 2 :])
-            if kind in ("key", "schema"):
-                if hopeless.first():
-                    log.error(
-                        "%s; no further upsert is tried", describe_supabase_error(error, "storing rows")
-                    )
-            elif len(chunk) == 1:
-                log.error(
-                    "%s; site %s, %s not stored",
-                    describe_supabase_error(error, "storing a row"),
-                    chunk[0]["site_id"],
-                    chunk[0]["date"],
-                )
-            else:
-                log.error(
-                    "%s; %d records not stored", describe_supabase_error(error, "storing rows"), len(chunk)
-                )
+            what = (
+                f"site {chunk[0]['site_id']}, {chunk[0]['date']}"
+                if len(chunk) == 1
+                else f"{len(chunk)} records"
+            )
+            if kind not in ("key", "schema"):
+                log.error("%s; %s not stored", describe_supabase_error(error, "storing rows"), what)
+            elif hopeless.first():  # every chunk would fail alike: said once
+                log.error("%s; no further upsert is tried", describe_supabase_error(error, "storing rows"))
             return 0
 
     with ThreadPoolExecutor(max_workers=cfg.upsert_workers) as pool:
@@ -1913,7 +1900,9 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
     return outcome
 
 
-def fleet_to_fetch(client: Supabase, asked: Asked) -> tuple[list[Site], dict[Any, AccountKey], list[dt.date]]:
+def fleet_to_fetch(
+    client: Supabase, asked: Asked
+) -> tuple[list[Site], dict[AccountId, AccountKey], list[dt.date]]:
     """The deployed sites to fetch, every account's credential, and the days: those asked for,
     reaching back, in the nightly run, to the oldest day still provisional."""
     with ThreadPoolExecutor(max_workers=2) as side:
@@ -1942,7 +1931,7 @@ def slice_rows(
     days: list[dt.date],
     visits: Mapping[SiteId, Mapping[dt.date, int]],
     gsc: Mapping[SiteId, Mapping[dt.date, GscMetrics]],
-    stored: Mapping[tuple[Any, str], int] | SupabaseError,
+    stored: Mapping[tuple[SiteId, str], int] | SupabaseError,
     outcome: Outcome,
 ) -> list[dict]:
     """The rows to upsert for a slice, without the Matomo zeros that would lower stored counts."""
@@ -1953,7 +1942,7 @@ def slice_rows(
 
 
 def keep_stored_visits(
-    rows: list[dict], stored: Mapping[tuple[Any, str], int] | SupabaseError, outcome: Outcome
+    rows: list[dict], stored: Mapping[tuple[SiteId, str], int] | SupabaseError, outcome: Outcome
 ) -> list[dict]:
     """The rows without the Matomo zeros that would lower a stored count; one warning per site."""
     if isinstance(stored, SupabaseError):
@@ -2052,7 +2041,7 @@ def check(cfg: Config, today: dt.date, as_json: bool) -> int:
     Every service is checked whatever another answered: Supabase down must not hide a wrong
     Matomo token or Google secret.
     """
-    found: dict[str, Any] = {}
+    found: dict[str, Any] = {"lines": [], "notes": []}  # what is printed before the problems
     sites, keys = fleet_for_check(cfg, found)
     secret_filter.add(*secrets_of(keys.values()))
     matomo_for_check(cfg, sites, today, found)
@@ -2062,11 +2051,11 @@ def check(cfg: Config, today: dt.date, as_json: bool) -> int:
 
 def print_check_report(found: dict, as_json: bool) -> int:
     status = EXIT_FAILED if problems.lines else EXIT_OK
+    lines = found.pop("lines", []) + found.pop("notes", [])
     if as_json:
-        found.pop("lines", None)
         print(json.dumps({**found, "problems": problems.lines, "exit_status": status}, default=str))
         return status
-    for line in found.pop("lines", []) + found.pop("notes", []):
+    for line in lines:
         print(line)
     for line in problems.lines:
         print(f"Problem: {line}")
@@ -2075,11 +2064,7 @@ def print_check_report(found: dict, as_json: bool) -> int:
     return status
 
 
-def say(found: dict, line: str) -> None:
-    found.setdefault("lines", []).append(line)
-
-
-def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[Any, AccountKey]]:
+def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[AccountId, AccountKey]]:
     try:
         client = supabase_client(cfg)
         sites, keys = deployed_sites(client), account_keys(client)
@@ -2087,19 +2072,19 @@ def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[Any, Acc
         log.error("%s", error)
         found["supabase"] = {"reachable": False}
         return [], {}
-    say(found, f"Supabase: {len(sites)} deployed sites, {len(keys)} Search Console accounts")
+    found["lines"].append(f"Supabase: {len(sites)} deployed sites, {len(keys)} Search Console accounts")
     if not sites:
         log.error("%s", NO_SITES)
     elif not keys and any(site.gsc_account_id is not None for site in sites):
         log.error("%s", NO_ACCOUNTS)
     key = conflict_key_exists(client)
     if key:
-        say(found, "Supabase: daily_analytics has its (date, site_id) key")
+        found["lines"].append("Supabase: daily_analytics has its (date, site_id) key")
     found["supabase"] = {"reachable": True, "sites": len(sites), "accounts": len(keys), "key": key}
     for site in sites:
         missing = [name for name in ("matomo_site_id", "gsc_account_id") if getattr(site, name) is None]
         if missing:
-            found.setdefault("notes", []).append(
+            found["notes"].append(
                 f"Note: site {site.id} ({site.domain}) has no {' and '.join(missing)}: "
                 "that source is not fetched for it",
             )
@@ -2116,32 +2101,26 @@ def matomo_for_check(cfg: Config, sites: list[Site], today: dt.date, found: dict
         return
     ids = matomo_ids_by_site(sites)
     visits = matomo_data_by_site(matomo, ids, [today - dt.timedelta(days=DEFAULT_LAG_DAYS)])
-    say(found, f"Matomo {version}: answered for {len(visits)} of the {len(ids)} sites with a Matomo id")
+    answered = f"answered for {len(visits)} of the {len(ids)} sites with a Matomo id"
+    found["lines"].append(f"Matomo {version}: {answered}")
     found["matomo"] = {"reachable": True, "version": version, "sites": len(ids), "answered": len(visits)}
 
 
 def search_console_for_check(
-    cfg: Config, sites: list[Site], keys: Mapping[Any, AccountKey], found: dict
+    cfg: Config, sites: list[Site], keys: Mapping[AccountId, AccountKey], found: dict
 ) -> None:
     if not keys:
         client_for_check(cfg)  # no account to try it with: ask the token endpoint directly
-    states: dict[Any, str] = {}
+    states: dict[AccountId, str] = {}
     with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as pool:
         accounts = connected_accounts(cfg, sites, keys, pool, every_account=True, states=states)
     for account_id, state in states.items():
-        shown = "connected" if state == "connected" else "not connected"
-        say(found, f"Search Console account {account_id}: {credential_kind(keys[account_id])}; {shown}")
+        shown = f"{credential_kind(keys[account_id])}; {'' if state == 'connected' else 'not '}connected"
+        found["lines"].append(f"Search Console account {account_id}: {shown}")
     targets = query_targets(sites, accounts)
-    say(
-        found,
-        f"Search Console: {len(accounts)} of {len(keys)} accounts connected; "
-        f"{len(targets)} sites matched to a property",
-    )
-    found["search_console"] = {
-        "accounts": len(keys),
-        "connected": len(accounts),
-        "sites": len(targets),
-    }
+    matched = f"{len(targets)} sites matched to a property"
+    found["lines"].append(f"Search Console: {len(accounts)} of {len(keys)} accounts connected; {matched}")
+    found["search_console"] = {"accounts": len(keys), "connected": len(accounts), "sites": len(targets)}
 
 
 def credential_kind(key: AccountKey) -> str:

@@ -47,6 +47,16 @@ def test_check_counts_a_dead_matomo_once_without_the_librarys_retries(fleet, con
     assert len(lines_with("Matomo cannot be reached", result.output)) == 1
 
 
+def test_check_says_a_matomo_url_that_answers_html_is_probably_wrong(fleet, matomo, config, run_aggregator):
+    fleet.site("shop.example.com")
+    config["MATOMO_URL"] = matomo.url + "/login/"  # a login page, not the install's base URL
+
+    result = run_aggregator("check")
+
+    (problem,) = problems_of(result)
+    assert "MATOMO_URL is probably wrong" in problem and "not JSON" in problem
+
+
 def test_check_goes_on_past_a_dead_supabase_to_a_wrong_token_and_secret(config, run_aggregator):
     config.update(
         SUPABASE_URL=closed_url(),
