@@ -90,35 +90,43 @@ class ConfigError(Exception):
     """The configuration is missing or malformed; the message says what to set."""
 
 
+URL = {"url": True}  # a setting that must be an http(s) URL
+
+
+def number(default: int, at_least: int = 1, at_most: int | None = None, why: str = "") -> Any:
+    """A whole-number setting and its limits (`why` says where an upper limit comes from)."""
+    return field(default=default, metadata={"at_least": at_least, "at_most": at_most, "why": why})
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting; each field is read from the environment variable of its upper-cased name."""
 
-    supabase_url: str
+    supabase_url: str = field(metadata=URL)
     supabase_service_role_key: str
-    matomo_url: str
+    matomo_url: str = field(metadata=URL)
     matomo_token_auth: str
     google_client_id: str
     google_client_secret: str
-    google_token_uri: str = "https://oauth2.googleapis.com/token"
-    gsc_api_endpoint: str = "https://searchconsole.googleapis.com/"
+    google_token_uri: str = field(default="https://oauth2.googleapis.com/token", metadata=URL)
+    gsc_api_endpoint: str = field(default="https://searchconsole.googleapis.com/", metadata=URL)
     # Tuning. The concurrency defaults were chosen with bench/bench.py (README: "Performance").
-    http_timeout: int = 60  # seconds, for every single network call
-    http_retries: int = field(default=3, metadata={"at_least": 0})  # retries of a transient failure
-    run_deadline: int = 7200  # seconds after which no new fetch starts
+    http_timeout: int = number(60)  # seconds, for every single network call
+    http_retries: int = number(3, at_least=0)  # retries of a transient failure
+    run_deadline: int = number(7200)  # seconds after which no new fetch starts
     # PHP drops POST variables past max_input_vars (default 1,000): token_auth and the urls[N].
-    matomo_bulk_size: int = field(default=100, metadata={"at_most": 900})  # sites per bulk request
-    matomo_workers: int = 3  # bulk requests in flight
-    gsc_workers: int = 64  # Search Console queries in flight, all accounts together
-    gsc_account_workers: int = 16  # ... and per account
-    gsc_qpm: int = 1200  # queries per minute per account: Search Console's per-user quota
+    matomo_bulk_size: int = number(100, at_most=900, why="PHP's max_input_vars")  # sites per bulk request
+    matomo_workers: int = number(3)  # bulk requests in flight
+    gsc_workers: int = number(64)  # Search Console queries in flight, all accounts together
+    gsc_account_workers: int = number(16)  # ... and per account
+    gsc_qpm: int = number(1200)  # queries per minute per account: Search Console's per-user quota
     # An account over its quota pauses this long, doubling up to five times (the load quota
     # takes about 15 minutes to clear), within RUN_DEADLINE.
-    gsc_quota_pause: int = 60
-    upsert_chunk_size: int = 500  # rows per upsert request
-    upsert_workers: int = 6  # upsert requests in flight
+    gsc_quota_pause: int = number(60)
+    upsert_chunk_size: int = number(500)  # rows per upsert request
+    upsert_workers: int = number(6)  # upsert requests in flight
     # Under cron, a progress line this often (seconds), so that a long run does not look stuck.
-    progress_every: int = field(default=60, metadata={"at_least": 0})
+    progress_every: int = number(60, at_least=0)
 
     def secrets(self) -> tuple[str, ...]:
         return (self.supabase_service_role_key, self.matomo_token_auth, self.google_client_secret)
@@ -152,21 +160,19 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
     values: dict[str, Any] = {}
     problems: list[str] = []
     for f in fields(Config):
-        name, raw = f.name.upper(), env.get(f.name.upper())
-        least = f.metadata.get("at_least", 1)
+        name, raw, rule = f.name.upper(), env.get(f.name.upper()), f.metadata
         if not raw:
             continue
-        most = f.metadata.get("at_most")
-        if f.type in (int, "int") and not (re.fullmatch(r"[0-9]{1,9}", raw) and int(raw) >= least):
-            problems.append(f"{name} must be a whole number of at least {least}")
-        elif most and int(raw) > most:
-            problems.append(f"{name} must be at most {most} (PHP's max_input_vars)")
+        if "at_least" in rule and not (re.fullmatch(r"[0-9]{1,9}", raw) and int(raw) >= rule["at_least"]):
+            problems.append(f"{name} must be a whole number of at least {rule['at_least']}")
+        elif rule.get("at_most") and int(raw) > rule["at_most"]:
+            problems.append(f"{name} must be at most {rule['at_most']} ({rule['why']})")
         elif PLACEHOLDER.search(raw):
             problems.append(f"{name} still holds the placeholder of .env.example: put your own value there")
-        elif name.endswith(("_URL", "_URI", "_ENDPOINT")) and not is_http_url(raw):
+        elif rule.get("url") and not is_http_url(raw):
             problems.append(f"{name} must be an http(s) URL, like https://example.com/")
         else:
-            values[f.name] = int(raw) if f.type in (int, "int") else raw
+            values[f.name] = int(raw) if "at_least" in rule else raw
     if problems:
         raise ConfigError("Bad configuration: " + "; ".join(problems) + ".")
     return Config(**values)
@@ -2244,15 +2250,9 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
     table = supabase_client(cfg).table("gsc_accounts")
     if account_id and not account_exists(table, account_id):
         return EXIT_FAILED
-    client = {
-        "installed": {
-            "client_id": cfg.google_client_id,
-            "client_secret": cfg.google_client_secret,
-            "auth_uri": GOOGLE_AUTH_URI,
-            "token_uri": cfg.google_token_uri,
-        }
-    }
-    flow = Flow.from_client_config(client, scopes=AUTHORIZE_SCOPES, redirect_uri=REDIRECT_URI)
+    client = dict(client_id=cfg.google_client_id, client_secret=cfg.google_client_secret)
+    client.update(auth_uri=GOOGLE_AUTH_URI, token_uri=cfg.google_token_uri)
+    flow = Flow.from_client_config({"installed": client}, scopes=AUTHORIZE_SCOPES, redirect_uri=REDIRECT_URI)
     url, _ = flow.authorization_url(access_type="offline", prompt="consent")
     print("Open this address in a browser signed in to the Google account, and allow access:")
     print(f"\n    {url}\n")
