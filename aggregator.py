@@ -75,7 +75,8 @@ DEFAULT_LOOKBACK_DAYS = 3
 # not be stored as 0 over numbers fetched back then: stay a little inside the limit.
 GSC_RETENTION_DAYS = 480
 GSC_SCOPE = "https://www.googleapis.com/auth/webmasters.readonly"
-MIGRATION = "supabase/migrations/20261125000000_analytics.sql"
+# What to apply when the tables are not what this version expects: each file adds to the last.
+MIGRATION = "every file of supabase/migrations/, in order (supabase db push)"
 T = TypeVar("T")
 SiteId = int  # sites.id, a bigint
 AccountId = int  # gsc_accounts.id, a bigint
@@ -2247,6 +2248,10 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
     # Imported here: only this command needs it, and the nightly run starts faster without it.
     from google_auth_oauthlib.flow import Flow
 
+    # Google lets the operator untick a permission; oauthlib would then raise "Scope has changed"
+    # (reported as a refused code). The granted scopes are checked below instead.
+    os.environ.setdefault("OAUTHLIB_RELAX_TOKEN_SCOPE", "1")
+
     table = supabase_client(cfg).table("gsc_accounts")
     if account_id and not account_exists(table, account_id):
         return EXIT_FAILED
@@ -2277,6 +2282,12 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
     refresh_token = flow.credentials.refresh_token
     if not refresh_token:
         log.error("Google sent no refresh token: remove this app's access in the Google account, then retry")
+        return EXIT_FAILED
+    if GSC_SCOPE not in str(flow.oauth2session.token.get("scope", GSC_SCOPE)):
+        log.error(
+            "Search Console access was not granted (it can be unticked on Google's consent screen); "
+            "nothing was stored. Run authorize again and leave every permission ticked"
+        )
         return EXIT_FAILED
     email = email_of(flow.oauth2session.token.get("id_token"))
     return store_refresh_token(table, account_id, refresh_token, email)

@@ -282,6 +282,23 @@ def test_authorize_asks_again_after_a_wrong_code(db, google, insecure_transport,
     assert db.execute("select oauth_refresh_token from gsc_accounts").fetchall() == [("1//0second-try-Hz7",)]
 
 
+def test_authorize_with_search_console_unticked_says_so_and_stores_nothing(
+    db, google, insecure_transport, run_aggregator
+):
+    google.codes["4/0AfJohX-partial"] = (
+        "1//0partial-Rt5",
+        "owner@example.com",
+        "openid https://www.googleapis.com/auth/userinfo.email",
+    )
+
+    result = run_aggregator("authorize", answer="http://localhost/?state=s&code=4/0AfJohX-partial\n")
+
+    assert result.returncode == 1
+    (line,) = lines_with("ERROR", result.stderr)
+    assert "Search Console access was not granted" in line and "leave every permission ticked" in line
+    assert db.execute("select count(*) from gsc_accounts").fetchone() == (0,)
+
+
 def test_authorize_after_deny_in_the_browser_says_so_in_one_line(
     db, google, insecure_transport, run_aggregator
 ):

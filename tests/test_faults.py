@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from conftest import ANON_KEY, DAY, SERVICE_KEY, TODAY, lines_with, query_of, stored
+from conftest import ANON_KEY, DAY, ROOT, SERVICE_KEY, TODAY, lines_with, query_of, stored
 from fakes.google import RATE_LIMIT_BODY
 
 HTML_502 = "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
@@ -241,8 +241,22 @@ def test_a_missing_unique_constraint_names_the_migration(
 
     assert result.returncode == 1
     line = lines_with("no unique or exclusion constraint", result.stderr)[0]
-    assert "apply supabase/migrations/20261125000000_analytics.sql" in line
+    assert "apply every file of supabase/migrations/" in line
     assert gateway.count(lambda r: r.method == "POST" and r.path == "/rest/v1/daily_analytics") == 1
+
+
+def test_a_database_without_the_newest_migration_names_the_migrations(fleet, db, run_aggregator):
+    fleet.visits(fleet.site("example.com", fleet.account()), 1)
+    db.execute("alter table gsc_accounts drop column service_account_key")  # the code is newer
+    try:
+        result = run_aggregator()
+    finally:
+        db.execute((ROOT / "supabase/migrations/20261125000300_service_accounts.sql").read_text())
+
+    assert result.returncode == 1
+    (line,) = lines_with("ERROR", result.stderr)
+    assert "service_account_key" in line and "apply every file of supabase/migrations/, in order" in line
+    assert db.execute("select count(*) from daily_analytics").fetchone() == (0,)
 
 
 def test_a_rejected_supabase_key_stops_the_run(config, run_aggregator):

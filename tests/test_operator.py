@@ -160,7 +160,7 @@ def test_check_names_each_problem_with_its_fix(fleet, db, matomo, without_confli
     assert result.returncode == 1
     problems = [line for line in result.stdout.splitlines() if line.startswith("Problem: ")]
     assert len(problems) == 4, result.stdout
-    assert any("apply supabase/migrations/20261125000000_analytics.sql" in p for p in problems)
+    assert any("apply every file of supabase/migrations/" in p for p in problems)
     assert any(f"Matomo site id {unknown.matomo_id}: An unexpected website" in p for p in problems)
     assert any(
         f"GSC account {revoked.id}: the refresh token has expired or been revoked" in p for p in problems

@@ -48,6 +48,8 @@ class ServiceAccount:
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GOOGLE_TOKEN_ENDPOINT = "https://oauth2.googleapis.com/token"
+# What a consent that allowed everything authorize asks for grants, as Google lists it.
+ALL_SCOPES = "openid https://www.googleapis.com/auth/userinfo.email https://www.googleapis.com/auth/webmasters.readonly"
 
 
 class FakeGoogle(FakeServer):
@@ -64,8 +66,9 @@ class FakeGoogle(FakeServer):
         # Instead of `search`, a benchmark may generate (clicks, impressions, ctr, position) or None.
         self.search_fn: Callable[[str, str], tuple | None] | None = None
         self.qpm: int | None = None  # answer 429 above this many queries per account per minute
-        # authorization code -> the refresh token it grants (and the Google account's email)
-        self.codes: dict[str, str | tuple[str, str]] = {}
+        # authorization code -> the refresh token it grants (and the Google account's email, and
+        # the scopes the consent granted: an operator may untick some)
+        self.codes: dict[str, str | tuple[str, ...]] = {}
         # An access token says it lasts an hour; Google may still end it sooner (a run of two
         # hours outlives it anyway): after this many seconds the API answers 401.
         self.token_lifetime: float | None = None
@@ -226,7 +229,11 @@ class FakeGoogle(FakeServer):
         granted = self.codes.pop(form.get("code", ""), None)
         if granted is None or not form.get("code_verifier"):
             return Response(400, {"error": "invalid_grant", "error_description": "Malformed auth code."})
-        refresh_token, email = granted if isinstance(granted, tuple) else (granted, "owner@example.com")
+        refresh_token, email, scope = (
+            (*granted, ALL_SCOPES)[:3]
+            if isinstance(granted, tuple)
+            else (granted, "owner@example.com", ALL_SCOPES)
+        )
         self.add_account(refresh_token, {})
         access_token = f"ya29.fake-{next(self._numbers)}"
         self.access_tokens[access_token] = self.accounts[refresh_token]
@@ -237,8 +244,7 @@ class FakeGoogle(FakeServer):
                 "expires_in": 3599,
                 "token_type": "Bearer",
                 "refresh_token": refresh_token,
-                "scope": "openid https://www.googleapis.com/auth/userinfo.email "
-                "https://www.googleapis.com/auth/webmasters.readonly",
+                "scope": scope,
                 "id_token": id_token(self.client_id, email),
             },
         )
