@@ -2185,9 +2185,8 @@ RUNS_LOOKED_AT = 20
 def list_accounts(cfg: Config) -> int:
     """One line per gsc_accounts row: id, label, deployed sites, how the last run went; never a token."""
     client = supabase_client(cfg)
-    accounts = fetch_all(client, "gsc_accounts", "id,label")
-    keys = account_keys(client)  # only to tell the kind; never printed
-    secret_filter.add(*secrets_of(keys.values()))
+    # The service account's email, not its key: no credential is read to list the accounts.
+    accounts = fetch_all(client, "gsc_accounts", "id,label,email:service_account_key->>client_email")
     sites_per_account = Counter(site.gsc_account_id for site in deployed_sites(client))
     states = last_account_states(client)
     print(ACCOUNT_FORMAT.format("ID", "KIND", "LABEL", "SITES", "LAST RUN"))
@@ -2196,8 +2195,8 @@ def list_accounts(cfg: Config) -> int:
         state = states.get(str(account_id))
         if state is None:
             state = "-" if not sites_per_account[account_id] else "not in the recorded runs"
-        kind = "service account" if isinstance(keys.get(account_id), dict) else "refresh token"
-        label = account.get("label") or service_account_email(keys.get(account_id, "")) or "-"
+        kind = "service account" if account.get("email") else "refresh token"
+        label = account.get("label") or account.get("email") or "-"
         print(ACCOUNT_FORMAT.format(str(account_id), kind, label, sites_per_account[account_id], state))
     if not accounts:
         print("No account yet: add one with `aggregator.py authorize`")

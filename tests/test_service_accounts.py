@@ -101,7 +101,7 @@ def test_search_console_refuses_a_property_the_service_account_was_not_added_to(
     assert stored(db, FINAL_DAY)[site.id]["gsc_clicks"] == 8
 
 
-def test_accounts_shows_the_kind_and_the_service_accounts_email(fleet, run_aggregator):
+def test_accounts_shows_the_kind_and_the_service_accounts_email(fleet, gateway, run_aggregator):
     user, robot = fleet.account(), fleet.service_account()
     fleet.site("robot.example.com", robot)
 
@@ -111,6 +111,13 @@ def test_accounts_shows_the_kind_and_the_service_accounts_email(fleet, run_aggre
     lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
     assert "refresh token" in lines[str(user.id)]
     assert "service account" in lines[str(robot.id)] and robot.refresh_token in lines[str(robot.id)]
+    credentials_read = [
+        r.query["select"]
+        for r in gateway.requests
+        if r.path == "/rest/v1/gsc_accounts"
+        and any(c in ("oauth_refresh_token", "service_account_key") for c in r.query["select"].split(","))
+    ]
+    assert credentials_read == [], "listing the accounts reads no credential"
 
 
 def test_only_one_kind_of_credential_per_account(db):

@@ -9,6 +9,7 @@ JSON with its status codes. The key decides the database role, as on Supabase.
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import psycopg
@@ -26,6 +27,20 @@ class GatewayError(Exception):
     def __init__(self, status: int, code: str, message: str, details=None, hint=None):
         super().__init__(message)
         self.response = Response(status, {"code": code, "details": details, "hint": hint, "message": message})
+
+
+def selected(item: str) -> sql.Composable:
+    """One item of `select`: a column, or `alias:column->>key` (a JSON field as text), as PostgREST
+    reads it; a JSON field without an alias is named after its key."""
+    found = re.fullmatch(r"(?:(\w+):)?(\w+)(?:->>(\w+))?", item.strip())
+    if not found:
+        raise GatewayError(400, "PGRST100", f'"failed to parse select parameter ({item})"')
+    alias, column, key = found.groups()
+    if key is None:
+        return sql.Identifier(column)
+    return sql.SQL("{} ->> {} as {}").format(
+        sql.Identifier(column), sql.Literal(key), sql.Identifier(alias or key)
+    )
 
 
 class FakePostgrest(FakeServer):
@@ -127,11 +142,7 @@ class FakePostgrest(FakeServer):
         limit = min(int(params.pop("limit", self.max_rows)), self.max_rows)
         # A column may be filtered twice (date=gte.X&date=lte.Y): every pair is a condition.
         params = [(k, v) for k, v in request.query_pairs if k not in RESERVED]
-        columns = (
-            sql.SQL("*")
-            if select == "*"
-            else sql.SQL(", ").join(sql.Identifier(c.strip()) for c in select.split(","))
-        )
+        columns = sql.SQL("*") if select == "*" else sql.SQL(", ").join(map(selected, select.split(",")))
         where, values = self.filters(params)
         query = sql.SQL("select {} from {}{}{} limit {} offset {}").format(
             columns,
