@@ -277,13 +277,15 @@ class Progress:
     def __init__(self) -> None:
         self.text, self.lock, self.stopped = "", threading.RLock(), threading.Event()
         self.on_terminal, self.started, self.drawn_at = False, 0.0, 0.0
-        self.counts, self.wanted, self.stored = {"matomo": 0, "gsc": 0}, {"matomo": 0, "gsc": 0}, 0
+        self.counts: dict[str, int] = {}
+        self.wanted: dict[str, int] = {}
+        self.stored = 0
 
     @contextlib.contextmanager
     def shown(self, every: float, outcome: Any) -> Iterator[None]:
         self.on_terminal, self.started, self.stored = sys.stderr.isatty(), time.monotonic(), 0
-        self.wanted = {"matomo": outcome.matomo.wanted, "gsc": outcome.gsc.wanted}
-        self.counts = {"matomo": 0, "gsc": 0}
+        self.wanted = {source: count.wanted for source, count in outcome.sources().items()}
+        self.counts = dict.fromkeys(self.wanted, 0)
         self.stopped.clear()
         if not self.on_terminal:
             threading.Thread(target=self.log_every, args=(every,), daemon=True).start()
@@ -300,7 +302,7 @@ class Progress:
 
     def fetched(self, source: str, sites: int) -> None:
         with self.lock:
-            self.counts[source] += sites
+            self.counts[source] = self.counts.get(source, 0) + sites
             if self.on_terminal and time.monotonic() - self.drawn_at > 0.1:
                 self.draw()
 
@@ -317,8 +319,8 @@ class Progress:
     def line(self, final: bool = False) -> str:
         done, wanted = sum(self.counts.values()), sum(self.wanted.values())
         text = (
-            f"Matomo {self.counts['matomo']}/{self.wanted['matomo']} and GSC {self.counts['gsc']}/"
-            f"{self.wanted['gsc']} sites {'fetched' if final else 'done'}, stored {self.stored} records"
+            f"Matomo {self.counts.get('matomo', 0)}/{self.wanted.get('matomo', 0)} and GSC "
+            f"{self.counts.get('gsc', 0)}/{self.wanted.get('gsc', 0)} sites {'fetched' if final else 'done'}, stored {self.stored} records"
         )
         if final or not done or done >= wanted:
             return text
@@ -1152,6 +1154,11 @@ def google_credentials(cfg: Config, key: AccountKey) -> Any:
     )
 
 
+def refresh_now(cfg: Config, credentials: Any) -> None:
+    """Asks the token endpoint for an access token now (the run's clients do it on first use)."""
+    credentials.refresh(google_auth_httplib2.Request(httplib2.Http(timeout=cfg.http_timeout)))
+
+
 def service_account_email(key: AccountKey) -> str | None:
     return str(key.get("client_email")) if isinstance(key, dict) else None
 
@@ -1431,9 +1438,7 @@ def connected_accounts(
     Each failure is one warning; `states` gets "connected" or the reason for each account."""
     by_account = sites_by_account(sites)
     if every_account:
-        by_account = {account_id: by_account.get(account_id, []) for account_id in keys} | {
-            account_id: group for account_id, group in by_account.items() if account_id not in keys
-        }
+        by_account = {account_id: [] for account_id in keys} | by_account
     for account_id in by_account.keys() - keys.keys():
         for site in by_account[account_id]:
             log.warning(
@@ -1444,7 +1449,7 @@ def connected_accounts(
         for account_id in by_account
         if account_id in keys
     }
-    connected, client_refused = {}, Once()
+    connected, client_refused_said = {}, False
     for account_id, future in futures.items():
         account = future.result()
         if states is not None:
@@ -1453,8 +1458,9 @@ def connected_accounts(
             connected[account_id] = account
         elif account == CLIENT_REFUSED:
             # Every account meets it alike: the fix is one setting, said once.
-            if client_refused.first():
+            if not client_refused_said:
                 log.error("%s. No Search Console data this run", CLIENT_REFUSED)
+            client_refused_said = True
         else:
             sites_of = len(by_account[account_id])
             log.warning("GSC account %s: %s; no GSC data for its %d sites", account_id, account, sites_of)
@@ -1728,7 +1734,7 @@ def store_rows(client: Supabase, rows: list[dict], cfg: Config) -> tuple[int, in
             chunk, on_conflict="date,site_id", returning=ReturnMethod.minimal
         )
         try:
-            with_retries(request.execute, cfg.http_retries + 1)
+            with_retries(request.execute, client.attempts)
             return len(chunk)
         except (APIError, httpx.HTTPError) as error:
             kind = supabase_error_kind(error)
@@ -1870,9 +1876,8 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
     with contextlib.ExitStack() as stack:
         stack.enter_context(progress.shown(cfg.progress_every, outcome))
         gsc_pool = stack.enter_context(ThreadPoolExecutor(max_workers=cfg.gsc_workers))
-        side = stack.enter_context(
-            ThreadPoolExecutor(max_workers=2)
-        )  # Matomo beside GSC; storing beside both
+        # Matomo beside Search Console, and a slice's upserts beside the next slice's fetches.
+        side = stack.enter_context(ThreadPoolExecutor(max_workers=2))
         matomo, matomo_ids = matomo_client(cfg, deadline), matomo_ids_by_site(sites)
         accounts = (
             connected_accounts(cfg, sites, keys, gsc_pool, states=outcome.gsc_accounts) if gsc_days else {}
@@ -1890,8 +1895,9 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             part_targets = {s.id: targets[s.id] for s in part if s.id in targets}
             gsc = get_gsc_data(part_targets, gsc_days, cfg, gsc_pool, deadline) if part_targets else {}
             visits, stored = visits_read.result()
-            outcome.count_fetched(part, {"matomo": visits, "gsc": gsc} if gsc_days else {"matomo": visits})
-            rows = slice_rows(part, days, visits, gsc, stored if read_stored else {}, outcome)
+            answers = {"matomo": visits, "gsc": gsc}
+            outcome.count_fetched(part, {source: answers[source] for source in sources})
+            rows = slice_rows(part, days, visits, gsc, stored, outcome)
             del visits, gsc  # not kept alive through the next slice's fetch
             if storing:
                 storing.result()
@@ -1971,7 +1977,7 @@ def keep_stored_visits(
 
 
 def sites_with_domains(sites: list[Site], domains: Iterable[str]) -> list[Site]:
-    """The sites whose domain is one of `domains` (compared normalised); warns about the rest."""
+    """The sites whose domain is one of `domains` (compared normalised); a usage error for the rest."""
     wanted = {normalised_domain(d) or d for d in domains}
     chosen = [site for site in sites if normalised_domain(site.domain) in wanted]
     unknown = sorted(wanted - {normalised_domain(site.domain) for site in chosen})
@@ -2140,7 +2146,7 @@ def client_for_check(cfg: Config) -> None:
     cannot exist: Google checks the client first (invalid_client) and only then the token."""
     credentials = google_credentials(cfg, "aggregator-check-not-a-token")
     try:
-        credentials.refresh(google_auth_httplib2.Request(httplib2.Http(timeout=cfg.http_timeout)))
+        refresh_now(cfg, credentials)
     except RefreshError as error:
         if "invalid_client" in str(error):
             log.error("%s", CLIENT_REFUSED)
@@ -2251,8 +2257,8 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
     # (reported as a refused code). The granted scopes are checked below instead.
     os.environ.setdefault("OAUTHLIB_RELAX_TOKEN_SCOPE", "1")
 
-    table = supabase_client(cfg).table("gsc_accounts")
-    if account_id and not account_exists(table, account_id):
+    supabase = supabase_client(cfg)
+    if account_id and not account_exists(supabase, account_id):
         return EXIT_FAILED
     client = dict(client_id=cfg.google_client_id, client_secret=cfg.google_client_secret)
     client.update(auth_uri=GOOGLE_AUTH_URI, token_uri=cfg.google_token_uri)
@@ -2289,16 +2295,18 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
         )
         return EXIT_FAILED
     email = email_of(flow.oauth2session.token.get("id_token"))
-    return store_refresh_token(table, account_id, refresh_token, email)
+    return store_refresh_token(supabase, account_id, refresh_token, email)
 
 
-def account_exists(table: Any, account_id: str) -> bool:
+def account_exists(client: Supabase, account_id: str) -> bool:
     """Whether --account names a gsc_accounts row; said before the browser round trip, not after."""
     if not re.fullmatch(r"[0-9]{1,18}", account_id):
         log.error("--account %s: an account id is a number; `aggregator.py accounts` lists them", account_id)
         return False
     try:
-        found = with_retries(table.select("id").eq("id", account_id).execute, 2).data
+        found = with_retries(
+            client.table("gsc_accounts").select("id").eq("id", account_id).execute, client.attempts
+        ).data
     except (APIError, httpx.HTTPError) as error:
         log.error("%s", describe_supabase_error(error, "reading gsc_accounts"))
         return False
@@ -2339,9 +2347,11 @@ def email_of(id_token: str | None) -> str | None:
         return None
 
 
-def store_refresh_token(table: Any, account_id: str | None, refresh_token: str, email: str | None) -> int:
+def store_refresh_token(
+    client: Supabase, account_id: str | None, refresh_token: str, email: str | None
+) -> int:
     row = {"oauth_refresh_token": refresh_token, **({"label": email} if email else {})}
-    done = stored_account_row(table, account_id, row, "service_account_key")
+    done = stored_account_row(client, account_id, row, "service_account_key")
     if done is None:
         return EXIT_FAILED
     who = f" (Google account {email}, now its label)" if email else ""
@@ -2349,13 +2359,14 @@ def store_refresh_token(table: Any, account_id: str | None, refresh_token: str, 
     return EXIT_OK
 
 
-def stored_account_row(table: Any, account_id: str | None, row: dict, other_credential: str) -> Any:
+def stored_account_row(client: Supabase, account_id: str | None, row: dict, other_credential: str) -> Any:
     """The id of the gsc_accounts row that now holds `row` (a new one without account_id), or None
     after an error. Replacing a credential clears the other kind: a row holds exactly one."""
+    table = client.table("gsc_accounts")
     try:
         if account_id:
             update = table.update({**row, other_credential: None}).eq("id", account_id)
-            done = with_retries(update.execute, 2).data
+            done = with_retries(update.execute, client.attempts).data
         else:
             done = table.insert(row).execute().data
     except (APIError, httpx.HTTPError) as error:
@@ -2371,14 +2382,12 @@ def authorize_service_account(cfg: Config, key_file: Path, account_id: str | Non
     """Store a service account's JSON key once Google has accepted it; the key is never printed."""
     key = service_account_key(key_file)
     secret_filter.add(*secrets_of([key]))
-    table = supabase_client(cfg).table("gsc_accounts")
-    if account_id and not account_exists(table, account_id):
+    client = supabase_client(cfg)
+    if account_id and not account_exists(client, account_id):
         return EXIT_FAILED
     email = str(key["client_email"])
     try:  # a deleted or foreign key is refused now, not at 3 a.m.
-        google_credentials(cfg, key).refresh(
-            google_auth_httplib2.Request(httplib2.Http(timeout=cfg.http_timeout))
-        )
+        refresh_now(cfg, google_credentials(cfg, key))
     except RefreshError as error:
         log.error("%s (%s); nothing was stored", refresh_error_reason(error, account_id or "ID", key), error)
         return EXIT_FAILED
@@ -2386,7 +2395,7 @@ def authorize_service_account(cfg: Config, key_file: Path, account_id: str | Non
         log.error("The key of %s could not be tried with Google (%s); nothing was stored", email, error)
         return EXIT_FAILED
     done = stored_account_row(
-        table, account_id, {"service_account_key": key, "label": email}, "oauth_refresh_token"
+        client, account_id, {"service_account_key": key, "label": email}, "oauth_refresh_token"
     )
     if done is None:
         return EXIT_FAILED
