@@ -320,6 +320,6 @@ def test_authorize_interrupted_at_the_prompt_is_one_line(db, google, insecure_tr
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)
 
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert lines_with("ERROR", stderr) and "nothing was stored" in lines_with("ERROR", stderr)[0]
