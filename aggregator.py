@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, TypeVar, Union
+from typing import Any, Callable, NamedTuple, TypeVar, Union
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit
 
 # On Python 3.9 and 3.10 Google's libraries print a six-line FutureWarning on import, every
@@ -1108,8 +1108,7 @@ def visits_and_stored(
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GscMetrics:
+class GscMetrics(NamedTuple):  # a tuple: a year of 10,000 sites makes 3 million of them
     clicks: int
     impressions: int
     ctr: float | None
@@ -1341,17 +1340,19 @@ def metrics_by_day(answer: Any, days: list[dt.date], newest_final: dt.date) -> d
     if first_incomplete:
         newest_final = min(newest_final, dt.date.fromisoformat(first_incomplete) - dt.timedelta(days=1))
     metrics = {day: NO_SEARCH_TRAFFIC for day in days if day <= newest_final}
-    wanted = set(days)
+    wanted = {day.isoformat(): day for day in days}
     for row in answer.get("rows", []):
-        day = dt.date.fromisoformat(row["keys"][0])
-        if day in wanted:
-            metrics[day] = GscMetrics(
-                round(row["clicks"]),
-                round(row["impressions"]),
-                row["ctr"],
-                row["position"],
-                final=day <= newest_final,
-            )
+        day = wanted.get(row["keys"][0])
+        if day is None:
+            dt.date.fromisoformat(row["keys"][0])  # a day outside the range is skipped, not a non-date
+            continue
+        metrics[day] = GscMetrics(
+            round(row["clicks"]),
+            round(row["impressions"]),
+            row["ctr"],
+            row["position"],
+            final=day <= newest_final,
+        )
     return metrics
 
 
@@ -1659,22 +1660,18 @@ def analytics_rows(
     is what keeps a stored value from being overwritten.
     """
     rows = []
+    dated = [(day, day.isoformat()) for day in days]
     for site in sites:
         site_visits = visits.get(site.id, {})
         site_gsc = gsc.get(site.id, {})
-        for day in days:
-            row: dict[str, Any] = {"date": day.isoformat(), "site_id": site.id}
+        for day, iso in dated:
+            row: dict[str, Any] = {"date": iso, "site_id": site.id}
             if day in site_visits:
                 row["matomo_visits"] = site_visits[day]
-            if day in site_gsc:
-                m = site_gsc[day]
-                row.update(
-                    gsc_clicks=m.clicks,
-                    gsc_impressions=m.impressions,
-                    gsc_ctr=m.ctr,
-                    gsc_position=m.position,
-                    gsc_final=m.final,
-                )
+            m = site_gsc.get(day)
+            if m is not None:
+                row["gsc_clicks"], row["gsc_impressions"], row["gsc_ctr"], row["gsc_position"] = m[:4]
+                row["gsc_final"] = m.final
             if len(row) > 2:
                 rows.append(row)
     return rows

@@ -78,6 +78,12 @@ def test_metrics_by_day_treats_absent_rows_on_final_days_as_no_traffic():
     }
     with pytest.raises(ValueError):
         ag.metrics_by_day("<html>", [D1], D3)
+    # A row whose key is not a date makes the answer unreadable: its days must not become 0
+    with pytest.raises(ValueError):
+        ag.metrics_by_day({"rows": [{**answer["rows"][0], "keys": ["Nov 2, 2026"]}]}, [D1, D2], D3)
+    # A day outside the range asked for is skipped
+    outside = {"rows": [{**answer["rows"][0], "keys": ["2026-10-31"]}]}
+    assert ag.metrics_by_day(outside, [D1], D3) == {D1: ag.NO_SEARCH_TRAFFIC}
 
 
 def test_days_from_the_first_incomplete_one_are_provisional_and_never_zero():
