@@ -2596,8 +2596,11 @@ def stop_on_signals(deadline: Deadline) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     # The libraries' objects live as long as the run: the cyclic collector need not scan them
-    # again and again while thousands of answers are parsed.
+    # again and again while thousands of answers are parsed. The rows and answers it would scan
+    # make no cycles, so it runs every 50,000 allocations, not every 700 (a year of 10,000 sites
+    # allocates about 40 million objects: 12% of the run's CPU went into collections).
     gc.freeze()
+    gc.set_threshold(50_000)
     try:
         args = parse_args(argv)
         if args.env_file and not args.env_file.is_file():

@@ -264,7 +264,7 @@ class FakeGoogle(FakeServer):
         fresh = body.get("dataState", "final").lower() == "all"
         if not fresh:  # a day that is not final yet is omitted, exactly like a day without traffic
             days = [d for d in days if d <= account.final_through]
-        found = [(d.isoformat(), m) for d in days if (m := self.metrics(site_url, d.isoformat()))]
+        found = [(d, m) for d in map(dt.date.isoformat, days) if (m := self.metrics(site_url, d))]
         answer: dict = {"responseAggregationType": "byProperty"}
         if fresh and "date" in body.get("dimensions", []) and end > account.final_through:
             first_incomplete = account.final_through + dt.timedelta(days=1)

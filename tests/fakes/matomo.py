@@ -7,6 +7,7 @@ POST variables, and a day the archiver has not processed answers like a day with
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 from typing import Callable
 from urllib.parse import parse_qsl
@@ -105,12 +106,12 @@ class FakeMatomo(FakeServer):
                 "result": "error",
                 "message": f"An unexpected website was found in the request: website id was set to '{site}' .",
             }
-        columns = [c for c in sub.get("showColumns", "").split(",") if c]
+        columns = tuple(c for c in sub.get("showColumns", "").split(",") if c)
         days = days_of(sub["date"])
         visits = {day: 0 if day in self.not_archived else self.visits_on(site, day) for day in days}
         if "," not in sub["date"]:
-            return only(visits_summary(visits[days[0]]), columns)
-        return {day: only(visits_summary(n), columns) if n else [] for day, n in visits.items()}
+            return summary_of(visits[days[0]], columns)
+        return {day: summary_of(n, columns) if n else [] for day, n in visits.items()}
 
 
 def days_of(date: str) -> list[str]:
@@ -121,6 +122,10 @@ def days_of(date: str) -> list[str]:
     return [(start + dt.timedelta(n)).isoformat() for n in range((end - start).days + 1)]
 
 
-def only(summary: dict, columns: list[str]) -> dict:
-    """showColumns: the answer trimmed to the named metrics."""
+@functools.lru_cache(maxsize=4096)
+def summary_of(visits: int, columns: tuple[str, ...]) -> dict:
+    """The object for one site and day, trimmed to showColumns' metrics; one shared object per
+    answer (only serialized), so that a benchmark's year of 10,000 sites does not build 3.65
+    million of them on the cores the aggregator runs on."""
+    summary = visits_summary(visits)
     return {k: v for k, v in summary.items() if k in columns} if columns else summary

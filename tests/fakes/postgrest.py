@@ -278,7 +278,10 @@ class FakePostgrest(FakeServer):
         conn = self.connection()
         with conn.transaction():
             conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-            cursor = conn.execute(statement, [json.dumps(rows)])
+            # The body as it came (PostgREST too hands it to PostgreSQL as one json parameter).
+            cursor = conn.execute(
+                statement, [request.body.decode() if isinstance(body, list) else json.dumps(rows)]
+            )
             result = cursor.fetchone()[0] if representation else None
         if representation:
             return Response(201, result)
