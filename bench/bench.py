@@ -124,9 +124,33 @@ def lower_bound(s: Scenario, latency: float, settings: list[str], counts: dict[s
     return bound
 
 
-def run_aggregator(env_file: Path, args: list[str]) -> tuple[float, int, int, str]:
-    """(wall seconds, peak RSS in MB, exit status, log) of one run; prints its CPU seconds."""
+def database_cpu(conn: psycopg.Connection) -> float | None:
+    """CPU seconds PostgreSQL's processes have used so far: the postmaster's children (each
+    connection's backend, once it has ended) and the live ones; None where /proc cannot tell
+    (a database on another machine)."""
+    try:
+        backend = conn.execute("select pg_backend_pid()").fetchone()[0]
+        postmaster = int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        ticks = 0
+        for pid in [postmaster, *(p.name for p in Path("/proc").iterdir() if p.name.isdigit())]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(pid) == postmaster:
+                ticks += sum(map(int, fields[11:15]))  # its own and its ended children's
+            elif int(fields[1]) == postmaster:
+                ticks += int(fields[11]) + int(fields[12])  # a live backend
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_aggregator(env_file: Path, args: list[str], conn: psycopg.Connection) -> tuple[float, int, int, str]:
+    """(wall seconds, peak RSS in MB, exit status, log) of one run; prints the CPU seconds of the
+    aggregator, of the stand-ins (this process) and of PostgreSQL: the two cores are shared."""
     started, stand_ins = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
+    database_before = database_cpu(conn)
     process = subprocess.Popen(
         [
             sys.executable,
@@ -145,8 +169,15 @@ def run_aggregator(env_file: Path, args: list[str]) -> tuple[float, int, int, st
     wall = time.monotonic() - started
     after = resource.getrusage(resource.RUSAGE_SELF)
     served = after.ru_utime + after.ru_stime - stand_ins.ru_utime - stand_ins.ru_stime
+    database_after = database_cpu(conn)
+    database = (
+        f", PostgreSQL: {database_after - database_before:.2f} s"
+        if database_before is not None and database_after is not None
+        else ""
+    )
     print(
-        f"  wall {wall:.2f} s, cpu {usage.ru_utime + usage.ru_stime:.2f} s (stand-ins: {served:.2f} s)",
+        f"  wall {wall:.2f} s, cpu {usage.ru_utime + usage.ru_stime:.2f} s "
+        f"(stand-ins: {served:.2f} s{database})",
         file=sys.stderr,
     )
     return wall, usage.ru_maxrss // 1024, os.waitstatus_to_exitcode(status), stderr
@@ -193,7 +224,7 @@ def main() -> int:
                 for _ in range(options.repeat):
                     for server in (gateway, matomo, google):
                         server.counts.clear()
-                    runs.append(run_aggregator(env_file, s.args()))
+                    runs.append(run_aggregator(env_file, s.args(), conn))
                 wall = statistics.median(r[0] for r in runs)
                 rss, status, log = max(r[1] for r in runs), max(r[2] for r in runs), runs[-1][3]
                 stored = conn.execute("select count(*) from daily_analytics").fetchone()[0]
