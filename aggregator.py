@@ -1957,9 +1957,17 @@ def keep_stored_visits(
 ) -> list[dict]:
     """The rows without the Matomo zeros that would lower a stored count; one warning per site."""
     if isinstance(stored, SupabaseError):
-        zero_sites = {row["site_id"] for row in rows if row.get("matomo_visits") == 0}
-        log.warning("%s; the Matomo zeros of %d sites are not stored this time", stored, len(zero_sites))
-        stored = {(row["site_id"], row["date"]): 1 for row in rows if row.get("matomo_visits") == 0}
+        # No stored count is known, so each 0 is held back as if one were; one warning for all.
+        zeros = {(row["site_id"], row["date"]): 0 for row in rows if row.get("matomo_visits") == 0}
+        rows, _ = without_lowering_zeros(rows, zeros)
+        outcome.matomo_zeros_kept += len(zeros)
+        log.warning(
+            "%s: the stored visit counts could not be read, so the Matomo zeros of %d sites are not "
+            "stored this time (a 0 may be a day Matomo has not archived); re-run these dates to store them",
+            stored,
+            len({site_id for site_id, _ in zeros}),
+        )
+        return rows
     rows, kept = without_lowering_zeros(rows, stored)
     for site_id, dates in kept.items():
         log.warning(

@@ -147,6 +147,28 @@ def test_a_zero_from_a_day_matomo_has_not_archived_never_lowers_a_stored_count(
     assert stored(db)[busy.id]["matomo_visits"] == 0
 
 
+def test_when_the_stored_counts_cannot_be_read_matomo_zeros_are_held_back_and_said_once(
+    fleet, db, matomo, gateway, run_aggregator
+):
+    busy, new = fleet.site("busy.example.com"), fleet.site("new.example.com")
+    fleet.store(busy, matomo_visits=40)
+    matomo.not_archived.add(DAY.isoformat())
+    reads_stored_visits = lambda r: r.method == "GET" and "matomo_visits" in r.query.get("select", "")  # noqa: E731
+    gateway.inject(
+        reads_stored_visits, 400, {"code": "PGRST100", "message": "failed to parse filter"}, times=9
+    )
+
+    result = run_aggregator("--json")
+
+    assert result.returncode == 3, result.stderr
+    assert stored(db)[busy.id]["matomo_visits"] == 40
+    assert new.id not in stored(db) or stored(db)[new.id]["matomo_visits"] is None
+    (warning,) = lines_with("zeros", result.stderr)
+    assert "could not be read" in warning and "2 sites" in warning and "re-run" in warning
+    assert not lines_with("were stored", result.stderr)  # no stored count was read: none is quoted
+    assert json.loads(result.stdout)["matomo"]["zeros_not_stored"] == 2 * 3  # 2 sites, the nightly's 3 days
+
+
 def test_one_sites_php_error_costs_only_that_site(fleet, db, matomo, run_aggregator):
     sites = [fleet.site(f"s{n}.example.com") for n in range(7)]
     for n, site in enumerate(sites):
