@@ -568,12 +568,13 @@ class Site:
 PAGE_SIZE = 1000
 
 
-# One client per run: each costs ~40 ms of start-up (supabase-py makes four HTTP clients).
+# One client per run: building one costs start-up time that every read would pay again.
 @functools.cache
 def supabase_client(cfg: Config) -> Supabase:
     # One HTTP client for every part of supabase-py: each would otherwise build its own, loading
     # the certificate bundle again (25 ms of CPU each), and the PostgREST part, built on first
-    # use, would be built once per thread that reads first. As supabase-py builds its own.
+    # use, would be built once per thread that reads first. Its settings are those supabase-py
+    # gives its own.
     http = httpx.Client(timeout=cfg.http_timeout, follow_redirects=True, http2=True)
     options = ClientOptions(httpx_client=http, auto_refresh_token=False, persist_session=False)
     # postgrest-py 2.2x+ retries GETs by itself (1, 2, 4 s) under our with_retries: one policy,
@@ -1955,17 +1956,18 @@ def slice_rows(
 def keep_stored_visits(
     rows: list[dict], stored: Mapping[tuple[SiteId, str], int] | SupabaseError, outcome: Outcome
 ) -> list[dict]:
-    """The rows without the Matomo zeros that would lower a stored count; one warning per site."""
+    """The rows without the Matomo zeros that would lower a stored count; one warning per site,
+    or one in all when the stored counts could not be read."""
     if isinstance(stored, SupabaseError):
-        # No stored count is known, so each 0 is held back as if one were; one warning for all.
+        # No stored count is known, so every 0 is held back as if one were.
         zeros = {(row["site_id"], row["date"]): 0 for row in rows if row.get("matomo_visits") == 0}
-        rows, _ = without_lowering_zeros(rows, zeros)
-        outcome.matomo_zeros_kept += len(zeros)
+        rows, kept = without_lowering_zeros(rows, zeros)
+        outcome.matomo_zeros_kept += sum(len(dates) for dates in kept.values())
         log.warning(
             "%s: the stored visit counts could not be read, so the Matomo zeros of %d sites are not "
             "stored this time (a 0 may be a day Matomo has not archived); re-run these dates to store them",
             stored,
-            len({site_id for site_id, _ in zeros}),
+            len(kept),
         )
         return rows
     rows, kept = without_lowering_zeros(rows, stored)
