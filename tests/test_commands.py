@@ -318,7 +318,10 @@ def test_authorize_interrupted_at_the_prompt_is_one_line(db, google, insecure_tr
         if select.select([process.stdout], [], [], 1)[0]:
             shown += os.read(process.stdout.fileno(), 4096)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=30)
+    # stdin stays open until the script has ended, as a terminal's does: closed at once, it can
+    # reach the prompt before the signal (end of input, "No code given", exit 1).
+    process.wait(timeout=30)
+    _, stderr = process.communicate()
 
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr

@@ -236,15 +236,19 @@ class FakePostgrest(FakeServer):
             for k, _, v in (p.partition("=") for p in request.headers.get("prefer", "").split(","))
             if k.strip()
         }
-        body = request.json()
-        rows = body if isinstance(body, list) else [body]
         known = self.columns_of(table)
         if "columns" in request.query:
+            # Named columns: PostgREST hands the body to PostgreSQL unparsed (a bulk body can be
+            # megabytes), and PostgreSQL rejects what is not JSON.
             columns = [c.strip().strip('"') for c in request.query["columns"].split(",")]
+            payload = request.body.decode()
         else:
+            body = request.json()
+            rows = body if isinstance(body, list) else [body]
             columns = list(rows[0]) if rows else []
             if any(set(r) != set(columns) for r in rows):
                 raise GatewayError(400, "PGRST102", "All object keys must match")
+            payload = json.dumps(rows)
         for column in columns:
             if column not in known:
                 raise GatewayError(
@@ -253,7 +257,9 @@ class FakePostgrest(FakeServer):
         target = sql.Identifier("public", table)
         names = sql.SQL(", ").join(map(sql.Identifier, columns))
         statement = sql.SQL(
-            "insert into {} ({}) select {} from json_populate_recordset(null::{}, %s::json)"
+            # PostgREST's own wrapping: a lone object is a one-row array.
+            "insert into {} ({}) select {} from json_populate_recordset(null::{}, (select case "
+            "when json_typeof(j) = 'array' then j else json_build_array(j) end from (select %s::json as j) p))"
         ).format(target, names, names, target)
         resolution = prefer.get("resolution")
         if resolution:
@@ -278,10 +284,7 @@ class FakePostgrest(FakeServer):
         conn = self.connection()
         with conn.transaction():
             conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-            # The body as it came (PostgREST too hands it to PostgreSQL as one json parameter).
-            cursor = conn.execute(
-                statement, [request.body.decode() if isinstance(body, list) else json.dumps(rows)]
-            )
+            cursor = conn.execute(statement, [payload])
             result = cursor.fetchone()[0] if representation else None
         if representation:
             return Response(201, result)
