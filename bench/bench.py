@@ -6,7 +6,9 @@ the real PostgreSQL behind the PostgREST stand-in. Run by hand, not part of the 
 
 Prints one table: scenario, sites, days, wall seconds (the median of --repeat runs), peak RSS of
 the aggregator, requests per service (of the last run), the round-trip lower bound (the round trips the job cannot avoid, given its concurrency
-limits, times the latency; or Search Console's quota, when that is larger) and wall / bound.
+limits, times the latency; or Search Console's quota, when that is larger) and wall / bound, and
+the CPU floor (the median of the CPU seconds the aggregator, the stand-ins and PostgreSQL used,
+divided by the cores they share here: a run cannot be shorter than that either).
 """
 
 from __future__ import annotations
@@ -146,9 +148,14 @@ def database_cpu(conn: psycopg.Connection) -> float | None:
         return None
 
 
-def run_aggregator(env_file: Path, args: list[str], conn: psycopg.Connection) -> tuple[float, int, int, str]:
-    """(wall seconds, peak RSS in MB, exit status, log) of one run; prints the CPU seconds of the
-    aggregator, of the stand-ins (this process) and of PostgreSQL: the two cores are shared."""
+def run_aggregator(
+    env_file: Path, args: list[str], conn: psycopg.Connection
+) -> tuple[float, int, int, str, float | None]:
+    """(wall seconds, peak RSS in MB, exit status, log, CPU floor) of one run; prints the CPU
+    seconds of the aggregator, of the stand-ins (this process) and of PostgreSQL.
+
+    The CPU floor is their sum over the cores: on this machine they share the cores, so no run
+    can be shorter, whatever its round trips (None when PostgreSQL's CPU cannot be read)."""
     started, stand_ins = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
     database_before = database_cpu(conn)
     process = subprocess.Popen(
@@ -180,7 +187,13 @@ def run_aggregator(env_file: Path, args: list[str], conn: psycopg.Connection) ->
         f"(stand-ins: {served:.2f} s{database})",
         file=sys.stderr,
     )
-    return wall, usage.ru_maxrss // 1024, os.waitstatus_to_exitcode(status), stderr
+    aggregator = usage.ru_utime + usage.ru_stime
+    cpu_floor = (
+        (aggregator + served + database_after - database_before) / (os.cpu_count() or 1)
+        if database_before is not None and database_after is not None
+        else None
+    )
+    return wall, usage.ru_maxrss // 1024, os.waitstatus_to_exitcode(status), stderr, cpu_floor
 
 
 def main() -> int:
@@ -227,6 +240,8 @@ def main() -> int:
                     runs.append(run_aggregator(env_file, s.args(), conn))
                 wall = statistics.median(r[0] for r in runs)
                 rss, status, log = max(r[1] for r in runs), max(r[2] for r in runs), runs[-1][3]
+                cpu_floors = [r[4] for r in runs if r[4] is not None]
+                cpu_floor = f"{statistics.median(cpu_floors):.2f}" if cpu_floors else "-"
                 stored = conn.execute("select count(*) from daily_analytics").fetchone()[0]
                 for server in (gateway, matomo, google):
                     server.stop()
@@ -251,6 +266,7 @@ def main() -> int:
                         google.counts["429"],
                         f"{bound:.2f}",
                         f"{wall / bound:.2f}",
+                        cpu_floor,
                         s.target,
                     ]
                 )
@@ -277,6 +293,7 @@ def print_table(rows: list[list], latency: float, http10: bool) -> None:
         "429s",
         "bound s",
         "wall/bound",
+        "cpu floor s",
         "target",
     ]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
