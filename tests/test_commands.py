@@ -10,6 +10,7 @@ import select
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -311,15 +312,39 @@ def test_authorize_after_deny_in_the_browser_says_so_in_one_line(
     assert db.execute("select count(*) from gsc_accounts").fetchone() == (0,)
 
 
+def waiting_for_input(pid: int) -> None:
+    """Returns once the process waits in a read of its stdin pipe (Linux's /proc tells; elsewhere
+    after half a second)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if "pipe_read" in Path(f"/proc/{pid}/wchan").read_text():
+                return
+        except OSError:
+            break
+        time.sleep(0.01)
+    time.sleep(0.5)
+
+
 def test_authorize_interrupted_at_the_prompt_is_one_line(db, google, insecure_transport, launch):
-    process = launch("authorize", log_level="INFO")
+    # Started as from a terminal, with Ctrl-C at its default. A suite started in the background
+    # (`pytest &`) has SIGINT ignored, its children inherit that, and Python then installs no
+    # handler for it: the signal would be lost and the script wait at its prompt.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = launch("authorize", log_level="INFO")
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     shown, deadline = b"", time.monotonic() + 60
     while b"Address" not in shown and time.monotonic() < deadline:
         if select.select([process.stdout], [], [], 1)[0]:
             shown += os.read(process.stdout.fileno(), 4096)
+    # As a person would, press Ctrl-C once the prompt waits for input: the prompt is shown just
+    # before input() blocks in read(), and a signal in between waits for the next input (CPython
+    # checks for signals when read() is interrupted, not before it starts).
+    waiting_for_input(process.pid)
     process.send_signal(signal.SIGINT)
-    # stdin stays open until the script has ended, as a terminal's does: closed at once, it can
-    # reach the prompt before the signal (end of input, "No code given", exit 1).
+    # stdin stays open until the script has ended, as a terminal's does.
     process.wait(timeout=30)
     _, stderr = process.communicate()
 
