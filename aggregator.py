@@ -990,6 +990,12 @@ def visits_by_day(slot: Any, days: list[dt.date]) -> dict[dt.date, int]:
     return visits
 
 
+def sites_per_request(bulk_size: int, days: int) -> int:
+    """Sites per Matomo bulk request: MATOMO_BULK_SIZE, fewer for a long range, so that one
+    request never asks for more than MATOMO_SITE_DAYS_PER_REQUEST site-days."""
+    return max(1, min(bulk_size, MATOMO_SITE_DAYS_PER_REQUEST // days))
+
+
 def get_matomo_data(
     matomo: MatomoClient, site_ids: Iterable[int], days: list[dt.date]
 ) -> dict[int, dict[dt.date, int]]:
@@ -997,8 +1003,7 @@ def get_matomo_data(
 
     A site that is missing from the result has no value: it must not be stored as 0.
     """
-    per_request = max(1, min(matomo.bulk_size, MATOMO_SITE_DAYS_PER_REQUEST // len(days)))
-    batches = list(chunks(sorted(set(site_ids)), per_request))
+    batches = list(chunks(sorted(set(site_ids)), sites_per_request(matomo.bulk_size, len(days))))
     result: dict[int, dict[dt.date, int]] = {}
     with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
         for batch, visits in zip(
@@ -1640,13 +1645,14 @@ def get_gsc_data(
 ROWS_PER_SLICE = 10_000
 
 
-def slices(sites: list[Site], days: int, bulk_size: int) -> Iterator[list[Site]]:
+def slices(sites: list[Site], days: int, per_request: int) -> Iterator[list[Site]]:
     """The fleet in slices of about ROWS_PER_SLICE rows, so that memory stays bounded.
 
-    A slice holds whole Matomo bulk requests, so slicing costs no extra request.
+    A slice holds whole Matomo bulk requests (of `per_request` sites), so slicing costs no extra
+    Matomo request.
     """
     per_slice = max(1, ROWS_PER_SLICE // days)
-    return chunks(sites, max(bulk_size, per_slice - per_slice % bulk_size))
+    return chunks(sites, max(per_request, per_slice - per_slice % per_request))
 
 
 def analytics_rows(
@@ -1718,8 +1724,9 @@ def rows_by_columns(rows: Iterable[dict]) -> dict[tuple[str, ...], list[dict]]:
 # ---------------------------------------------------------------------------
 
 
-def store_rows(client: Supabase, rows: list[dict], cfg: Config) -> tuple[int, int]:
-    """Upsert rows in chunks of one shape, a few at a time; returns (stored, not stored)."""
+def store_rows(client: Supabase, rows: list[dict], cfg: Config, pool: Executor) -> tuple[int, int]:
+    """Upsert rows in chunks of one shape through the run's upsert pool; returns (stored, not
+    stored)."""
     batches = [
         chunk for group in rows_by_columns(rows).values() for chunk in chunks(group, cfg.upsert_chunk_size)
     ]
@@ -1752,8 +1759,7 @@ def store_rows(client: Supabase, rows: list[dict], cfg: Config) -> tuple[int, in
                 log.error("%s; no further upsert is tried", describe_supabase_error(error, "storing rows"))
             return 0
 
-    with ThreadPoolExecutor(max_workers=cfg.upsert_workers) as pool:
-        stored = sum(pool.map(store, batches))
+    stored = sum(pool.map(store, batches))
     return stored, len(rows) - stored
 
 
@@ -1795,6 +1801,7 @@ class Outcome:
     not_stored: int = 0
     gsc_accounts: dict = field(default_factory=dict)  # account id -> "connected" or why not
     done: int = 0  # sites whose slice was fetched
+    lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def sources(self) -> dict[str, SourceCount]:
         return {"matomo": self.matomo, "gsc": self.gsc}
@@ -1870,21 +1877,30 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
     gsc_days = [day for day in days if day >= gsc_oldest_day(asked.today)]
     sources = ["matomo", "gsc"] if gsc_days else ["matomo"]
     outcome.begin(sites, days, sources)
-    store = print_rows_table() if asked.dry_run else functools.partial(store_rows, client, cfg=cfg)
     read_stored = None if asked.accept_zero_visits else functools.partial(stored_visits, client)
     with contextlib.ExitStack() as stack:
         stack.enter_context(progress.shown(cfg.progress_every, outcome))
         gsc_pool = stack.enter_context(ThreadPoolExecutor(max_workers=cfg.gsc_workers))
-        # Matomo beside Search Console, and a slice's upserts beside the next slice's fetches.
-        side = stack.enter_context(ThreadPoolExecutor(max_workers=2))
+        # One pool for every upsert of the run: a slice's upserts start while the previous
+        # slice's last ones are still in flight, and never more than UPSERT_WORKERS at once.
+        upserts = stack.enter_context(ThreadPoolExecutor(max_workers=cfg.upsert_workers))
+        store = (
+            print_rows_table()
+            if asked.dry_run
+            else functools.partial(store_rows, client, cfg=cfg, pool=upserts)
+        )
+        # Matomo beside Search Console, and two slices being stored beside the next one's
+        # fetches (one in a dry run, whose table is printed slice after slice).
+        storing_at_most = 1 if asked.dry_run else 2
+        side = stack.enter_context(ThreadPoolExecutor(max_workers=1 + storing_at_most))
         matomo, matomo_ids = matomo_client(cfg, deadline), matomo_ids_by_site(sites)
         accounts = (
             connected_accounts(cfg, sites, keys, gsc_pool, states=outcome.gsc_accounts) if gsc_days else {}
         )
         targets = query_targets(sites, accounts)
         progress.fetched("gsc", outcome.gsc.wanted - len(targets))  # nothing to ask for these
-        storing: Future | None = None
-        for part in slices(sites, len(days), cfg.matomo_bulk_size):
+        storing: deque[Future] = deque()
+        for part in slices(sites, len(days), sites_per_request(cfg.matomo_bulk_size, len(days))):
             if deadline.passed():
                 log.warning("%s: %d sites were not fetched", deadline.why, len(sites) - outcome.done)
                 outcome.give_up(sites[outcome.done :], sources)
@@ -1898,11 +1914,11 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             outcome.count_fetched(part, {source: answers[source] for source in sources})
             rows = slice_rows(part, days, visits, gsc, stored, outcome)
             del visits, gsc  # not kept alive through the next slice's fetch
-            if storing:
-                storing.result()
-            storing = side.submit(store_and_count, store, rows, outcome)
-        if storing:
-            storing.result()
+            while len(storing) >= storing_at_most:
+                storing.popleft().result()
+            storing.append(side.submit(store_and_count, store, rows, outcome))
+        for each in storing:
+            each.result()
     if outcome.gsc_provisional:
         log.info(
             "Search Console: %d values are provisional (the day is not final yet): stored with "
@@ -1998,9 +2014,10 @@ def store_and_count(
     store: Callable[[list[dict]], tuple[int, int]], rows: list[dict], outcome: Outcome
 ) -> None:
     stored, not_stored = store(rows)
-    outcome.stored += stored
-    outcome.not_stored += not_stored
-    progress.stored = outcome.stored
+    with outcome.lock:  # two slices may finish storing at once
+        outcome.stored += stored
+        outcome.not_stored += not_stored
+        progress.stored = outcome.stored
 
 
 # ---------------------------------------------------------------------------

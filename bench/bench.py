@@ -33,7 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from aggregator import DEFAULT_LAG_DAYS, DEFAULT_LOOKBACK_DAYS, PAGE_SIZE, ROWS_PER_SLICE, Config  # noqa: E402
+from aggregator import (  # noqa: E402
+    DEFAULT_LAG_DAYS,
+    DEFAULT_LOOKBACK_DAYS,
+    PAGE_SIZE,
+    Config,
+    sites_per_request,
+    slices,
+)
 from fakes.database import create_database, drop_database, server_url  # noqa: E402
 from fakes.google import FakeGoogle  # noqa: E402
 from fakes.matomo import FakeMatomo  # noqa: E402
@@ -104,9 +111,9 @@ def lower_bound(s: Scenario, latency: float, settings: list[str], counts: dict[s
     really made (counts) and its concurrency limits, times the latency; or Search Console's
     quota, when that is longer.
 
-    A run fetches and stores slice by slice, storing one slice while it fetches the next: with
-    n slices the path is the first slice's fetch, n - 1 times the longer of a slice's fetch and
-    store, and the last slice's store.
+    A run fetches and stores slice by slice, storing earlier slices while it fetches the next
+    (the upserts of all slices share one pool): with n slices the path is the first slice's
+    fetch, n - 1 times the longer of a slice's fetch and store, and the last slice's store.
     """
     overrides = {k.lower(): int(v) for k, _, v in (setting.partition("=") for setting in settings)}
     cfg = Config("", "", "", "", "", "", **overrides)
@@ -116,8 +123,7 @@ def lower_bound(s: Scenario, latency: float, settings: list[str], counts: dict[s
     gsc = max(math.ceil(queries / cfg.gsc_workers), math.ceil(per_account / cfg.gsc_account_workers))
     fetch = max(gsc, math.ceil(counts["bulk"] / cfg.matomo_workers))
     store = math.ceil(counts["upsert"] / cfg.upsert_workers)
-    per_slice = max(1, ROWS_PER_SLICE // s.days)
-    n = math.ceil(s.sites / max(cfg.matomo_bulk_size, per_slice - per_slice % cfg.matomo_bulk_size))
+    n = len(list(slices(list(range(s.sites)), s.days, sites_per_request(cfg.matomo_bulk_size, s.days))))
     pipeline = fetch / n + (n - 1) * max(fetch, store) / n + store / n
     record = 1  # the aggregator_runs row
     bound = latency * (reads + connect + pipeline + record)
