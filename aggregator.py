@@ -1871,7 +1871,7 @@ class Asked:
 def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outcome:
     """The job, in the seed's five steps: read the deployed sites and the accounts; then, slice by
     slice, get Matomo's visits and Search Console's numbers, shape one row per site and day, and
-    upsert them (storing a slice while the next is fetched)."""
+    upsert them (storing earlier slices while the next is fetched)."""
     client = supabase_client(cfg)
     sites, keys, days = fleet_to_fetch(client, asked)
     gsc_days = [day for day in days if day >= gsc_oldest_day(asked.today)]
