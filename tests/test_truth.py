@@ -228,6 +228,22 @@ def test_a_year_long_backfill_keeps_each_bulk_request_small_and_asks_only_for_vi
     assert {sub.get("showColumns") for sub in matomo_sub_queries(matomo)} == {"nb_visits"}
 
 
+def test_a_long_backfill_asks_matomo_in_full_requests_only(fleet, db, config, matomo, run_aggregator):
+    # A year fits 8 sites in one bulk request (3,000 site-days). The fleet was sliced by
+    # MATOMO_BULK_SIZE sites (here 10: slices of 20, each ending in a request of 4), which also
+    # made a year's slices 3.65 times the rows they are meant to hold.
+    config["MATOMO_BULK_SIZE"] = "10"
+    for n in range(48):
+        fleet.site(f"s{n}.example.com")
+    start = DAY - dt.timedelta(days=364)
+
+    result = run_aggregator("--from", start.isoformat(), "--to", DAY.isoformat())
+
+    assert result.returncode == 0, result.stderr
+    assert db.execute("select count(*) from daily_analytics").fetchone() == (48 * 365,)
+    assert len(matomo.requests) == 48 // 8
+
+
 def test_a_bulk_size_past_phps_post_variable_limit_is_refused(config, run_aggregator):
     config["MATOMO_BULK_SIZE"] = "1000"
 
