@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
-from aggregator import Config
+from aggregator import Config, newest_final_day, search_console_today
 from fakes.database import create_database, drop_database, server_url
 from fakes.google import FakeGoogle
 from fakes.matomo import FakeMatomo
@@ -41,6 +41,9 @@ CONFIG_NAMES = tuple(f.name.upper() for f in fields(Config))
 
 TODAY = dt.date.today()
 DAY = TODAY - dt.timedelta(days=2)  # the default target date
+# The newest day Search Console can have finalised, by the script's reckoning: DAY, except from
+# midnight UTC to midnight in California, when Google's own today is still this one's yesterday.
+GOOGLE_FINAL_DAY = min(DAY, newest_final_day(search_console_today()))
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from conftest import DAY, TODAY, lines_with, stored
+from conftest import DAY, GOOGLE_FINAL_DAY, TODAY, lines_with, stored
 from fakes.google import QUOTA_EXCEEDED_BODY, RATE_LIMIT_BODY
 
 YESTERDAY = TODAY - dt.timedelta(days=1)
@@ -32,37 +32,43 @@ def account_of(google, site):
 # ---------------------------------------------------------------------------
 
 
+# A day of the nightly window that Search Console can finalise before the next run, whatever the
+# hour (the nightly run fetches DAY and the two days before it).
+DUE = GOOGLE_FINAL_DAY
+
+
 def test_a_day_search_console_has_not_finalised_is_never_stored_as_zero(fleet, db, google, run_aggregator):
     site = fleet.site("example.com", fleet.account())
-    fleet.store(site, gsc_clicks=7, gsc_impressions=70)  # what an earlier night stored for DAY
-    account_of(google, site).final_through = DAY - dt.timedelta(days=1)  # DAY is not published yet
+    fleet.store(site, DUE, gsc_clicks=7, gsc_impressions=70)  # what an earlier night stored
+    account_of(google, site).final_through = DUE - dt.timedelta(days=1)  # DUE is not published yet
 
     result = run_aggregator()
 
     assert result.returncode == 0, result.stderr
-    assert gsc_state(db, site) == (7, 70, None)  # kept: Google has no final word on DAY yet
-    assert gsc_state(db, site, DAY - dt.timedelta(days=1)) == (0, 0, True)  # final, no traffic: 0
+    assert gsc_state(db, site, DUE) == (7, 70, None)  # kept: Google has no final word on DUE yet
+    assert gsc_state(db, site, DUE - dt.timedelta(days=1)) == (0, 0, True)  # final, no traffic: 0
 
-    account_of(google, site).final_through = DAY  # the next night, Google has finalised DAY
-    fleet.search(site, 9, 90)
+    account_of(google, site).final_through = DUE  # the next night, Google has finalised DUE
+    fleet.search(site, 9, 90, day=DUE)
     assert run_aggregator().returncode == 0
-    assert gsc_state(db, site) == (9, 90, True)
+    assert gsc_state(db, site, DUE) == (9, 90, True)
 
 
 def test_a_provisional_day_is_flagged_then_replaced_by_the_final_numbers(fleet, db, google, run_aggregator):
     site = fleet.site("example.com", fleet.account())
-    fleet.search(site, 3, 30)  # fresh, partial data for DAY: served only with dataState "all"
+    account_of(google, site).final_through = DUE - dt.timedelta(days=1)
+    fleet.search(site, 3, 30, day=DUE)  # fresh, partial data: served only with dataState "all"
 
     result = run_aggregator()
 
     assert result.returncode == 0, result.stderr
-    assert gsc_state(db, site) == (3, 30, False)
+    assert gsc_state(db, site, DUE) == (3, 30, False)
     assert "provisional" in result.stderr
 
-    fleet.search(site, 5, 52)
-    account_of(google, site).final_through = DAY
+    fleet.search(site, 5, 52, day=DUE)
+    account_of(google, site).final_through = DUE
     assert run_aggregator().returncode == 0
-    assert gsc_state(db, site) == (5, 52, True)
+    assert gsc_state(db, site, DUE) == (5, 52, True)
 
 
 def test_a_final_value_is_never_replaced_by_a_provisional_one(fleet, db, google, run_aggregator):
