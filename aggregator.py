@@ -1457,7 +1457,7 @@ def connected_accounts(
         for account_id in by_account
         if account_id in keys
     }
-    connected, client_refused_said = {}, False
+    connected, client_refused = {}, Once()
     for account_id, future in futures.items():
         account = future.result()
         if states is not None:
@@ -1466,9 +1466,8 @@ def connected_accounts(
             connected[account_id] = account
         elif account == CLIENT_REFUSED:
             # Every account meets it alike: the fix is one setting, said once.
-            if not client_refused_said:
+            if client_refused.first():
                 log.error("%s. No Search Console data this run", CLIENT_REFUSED)
-            client_refused_said = True
         else:
             sites_of = len(by_account[account_id])
             log.warning("GSC account %s: %s; no GSC data for its %d sites", account_id, account, sites_of)

@@ -183,22 +183,18 @@ def run_aggregator(
     after = resource.getrusage(resource.RUSAGE_SELF)
     served = after.ru_utime + after.ru_stime - stand_ins.ru_utime - stand_ins.ru_stime
     database_after = database_cpu(conn)
-    database = (
-        f", PostgreSQL: {database_after - database_before:.2f} s"
-        if database_before is not None and database_after is not None
-        else ""
-    )
-    print(
-        f"  wall {wall:.2f} s, cpu {usage.ru_utime + usage.ru_stime:.2f} s "
-        f"(stand-ins: {served:.2f} s{database})",
-        file=sys.stderr,
-    )
     aggregator = usage.ru_utime + usage.ru_stime
-    cpu_floor = (
-        (aggregator + served + database_after - database_before) / (os.cpu_count() or 1)
+    database = (
+        database_after - database_before
         if database_before is not None and database_after is not None
         else None
     )
+    print(
+        f"  wall {wall:.2f} s, cpu {aggregator:.2f} s (stand-ins: {served:.2f} s"
+        f"{'' if database is None else f', PostgreSQL: {database:.2f} s'})",
+        file=sys.stderr,
+    )
+    cpu_floor = None if database is None else (aggregator + served + database) / (os.cpu_count() or 1)
     return wall, usage.ru_maxrss // 1024, os.waitstatus_to_exitcode(status), stderr, cpu_floor
 
 
