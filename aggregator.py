@@ -23,9 +23,9 @@ import difflib
 import functools
 import gc
 import html
-import itertools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -38,7 +38,8 @@ import time
 import warnings
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, TypeVar, Union
@@ -121,6 +122,8 @@ class Config:
     gsc_workers: int = number(64)  # Search Console queries in flight, all accounts together
     gsc_account_workers: int = number(16)  # ... and per account
     gsc_qpm: int = number(1200)  # queries per minute per account: Search Console's per-user quota
+    # ... and per Cloud project: every account authorised through one OAuth client shares it.
+    gsc_project_qpm: int = number(40000)
     # An account over its quota pauses this long, doubling up to five times (the load quota
     # takes about 15 minutes to clear), within RUN_DEADLINE.
     gsc_quota_pause: int = number(60)
@@ -388,11 +391,9 @@ class Deadline:
         self.why = why
         self._stopped.set()
 
-    def sleep(self, seconds: float) -> bool:
-        """Sleeps unless the run must end first; whether it slept the whole time."""
-        if time.monotonic() + seconds >= self.at:
-            return False
-        return not self._stopped.wait(max(0.0, seconds))
+    def wait(self, seconds: float) -> None:
+        """Waits `seconds`, or less if the run is stopped meanwhile."""
+        self._stopped.wait(max(0.0, seconds))
 
 
 class WallClockSocket(socket.socket):
@@ -1184,67 +1185,122 @@ def get_google_client(cfg: Config, credentials: Credentials) -> Any:
 
 
 class QuotaWindow:
-    """At most `limit` queries in any rolling minute: Search Console's per-account quota.
+    """At most `limit` queries in any rolling minute: one of Search Console's quotas.
 
     Pacing ourselves costs nothing under the quota and avoids a storm of 429s and backoffs above it.
+    Only the thread that hands out the queries (get_gsc_data) uses it: no lock.
     """
 
     SECONDS = 60.5  # a little over a minute, so that the server's own window never counts limit + 1
 
-    def __init__(self, limit: int, pause: float = 60) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.first_pause = pause
-        self.pauses = 0  # how often Google said the quota was exceeded
-        self.resume_at = 0.0  # monotonic time before which no query is sent
         self._sent: deque[float] = deque()
-        self._lock = threading.Lock()
 
-    def wait(self, deadline: Deadline) -> bool:
-        """Waits for the account's turn; False when that turn would come after the deadline."""
-        # Sleeping with the lock held is the point: the account's other threads must wait too.
-        with self._lock:
-            now = time.monotonic()
-            while self._sent and now - self._sent[0] >= self.SECONDS:
-                self._sent.popleft()
-            turn = max(self.resume_at, self._sent[0] + self.SECONDS if len(self._sent) >= self.limit else now)
-            if not deadline.sleep(turn - now):
-                return False
-            if len(self._sent) >= self.limit:
-                self._sent.popleft()
-            self._sent.append(time.monotonic())
-            return True
+    def next_turn(self, now: float) -> float:
+        """The moment (monotonic) from which one more query fits in the window."""
+        while self._sent and now - self._sent[0] >= self.SECONDS:
+            self._sent.popleft()
+        return self._sent[0] + self.SECONDS if len(self._sent) >= self.limit else now
 
-    def pause(self) -> float | None:
-        """Google said the quota is exceeded: no query for a while. The new pause (0 when one is
-        already on: the account's queries in flight all meet the same quota), None past the last."""
-        with self._lock:
-            if time.monotonic() < self.resume_at:
-                return 0.0
-            if self.pauses >= QUOTA_PAUSES:
-                return None
-            seconds = self.first_pause * 2**self.pauses
-            self.pauses += 1
-            self.resume_at = max(self.resume_at, time.monotonic() + seconds)
-            return seconds
+    def take(self, now: float) -> None:
+        self._sent.append(now)
+
+
+class AccountQuota:
+    """When an account may send its next query: its own per-minute quota, its Cloud project's
+    (shared with every account of the project), and a pause after Google said a quota is used up.
+
+    Google answers every query in flight with the quota error at once: all the errors of queries
+    sent before a pause began are that one event, never a new (doubled) pause. After a pause one
+    query probes the quota; once one succeeds the account goes at full speed again and the next
+    exhaustion starts from the first pause.
+    """
+
+    def __init__(self, qpm: int, project: QuotaWindow, first_pause: float) -> None:
+        self.window, self.project, self.first_pause = QuotaWindow(qpm), project, first_pause
+        self.pauses = 0  # pauses since the last query that succeeded
+        self.paused_at = -math.inf  # when the last pause began
+        self.resume_at = 0.0
+        self.reasons: set[str] = set()  # what Google said while exhausted
+
+    def next_turn(self, now: float) -> float:
+        return max(self.resume_at, self.window.next_turn(now), self.project.next_turn(now))
+
+    def in_flight_allowed(self, workers: int) -> int:
+        return 1 if self.pauses else workers  # after a pause, one probe first
+
+    def sent(self, now: float) -> None:
+        self.window.take(now)
+        self.project.take(now)
+
+    def succeeded(self, sent_at: float) -> None:
+        if sent_at >= self.paused_at:
+            self.pauses, self.reasons = 0, set()
+
+    def exhausted(self, sent_at: float, now: float, reasons: set[str]) -> float | None:
+        """A query sent at `sent_at` met a used-up quota: the pause that starts now (0 when the
+        error belongs to a burst already paused for), None when the last pause did not help."""
+        self.reasons |= reasons
+        if sent_at < self.paused_at:
+            return 0.0
+        if self.pauses >= QUOTA_PAUSES:
+            return None
+        seconds = self.first_pause * 2**self.pauses
+        self.pauses += 1
+        self.paused_at, self.resume_at = now, now + seconds
+        return seconds
+
+    def why_exhausted(self, days: list[dt.date], until: str) -> str:
+        """What stayed exhausted, and what to do about it."""
+        if self.reasons & LOAD_QUOTA_REASONS:
+            return (
+                f"Search Console's load or daily quota of this account stayed exhausted {until} (queries for "
+                f"{days[0]} to {days[-1]}); it clears within the day: the next run fetches them, and long "
+                "backfills spend that quota fastest"
+            )
+        return (
+            f"Search Console's per-minute quota stayed exceeded {until}; re-run these dates later, "
+            "or lower GSC_QPM (GSC_PROJECT_QPM when accounts share one OAuth client)"
+        )
 
 
 QUOTA_PAUSES = 5
 # Search Console's quota errors: the per-minute ones (429, or 403 rateLimitExceeded) and the
-# short-term load quota (403 quotaExceeded), which googleapiclient does not retry at all.
+# load and daily quotas (403 quotaExceeded, dailyLimitExceeded), which googleapiclient does not
+# retry at all. Newer front ends give the reason only in error.details[] (RATE_LIMIT_EXCEEDED)
+# with the status RESOURCE_EXHAUSTED.
 QUOTA_REASONS = {"quotaExceeded", "rateLimitExceeded", "userRateLimitExceeded", "dailyLimitExceeded"}
+LOAD_QUOTA_REASONS = {"quotaExceeded", "dailyLimitExceeded"}
+# The Search Console API is not enabled in the Cloud project: every call of its accounts fails.
+API_DISABLED_REASONS = {"accessNotConfigured", "SERVICE_DISABLED"}
 
 
 def is_quota_error(error: HttpError) -> bool:
+    reasons = error_reasons(error)
     return error.status_code == 429 or (
-        error.status_code == 403 and bool(error_reasons(error) & QUOTA_REASONS)
+        error.status_code == 403
+        and bool(
+            reasons & QUOTA_REASONS
+            or "RESOURCE_EXHAUSTED" in reasons
+            or any("EXCEEDED" in r for r in reasons)
+        )
     )
 
 
+def is_api_disabled(error: HttpError) -> bool:
+    return error.status_code == 403 and bool(error_reasons(error) & API_DISABLED_REASONS)
+
+
 def error_reasons(error: HttpError) -> set[str]:
-    """The `reason` of each entry of a Google error body's `errors` list."""
+    """Every reason a Google error body gives: `errors[].reason`, `details[].reason`, `status`."""
     try:
-        entries = json.loads(error.content).get("error", {}).get("errors", [])
-        return {str(entry.get("reason")) for entry in entries if isinstance(entry, dict)}
+        body = json.loads(error.content).get("error", {})
+        entries = [*body.get("errors", []), *body.get("details", [])]
+        reasons = {
+            str(entry.get("reason")) for entry in entries if isinstance(entry, dict) and entry.get("reason")
+        }
+        return reasons | ({str(body["status"])} if body.get("status") else set())
     except (ValueError, AttributeError, TypeError):
         return set()
 
@@ -1258,10 +1314,10 @@ class GscAccount:
     id: AccountId
     service_account: str | None  # its email, for a service account
     credentials: Credentials
+    project: str  # the Cloud project its calls count against (quota_project)
     analytics: Any  # the service's searchanalytics() resource, shared by all threads
     properties: dict[str, str]
-    quota: QuotaWindow
-    slots: threading.Semaphore
+    quota: AccountQuota
 
 
 _this_thread = threading.local()
@@ -1371,6 +1427,27 @@ def http_error_reason(error: HttpError) -> str:
     return reason
 
 
+class SharedProblem(str):
+    """Why an account cannot be used that every account of its OAuth client or Cloud project
+    meets alike: the fix is one setting, said once."""
+
+
+def api_disabled(project: str) -> SharedProblem:
+    """Every call fails while the Search Console API is off in the Cloud project the calls count against."""
+    return SharedProblem(
+        f"The Search Console API is not enabled in the Google Cloud {project}: enable it (Google Cloud "
+        "console > APIs & Services > Library > Google Search Console API)"
+    )
+
+
+def quota_project(key: AccountKey) -> str:
+    """The Cloud project an account's calls count against: a service account's own or, for
+    refresh tokens, the OAuth client's (GOOGLE_CLIENT_ID); they share its per-project quota."""
+    if isinstance(key, dict):
+        return f"project {key.get('project_id')} of service account {key.get('client_email')}"
+    return "project of GOOGLE_CLIENT_ID"
+
+
 def refresh_error_reason(error: RefreshError, account_id: AccountId | str, key: AccountKey) -> str:
     """What a refused token refresh means for this account, and the fix."""
     email = service_account_email(key)
@@ -1393,13 +1470,15 @@ def refresh_error_reason(error: RefreshError, account_id: AccountId | str, key: 
     return "the Google token endpoint failed; re-run these dates once it answers"
 
 
-CLIENT_REFUSED = (
+CLIENT_REFUSED = SharedProblem(
     "Google refused the OAuth client (invalid_client): GOOGLE_CLIENT_ID or GOOGLE_CLIENT_SECRET is wrong; "
     "copy both from Google Cloud console > APIs & Services > Credentials"
 )
 
 
-def connect_account(cfg: Config, account_id: AccountId, key: AccountKey) -> GscAccount | str:
+def connect_account(
+    cfg: Config, account_id: AccountId, key: AccountKey, project: QuotaWindow
+) -> GscAccount | str:
     """An account ready to query (token refreshed, properties listed), or why it is not."""
     try:
         credentials = google_credentials(cfg, key)
@@ -1412,6 +1491,8 @@ def connect_account(cfg: Config, account_id: AccountId, key: AccountKey) -> GscA
             return CLIENT_REFUSED
         return f"{refresh_error_reason(error, account_id, key)} ({error})"
     except HttpError as error:
+        if is_api_disabled(error):
+            return api_disabled(quota_project(key))
         return f"cannot list properties: HTTP {error.status_code}: {http_error_reason(error)}"
     except Exception as error:  # noqa: BLE001 - one account must never sink the run
         return str(error)
@@ -1419,10 +1500,10 @@ def connect_account(cfg: Config, account_id: AccountId, key: AccountKey) -> GscA
         account_id,
         service_account_email(key),
         credentials,
+        quota_project(key),
         service.searchanalytics(),
         verified_properties(listing),
-        QuotaWindow(cfg.gsc_qpm, cfg.gsc_quota_pause),
-        threading.Semaphore(cfg.gsc_account_workers),
+        AccountQuota(cfg.gsc_qpm, project, cfg.gsc_quota_pause),
     )
 
 
@@ -1452,22 +1533,29 @@ def connected_accounts(
             log.warning(
                 "Site %s: gsc_account_id %s matches no row of gsc_accounts; GSC skipped", site.id, account_id
             )
+    projects: dict[str, QuotaWindow] = {}
     futures = {
-        account_id: pool.submit(connect_account, cfg, account_id, keys[account_id])
+        account_id: pool.submit(
+            connect_account,
+            cfg,
+            account_id,
+            keys[account_id],
+            projects.setdefault(quota_project(keys[account_id]), QuotaWindow(cfg.gsc_project_qpm)),
+        )
         for account_id in by_account
         if account_id in keys
     }
-    connected, client_refused = {}, Once()
+    connected, said = {}, set()
     for account_id, future in futures.items():
         account = future.result()
         if states is not None:
             states[account_id] = "connected" if isinstance(account, GscAccount) else account
         if isinstance(account, GscAccount):
             connected[account_id] = account
-        elif account == CLIENT_REFUSED:
-            # Every account meets it alike: the fix is one setting, said once.
-            if client_refused.first():
-                log.error("%s. No Search Console data this run", CLIENT_REFUSED)
+        elif isinstance(account, SharedProblem):
+            if account not in said:
+                said.add(account)
+                log.error("%s. No Search Console data from these accounts this run", account)
         else:
             sites_of = len(by_account[account_id])
             log.warning("GSC account %s: %s; no GSC data for its %d sites", account_id, account, sites_of)
@@ -1521,55 +1609,21 @@ def query_targets(
 
 
 def query_property(
-    account: GscAccount,
-    site_url: str,
-    body: dict,
-    days: list[dt.date],
-    newest_final: dt.date,
-    cfg: Config,
-    deadline: Deadline,
-) -> dict[dt.date, GscMetrics] | None:
-    """One searchanalytics.query for the whole range, paced to the account's quota; None if too late.
-
-    A quota error that outlasts the library's retries pauses the whole account and the query is
-    sent again after the pause; QuotaExhausted when the quota did not clear in time.
-    """
-    while True:
-        if not account.quota.wait(deadline):
-            if account.quota.pauses and not deadline.passed():
-                raise QuotaExhausted("its quota did not clear before RUN_DEADLINE")
-            return None
-        with account.slots:
-            if deadline.passed():  # checked once a slot is ours: waiting for it can take long
-                return None
-            request = account.analytics.query(siteUrl=site_url, body=body)
-            http = http_for_this_thread(account.credentials, cfg.http_timeout)
-            try:
-                answer = request.execute(http=http, num_retries=cfg.http_retries)
-            except HttpError as error:
-                if not is_quota_error(error):
-                    raise
-                pause = account.quota.pause()
-                if pause is None:
-                    raise QuotaExhausted(f"its quota is still exceeded after {QUOTA_PAUSES} pauses") from None
-                if pause:
-                    log.info(
-                        "GSC account %s: Search Console quota exceeded (%s); pausing its queries for %.0f s",
-                        account.id,
-                        error.reason,
-                        pause,
-                    )
-                continue
-        return metrics_by_day(answer, days, newest_final)
+    account: GscAccount, site_url: str, body: dict, days: list[dt.date], newest_final: dt.date, cfg: Config
+) -> dict[dt.date, GscMetrics]:
+    """One searchanalytics.query for the whole range (get_gsc_data decides when it may go)."""
+    request = account.analytics.query(siteUrl=site_url, body=body)
+    answer = request.execute(
+        http=http_for_this_thread(account.credentials, cfg.http_timeout), num_retries=cfg.http_retries
+    )
+    return metrics_by_day(answer, days, newest_final)
 
 
-def round_robin(targets: Mapping[SiteId, tuple[GscAccount, str]]) -> list[SiteId]:
-    """Site ids ordered one account after another, so that the pool's threads spread over accounts."""
-    queues: dict[AccountId, list[SiteId]] = defaultdict(list)
+def queues_by_account(targets: Mapping[SiteId, tuple[GscAccount, str]]) -> dict[AccountId, deque[SiteId]]:
+    queues: dict[AccountId, deque[SiteId]] = {}
     for site_id, (account, _) in targets.items():
-        queues[account.id].append(site_id)
-    rounds = itertools.zip_longest(*queues.values())
-    return [site_id for one_round in rounds for site_id in one_round if site_id is not None]
+        queues.setdefault(account.id, deque()).append(site_id)
+    return queues
 
 
 def search_query(days: list[dt.date]) -> dict:
@@ -1588,6 +1642,32 @@ def search_query(days: list[dt.date]) -> dict:
     }
 
 
+@dataclass
+class GscRound:
+    """The queries of one get_gsc_data: waiting per account, in flight, and what came of them."""
+
+    targets: Mapping[SiteId, tuple[GscAccount, str]]
+    days: list[dt.date]
+    waiting: dict[AccountId, deque[SiteId]]
+    in_flight: dict[Future, tuple[SiteId, float]] = field(default_factory=dict)
+    busy: Counter = field(default_factory=Counter)  # queries in flight per account
+    result: dict[SiteId, dict[dt.date, GscMetrics]] = field(default_factory=dict)
+    given_up: dict[str, dict[AccountId, list[SiteId]]] = field(default_factory=lambda: defaultdict(dict))
+
+    def give_up(self, account_id: AccountId, why: str, site_ids: Iterable[SiteId] = ()) -> None:
+        """No value for these sites and the account's waiting ones, for this reason."""
+        gone = self.given_up[why].setdefault(account_id, [])
+        gone += [*site_ids, *self.waiting.pop(account_id, ())]
+
+    def too_late(self, account: GscAccount, deadline: Deadline) -> None:
+        """The account's waiting sites cannot be queried before the run must end."""
+        paused = account.quota.pauses and not deadline.passed()
+        self.give_up(
+            account.id,
+            account.quota.why_exhausted(self.days, "until RUN_DEADLINE") if paused else deadline.why,
+        )
+
+
 def get_gsc_data(
     targets: Mapping[SiteId, tuple[GscAccount, str]],
     days: list[dt.date],
@@ -1595,43 +1675,113 @@ def get_gsc_data(
     pool: Executor,
     deadline: Deadline,
 ) -> dict[SiteId, dict[dt.date, GscMetrics]]:
-    """{site id: {day: metrics}} for each site whose property answered; one query per site."""
-    body = search_query(days)
+    """{site id: {day: metrics}} for each site whose property answered; one query per site.
+
+    Each account's queries wait in a queue of their own and go to the pool only when its quota
+    lets them: a paused or paced account holds no thread another account could use.
+    """
     newest_final = newest_final_day(search_console_today())
-    futures = {
-        site_id: pool.submit(query_property, *targets[site_id], body, days, newest_final, cfg, deadline)
-        for site_id in round_robin(targets)
-    }
-    result, too_late = {}, 0
-    over_quota: dict[tuple[AccountId, str], list[SiteId]] = defaultdict(list)
-    for site_id, future in futures.items():
-        account, site_url = targets[site_id]
-        try:
-            metrics = future.result()
-            progress.fetched("gsc", 1)
-        except QuotaExhausted as error:
-            over_quota[(account.id, str(error))].append(site_id)
-        except HttpError as error:
-            log.warning("GSC %s: HTTP %s: %s", site_url, error.status_code, http_error_reason(error))
-        except Exception as error:  # noqa: BLE001 - a cut-off answer, a dropped refresh: this site only
-            log.warning("GSC %s: %s: %s", site_url, type(error).__name__, error)
+    query = functools.partial(
+        query_property, body=search_query(days), days=days, newest_final=newest_final, cfg=cfg
+    )
+    state = GscRound(targets, days, queues_by_account(targets))
+    while state.waiting or state.in_flight:
+        if deadline.passed():
+            for queue in list(state.waiting.values()):
+                state.too_late(targets[queue[0]][0], deadline)
+        next_turn = send_queries(state, query, cfg, pool, deadline)
+        wait_for = max(0.0, min(next_turn - time.monotonic(), 0.5))  # 0.5 s: a signal is seen soon
+        if state.in_flight:
+            done, _ = futures_wait(state.in_flight, timeout=wait_for, return_when=FIRST_COMPLETED)
+            for future in done:
+                take_answer(state, future)
+        elif state.waiting:
+            deadline.wait(wait_for)
+    say_what_gsc_gave_up(state)
+    return state.result
+
+
+def send_queries(state: GscRound, query: Callable, cfg: Config, pool: Executor, deadline: Deadline) -> float:
+    """Hands every query that may go now to the pool, one account after another so that the
+    threads spread over accounts; returns when the next waiting one may go."""
+    next_turn, sent = math.inf, True
+    while sent and len(state.in_flight) < cfg.gsc_workers:
+        sent, now = False, time.monotonic()
+        for account_id, queue in list(state.waiting.items()):
+            account = state.targets[queue[0]][0]
+            if state.busy[account_id] >= account.quota.in_flight_allowed(cfg.gsc_account_workers):
+                continue
+            turn = account.quota.next_turn(now)
+            if turn >= deadline.at:
+                state.too_late(account, deadline)
+            elif turn > now:
+                next_turn = min(next_turn, turn)
+            elif len(state.in_flight) < cfg.gsc_workers:
+                site_id = queue.popleft()
+                if not queue:
+                    del state.waiting[account_id]
+                account.quota.sent(now)
+                state.in_flight[pool.submit(query, *state.targets[site_id])] = (site_id, now)
+                state.busy[account_id] += 1
+                sent = True
+    return next_turn
+
+
+def take_answer(state: GscRound, future: Future) -> None:
+    """Files one finished query: its numbers, a quota error (the site waits again), or a warning."""
+    site_id, sent_at = state.in_flight.pop(future)
+    account, site_url = state.targets[site_id]
+    state.busy[account.id] -= 1
+    try:
+        state.result[site_id] = future.result()
+        account.quota.succeeded(sent_at)
+        progress.fetched("gsc", 1)
+    except HttpError as error:
+        if is_quota_error(error):
+            quota_met(state, site_id, sent_at, error)
+        elif is_api_disabled(error):
+            state.give_up(account.id, api_disabled(account.project), [site_id])
         else:
-            if metrics is None:
-                too_late += 1
-            else:
-                result[site_id] = metrics
-    for (account_id, why), site_ids in over_quota.items():
-        log.warning(
-            "GSC account %s: Search Console quota exceeded and %s: no GSC data for %d sites (ids %s); "
-            "re-run these dates later, or lower GSC_QPM",
-            account_id,
-            why,
-            len(site_ids),
-            id_list(site_ids),
+            log.warning("GSC %s: HTTP %s: %s", site_url, error.status_code, http_error_reason(error))
+    except Exception as error:  # noqa: BLE001 - a cut-off answer, a dropped refresh: this site only
+        log.warning("GSC %s: %s: %s", site_url, type(error).__name__, error)
+
+
+def quota_met(state: GscRound, site_id: SiteId, sent_at: float, error: HttpError) -> None:
+    """The site's query met a used-up quota: it waits at the head of its account's queue, and the
+    account pauses, once per burst of such errors."""
+    account = state.targets[site_id][0]
+    pause = account.quota.exhausted(sent_at, time.monotonic(), error_reasons(error))
+    if pause is None:
+        why = account.quota.why_exhausted(state.days, f"after {QUOTA_PAUSES} pauses")
+        state.give_up(account.id, why, [site_id])
+        return
+    state.waiting.setdefault(account.id, deque()).appendleft(site_id)
+    if pause:
+        log.info(
+            "GSC account %s: Search Console quota exceeded (%s); pausing its queries for %.0f s",
+            account.id,
+            error.reason,
+            pause,
         )
-    if too_late:
-        log.warning("%s: %d Search Console properties not queried", deadline.why, too_late)
-    return result
+
+
+def say_what_gsc_gave_up(state: GscRound) -> None:
+    """One line per reason (and per account, unless the reason is the whole project's) for the
+    sites left without a Search Console value."""
+    for why, by_account in state.given_up.items():
+        if isinstance(why, SharedProblem):
+            site_ids = [site_id for ids in by_account.values() for site_id in ids]
+            log.error("%s: no GSC data for %d sites (ids %s)", why, len(site_ids), id_list(site_ids))
+            continue
+        for account_id, site_ids in by_account.items():
+            log.warning(
+                "GSC account %s: %s: no GSC data for %d sites (ids %s)",
+                account_id,
+                why,
+                len(site_ids),
+                id_list(site_ids),
+            )
 
 
 # ---------------------------------------------------------------------------

@@ -34,6 +34,11 @@ class Account:
     # only to a query with dataState "all", flagged by metadata.firstIncompleteDate.
     final_through: dt.date = field(default_factory=lambda: dt.date.today() - dt.timedelta(days=3))
     client_id: str | None = None  # the OAuth client the refresh token was issued to (None: ours)
+    # A quota that is used up: from the account's next query on, every query for `seconds`
+    # answers `answer` (all those in flight at once alike, as Google does); None: forever.
+    exhausted: tuple[float | None, Response] | None = None
+    exhausted_until: float | None = None
+    project: str = "oauth-client"  # the Cloud project whose quota its queries count against
 
 
 @dataclass
@@ -66,6 +71,11 @@ class FakeGoogle(FakeServer):
         # Instead of `search`, a benchmark may generate (clicks, impressions, ctr, position) or None.
         self.search_fn: Callable[[str, str], tuple | None] | None = None
         self.qpm: int | None = None  # answer 429 above this many queries per account per minute
+        # Search Console's per-project quota (40,000 a minute): every account authorised through
+        # one OAuth client (one Cloud project) counts against it together.
+        self.project_qpm: int | None = None
+        self.project_queries: dict[str, deque] = {}
+        self.api_disabled: set[str] = set()  # Cloud projects without the Search Console API enabled
         # authorization code -> the refresh token it grants (and the Google account's email, and
         # the scopes the consent granted: an operator may untick some)
         self.codes: dict[str, str | tuple[str, ...]] = {}
@@ -90,8 +100,13 @@ class FakeGoogle(FakeServer):
     def api_endpoint(self) -> str:
         return self.url + "/"
 
+    def exhaust(self, account: Account, seconds: float | None, answer: Response | None = None) -> None:
+        """The account's quota is used up for `seconds` from its next query (None: all day)."""
+        account.exhausted = (seconds, answer or Response(403, QUOTA_EXCEEDED_BODY))
+        account.exhausted_until = None
+
     def add_service_account(self, email: str, public_key: RSAPublicKey, secrets: list[str]) -> Account:
-        account = Account(email)
+        account = Account(email, project=email.split("@")[1].split(".")[0])
         self.service_accounts[email] = ServiceAccount(email, public_key, account, secrets)
         return account
 
@@ -122,30 +137,43 @@ class FakeGoogle(FakeServer):
                 "authError",
             )
         rest = request.path[len(PREFIX) :]
+        if account.project in self.api_disabled:
+            return Response(403, api_disabled_body(account.project))
         if rest == "" and request.method == "GET":
             entries = [{"siteUrl": u, "permissionLevel": p} for u, p in account.properties.items()]
             entries += self.odd_entries
             return Response(200, {"siteEntry": entries} if entries else {})
         if rest.startswith("/") and rest.endswith("/searchAnalytics/query") and request.method == "POST":
             site_url = unquote(rest[1 : -len("/searchAnalytics/query")])
-            if self.over_quota(account):
-                return Response(429, RATE_LIMIT_BODY)
+            refused = self.over_quota(account)
+            if refused:
+                return refused
             return self.query(account, site_url, request.json())
         return Response(404, "<html><body>Not Found</body></html>", "text/html")
 
-    def over_quota(self, account: Account) -> bool:
-        """Search Console's per-user quota: at most qpm queries in any 60 seconds."""
-        if self.qpm is None:
-            return False
+    def over_quota(self, account: Account) -> Response | None:
+        """The quota error for this query, if any: an exhausted quota, Search Console's per-user
+        quota (at most qpm queries in any 60 seconds) or its per-project one (project_qpm)."""
         with self._quota_lock:
             now = time.monotonic()
-            while account.recent_queries and now - account.recent_queries[0] >= 60:
-                account.recent_queries.popleft()
-            if len(account.recent_queries) >= self.qpm:
-                self.counts["429"] += 1
-                return True
+            if account.exhausted:
+                seconds, answer = account.exhausted
+                if account.exhausted_until is None:
+                    account.exhausted_until = now + seconds if seconds is not None else float("inf")
+                if now < account.exhausted_until:
+                    self.counts["quota"] += 1
+                    return answer
+                account.exhausted = None
+            project = self.project_queries.setdefault(account.project, deque())
+            for recent, limit in ((account.recent_queries, self.qpm), (project, self.project_qpm)):
+                while recent and now - recent[0] >= 60:
+                    recent.popleft()
+                if limit is not None and len(recent) >= limit:
+                    self.counts["429"] += 1
+                    return Response(429, RATE_LIMIT_BODY if recent is not project else PROJECT_QUOTA_BODY)
             account.recent_queries.append(now)
-            return False
+            project.append(now)
+            return None
 
     def metrics(self, site_url: str, day: str) -> tuple | None:
         if self.search_fn:
@@ -357,3 +385,56 @@ RATE_LIMIT_BODY = {
         "message": "Rate Limit Exceeded",
     }
 }
+
+
+# The newer form Google's front ends send: the reason only in error.details[], status
+# RESOURCE_EXHAUSTED (here: the Cloud project's per-minute quota, shared by its accounts).
+PROJECT_QUOTA_BODY = {
+    "error": {
+        "code": 429,
+        "message": "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute' of service "
+        "'searchconsole.googleapis.com' for consumer 'project_number:123456789012'.",
+        "status": "RESOURCE_EXHAUSTED",
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "RATE_LIMIT_EXCEEDED",
+                "domain": "googleapis.com",
+                "metadata": {"service": "searchconsole.googleapis.com", "quota_limit": "QueriesPerMinute"},
+            }
+        ],
+    }
+}
+
+
+def resource_exhausted(status: int) -> Response:
+    """A quota error in the newer form, with the given status (403 or 429)."""
+    return Response(status, {"error": {**PROJECT_QUOTA_BODY["error"], "code": status}})
+
+
+def api_disabled_body(project: str) -> dict:
+    """What Google answers every call of a Cloud project that has not enabled the API."""
+    message = (
+        f"Google Search Console API has not been used in project {project} before or it is disabled. "
+        f"Enable it by visiting https://console.developers.google.com/apis/api/searchconsole.googleapis.com/"
+        f"overview?project={project} then retry."
+    )
+    return {
+        "error": {
+            "code": 403,
+            "message": message,
+            "errors": [{"message": message, "domain": "usageLimits", "reason": "accessNotConfigured"}],
+            "status": "PERMISSION_DENIED",
+            "details": [
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "SERVICE_DISABLED",
+                    "domain": "googleapis.com",
+                    "metadata": {
+                        "service": "searchconsole.googleapis.com",
+                        "consumer": f"projects/{project}",
+                    },
+                }
+            ],
+        }
+    }
