@@ -349,6 +349,24 @@ class LogLines(logging.StreamHandler):
 secret_filter, problems = SecretFilter(), ProblemLog()
 
 
+def redacted(value: T) -> T:
+    """`value` with every known secret replaced, however deep in lists and dicts. What leaves the
+    process other than by the log (stdout, --json, a row written to Supabase) passes here, as
+    every log record passes the filter."""
+    if isinstance(value, str):
+        return secret_filter.redact(value)  # type: ignore[return-value]
+    if isinstance(value, dict):
+        return {redacted(k): redacted(v) for k, v in value.items()}  # type: ignore[return-value]
+    if isinstance(value, (list, tuple)):
+        return type(value)(redacted(v) for v in value)  # type: ignore[return-value]
+    return value
+
+
+def say(*lines: str) -> None:
+    """Prints lines on stdout, through the secret filter: the one door to stdout."""
+    print(redacted("\n".join(lines)), flush=True)
+
+
 def setup_logging(level: str) -> None:
     handler = LogLines(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -668,7 +686,21 @@ AccountKey = Union[str, dict]
 def account_keys(client: Supabase) -> dict[AccountId, AccountKey]:
     """{account id: its refresh token or service-account key} for every gsc_accounts row."""
     rows = fetch_all(client, "gsc_accounts", "id,oauth_refresh_token,service_account_key")
-    return {row["id"]: row["service_account_key"] or row["oauth_refresh_token"] for row in rows}
+    return {row["id"]: credential_of(row) for row in rows}
+
+
+def credential_of(row: dict) -> AccountKey:
+    """A gsc_accounts row's credential, recognised by its content: a service-account key file's
+    text pasted into either column (a JSON string in the jsonb column) is a key, and a private
+    key is never taken for a refresh token, which would send it to the token endpoint."""
+    value = row["service_account_key"] or row["oauth_refresh_token"]
+    if not isinstance(value, str) or not (value.lstrip().startswith("{") or "PRIVATE KEY" in value):
+        return value
+    try:
+        key = json.loads(value)
+    except ValueError:
+        key = None
+    return key if isinstance(key, dict) else {"private_key": value}  # unusable, and said so
 
 
 def secrets_of(keys: Iterable[AccountKey]) -> list[str]:
@@ -1450,22 +1482,44 @@ def quota_project(key: AccountKey) -> str:
 
 def refresh_error_reason(error: RefreshError, account_id: AccountId | str, key: AccountKey) -> str:
     """What a refused token refresh means for this account, and the fix."""
+    said = refresh_error_text(error)
     email = service_account_email(key)
-    if email and "invalid_grant" in str(error):
-        return (
-            f"Google refused the key of service account {email} (deleted, or not this account's key): "
-            "create a new JSON key (Google Cloud console > IAM > Service accounts > Keys) and store it with "
-            f"aggregator.py authorize --service-account KEY.json --account {account_id}"
-        )
-    if "invalid_grant" in str(error):
+    if email:
+        return f"Google refused service account {email}: {service_account_fix(said, account_id)} ({said})"
+    if "invalid_grant" in said:
         return (
             "the refresh token has expired or been revoked: re-authorize this account "
-            f"(aggregator.py authorize --account {account_id})"
+            f"(aggregator.py authorize --account {account_id}) ({said})"
         )
-    if "unauthorized_client" in str(error):
+    if "unauthorized_client" in said:
         return (
             "the refresh token was issued to another OAuth client: re-authorize this account with this "
-            f"GOOGLE_CLIENT_ID (aggregator.py authorize --account {account_id})"
+            f"GOOGLE_CLIENT_ID (aggregator.py authorize --account {account_id}) ({said})"
+        )
+    return f"the Google token endpoint failed; re-run these dates once it answers ({said})"
+
+
+def refresh_error_text(error: RefreshError) -> str:
+    """google-auth's message without the raw answer it carries beside it: 'invalid_grant: ...'."""
+    return str(error.args[0]) if error.args else str(error)
+
+
+def service_account_fix(said: str, account_id: AccountId | str) -> str:
+    """The fix for each way Google's token endpoint refuses a service account's signed assertion."""
+    if "Robot is disabled" in said:
+        return "the service account is disabled: enable it (Google Cloud console > IAM > Service accounts)"
+    if "short-lived token" in said or "reasonable timeframe" in said:
+        return "this machine's clock is off, so Google takes the signed request for a stale one: fix the clock (NTP)"
+    if "deleted_client" in said:
+        return (
+            "the service account was deleted: create a new service account, add it as a user of each "
+            f"property, and store its key with aggregator.py authorize --service-account KEY.json --account {account_id}"
+        )
+    if "invalid_grant" in said:
+        return (
+            "its key was deleted or is not this account's (Invalid JWT Signature): create a new JSON key (Google "
+            "Cloud console > IAM > Service accounts > Keys) and store it with aggregator.py authorize "
+            f"--service-account KEY.json --account {account_id}"
         )
     return "the Google token endpoint failed; re-run these dates once it answers"
 
@@ -1482,6 +1536,12 @@ def connect_account(
     """An account ready to query (token refreshed, properties listed), or why it is not."""
     try:
         credentials = google_credentials(cfg, key)
+    except ValueError as error:  # a key google-auth cannot read: nothing was sent anywhere
+        return (
+            f"its service-account key cannot be used ({str(error).split('. ')[0]}): store the key file "
+            f"again with aggregator.py authorize --service-account KEY.json --account {account_id}"
+        )
+    try:
         service = get_google_client(cfg, credentials)
         listing = service.sites().list().execute(num_retries=cfg.http_retries)
         if not isinstance(listing, dict):
@@ -1489,7 +1549,7 @@ def connect_account(
     except RefreshError as error:
         if "invalid_client" in str(error) and not isinstance(key, dict):
             return CLIENT_REFUSED
-        return f"{refresh_error_reason(error, account_id, key)} ({error})"
+        return refresh_error_reason(error, account_id, key)
     except HttpError as error:
         if is_api_disabled(error):
             return api_disabled(quota_project(key))
@@ -2180,20 +2240,22 @@ ROW_FORMAT = "{:<10}  {:>10}  {:>13}  {:>10}  {:>15}  {:>8}  {:>12}"
 
 def print_rows_table() -> Callable[[list[dict]], tuple[int, int]]:
     """--dry-run's stand-in for store_rows, once the table's head is printed."""
-    print(ROW_FORMAT.format(*ROW_COLUMNS), flush=True)
+    say(ROW_FORMAT.format(*ROW_COLUMNS))
     return print_rows
 
 
 def print_rows(rows: list[dict]) -> tuple[int, int]:
     """--dry-run's stand-in for store_rows: the rows as an aligned table; '-' is a column not written."""
+    lines = []
     for row in rows:
         cells = [row.get(column, "-") for column in ROW_COLUMNS]
-        print(
+        lines.append(
             ROW_FORMAT.format(
                 *("" if c is None else f"{c:.4f}" if isinstance(c, float) else c for c in cells)
             )
         )
-    sys.stdout.flush()
+    if lines:
+        say(*lines)
     return 0, 0
 
 
@@ -2211,7 +2273,8 @@ def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict
         "exit_status": status,
         "summary": document,
     }
-    try:
+    try:  # a row that leaves the process: through the secret filter, like everything else
+        row = redacted(row)
         supabase_client(cfg).table("aggregator_runs").insert(row, returning=ReturnMethod.minimal).execute()
     except (APIError, httpx.HTTPError) as error:
         log.warning("%s; this run is not recorded", describe_supabase_error(error, "recording the run"))
@@ -2240,14 +2303,14 @@ def print_check_report(found: dict, as_json: bool) -> int:
     status = EXIT_FAILED if problems.lines else EXIT_OK
     lines = found.pop("lines", []) + found.pop("notes", [])
     if as_json:
-        print(json.dumps({**found, "problems": problems.lines, "exit_status": status}, default=str))
+        say(json.dumps({**found, "problems": problems.lines, "exit_status": status}, default=str))
         return status
     for line in lines:
-        print(line)
+        say(line)
     for line in problems.lines:
-        print(f"Problem: {line}")
+        say(f"Problem: {line}")
     count = len(problems.lines)
-    print("All good." if not count else f"{count} problem{'s' if count > 1 else ''}.")
+    say("All good." if not count else f"{count} problem{'s' if count > 1 else ''}.")
     return status
 
 
@@ -2367,19 +2430,26 @@ def list_accounts(cfg: Config) -> int:
     client = supabase_client(cfg)
     # The service account's email, not its key: no credential is read to list the accounts.
     accounts = fetch_all(client, "gsc_accounts", "id,label,email:service_account_key->>client_email")
+    # A key pasted as JSON text has no client_email to select: which rows hold a key, read apart.
+    with_keys = {
+        row["id"]
+        for row in fetch_all(
+            client, "gsc_accounts", "id", lambda q: q.not_.is_("service_account_key", "null")
+        )
+    }
     sites_per_account = Counter(site.gsc_account_id for site in deployed_sites(client))
     states = last_account_states(client)
-    print(ACCOUNT_FORMAT.format("ID", "KIND", "LABEL", "SITES", "LAST RUN"))
+    say(ACCOUNT_FORMAT.format("ID", "KIND", "LABEL", "SITES", "LAST RUN"))
     for account in accounts:
         account_id = account["id"]
         state = states.get(str(account_id))
         if state is None:
             state = "-" if not sites_per_account[account_id] else "not in the recorded runs"
-        kind = "service account" if account.get("email") else "refresh token"
+        kind = "service account" if account_id in with_keys else "refresh token"
         label = account.get("label") or account.get("email") or "-"
-        print(ACCOUNT_FORMAT.format(str(account_id), kind, label, sites_per_account[account_id], state))
+        say(ACCOUNT_FORMAT.format(str(account_id), kind, label, sites_per_account[account_id], state))
     if not accounts:
-        print("No account yet: add one with `aggregator.py authorize`")
+        say("No account yet: add one with `aggregator.py authorize`")
     return EXIT_OK
 
 
@@ -2438,9 +2508,9 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
     client.update(auth_uri=GOOGLE_AUTH_URI, token_uri=cfg.google_token_uri)
     flow = Flow.from_client_config({"installed": client}, scopes=AUTHORIZE_SCOPES, redirect_uri=REDIRECT_URI)
     url, _ = flow.authorization_url(access_type="offline", prompt="consent")
-    print("Open this address in a browser signed in to the Google account, and allow access:")
-    print(f"\n    {url}\n")
-    print("The browser then goes to a page on localhost that does not load: copy that page's address.")
+    say("Open this address in a browser signed in to the Google account, and allow access:")
+    say(f"\n    {url}\n")
+    say("The browser then goes to a page on localhost that does not load: copy that page's address.")
     for attempt in range(CODE_ATTEMPTS):
         code = pasted_code(ask)
         if code is None:
@@ -2529,7 +2599,7 @@ def store_refresh_token(
     if done is None:
         return EXIT_FAILED
     who = f" (Google account {email}, now its label)" if email else ""
-    print(f"Stored the refresh token in gsc_accounts row {done}{who}. Point sites at it with gsc_account_id.")
+    say(f"Stored the refresh token in gsc_accounts row {done}{who}. Point sites at it with gsc_account_id.")
     return EXIT_OK
 
 
@@ -2563,7 +2633,7 @@ def authorize_service_account(cfg: Config, key_file: Path, account_id: str | Non
     try:  # a deleted or foreign key is refused now, not at 3 a.m.
         refresh_now(cfg, google_credentials(cfg, key))
     except RefreshError as error:
-        log.error("%s (%s); nothing was stored", refresh_error_reason(error, account_id or "ID", key), error)
+        log.error("%s; nothing was stored", refresh_error_reason(error, account_id or "ID", key))
         return EXIT_FAILED
     except Exception as error:  # noqa: BLE001 - unreachable, or a key cryptography cannot read
         log.error("The key of %s could not be tried with Google (%s); nothing was stored", email, error)
@@ -2573,14 +2643,14 @@ def authorize_service_account(cfg: Config, key_file: Path, account_id: str | Non
     )
     if done is None:
         return EXIT_FAILED
-    print(
+    say(
         f"Stored the key of service account {email} in gsc_accounts row {done}. Point sites at it with gsc_account_id."
     )
-    print(
+    say(
         f"One step is left: in Search Console, for each property of these sites, open Settings > Users and "
         f"permissions > Add user, and add {email} (permission Restricted is enough)."
     )
-    print(f"The key is stored: delete {key_file} from this disk.")
+    say(f"The key is stored: delete {key_file} from this disk.")
     return EXIT_OK
 
 
@@ -2854,7 +2924,7 @@ def finished(
     if cfg and not args.dry_run:
         record_run(cfg, dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds), status, report)
     if args.json:
-        print(json.dumps(report, default=str), flush=True)
+        say(json.dumps(report, default=str))
     rerun = rerun_command(outcome)
     log.log(
         logging.INFO if status == EXIT_OK else logging.WARNING,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import os
 import pty
 import re
@@ -189,17 +190,23 @@ class Fleet:
         self.google.add_account(token, {}).revoked = revoked
         return AccountRef(account_id, token)
 
-    def service_account(self, wrong_key: bool = False) -> AccountRef:
+    def service_account(
+        self, wrong_key: bool = False, as_text: bool = False, pem: str | None = None
+    ) -> AccountRef:
         """A gsc_accounts row holding a service account's JSON key, as Google Cloud issues it;
-        with wrong_key, the row holds a key Google does not know (deleted, or another account's)."""
+        with wrong_key, the row holds a key Google does not know (deleted, or another account's);
+        with as_text, the key file's text was pasted into the jsonb column (a JSON string); pem
+        replaces the private key (e.g. a damaged one)."""
         n = self.db.execute("select count(*) from gsc_accounts").fetchone()[0] + 1
         email = f"aggregator-{n}@fleet-analytics-{n}.iam.gserviceaccount.com"
         key, public_key = service_account_key(email)
-        stored = service_account_key(email)[0] if wrong_key else key
+        stored = service_account_key(email)[0] if wrong_key else dict(key)
+        if pem is not None:
+            stored["private_key"] = pem
         self.google.add_service_account(email, public_key, secret_parts(key) + secret_parts(stored))
         account_id = self.db.execute(
             "insert into gsc_accounts (label, service_account_key) values (%s, %s) returning id",
-            [email, Jsonb(stored)],
+            [email, Jsonb(json.dumps(stored, indent=2) if as_text else stored)],
         ).fetchone()[0]
         return AccountRef(account_id, email)
 

@@ -50,7 +50,7 @@ def test_a_wrong_key_costs_its_account_only_and_names_the_fix(fleet, db, run_agg
 
     assert result.returncode == 3
     (warning,) = lines_with(f"GSC account {wrong.id}:", result.stderr)
-    assert f"Google refused the key of service account {wrong.refresh_token}" in warning
+    assert f"Google refused service account {wrong.refresh_token}: its key was deleted" in warning
     assert f"authorize --service-account KEY.json --account {wrong.id}" in warning
     assert "Invalid JWT Signature." in warning
     rows = stored(db, FINAL_DAY)
@@ -60,7 +60,7 @@ def test_a_wrong_key_costs_its_account_only_and_names_the_fix(fleet, db, run_agg
     check = run_aggregator("check")
 
     problems = [line for line in check.stdout.splitlines() if line.startswith("Problem: ")]
-    assert len(problems) == 1 and f"GSC account {wrong.id}: Google refused the key" in problems[0]
+    assert len(problems) == 1 and f"GSC account {wrong.id}: Google refused service account" in problems[0]
     assert (
         f"Search Console account {wrong.id}: service account {wrong.refresh_token}; not connected"
         in check.stdout
@@ -199,3 +199,68 @@ def test_authorize_with_a_file_that_is_not_a_key_is_one_line(content, says, tmp_
     (line,) = lines_with("ERROR", result.stderr)
     assert says in line and "Keys > Add key > JSON" in line
     assert db.execute("select count(*) from gsc_accounts").fetchone() == (0,)
+
+
+def test_a_key_pasted_as_json_text_is_used_as_a_key_and_never_sent_as_a_refresh_token(
+    fleet, db, google, run_aggregator
+):
+    robot = fleet.service_account(as_text=True)  # the key file's text in the jsonb column
+    site = fleet.site("robot.example.com", robot)
+    fleet.search(site, 4, 40, day=FINAL_DAY)
+
+    result = run_aggregator("--date", FINAL_DAY.isoformat())
+    listed = run_aggregator("accounts")
+    checked = run_aggregator("check")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert stored(db, FINAL_DAY)[site.id]["gsc_clicks"] == 4
+    sent = [r.form for r in google.requests if r.path == "/token"]
+    assert sent and not [form for form in sent if "PRIVATE KEY" in form.get("refresh_token", "")]
+    assert "service account" in lines_with(str(robot.id), listed.stdout)[0]
+    assert lines_with(f"Search Console account {robot.id}: service account", checked.stdout)
+
+
+def test_a_key_whose_private_key_cannot_be_read_is_one_line_naming_authorize(
+    fleet, db, google, run_aggregator
+):
+    robot = fleet.service_account(
+        pem="-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n"
+    )
+    site = fleet.site("robot.example.com", robot)
+    fleet.visits(site, 3)
+
+    result = run_aggregator()
+
+    assert result.returncode == 3
+    assert stored(db)[site.id]["matomo_visits"] == 3
+    named = lines_with(f"account {robot.id}", result.stderr)
+    assert len([line for line in named if " WARNING " in line]) == 1
+    assert "authorize --service-account" in named[-1], result.stderr[-2000:]
+    assert not [r for r in google.requests if r.path == "/token"]
+
+
+@pytest.mark.parametrize(
+    "refusal, fix",
+    [
+        ("disabled", "enable it"),
+        ("deleted", "create a new service account"),
+        ("clock", "clock"),
+    ],
+)
+def test_each_refusal_of_a_service_account_names_its_own_fix(refusal, fix, fleet, db, google, run_aggregator):
+    robot = fleet.service_account()
+    site = fleet.site("robot.example.com", robot)
+    fleet.visits(site, 5)
+    found = google.service_accounts[robot.refresh_token]
+    if refusal == "clock":
+        google.clock_offset = 2 * 3600  # this machine's clock is two hours behind
+    else:
+        setattr(found, refusal, True)
+
+    result = run_aggregator()
+
+    assert result.returncode == 3
+    (warning,) = lines_with(f"GSC account {robot.id}:", result.stderr)
+    assert fix in warning, warning
+    assert "create a new JSON key" not in warning
+    assert stored(db)[site.id]["matomo_visits"] == 5

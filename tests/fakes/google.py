@@ -49,6 +49,8 @@ class ServiceAccount:
     public_key: RSAPublicKey
     account: Account  # what the service account was added to in Search Console
     secrets: list[str] = field(default_factory=list)  # the private key, for the suite's secret scan
+    disabled: bool = False  # disabled in the Cloud console (IAM > Service accounts)
+    deleted: bool = False  # the service account itself was deleted
 
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -76,6 +78,9 @@ class FakeGoogle(FakeServer):
         self.project_qpm: int | None = None
         self.project_queries: dict[str, deque] = {}
         self.api_disabled: set[str] = set()  # Cloud projects without the Search Console API enabled
+        # Some token endpoints (proxies, older OAuth servers) echo the request in their error.
+        self.echo_input = False
+        self.clock_offset = 0.0  # seconds Google's clock is ahead of this machine's (NTP broken here)
         # authorization code -> the refresh token it grants (and the Google account's email, and
         # the scopes the consent granted: an operator may untick some)
         self.codes: dict[str, str | tuple[str, ...]] = {}
@@ -195,8 +200,13 @@ class FakeGoogle(FakeServer):
             return self.exchange(form)
         account = self.accounts.get(form.get("refresh_token", ""))
         if form.get("grant_type") != "refresh_token" or account is None or account.revoked:
+            echoed = f" (refresh_token {form.get('refresh_token')})" if self.echo_input else ""
             return Response(
-                400, {"error": "invalid_grant", "error_description": "Token has been expired or revoked."}
+                400,
+                {
+                    "error": "invalid_grant",
+                    "error_description": f"Token has been expired or revoked.{echoed}",
+                },
             )
         if account.client_id not in (None, self.client_id):
             return Response(401, {"error": "unauthorized_client", "error_description": "Unauthorized"})
@@ -226,13 +236,19 @@ class FakeGoogle(FakeServer):
             return Response(
                 400, {"error": "invalid_grant", "error_description": "Invalid grant: account not found"}
             )
+        if found.deleted:
+            return Response(
+                401, {"error": "deleted_client", "error_description": "The OAuth client was deleted."}
+            )
         try:
             found.public_key.verify(
                 unpadded_b64decode(signature), f"{header}.{payload}".encode(), PKCS1v15(), SHA256()
             )
         except (InvalidSignature, ValueError):
             return Response(400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."})
-        now = time.time()
+        if found.disabled:
+            return Response(400, {"error": "invalid_grant", "error_description": "Robot is disabled."})
+        now = time.time() + self.clock_offset
         # The audience is Google's token endpoint, wherever the request was sent.
         if claims.get("aud") != GOOGLE_TOKEN_ENDPOINT or not claims.get("iat", 0) - 300 <= now <= claims.get(
             "exp", 0

@@ -177,23 +177,28 @@ class FakePostgrest(FakeServer):
     def filters(self, params: dict[str, str] | list[tuple[str, str]]) -> tuple[sql.Composable, list]:
         clauses, values = [], []
         for column, expression in params.items() if isinstance(params, dict) else params:
-            op, _, value = expression.partition(".")
-            target = sql.Identifier(column)
-            if op in OPERATORS:
-                clauses.append(sql.SQL("{} {} %s").format(target, sql.SQL(OPERATORS[op])))
-                values.append(value)
-            elif op == "is" and value in ("null", "true", "false"):
-                clauses.append(sql.SQL("{} is {}").format(target, sql.SQL(value)))
-            elif op == "in" and value.startswith("(") and value.endswith(")"):
-                items = [v.strip('"') for v in value[1:-1].split(",")]
-                placeholders = sql.SQL(", ").join(sql.Placeholder() for _ in items)
-                clauses.append(sql.SQL("{} in ({})").format(target, placeholders))
-                values.extend(items)
-            else:
-                raise GatewayError(400, "PGRST100", f'"failed to parse filter ({expression})"')
+            clause, more = self.condition(sql.Identifier(column), expression)
+            clauses.append(clause)
+            values.extend(more)
         if not clauses:
             return sql.SQL(""), values
         return sql.SQL(" where ") + sql.SQL(" and ").join(clauses), values
+
+    def condition(self, target: sql.Identifier, expression: str) -> tuple[sql.Composable, list]:
+        """One filter as PostgREST reads it: `op.value`, or `not.op.value` for its negation."""
+        op, _, value = expression.partition(".")
+        if op == "not":
+            clause, values = self.condition(target, value)
+            return sql.SQL("not ({})").format(clause), values
+        if op in OPERATORS:
+            return sql.SQL("{} {} %s").format(target, sql.SQL(OPERATORS[op])), [value]
+        if op == "is" and value in ("null", "true", "false"):
+            return sql.SQL("{} is {}").format(target, sql.SQL(value)), []
+        if op == "in" and value.startswith("(") and value.endswith(")"):
+            items = [v.strip('"') for v in value[1:-1].split(",")]
+            placeholders = sql.SQL(", ").join(sql.Placeholder() for _ in items)
+            return sql.SQL("{} in ({})").format(target, placeholders), items
+        raise GatewayError(400, "PGRST100", f'"failed to parse filter ({expression})"')
 
     def order_by(self, order: str | None) -> sql.Composable:
         if not order:
