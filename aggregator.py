@@ -625,23 +625,33 @@ def fetch_all(
 ) -> list[dict]:
     """Every row of a table that `narrow` (filters on a query) keeps, page by page.
 
-    Paging stops once the total PostgREST counts (Prefer: count=exact) is read, or at an empty
-    page, never at a short one: a project whose max-rows is below PAGE_SIZE answers short pages
-    all the way through. `order` must be unique per row.
+    Ordered by one column (which `columns` must hold), each page starts after the last row read
+    (keyset paging): a row deleted meanwhile shifts no other row into an earlier page. Ordered by
+    several, pages go by offset, and an offset that a deletion put past the end (416, PGRST103)
+    ends the read. Paging stops once the total PostgREST counts (Prefer: count=exact) is read, or
+    at an empty page, never at a short one: a project whose max-rows is below PAGE_SIZE answers
+    short pages all the way through. `order` must be unique per row.
     """
     rows: list[dict] = []
+    by_key = "," not in order
     while True:
         # The count spares the empty page that would otherwise end every read: a round trip.
         query = narrow(client.table(table).select(columns, count=CountMethod.exact))
         for column in order.split(","):
             query = query.order(column)
+        if by_key and rows:
+            query = query.gt(order, rows[-1][order])
+        start = 0 if by_key else len(rows)
         try:
-            answer = with_retries(query.range(len(rows), len(rows) + PAGE_SIZE - 1).execute, client.attempts)
+            answer = with_retries(query.range(start, start + PAGE_SIZE - 1).execute, client.attempts)
         except (APIError, httpx.HTTPError) as error:
+            if isinstance(error, APIError) and error.code == "PGRST103":
+                return rows
             raise SupabaseError(describe_supabase_error(error, f"reading {table}")) from None
         page = rows_of(answer.data, table)
         rows.extend(page)
-        if not page or (answer.count is not None and len(rows) >= answer.count):
+        left = answer.count is not None and (len(page) if by_key else len(rows)) >= answer.count
+        if not page or left:
             return rows
 
 

@@ -277,3 +277,27 @@ def test_a_backfill_costs_one_request_per_site_whatever_its_length(fleet, db, ma
     ).fetchone() == (30, 33, 6)
     assert stored(db, first)[sites[0].id]["gsc_clicks"] == 0  # inside a successful answer, no row: 0
     assert google.count("/searchAnalytics/query") == 3 and matomo.count() == 1
+
+
+def test_sites_deleted_between_two_pages_of_the_read_do_not_end_the_run(fleet, db, gateway, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(10)]
+    for site in sites:
+        fleet.visits(site, 2)
+    gateway.max_rows = 4  # the sites come in pages of four
+
+    def delete_the_first_seven(request) -> None:
+        if (
+            request.path == "/rest/v1/sites"
+            and request.method == "GET"
+            and gateway.count("/rest/v1/sites") == 2
+        ):
+            db.execute("delete from sites where id <= %s", [sites[6].id])
+
+    gateway.before = delete_the_first_seven
+
+    result = run_aggregator()
+
+    assert result.returncode != 1, result.stderr[-3000:]
+    assert "PGRST103" not in result.stderr
+    assert sorted(stored(db)) == [site.id for site in sites[7:]]
+    assert [row["matomo_visits"] for row in stored(db).values()] == [2, 2, 2]

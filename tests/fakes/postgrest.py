@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from typing import Callable
 
 import psycopg
 from psycopg import sql
@@ -50,6 +51,9 @@ class FakePostgrest(FakeServer):
         self.roles = {service_key: "service_role", anon_key: "anon"}
         self.max_rows = max_rows
         self._local = threading.local()
+        # Called with each request before it is served: a test's way to change the data between two
+        # requests of a run (a site deleted between two pages of a read).
+        self.before: Callable[[Request], None] | None = None
 
     def connection(self) -> psycopg.Connection:
         if getattr(self._local, "conn", None) is None or self._local.conn.closed:
@@ -60,6 +64,8 @@ class FakePostgrest(FakeServer):
         return "upsert" if request.method == "POST" else "select"
 
     def handle_request_of(self, request: Request) -> Response:
+        if self.before:
+            self.before(request)
         role = None
         try:
             role = self.role_for(request)
