@@ -69,6 +69,7 @@ def test_metrics_by_day_treats_absent_rows_on_final_days_as_no_traffic():
     answer = {
         "rows": [{"keys": ["2026-11-02"], "clicks": 3.0, "impressions": 40.0, "ctr": 0.075, "position": 5.5}]
     }
+    D3 = dt.date(2026, 11, 8)  # newest final: D1 and D2 are older than Google's usual lag
     assert ag.metrics_by_day(answer, [D1, D2], newest_final=D3) == {
         D1: ag.NO_SEARCH_TRAFFIC,
         D2: ag.GscMetrics(3, 40, 0.075, 5.5),
@@ -96,7 +97,11 @@ def test_days_from_the_first_incomplete_one_are_provisional_and_never_zero():
         D2: ag.GscMetrics(3, 40, 0.075, 5.5, final=False),
     }
     # The clock wins over an answer that calls every day final
-    assert ag.metrics_by_day({}, [D1, D2, D3], newest_final=D1) == {D1: ag.NO_SEARCH_TRAFFIC}
+    every_day_final = {"metadata": {"firstIncompleteDate": "2026-11-09"}}
+    assert ag.metrics_by_day(every_day_final, [D1, D2, D3], newest_final=D1) == {D1: ag.NO_SEARCH_TRAFFIC}
+    # Without metadata, no row for a day within Google's usual lag proves nothing: no value
+    assert ag.metrics_by_day({}, [D1, D2, D3], newest_final=D3) == {}
+    assert ag.metrics_by_day({}, [D1], newest_final=D1 + dt.timedelta(days=3)) == {D1: ag.NO_SEARCH_TRAFFIC}
 
 
 def test_rows_carry_only_the_columns_whose_source_answered():

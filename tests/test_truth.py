@@ -292,11 +292,11 @@ TRANSIENT = [
 ]
 
 
-def read_of(table: str, offset: int | None = None, **query: str):
+def read_of(table: str, **query: str | None):
+    """Matches a read of `table` with these query parameters (None: without that parameter)."""
     return lambda r: (
         r.method == "GET"
         and r.path == f"/rest/v1/{table}"
-        and (offset is None or r.query.get("offset") == str(offset))
         and all(r.query.get(k) == v for k, v in query.items())
     )
 
@@ -320,10 +320,10 @@ def test_postgrests_own_transient_errors_are_retried_on_reads_and_writes(
         fleet.visits(site, n + 1)
     gateway.max_rows = 3  # two pages of sites and two of accounts
     reads = [
-        read_of("sites", 0),
-        read_of("sites", 3),
-        read_of("gsc_accounts", 0),
-        read_of("gsc_accounts", 3),
+        read_of("sites", id=None),  # the first page
+        read_of("sites", id="gt.3"),  # the next: the rows after the last one read
+        read_of("gsc_accounts", id=None),
+        read_of("gsc_accounts", id="gt.3"),
         read_of("daily_analytics", gsc_final="eq.false"),
         read_of("daily_analytics", matomo_visits="gt.0"),
     ]
@@ -457,3 +457,16 @@ def test_permission_levels_are_compared_as_the_discovery_document_spells_them(
     assert lines_with("no verified Search Console property for example.com", result.stderr)
     assert google.count("/searchAnalytics/query") == 0
     assert gsc_state(db, site)[:2] == (3, 30)
+
+
+def test_an_answer_without_metadata_never_lowers_a_final_value_to_zero(fleet, db, google, run_aggregator):
+    site = fleet.site("example.com", fleet.account())
+    fleet.store(site, DUE, gsc_clicks=7, gsc_impressions=70, gsc_final=True)  # an earlier night's
+    google.omit_metadata = True  # and no row for DUE: nothing says DUE is final and empty
+    old = DAY - dt.timedelta(days=4)  # older than Google's usual lag: final whatever the answer says
+
+    result = run_aggregator("--from", old.isoformat(), "--to", DAY.isoformat())
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert gsc_state(db, site, DUE) == (7, 70, True)
+    assert gsc_state(db, site, old) == (0, 0, True)

@@ -80,6 +80,9 @@ class FakeGoogle(FakeServer):
         self.api_disabled: set[str] = set()  # Cloud projects without the Search Console API enabled
         # Some token endpoints (proxies, older OAuth servers) echo the request in their error.
         self.echo_input = False
+        # Answers without metadata.firstIncompleteDate even where days are not final: nothing in
+        # the documentation promises it, so a client may not take its absence for "all final".
+        self.omit_metadata = False
         self.clock_offset = 0.0  # seconds Google's clock is ahead of this machine's (NTP broken here)
         # authorization code -> the refresh token it grants (and the Google account's email, and
         # the scopes the consent granted: an operator may untick some)
@@ -310,7 +313,12 @@ class FakeGoogle(FakeServer):
             days = [d for d in days if d <= account.final_through]
         found = [(d, m) for d in map(dt.date.isoformat, days) if (m := self.metrics(site_url, d))]
         answer: dict = {"responseAggregationType": "byProperty"}
-        if fresh and "date" in body.get("dimensions", []) and end > account.final_through:
+        if (
+            fresh
+            and "date" in body.get("dimensions", [])
+            and end > account.final_through
+            and not self.omit_metadata
+        ):
             first_incomplete = account.final_through + dt.timedelta(days=1)
             answer["metadata"] = {"firstIncompleteDate": first_incomplete.isoformat()}
         if body.get("dimensions") == ["date"]:
