@@ -779,16 +779,24 @@ def stored_visits(
     return found
 
 
-SCHEMA_ERRORS = {"42P10", "PGRST204", "PGRST205", "42P01", "42703"}
+SCHEMA_ERRORS = {"42P10", "PGRST204", "PGRST205", "42P01", "42703", "42804"}
 KEY_ERRORS = {"401", "403", "42501", "PGRST301", "PGRST302", "PGRST303"}
 # PostgREST's own transient errors come as JSON with these codes (src/library/PostgREST/Error.hs):
 # no database connection, schema cache not loaded, pool timeout, Postgres shutting down,
 # serialization failure, deadlock; plus SQLSTATE classes 08 (connection) and 53 (resources).
 TRANSIENT_ERRORS = {"PGRST000", "PGRST001", "PGRST002", "PGRST003", "57P01", "40001", "40P01"}
+# Errors one row can cause (its site deleted during the run, a value out of range, a row twice).
+ROW_ERRORS = {"23502", "23503", "23505", "23514", "21000", "22003", "22007", "22P02"}
+# Errors every write meets alike until someone acts: one request shows the fault.
+EVERYWHERE_ERRORS = {
+    "25006": "the Supabase project is in read-only mode, which it enters when its disk reaches 95% of the "
+    "plan's quota: free disk space or upgrade the plan (Project Settings > Usage), then re-run these dates",
+}
 
 
 def supabase_error_kind(error: Exception) -> str:
-    """'transient' (worth a bounded retry), 'key', 'schema' (every request would fail alike) or 'other'."""
+    """'transient' (worth a bounded retry), 'key', 'schema', 'everywhere' (every request would fail
+    alike), 'too big' (the statement timeout: send less) or 'other'."""
     if isinstance(error, httpx.TransportError):
         return "transient"
     if not isinstance(error, APIError):
@@ -798,6 +806,10 @@ def supabase_error_kind(error: Exception) -> str:
         return "key"
     if code in SCHEMA_ERRORS:
         return "schema"
+    if code in EVERYWHERE_ERRORS:
+        return "everywhere"
+    if code == "57014":  # the statement timeout: the same request would time out again
+        return "too big"
     # A numeric code is the HTTP status of a non-JSON answer (a proxy's 5xx, Cloudflare's 52x);
     # no code at all is Supabase's gateway speaking, not PostgREST.
     if code in TRANSIENT_ERRORS or code[:2] in ("08", "53") or code.startswith("5") or not code:
@@ -817,7 +829,12 @@ def describe_supabase_error(error: Exception, doing: str) -> str:
         "key": "use the service_role key (Project Settings > API) as SUPABASE_SERVICE_ROLE_KEY",
         "schema": f"the tables do not match what the aggregator expects: apply {MIGRATION}",
         "transient": "Supabase is having trouble (retried); re-run the same dates once it is back",
+        "too big": "the statement timeout cancelled it even for a few rows: lower UPSERT_CHUNK_SIZE",
     }.get(supabase_error_kind(error), "see the Supabase logs")
+    if code in EVERYWHERE_ERRORS:
+        fix = EVERYWHERE_ERRORS[code]
+    elif code.startswith("P0"):
+        fix = "a trigger or function in the database raised it for every row: see Database > Triggers in Supabase"
     return f"Supabase error while {doing}: {message} (code {code}): {fix}"
 
 
@@ -1950,15 +1967,18 @@ def rows_by_columns(rows: Iterable[dict]) -> dict[tuple[str, ...], list[dict]]:
 # ---------------------------------------------------------------------------
 
 
-def store_rows(client: Supabase, rows: list[dict], cfg: Config, pool: Executor) -> tuple[int, int]:
+def store_rows(
+    client: Supabase, rows: list[dict], cfg: Config, pool: Executor, hopeless: Once | None = None
+) -> tuple[int, int]:
     """Upsert rows in chunks of one shape through the run's upsert pool; returns (stored, not
-    stored)."""
+    stored). `hopeless` is the run's: once a fault every chunk would meet is found, said once,
+    no further upsert is tried."""
     batches = [
         chunk for group in rows_by_columns(rows).values() for chunk in chunks(group, cfg.upsert_chunk_size)
     ]
-    hopeless = Once()
+    hopeless = hopeless or Once()
 
-    def store(chunk: list[dict]) -> int:
+    def store(chunk: list[dict], whole_failed_with: str | None = None) -> int:
         """How many of the chunk's rows were stored."""
         if hopeless.happened:
             return 0
@@ -1969,20 +1989,26 @@ def store_rows(client: Supabase, rows: list[dict], cfg: Config, pool: Executor) 
             with_retries(request.execute, client.attempts)
             return len(chunk)
         except (APIError, httpx.HTTPError) as error:
-            kind = supabase_error_kind(error)
-            if kind == "other" and len(chunk) > 1:
-                # One row can sink a chunk (its site deleted during the run: 23503): halves find
-                # it, and the other rows are stored.
-                return store(chunk[: len(chunk) // 2]) + store(chunk[len(chunk) // 2 :])
+            kind, code = supabase_error_kind(error), str(getattr(error, "code", "") or "")
+            if kind == "other" and code == whole_failed_with and code not in ROW_ERRORS:
+                kind = "everywhere"  # a half fails as the whole did: no row is to blame
+            if kind in ("too big", "other") and len(chunk) > 1:
+                # Too much work for the statement timeout, or one row sinks the chunk (its site
+                # deleted during the run: 23503): halves are stored, or find the row.
+                half = len(chunk) // 2
+                return store(chunk[:half], code) + store(chunk[half:], code)
+            if kind in ("key", "schema", "everywhere"):
+                if hopeless.first():
+                    log.error(
+                        "%s; no further upsert is tried", describe_supabase_error(error, "storing rows")
+                    )
+                return 0
             what = (
                 f"site {chunk[0]['site_id']}, {chunk[0]['date']}"
                 if len(chunk) == 1
                 else f"{len(chunk)} records"
             )
-            if kind not in ("key", "schema"):
-                log.error("%s; %s not stored", describe_supabase_error(error, "storing rows"), what)
-            elif hopeless.first():  # every chunk would fail alike: said once
-                log.error("%s; no further upsert is tried", describe_supabase_error(error, "storing rows"))
+            log.error("%s; %s not stored", describe_supabase_error(error, "storing rows"), what)
             return 0
 
     stored = sum(pool.map(store, batches))
@@ -2113,7 +2139,7 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         store = (
             print_rows_table()
             if asked.dry_run
-            else functools.partial(store_rows, client, cfg=cfg, pool=upserts)
+            else functools.partial(store_rows, client, cfg=cfg, pool=upserts, hopeless=Once())
         )
         # Matomo beside Search Console, and two slices being stored beside the next one's
         # fetches (one in a dry run, whose table is printed slice after slice).

@@ -207,12 +207,12 @@ def test_an_upsert_chunk_refused_for_one_row_loses_only_that_row(fleet, db, gate
         fleet.visits(site, 7)
     doomed = sites[2]
 
-    def delete_the_site_before_the_first_upsert(request) -> bool:
+    def delete_the_site_before_the_first_upsert(request) -> None:
         if request.method == "POST" and request.path == "/rest/v1/daily_analytics":
             db.execute("delete from sites where id = %s", [doomed.id])
-        return False
+            gateway.before = None
 
-    gateway.inject(delete_the_site_before_the_first_upsert, times=1)
+    gateway.before = delete_the_site_before_the_first_upsert
 
     result = run_aggregator()
 

@@ -21,7 +21,15 @@ from .base import FakeServer, Request, Response
 RESERVED = {"select", "order", "offset", "limit", "columns", "on_conflict"}
 OPERATORS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 # PostgREST's mapping of SQLSTATE to HTTP status (the part that can happen here).
-STATUS_BY_SQLSTATE = {"23503": 409, "23505": 409, "42P01": 404, "42501": 403, "57014": 500}
+STATUS_BY_SQLSTATE = {
+    "23503": 409,
+    "23505": 409,
+    "42P01": 404,
+    "42501": 403,
+    "57014": 500,
+    "25006": 405,
+    "P0001": 400,
+}
 
 
 class GatewayError(Exception):
@@ -54,6 +62,12 @@ class FakePostgrest(FakeServer):
         # Called with each request before it is served: a test's way to change the data between two
         # requests of a run (a site deleted between two pages of a read).
         self.before: Callable[[Request], None] | None = None
+        # Supabase's read-only mode (the disk at 95% of the plan's quota): every write fails with
+        # PostgreSQL's own 25006, until someone acts.
+        self.read_only = False
+        # The API roles' statement_timeout (8 s on Supabase): an upsert of more rows than this takes
+        # longer and is cancelled (57014), every time it is sent at that size.
+        self.rows_within_timeout: int | None = None
 
     def connection(self) -> psycopg.Connection:
         if getattr(self._local, "conn", None) is None or self._local.conn.closed:
@@ -292,9 +306,13 @@ class FakePostgrest(FakeServer):
             statement = sql.SQL(
                 "with ins as ({}) select coalesce(json_agg(ins), '[]'::json) from ins"
             ).format(statement)
+        if self.rows_within_timeout is not None and len(json.loads(payload)) > self.rows_within_timeout:
+            raise GatewayError(500, "57014", "canceling statement due to statement timeout")
         conn = self.connection()
         with conn.transaction():
             conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
+            if self.read_only:
+                conn.execute("set local transaction_read_only = on")
             cursor = conn.execute(statement, [payload])
             result = cursor.fetchone()[0] if representation else None
         if representation:
