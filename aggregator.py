@@ -23,6 +23,7 @@ import difflib
 import functools
 import gc
 import html
+import itertools
 import json
 import logging
 import math
@@ -860,20 +861,55 @@ def with_retries(call: Callable[[], T], attempts: int, delay: float = 0.5) -> T:
 
 
 class MatomoError(Exception):
-    """A whole Matomo bulk request failed."""
+    """A Matomo request failed. `kind` says how, which decides what to do next:
+    'slow' (a proxy's 504, a read timeout: too much work for one request, ask for less),
+    'limit' (API_bulk_request_limit: too many sub-requests), 'down' (a 5xx, no connection: the
+    install or its proxy), 'html' (a page that is not the API), 'error' (Matomo's own error)."""
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def same_as(self, other: MatomoError) -> bool:
+        return (self.kind, str(self)) == (other.kind, str(other))
 
 
 class MatomoConfigError(MatomoError):
-    """The token or the URL is wrong: every request would fail the same way."""
-
-
-class MatomoHtmlError(MatomoError):
-    """An HTML page instead of JSON: a PHP error in one sub-request, a proxy's page, or a wrong URL."""
+    """The token is refused: every request would fail the same way."""
 
 
 # Matomo runs a bulk request's sub-requests one after another inside one PHP request, which has
 # its own time limit: a year for 100 sites in one request would read 36,500 archives.
 MATOMO_SITE_DAYS_PER_REQUEST = 3000
+# A site's range that is too slow for one request is asked for in halves down to this many days.
+MATOMO_MIN_DAYS_PER_REQUEST = 7
+# After the whole install failed alike, it is asked again after these pauses (a php-fpm restart,
+# a proxy's blip) before the run gives up on what it lost meanwhile.
+MATOMO_RECOVERY_PAUSES = (1, 2, 4)
+URL_HINT = "MATOMO_URL is probably wrong (it must be the base URL of the Matomo install, where index.php is)"
+
+
+@dataclass
+class MatomoState:
+    """What a run learns about its Matomo install, shared by the request threads."""
+
+    cap: int  # sites per bulk request: MATOMO_BULK_SIZE, or the install's API_bulk_request_limit
+    down: str | None = None  # what every request answers while the whole install fails alike
+    lost: list[list[int]] = field(default_factory=list)  # batches lost while it was down
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def learn_cap(self, refused: int, error: MatomoError) -> None:
+        with self.lock:
+            if refused > self.cap:
+                return  # learned already, by a request sent before
+            self.cap = max(1, refused // 2)
+        log.warning(
+            "%s: asking for at most %d sites a request from now on. Set MATOMO_BULK_SIZE=%d, or raise "
+            "API_bulk_request_limit in Matomo's config.ini.php (Matomo 5.8+)",
+            error,
+            self.cap,
+            self.cap,
+        )
 
 
 @dataclass(frozen=True)
@@ -886,9 +922,9 @@ class MatomoClient:
     bulk_size: int
     workers: int
     deadline: Deadline
+    state: MatomoState
     broken: Once = field(default_factory=Once)  # the URL or the token is wrong
-    probe: dict = field(default_factory=dict)  # {"json": bool}: does the install answer JSON at all?
-    probe_lock: threading.Lock = field(default_factory=threading.Lock)
+    down_said: Once = field(default_factory=Once)
 
 
 class CappedRetry(Retry):
@@ -909,13 +945,14 @@ class CappedRetry(Retry):
 
 def matomo_client(cfg: Config, deadline: Deadline) -> MatomoClient:
     # Reports are read-only, so a POST is as safe to retry as a GET. A 500 (PHP's fatal error
-    # page) and a read timeout (too much work for one request) would only fail again: the
-    # request is split instead (visits_for_batch).
+    # page), a proxy's 504 and a read timeout (too much work for one request; PHP goes on
+    # working on it) would only fail again and add to the server's load: the request is split
+    # instead (visits_for_batch).
     retry = CappedRetry(
         total=cfg.http_retries,
-        read=0,
+        read=False,
         backoff_factor=0.5,
-        status_forcelist=(429, 502, 503, 504),
+        status_forcelist=(429, 502, 503),
         allowed_methods=None,
         raise_on_status=False,
     )
@@ -934,6 +971,7 @@ def matomo_client(cfg: Config, deadline: Deadline) -> MatomoClient:
         cfg.matomo_bulk_size,
         cfg.matomo_workers,
         deadline,
+        MatomoState(cfg.matomo_bulk_size),
     )
 
 
@@ -941,37 +979,65 @@ def matomo_date_param(days: list[dt.date]) -> str:
     return days[0].isoformat() if len(days) == 1 else f"{days[0]},{days[-1]}"
 
 
-def post_bulk_request(matomo: MatomoClient, sub_queries: list[str]) -> list:
-    """One API.getBulkRequest; returns its answer slots, one per sub-query."""
+def call_matomo(matomo: MatomoClient, method: str, form: Mapping[str, str]) -> Any:
+    """One POST to Matomo's API: its JSON answer, or a MatomoError that says how it failed."""
     # module and method stay in the query string so that an auth failure answers JSON;
     # the token goes in the body: Matomo 5 "secure only" tokens are refused in URLs.
-    body = {"token_auth": matomo.token}
-    body.update({f"urls[{n}]": query for n, query in enumerate(sub_queries)})
     try:
         response = matomo.session.post(
             matomo.endpoint,
-            params={"module": "API", "method": "API.getBulkRequest", "format": "json"},
-            data=body,
+            params={"module": "API", "method": method, "format": "json"},
+            data={"token_auth": matomo.token, **form},
             timeout=matomo.timeout,
         )
+    except requests.ReadTimeout:
+        raise MatomoError(f"Matomo did not answer within HTTP_TIMEOUT ({matomo.timeout} s)", "slow") from None
     except requests.RequestException as error:
-        raise MatomoError(f"Matomo request failed: {error}") from None
+        raise MatomoError(f"Matomo cannot be reached at MATOMO_URL: {error}", "down") from None
     status = response.status_code
+    if status == 504:
+        raise MatomoError("a proxy in front of Matomo gave up waiting for it (HTTP 504)", "slow")
     if "html" in response.headers.get("Content-Type", ""):
-        raise MatomoHtmlError(f"Matomo answered HTTP {status} with an HTML page, not JSON")
-    if status >= 500:
-        raise MatomoError(f"Matomo answered HTTP {status} (retried {matomo.retries} times)")
+        kind = "down" if status >= 500 or status == 429 else "html"
+        raise MatomoError(
+            f"Matomo answered HTTP {status} with an HTML page, not JSON ({page_text(response.text)})", kind
+        )
     try:
         answer = response.json()
     except ValueError:
-        raise MatomoError(f"Matomo answered HTTP {status} with malformed JSON") from None
+        raise MatomoError(
+            f"Matomo answered HTTP {status} with malformed JSON", "down" if status >= 500 else "error"
+        ) from None
     if isinstance(answer, dict) and answer.get("result") == "error":
         message = html.unescape(str(answer.get("message", "")))
-        if status == 401 and "authenticate" in message:
-            raise MatomoConfigError(token_refused(message))
-        raise MatomoError(f"Matomo error (HTTP {status}): {message}")
-    if status != 200 or not isinstance(answer, list):
-        raise MatomoError(f"Matomo answered HTTP {status} with an unexpected body")
+        if "authenticate" in message:
+            raise MatomoConfigError(token_refused(message), "error")
+        raise MatomoError(f"Matomo error (HTTP {status}): {message}", "refused" if status == 400 else "error")
+    if status >= 500:
+        raise MatomoError(f"Matomo answered HTTP {status} (retried {matomo.retries} times)", "down")
+    return answer
+
+
+def page_text(page: str, limit: int = 160) -> str:
+    """What an HTML error page says, in one short line: its title and text without the tags."""
+    text = " ".join(html.unescape(re.sub(r"(?s)<(script|style).*?</\1>|<[^>]+>", " ", page)).split())
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def post_bulk_request(matomo: MatomoClient, sub_queries: list[str]) -> list:
+    """One API.getBulkRequest; returns its answer slots, one per sub-query."""
+    try:
+        answer = call_matomo(
+            matomo, "API.getBulkRequest", {f"urls[{n}]": q for n, q in enumerate(sub_queries)}
+        )
+    except MatomoError as error:
+        if error.kind == "refused" and len(sub_queries) > 1:  # Matomo 5.8's API_bulk_request_limit
+            raise MatomoError(
+                f"Matomo refused {len(sub_queries)} sub-requests in one ({error})", "limit"
+            ) from None
+        raise
+    if not isinstance(answer, list):
+        raise MatomoError("Matomo answered HTTP 200 with an unexpected body")
     if len(answer) != len(sub_queries):
         raise MatomoError(
             f"Matomo answered {len(answer)} results for {len(sub_queries)} queries "
@@ -981,29 +1047,19 @@ def post_bulk_request(matomo: MatomoClient, sub_queries: list[str]) -> list:
 
 
 def matomo_version(matomo: MatomoClient) -> str:
-    """Matomo's version, or a MatomoError that names the setting to fix. The cheapest API call
-    there is: it tells whether MATOMO_URL and the token work at all."""
+    """Matomo's version, or a MatomoError that names what to fix. The cheapest API call there
+    is: it tells whether MATOMO_URL and the token work at all."""
     try:
-        response = matomo.session.post(
-            matomo.endpoint,
-            params={"module": "API", "method": "API.getMatomoVersion", "format": "json"},
-            data={"token_auth": matomo.token},
-            timeout=matomo.timeout,
-        )
-    except requests.RequestException as error:
-        raise MatomoError(f"Matomo cannot be reached at MATOMO_URL: {error}") from None
-    try:
-        answer = response.json()
-    except ValueError:
-        raise MatomoHtmlError(
-            f"Matomo answered HTTP {response.status_code} with a page that is not JSON to API.getMatomoVersion: "
-            "MATOMO_URL is probably wrong (it must be the base URL of the Matomo install, where index.php is)"
-        ) from None
-    if isinstance(answer, dict) and answer.get("result") == "error":
-        message = html.unescape(str(answer.get("message", "")))
-        if "authenticate" in message:
-            raise MatomoConfigError(token_refused(message))
-        raise MatomoError(f"Matomo error (HTTP {response.status_code}): {message}")
+        answer = call_matomo(matomo, "API.getMatomoVersion", {})
+    except MatomoConfigError:
+        raise
+    except MatomoError as error:
+        if error.kind == "html":
+            raise MatomoError(f"{error} to API.getMatomoVersion: {URL_HINT}", "html") from None
+        if error.kind in ("down", "slow"):
+            trouble = "the install or a proxy in front of it is having trouble; try again in a few minutes"
+            raise MatomoError(f"{error} (API.getMatomoVersion): {trouble}", error.kind) from None
+        raise
     return str(answer.get("value", "?")) if isinstance(answer, dict) else "?"
 
 
@@ -1014,21 +1070,21 @@ def token_refused(message: str) -> str:
     )
 
 
-def install_answers_json(matomo: MatomoClient) -> bool:
-    """Whether MATOMO_URL is a Matomo API at all, asked once per run with the cheapest method.
-
-    One HTML page can be one site's PHP error; only an install that answers HTML even to
-    API.getMatomoVersion has a wrong URL.
-    """
-    with matomo.probe_lock:
-        if "json" not in matomo.probe:
-            try:
-                matomo_version(matomo)
-            except MatomoHtmlError:
-                matomo.probe["json"] = False
-            except MatomoError:
-                pass  # unreachable, or a JSON error: not "wrong URL", and the split goes on
-        return matomo.probe.setdefault("json", True)
+def install_trouble(matomo: MatomoClient) -> str | None:
+    """None when the install answers its own API (so a failed request failed for what it asked);
+    else what it answers instead. A wrong URL needs proof: an HTML page that is not an error
+    status, twice; a 5xx or no connection is trouble that may pass, never a wrong URL."""
+    for attempt in range(2):
+        try:
+            matomo_version(matomo)
+            return None
+        except MatomoConfigError:
+            raise
+        except MatomoError as error:
+            if error.kind != "html" or attempt:
+                return str(error)
+        matomo.deadline.wait(1)
+    raise AssertionError("unreachable")
 
 
 def visits_by_day(slot: Any, days: list[dt.date]) -> dict[dt.date, int]:
@@ -1063,53 +1119,57 @@ def get_matomo_data(
 ) -> dict[int, dict[dt.date, int]]:
     """{matomo site id: {day: visits}} for every site Matomo answered for, a few requests at a time.
 
-    A site that is missing from the result has no value: it must not be stored as 0.
+    A site that is missing from the result has no value: it must not be stored as 0. The first
+    request goes alone: what it learns (the install's bulk request limit, an install that is
+    down) is known before the others are sent.
     """
     batches = list(chunks(sorted(set(site_ids)), sites_per_request(matomo.bulk_size, len(days))))
     result: dict[int, dict[dt.date, int]] = {}
     with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
         for batch, visits in zip(
-            batches, pool.map(lambda batch: visits_for_batch(matomo, batch, days), batches)
+            batches,
+            itertools.chain(
+                [visits_for_batch(matomo, batches[0], days)] if batches else [],
+                pool.map(lambda batch: visits_for_batch(matomo, batch, days), batches[1:]),
+            ),
         ):
             result.update(visits)
             progress.fetched("matomo", len(batch))
+    result.update(visits_lost_while_down(matomo, days))
     return result
 
 
 def visits_for_batch(
     matomo: MatomoClient, ids: list[int], days: list[dt.date]
 ) -> dict[int, dict[dt.date, int]]:
+    """The visits of one batch of sites; whatever fails, nothing but what Matomo answered."""
     if matomo.broken.happened:
         return {}
     if matomo.deadline.passed():
         log.warning("%s: no Matomo values for %d sites (ids %s)", matomo.deadline.why, len(ids), id_list(ids))
         return {}
+    if len(ids) > matomo.state.cap:  # the install's bulk request limit, learned earlier in the run
+        return merged(visits_for_batch(matomo, part, days) for part in chunks(ids, matomo.state.cap))
+    return visits_asked(matomo, ids, days, probed=False)
+
+
+def visits_asked(
+    matomo: MatomoClient, ids: list[int], days: list[dt.date], probed: bool
+) -> dict[int, dict[dt.date, int]]:
+    """One bulk request for these sites and days, and what its failure calls for."""
+    try:
+        return visits_of_answer(ids, days, post_bulk_request(matomo, matomo_queries(ids, days)))
+    except MatomoError as error:
+        return visits_after(matomo, ids, days, error, probed)
+
+
+def matomo_queries(ids: list[int], days: list[dt.date]) -> list[str]:
     # showColumns: only the one metric we store (a year of 10,000 sites: 108 MB of JSON, not 742).
     query = urlencode({"date": matomo_date_param(days), "period": "day", "showColumns": "nb_visits"})
-    queries = [f"method=VisitsSummary.get&idSite={i}&{query}" for i in ids]
-    try:
-        slots = post_bulk_request(matomo, queries)
-    except MatomoConfigError as error:
-        if matomo.broken.first():
-            log.error("%s", error)
-        return {}
-    except MatomoError as error:
-        if isinstance(error, MatomoHtmlError) and not install_answers_json(matomo):
-            if matomo.broken.first():
-                log.error(
-                    "%s, even to API.getMatomoVersion: MATOMO_URL is probably wrong (it must be the base "
-                    "URL of the Matomo install, where index.php is)",
-                    error,
-                )
-            return {}
-        if len(ids) == 1:
-            log.warning("Matomo site id %s: %s; no Matomo value for it", ids[0], error)
-            return {}
-        # A bulk request fails whole for one site's PHP error, for dropped POST variables or for
-        # too much work: halves find the culprit and cost only it.
-        log.info("%s for %d sites; asking for them in two halves", error, len(ids))
-        half = len(ids) // 2
-        return {**visits_for_batch(matomo, ids[:half], days), **visits_for_batch(matomo, ids[half:], days)}
+    return [f"method=VisitsSummary.get&idSite={i}&{query}" for i in ids]
+
+
+def visits_of_answer(ids: list[int], days: list[dt.date], slots: list) -> dict[int, dict[dt.date, int]]:
     result = {}
     for site_id, slot in zip(ids, slots):
         try:
@@ -1117,6 +1177,133 @@ def visits_for_batch(
         except ValueError as error:
             log.warning("Matomo site id %s: %s", site_id, error)
     return result
+
+
+def visits_after(
+    matomo: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError, probed: bool
+) -> dict[int, dict[dt.date, int]]:
+    """What a failed request calls for: less per request (a bulk limit, too much work), a look at
+    the whole install (once per batch), or halves that find the one site whose PHP error sank it."""
+    if isinstance(error, MatomoConfigError):
+        return matomo_broken(matomo, str(error))
+    if error.kind == "limit" and len(ids) > 1:
+        matomo.state.learn_cap(len(ids), error)
+        return visits_for_batch(matomo, ids, days)
+    if error.kind == "slow":
+        return visits_in_parts(matomo, ids, days, error)
+    if not probed:
+        if matomo.state.down and str(error) in matomo.state.down:  # still down: no need to ask again
+            return install_down(matomo, ids, matomo.state.down)
+        try:
+            trouble = install_trouble(matomo)
+        except MatomoConfigError as refused:
+            return matomo_broken(matomo, str(refused))
+        if trouble and URL_HINT in trouble:
+            return matomo_broken(matomo, trouble)
+        if trouble:
+            return install_down(matomo, ids, f"{error}; to API.getMatomoVersion too")
+    if len(ids) == 1:
+        log.warning("Matomo site id %s: %s; no Matomo value for it", ids[0], error)
+        return {}
+    return visits_in_halves(matomo, ids, days, error)
+
+
+def visits_in_halves(
+    matomo: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError
+) -> dict[int, dict[dt.date, int]]:
+    """A request fails whole for one site's PHP error or for dropped POST variables: halves find
+    the culprit and cost only it. When both halves fail as the whole did, no one site is to
+    blame: every request would fail alike, and splitting further only multiplies them."""
+    log.info("%s for %d sites; asking for them in two halves", error, len(ids))
+    halves = [ids[: len(ids) // 2], ids[len(ids) // 2 :]]
+    answers: list[dict | MatomoError] = []
+    for half in halves:
+        try:
+            answers.append(
+                visits_of_answer(half, days, post_bulk_request(matomo, matomo_queries(half, days)))
+            )
+        except MatomoError as failed:
+            answers.append(failed)
+    if all(isinstance(answer, MatomoError) and answer.same_as(error) for answer in answers):
+        return install_down(matomo, ids, f"{error}, for every part of the request")
+    return merged(
+        answer if isinstance(answer, dict) else visits_after(matomo, half, days, answer, probed=True)
+        for half, answer in zip(halves, answers)
+    )
+
+
+def visits_in_parts(
+    matomo: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError
+) -> dict[int, dict[dt.date, int]]:
+    """Too much work for one request (a proxy's 504, a read timeout): PHP is still working on the
+    abandoned request, so the same one is never sent again; fewer sites, then fewer days, are."""
+    if len(ids) > 1:
+        log.info("%s for %d sites; asking for them in two halves", error, len(ids))
+        return merged(
+            visits_asked(matomo, half, days, probed=True)
+            for half in (ids[: len(ids) // 2], ids[len(ids) // 2 :])
+        )
+    if len(days) > MATOMO_MIN_DAYS_PER_REQUEST:
+        log.info("%s for site id %s over %d days; asking for them in two halves", error, ids[0], len(days))
+        parts = [
+            visits_asked(matomo, ids, part, probed=True)
+            for part in (days[: len(days) // 2], days[len(days) // 2 :])
+        ]
+        found = {day: visits for part in parts for day, visits in part.get(ids[0], {}).items()}
+        return {ids[0]: found} if found else {}
+    log.warning("Matomo site id %s: %s even for %d days; no Matomo value for it", ids[0], error, len(days))
+    return {}
+
+
+def merged(answers: Iterable[dict[int, dict[dt.date, int]]]) -> dict[int, dict[dt.date, int]]:
+    result: dict[int, dict[dt.date, int]] = {}
+    for answer in answers:
+        result.update(answer)
+    return result
+
+
+def matomo_broken(matomo: MatomoClient, why: str) -> dict[int, dict[dt.date, int]]:
+    """The token or the URL is wrong: said once, and no further request is sent."""
+    if matomo.broken.first():
+        log.error("%s", why)
+    return {}
+
+
+def install_down(matomo: MatomoClient, ids: list[int], why: str) -> dict[int, dict[dt.date, int]]:
+    """The whole install fails alike (its database down, PHP restarting): one error line, and the
+    batch is kept to be asked again if the install answers before the run ends."""
+    with matomo.state.lock:
+        matomo.state.down = why
+        matomo.state.lost.append(ids)
+    if matomo.down_said.first():
+        log.error(
+            "Matomo fails every request alike: %s. The install (or its database) is down or overloaded; "
+            "stored visits are kept, and what is missing is asked again if it answers before the run ends",
+            why,
+        )
+    return {}
+
+
+def visits_lost_while_down(matomo: MatomoClient, days: list[dt.date]) -> dict[int, dict[dt.date, int]]:
+    """The batches lost while the whole install failed, asked again once it answers its API (a
+    restart takes seconds); none if it stays down."""
+    lost = matomo.state.lost
+    if not lost:
+        return {}
+    for pause in MATOMO_RECOVERY_PAUSES:
+        if matomo.deadline.passed():
+            return {}
+        matomo.deadline.wait(pause)
+        try:
+            if install_trouble(matomo) is None:
+                break
+        except MatomoConfigError:
+            return {}
+    else:
+        return {}
+    log.info("Matomo answers again: asking for the %d sites it failed for", sum(map(len, lost)))
+    matomo.state.lost, matomo.state.down = [], None
+    return merged(visits_for_batch(matomo, batch, days) for batch in lost)
 
 
 def matomo_id(site: Site) -> int | None:

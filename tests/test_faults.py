@@ -113,8 +113,9 @@ def test_an_html_page_says_matomo_url_is_probably_wrong(fleet, db, matomo, confi
     )  # 3 sites x 2 final days, and the provisional DAY of the one site with search traffic
     assert (stored(db)[sites[0].id]["matomo_visits"], stored(db)[sites[0].id]["gsc_clicks"]) == (40, 2)
     assert len(lines_with("MATOMO_URL is probably wrong", result.stderr)) == 1
-    # the first chunk and the API.getMatomoVersion probe; the other chunks would fail the same way
-    assert matomo.count() == 2
+    # the first chunk and the API.getMatomoVersion probe, twice (a wrong URL needs proof); the other
+    # chunks would fail the same way
+    assert matomo.count() == 3
 
 
 def test_a_rejected_matomo_token_is_one_clear_line(fleet, db, matomo, config, run_aggregator):

@@ -23,6 +23,19 @@ FATAL_PAGE = (
 )
 
 
+GATEWAY_TIMEOUT_PAGE = (
+    "<html><head><title>504 Gateway Time-out</title></head><body><center><h1>504 Gateway Time-out</h1>"
+    "</center><hr><center>nginx</center></body></html>"
+)
+BAD_GATEWAY_PAGE = (
+    "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1>"
+    "</center><hr><center>nginx</center></body></html>"
+)
+# Matomo's BadRequestException for API_bulk_request_limit; a client must not rely on its words.
+BULK_LIMIT_MESSAGE = "The number of requests in this bulk request exceeds the allowed limit."
+MYSQL_DOWN_MESSAGE = "SQLSTATE[HY000] [2002] Connection refused"
+
+
 def visits_summary(visits: int) -> dict:
     """The VisitsSummary.get object for one site and day."""
     return {
@@ -53,6 +66,17 @@ class FakeMatomo(FakeServer):
         self.max_input_vars: int | None = None  # PHP's limit on POST variables (default 1000)
         # Instead of `site_ids` and `visits`, a benchmark may generate visits (None: unknown site).
         self.visits_fn: Callable[[int, str], int | None] | None = None
+        # A whole-install failure (MySQL down, php-fpm restarting behind a proxy): every request,
+        # whatever it asks, gets `answer` for `seconds` from the next request on (None: all night).
+        self._outage: tuple[float | None, Response] | None = None
+        self._outage_until: float | None = None
+        # Matomo 5.8's API_bulk_request_limit: more sub-requests answer one JSON error, HTTP 400.
+        self.bulk_request_limit: int | None = None
+        # A proxy in front (nginx: proxy_read_timeout) gives up on a request after this many seconds
+        # with its own 504 page, while PHP goes on working on it to the end.
+        self.proxy_timeout: float | None = None
+        self.site_days_worked = 0  # the server's work: site-days computed, abandoned ones included
+        self.bodies: list[tuple] = []  # the (site, date) of each bulk request's sub-requests, in order
 
     def kind(self, request: Request) -> str:
         return "bulk"
@@ -65,7 +89,22 @@ class FakeMatomo(FakeServer):
     def knows(self, site: int) -> bool:
         return self.visits_fn(site, "") is not None if self.visits_fn else site in self.site_ids
 
+    def outage(self, seconds: float | None, answer: Response) -> None:
+        self._outage, self._outage_until = (seconds, answer), None
+
+    def in_outage(self) -> Response | None:
+        if self._outage is None:
+            return None
+        seconds, answer = self._outage
+        now = time.monotonic()
+        if self._outage_until is None:
+            self._outage_until = now + seconds if seconds is not None else float("inf")
+        return answer if now < self._outage_until else None
+
     def handle_request_of(self, request: Request) -> Response:
+        down = self.in_outage()
+        if down:
+            return down
         if request.path not in ("/index.php", "/") or request.query.get("module") != "API":
             return Response(200, HTML_PAGE, "text/html; charset=utf-8")
         token = request.form.get("token_auth") or request.query.get("token_auth")
@@ -89,10 +128,20 @@ class FakeMatomo(FakeServer):
             if sub.get("method"):
                 subs.append(sub)
             n += 1
+        self.bodies.append(tuple((int(sub.get("idSite", 0)), sub.get("date", "")) for sub in subs))
+        if self.bulk_request_limit is not None and len(subs) > self.bulk_request_limit:
+            self.counts["over limit"] += 1
+            return Response(400, {"result": "error", "message": BULK_LIMIT_MESSAGE})
         if any(int(sub.get("idSite", 0)) in self.fatal_sites for sub in subs):
             return Response(500, FATAL_PAGE, "text/html; charset=utf-8")
-        if self.site_day_cost:
-            time.sleep(self.site_day_cost * sum(len(days_of(sub["date"])) for sub in subs))
+        site_days = sum(len(days_of(sub["date"])) for sub in subs)
+        self.site_days_worked += site_days
+        work = self.site_day_cost * site_days
+        if self.proxy_timeout is not None and work > self.proxy_timeout:
+            time.sleep(self.proxy_timeout)  # PHP goes on; the proxy answers
+            return Response(504, GATEWAY_TIMEOUT_PAGE, "text/html")
+        if work:
+            time.sleep(work)
         return Response(200, [self.answer(sub) for sub in subs])
 
     def answer(self, sub: dict[str, str]):
