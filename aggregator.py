@@ -134,6 +134,17 @@ class Config:
     upsert_workers: int = number(6)  # upsert requests in flight
     # Under cron, a progress line this often (seconds), so that a long run does not look stuck.
     progress_every: int = number(60, at_least=0)
+    # Healing: besides its window, the nightly run fills the holes of the last HEAL_DAYS days
+    # (and a new site's history), at most this much per night (0: that source is not healed).
+    heal_days: int = number(30)
+    heal_matomo_site_days: int = number(50000, at_least=0)  # site-days asked from Matomo
+    heal_gsc_queries: int = number(2000, at_least=0)  # Search Console queries (one per site)
+    # A new site's history goes back to its creation in Matomo and to the oldest day Search
+    # Console keeps (about 16 months); a number of days here goes back no further (0: no limit).
+    history_days: int = number(0, at_least=0)
+    # A Matomo 0 is final once the raw log shows no visit that day; where the visitor log is off,
+    # once the day is this many days old (the archiver has long caught up by then).
+    matomo_settle_days: int = number(7)
 
     def secrets(self) -> tuple[str, ...]:
         return (self.supabase_service_role_key, self.matomo_token_auth, self.google_client_secret)
@@ -187,7 +198,18 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
 
 # What .env.example holds where the operator's own values go.
 PLACEHOLDER = re.compile(r"replace-with-|your-project-ref|//matomo\.example\.com")
-SETTING_PREFIXES = ("SUPABASE_", "MATOMO_", "GOOGLE_", "GSC_", "HTTP_", "RUN_", "UPSERT_", "PROGRESS_")
+SETTING_PREFIXES = (
+    "SUPABASE_",
+    "MATOMO_",
+    "GOOGLE_",
+    "GSC_",
+    "HTTP_",
+    "RUN_",
+    "UPSERT_",
+    "PROGRESS_",
+    "HEAL_",
+    "HISTORY_",
+)
 
 
 def warn_of_unknown_settings(env_file: Path) -> None:
@@ -514,9 +536,18 @@ def parse_day(text: str) -> dt.date:
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
         raise UsageError(f"{text!r} is not a date: use YYYY-MM-DD, e.g. 2026-11-20")
     try:
-        return dt.date.fromisoformat(text)
+        day = dt.date.fromisoformat(text)
     except ValueError:
         raise UsageError(f"{text!r} is not a real calendar date: use YYYY-MM-DD") from None
+    if day < OLDEST_DAY:
+        raise UsageError(
+            f"{text} is before {OLDEST_DAY.year}: neither Matomo nor Search Console has data that old"
+        )
+    return day
+
+
+# Matomo (then Piwik) and Search Console were born after it; the migration's functions agree.
+OLDEST_DAY = dt.date(2005, 1, 1)
 
 
 def days_between(start: dt.date, end: dt.date) -> list[dt.date]:
@@ -780,7 +811,99 @@ def stored_visits(
     return found
 
 
-SCHEMA_ERRORS = {"42P10", "PGRST204", "PGRST205", "42P01", "42703", "42804"}
+def learned_sources(client: Supabase) -> dict[tuple[SiteId, str], dict]:
+    """{(site id, source): its site_sources row}: what earlier runs learnt of each site's sources."""
+    rows = fetch_all(
+        client, "site_sources", "site_id,source,source_key,available_from,unavailable", order="site_id,source"
+    )
+    return {(row["site_id"], row["source"]): row for row in rows}
+
+
+def store_learned_sources(client: Supabase, rows: list[dict]) -> None:
+    for chunk in chunks(rows, PAGE_SIZE):
+        request = client.table("site_sources").upsert(
+            chunk, on_conflict="site_id,source", returning=ReturnMethod.minimal
+        )
+        with_retries(request.execute, client.attempts)
+
+
+@dataclass(frozen=True)
+class Hole:
+    """A run of days for which a site has no final value from a source."""
+
+    site_id: SiteId
+    source: str
+    first: dt.date
+    last: dt.date
+
+    @property
+    def size(self) -> int:
+        return (self.last - self.first).days + 1
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """The days the deployed sites want (migration: analytics_wanted): the heal window, the
+    newest day, and how far back history goes."""
+
+    window_from: dt.date
+    to: dt.date
+    gsc_from: dt.date
+    history_from: dt.date | None
+    site: SiteId | None = None
+
+    @classmethod
+    def of(cls, cfg: Config, today: dt.date, window_end: dt.date, site: SiteId | None = None) -> Coverage:
+        """The coverage a nightly run whose window starts on `window_end` heals."""
+        history = today - dt.timedelta(days=cfg.history_days) if cfg.history_days else None
+        return cls(
+            window_end - dt.timedelta(days=cfg.heal_days),
+            window_end - dt.timedelta(days=1),
+            gsc_oldest_day(today),
+            history,
+            site,
+        )
+
+    def arguments(self) -> dict[str, Any]:
+        return {
+            "p_window_from": self.window_from.isoformat(),
+            "p_to": self.to.isoformat(),
+            "p_gsc_from": self.gsc_from.isoformat(),
+            "p_history_from": self.history_from.isoformat() if self.history_from else None,
+            "p_site": self.site,
+        }
+
+
+def call_function(client: Supabase, name: str, arguments: Mapping[str, Any], kind: type) -> Any:
+    """A migration's SQL function's JSON answer, of the type expected."""
+    try:
+        answer = with_retries(client.client.rpc(name, dict(arguments)).execute, client.attempts)
+    except (APIError, httpx.HTTPError) as error:
+        raise SupabaseError(describe_supabase_error(error, f"calling {name}")) from None
+    if not isinstance(answer.data, kind):
+        raise SupabaseError(
+            f"{name} did not answer a JSON {kind.__name__}: SUPABASE_URL must be the project's API URL"
+        )
+    return answer.data
+
+
+def holes(client: Supabase, coverage: Coverage) -> list[Hole]:
+    """Every hole of the deployed sites, as the database computes them (analytics_holes)."""
+    found = call_function(client, "analytics_holes", coverage.arguments(), list)
+    if not all(isinstance(hole, dict) for hole in found):
+        raise SupabaseError("analytics_holes answered something else than holes: apply " + MIGRATION)
+    return [
+        Hole(
+            hole["site_id"],
+            hole["source"],
+            dt.date.fromisoformat(hole["from"]),
+            dt.date.fromisoformat(hole["to"]),
+        )
+        for hole in found
+    ]
+
+
+SCHEMA_ERRORS = {"42P10", "PGRST202", "PGRST204", "PGRST205", "42P01", "42703", "42804", "42883"}
 KEY_ERRORS = {"401", "403", "42501", "PGRST301", "PGRST302", "PGRST303"}
 # PostgREST's own transient errors come as JSON with these codes (src/library/PostgREST/Error.hs):
 # no database connection, schema cache not loaded, pool timeout, Postgres shutting down,
@@ -1333,22 +1456,133 @@ def matomo_ids_by_site(sites: Iterable[Site]) -> dict[SiteId, int]:
 
 
 def matomo_data_by_site(
-    matomo: MatomoClient, ids: Mapping[SiteId, int], days: list[dt.date]
+    matomo: MatomoClient, ids: Mapping[SiteId, int], days: list[dt.date], settled: dt.date | None
 ) -> dict[SiteId, dict]:
-    """{site id: {day: visits}} for the sites Matomo answered for."""
+    """{site id: {day: visits}} for the sites Matomo answered for; each 0 its raw log does not
+    confirm is Unconfirmed (with `settled` None, --accept-zero-visits, every 0 is taken)."""
     by_matomo_id = get_matomo_data(matomo, ids.values(), days) if ids else {}
+    if settled is not None:
+        by_matomo_id = with_zeros_confirmed(matomo, by_matomo_id, settled)
     return {site_id: by_matomo_id[m] for site_id, m in ids.items() if m in by_matomo_id}
+
+
+class Unconfirmed(int):
+    """A Matomo 0 that its raw log has not confirmed: a day the archiver has not processed
+    answers exactly like a day without visits. Stored as provisional (matomo_final = false), and
+    fetched again by the next nights until it is confirmed or replaced by the true count."""
+
+
+def zero_runs(by_day: Mapping[dt.date, int]) -> list[list[dt.date]]:
+    """The runs of consecutive days with 0 visits: one look at the raw log covers a run."""
+    runs: list[list[dt.date]] = []
+    for day in sorted(by_day):
+        if by_day[day] != 0:
+            continue
+        if runs and runs[-1][-1] == day - dt.timedelta(days=1):
+            runs[-1].append(day)
+        else:
+            runs.append([day])
+    return runs
+
+
+def raw_log_query(matomo_id: int, days: list[dt.date]) -> str:
+    """Live.getLastVisitsDetails for these days: its first visit, without its actions; [] if none."""
+    period = "day" if len(days) == 1 else "range"
+    return "method=Live.getLastVisitsDetails&" + urlencode(
+        {
+            "idSite": matomo_id,
+            "period": period,
+            "date": matomo_date_param(days),
+            "filter_limit": 1,
+            "doNotFetchActions": 1,
+        }
+    )
+
+
+def bulk_answers(matomo: MatomoClient, queries: list[str], what: str) -> list[Any]:
+    """The answer slot of each sub-query, in bulk requests of the install's size; None where a
+    request failed (said once per request, as `what` could not be asked)."""
+
+    def ask(batch: list[str]) -> list[Any]:
+        if matomo.deadline.passed() or matomo.broken.happened:
+            return [None] * len(batch)
+        try:
+            return post_bulk_request(matomo, batch)
+        except MatomoError as error:
+            if error.kind == "limit" and len(batch) > 1:
+                matomo.state.learn_cap(len(batch), error)
+                return [slot for part in chunks(batch, matomo.state.cap) for slot in ask(part)]
+            log.info("Matomo: %s could not be asked for %d sites (%s)", what, len(batch), error)
+            return [None] * len(batch)
+
+    with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
+        return [slot for answers in pool.map(ask, chunks(queries, matomo.state.cap)) for slot in answers]
+
+
+def with_zeros_confirmed(
+    matomo: MatomoClient, visits: dict[int, dict[dt.date, int]], settled: dt.date
+) -> dict[int, dict[dt.date, int]]:
+    """The visits, each 0 that is not confirmed made Unconfirmed. A 0 is confirmed when Matomo's
+    raw log (the Live API) has no visit in its run of zero days; where the visitor log is off,
+    when the day is older than `settled`."""
+    asks = [(m, run) for m, by_day in visits.items() for run in zero_runs(by_day)]
+    if not asks:
+        return visits
+    behind: list[int] = []
+    log_off = None
+    queries = [raw_log_query(m, run) for m, run in asks]
+    for (m, run), slot in zip(asks, bulk_answers(matomo, queries, "the visitor log (to confirm zeros)")):
+        if slot == []:
+            continue  # no visit in the raw log: the zeros are true
+        if isinstance(slot, dict) and slot.get("result") == "error":
+            log_off = log_off or html.unescape(str(slot.get("message", "")))
+            run = [day for day in run if day >= settled]
+        elif isinstance(slot, list):
+            behind.append(m)
+        for day in run:
+            visits[m][day] = Unconfirmed(0)
+    if behind:
+        log.warning(
+            "Matomo answered 0 visits where its raw log has visits, for %d sites (ids %s): those days are not "
+            "archived yet (core:archive is behind). Stored as provisional (matomo_final = false); the next "
+            "nights fetch them again",
+            len(behind),
+            id_list(sorted(set(behind))),
+        )
+    if log_off:
+        log.info(
+            "Matomo's visitor log cannot confirm zeros (%s): a 0 is final once its day is older than "
+            "MATOMO_SETTLE_DAYS",
+            log_off,
+        )
+    return visits
+
+
+def matomo_creation_days(matomo: MatomoClient, ids: Iterable[int]) -> dict[int, dt.date | str]:
+    """{Matomo id: the day the site was created in Matomo (ts_created, UTC), or why Matomo could
+    not say (an unknown id)}; ids whose request failed are left out, to be asked another night."""
+    found: dict[int, dt.date | str] = {}
+    ordered = sorted(set(ids))
+    queries = [f"method=SitesManager.getSiteFromId&idSite={m}" for m in ordered]
+    for m, slot in zip(ordered, bulk_answers(matomo, queries, "the sites' creation day")):
+        created = slot.get("ts_created") if isinstance(slot, dict) else None
+        if isinstance(created, str) and re.match(r"\d{4}-\d{2}-\d{2}", created):
+            found[m] = dt.date.fromisoformat(created[:10])
+        elif isinstance(slot, dict) and slot.get("result") == "error":
+            found[m] = f"Matomo: {html.unescape(str(slot.get('message', '')))}"
+    return found
 
 
 def visits_and_stored(
     matomo: MatomoClient,
     ids: Mapping[SiteId, int],
     days: list[dt.date],
+    settled: dt.date | None,
     read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[SiteId, str], int]] | None,
 ) -> tuple[dict[SiteId, dict], Mapping[tuple[SiteId, str], int] | SupabaseError]:
     """The Matomo visits of a slice and, for the sites with a 0 among them, the counts stored
     now: read as soon as Matomo has answered, while Search Console is still being asked."""
-    visits = matomo_data_by_site(matomo, ids, days)
+    visits = matomo_data_by_site(matomo, ids, days, settled)
     zero_sites = {site_id for site_id, by_day in visits.items() if 0 in by_day.values()}
     if not (zero_sites and read_stored_visits):
         return visits, {}
@@ -2105,6 +2339,7 @@ def analytics_rows(
             row: dict[str, Any] = {"date": iso, "site_id": site.id}
             if day in site_visits:
                 row["matomo_visits"] = site_visits[day]
+                row["matomo_final"] = type(site_visits[day]) is not Unconfirmed
             m = site_gsc.get(day)
             if m is not None:
                 row["gsc_clicks"], row["gsc_impressions"], row["gsc_ctr"], row["gsc_position"] = m[:4]
@@ -2112,6 +2347,87 @@ def analytics_rows(
             if len(row) > 2:
                 rows.append(row)
     return rows
+
+
+def since_creation(
+    visits: Mapping[SiteId, Mapping[dt.date, int]], created: Mapping[SiteId, dt.date]
+) -> dict[SiteId, dict[dt.date, int]]:
+    """The visits without the days before each site was created in Matomo: Matomo answers them
+    like days without visits, but no one visited a site that did not exist."""
+    return {
+        site_id: {day: n for day, n in by_day.items() if day >= created[site_id]}
+        if site_id in created
+        else dict(by_day)
+        for site_id, by_day in visits.items()
+    }
+
+
+def only_days(found: Mapping[SiteId, Mapping[dt.date, T]], days: Mapping[SiteId, set[dt.date]]) -> dict:
+    """Each site's values for its own days only (a query covered more than its holes)."""
+    return {
+        site_id: {day: value for day, value in by_day.items() if day in days.get(site_id, ())}
+        for site_id, by_day in found.items()
+    }
+
+
+@dataclass
+class HealPlan:
+    """What one night heals: Matomo by day range (one bulk request serves many sites), Search
+    Console by site (one query spans all of a site's holes); and what is left for later nights."""
+
+    matomo: dict[tuple[dt.date, dt.date], list[SiteId]] = field(default_factory=lambda: defaultdict(list))
+    gsc: dict[SiteId, set[dt.date]] = field(default_factory=dict)
+    left: Counter = field(default_factory=Counter)  # site-days per source
+    oldest_left: dict[str, dt.date] = field(default_factory=dict)
+
+    def leave(self, source: str, first: dt.date, days: int) -> None:
+        self.left[source] += days
+        self.oldest_left[source] = min(first, self.oldest_left.get(source, first))
+
+    def site_days(self, source: str) -> int:
+        if source == "matomo":
+            return sum(((last - first).days + 1) * len(ids) for (first, last), ids in self.matomo.items())
+        return sum(len(days) for days in self.gsc.values())
+
+
+def heal_plan(
+    found: Iterable[Hole],
+    askable: Mapping[str, set[SiteId]],
+    window_from: dt.date,
+    expiring_before: dt.date,
+    cfg: Config,
+) -> HealPlan:
+    """Tonight's share of the holes, within the budgets: Search Console days about to pass its
+    retention first, then the heal window's holes before older history, oldest first; what does
+    not fit is left for the next nights, in the same order."""
+    plan = HealPlan()
+    ordered = sorted(
+        (hole for hole in found if hole.site_id in askable.get(hole.source, ())),
+        key=lambda hole: (
+            not (hole.source == "gsc" and hole.first < expiring_before),
+            hole.last < window_from,
+            hole.first,
+            hole.site_id,
+        ),
+    )
+    budget = cfg.heal_matomo_site_days
+    for hole in (h for h in ordered if h.source == "matomo"):
+        take = min(hole.size, budget)
+        if take:
+            plan.matomo[(hole.first, hole.first + dt.timedelta(days=take - 1))].append(hole.site_id)
+            budget -= take
+        if take < hole.size:
+            plan.leave("matomo", hole.first + dt.timedelta(days=take), hole.size - take)
+    by_site: dict[SiteId, list[Hole]] = defaultdict(list)
+    for hole in (h for h in ordered if h.source == "gsc"):
+        by_site[hole.site_id].append(hole)
+    for site_id, site_holes in by_site.items():
+        if len(plan.gsc) < cfg.heal_gsc_queries:
+            plan.gsc[site_id] = {day for hole in site_holes for day in days_between(hole.first, hole.last)}
+        else:
+            for hole in site_holes:
+                plan.leave("gsc", hole.first, hole.size)
+    return plan
 
 
 def without_lowering_zeros(
@@ -2239,6 +2555,7 @@ class Outcome:
     stored: int = 0
     not_stored: int = 0
     gsc_accounts: dict = field(default_factory=dict)  # account id -> "connected" or why not
+    healed: Counter = field(default_factory=Counter)  # site-days of earlier nights filled, per source
     done: int = 0  # sites whose slice was fetched
     lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -2317,16 +2634,18 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
     sources = ["matomo", "gsc"] if gsc_days else ["matomo"]
     outcome.begin(sites, days, sources)
     read_stored = None if asked.accept_zero_visits else functools.partial(stored_visits, client)
+    settled = None if asked.accept_zero_visits else asked.today - dt.timedelta(days=cfg.matomo_settle_days)
     with contextlib.ExitStack() as stack:
         stack.enter_context(progress.shown(cfg.progress_every, outcome))
         gsc_pool = stack.enter_context(ThreadPoolExecutor(max_workers=cfg.gsc_workers))
         # One pool for every upsert of the run: a slice's upserts start while the previous
         # slice's last ones are still in flight, and never more than UPSERT_WORKERS at once.
         upserts = stack.enter_context(ThreadPoolExecutor(max_workers=cfg.upsert_workers))
+        hopeless = Once()  # a fault every upsert meets was found
         store = (
             print_rows_table()
             if asked.dry_run
-            else functools.partial(store_rows, client, cfg=cfg, pool=upserts, hopeless=Once())
+            else functools.partial(store_rows, client, cfg=cfg, pool=upserts, hopeless=hopeless)
         )
         # Matomo beside Search Console, and two slices being stored beside the next one's
         # fetches (one in a dry run, whose table is printed slice after slice).
@@ -2338,6 +2657,11 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         )
         targets = query_targets(sites, accounts)
         progress.fetched("gsc", outcome.gsc.wanted - len(targets))  # nothing to ask for these
+        known = sources_known(client, cfg, asked, sites, matomo, matomo_ids, targets, outcome.gsc_accounts)
+        created = known.created if known else {}
+        heals = bool(
+            known and not asked.dry_run and remember_sources(client, known, hopeless) and asked.nightly
+        )
         storing: deque[Future] = deque()
         for part in slices(sites, len(days), sites_per_request(cfg.matomo_bulk_size, len(days))):
             if deadline.passed():
@@ -2345,19 +2669,22 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
                 outcome.give_up(sites[outcome.done :], sources)
                 break
             part_ids = {s.id: matomo_ids[s.id] for s in part if s.id in matomo_ids}
-            visits_read = side.submit(visits_and_stored, matomo, part_ids, days, read_stored)
+            visits_read = side.submit(visits_and_stored, matomo, part_ids, days, settled, read_stored)
             part_targets = {s.id: targets[s.id] for s in part if s.id in targets}
             gsc = get_gsc_data(part_targets, gsc_days, cfg, gsc_pool, deadline) if part_targets else {}
             visits, stored = visits_read.result()
             answers = {"matomo": visits, "gsc": gsc}
             outcome.count_fetched(part, {source: answers[source] for source in sources})
-            rows = slice_rows(part, days, visits, gsc, stored, outcome)
+            rows = slice_rows(part, days, since_creation(visits, created), gsc, stored, outcome)
             del visits, gsc  # not kept alive through the next slice's fetch
             while len(storing) >= storing_at_most:
                 storing.popleft().result()
             storing.append(side.submit(store_and_count, store, rows, outcome))
         for each in storing:
             each.result()
+        if heals:
+            fetchers = Fetchers(cfg, matomo, matomo_ids, settled, targets, gsc_pool, deadline)
+            heal(client, fetchers, asked, sites, days[0], functools.partial(store_and_count, store), outcome)
     if outcome.gsc_provisional:
         log.info(
             "Search Console: %d values are provisional (the day is not final yet): stored with "
@@ -2365,6 +2692,294 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             outcome.gsc_provisional,
         )
     return outcome
+
+
+@dataclass(frozen=True)
+class SourcesKnown:
+    """What the run knows of each site's sources beyond the sites table."""
+
+    created: dict[SiteId, dt.date]  # the day each site was created in Matomo
+    rows: list[dict]  # what is new since the last run, to be stored in site_sources
+
+
+def sources_known(
+    client: Supabase,
+    cfg: Config,
+    asked: Asked,
+    sites: list[Site],
+    matomo: MatomoClient,
+    matomo_ids: Mapping[SiteId, int],
+    targets: Mapping[SiteId, tuple[GscAccount, str]],
+    account_states: Mapping[AccountId, str],
+) -> SourcesKnown | None:
+    """What earlier runs learnt of the sites' sources (site_sources), brought up to date: the
+    creation day of each site new to Matomo (or with another Matomo id: asked only when Matomo
+    is healed, the one use of older days), and why Search Console cannot be asked for a site
+    tonight. None if site_sources cannot be read: nothing is healed."""
+    try:
+        learned = learned_sources(client)
+    except SupabaseError as error:
+        log.error("%s; the holes of earlier nights are not healed this run", error)
+        return None
+    rows = matomo_rows(sites, matomo, matomo_ids, learned, asked.today) if cfg.heal_matomo_site_days else []
+    rows += gsc_rows(sites, targets, account_states, learned, asked.today)
+    for row in rows:
+        learned[(row["site_id"], row["source"])] = row
+    created = {
+        site_id: dt.date.fromisoformat(str(row["available_from"]))
+        for (site_id, source), row in learned.items()
+        if source == "matomo"
+        and row["available_from"]
+        and site_id in matomo_ids
+        and row["source_key"] == str(matomo_ids[site_id])
+    }
+    return SourcesKnown(created, rows)
+
+
+def remember_sources(client: Supabase, known: SourcesKnown, hopeless: Once) -> bool:
+    """Stores what the run learnt of the sites' sources, before the night's rows (a site's
+    history is for a site without values); False if it could not: then nothing is healed. An
+    error every write would meet is the run's (`hopeless`): said once, and no row is sent."""
+    try:
+        store_learned_sources(client, known.rows)
+    except (APIError, httpx.HTTPError) as error:
+        if supabase_error_kind(error) in ("key", "schema", "everywhere"):
+            if hopeless.first():
+                log.error(
+                    "%s; no further upsert is tried", describe_supabase_error(error, "storing site_sources")
+                )
+        else:
+            log.error(
+                "%s; the holes of earlier nights are not healed this run",
+                describe_supabase_error(error, "storing site_sources"),
+            )
+        return False
+    return True
+
+
+def matomo_rows(
+    sites: list[Site],
+    matomo: MatomoClient,
+    matomo_ids: Mapping[SiteId, int],
+    learned: Mapping[tuple[SiteId, str], dict],
+    today: dt.date,
+) -> list[dict]:
+    """site_sources rows for the sites whose creation day in Matomo is not known yet."""
+    new = {
+        site.id: matomo_ids[site.id]
+        for site in sites
+        if site.id in matomo_ids
+        and (
+            (site.id, "matomo") not in learned
+            or learned[(site.id, "matomo")]["source_key"] != str(matomo_ids[site.id])
+            or not learned[(site.id, "matomo")]["available_from"]
+        )
+    }
+    found = matomo_creation_days(matomo, new.values()) if new else {}
+    rows = []
+    for site_id, m in new.items():
+        if m not in found:
+            continue
+        said = found[m]
+        day = said if isinstance(said, dt.date) else None
+        rows.append(
+            {
+                "site_id": site_id,
+                "source": "matomo",
+                "source_key": str(m),
+                "available_from": day.isoformat() if day else None,
+                "history_from": day.isoformat() if day else None,
+                "unavailable": None if day else said,
+                "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            }
+        )
+    return rows
+
+
+def gsc_rows(
+    sites: list[Site],
+    targets: Mapping[SiteId, tuple[GscAccount, str]],
+    account_states: Mapping[AccountId, str],
+    learned: Mapping[tuple[SiteId, str], dict],
+    today: dt.date,
+) -> list[dict]:
+    """site_sources rows for the sites whose Search Console state changed: new to it, another
+    account, or a reason it cannot be asked that appeared or went away."""
+    rows = []
+    for site in sites:
+        if site.gsc_account_id is None:
+            continue
+        was = learned.get((site.id, "gsc"))
+        key, why = str(site.gsc_account_id), gsc_unavailable(site, targets, account_states)
+        if was and was["source_key"] == key and was["unavailable"] == why:
+            continue
+        rows.append(
+            {
+                "site_id": site.id,
+                "source": "gsc",
+                "source_key": key,
+                "available_from": None,
+                "history_from": gsc_oldest_day(today).isoformat(),
+                "unavailable": why,
+                "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            }
+        )
+    return rows
+
+
+def gsc_unavailable(
+    site: Site, targets: Mapping[SiteId, tuple[GscAccount, str]], account_states: Mapping[AccountId, str]
+) -> str | None:
+    """Why Search Console cannot be asked for a site tonight (a person must act), or None."""
+    if site.id in targets:
+        return None
+    state = account_states.get(site.gsc_account_id) if site.gsc_account_id is not None else None
+    if state and state != "connected":
+        return f"account {site.gsc_account_id}: {state}"
+    return f"account {site.gsc_account_id} has no Search Console property for {site.domain}"
+
+
+@dataclass(frozen=True)
+class Fetchers:
+    """What fetching from each source needs, as the run set it up."""
+
+    cfg: Config
+    matomo: MatomoClient
+    matomo_ids: Mapping[SiteId, int]
+    settled: dt.date | None
+    targets: Mapping[SiteId, tuple[GscAccount, str]]
+    gsc_pool: Executor
+    deadline: Deadline
+
+
+def heal(
+    client: Supabase,
+    fetchers: Fetchers,
+    asked: Asked,
+    sites: list[Site],
+    window_end: dt.date,
+    store: Callable[[list[dict], Outcome], None],
+    outcome: Outcome,
+) -> None:
+    """The nightly run's second part: the holes of earlier nights (and new sites' history), oldest
+    first within the budgets, each source asked only for its own holes."""
+    cfg = fetchers.cfg
+    coverage = Coverage.of(cfg, asked.today, window_end)
+    try:
+        found = holes(client, coverage)
+    except SupabaseError as error:
+        log.error("%s; the holes of earlier nights are not healed this run", error)
+        return
+    wanted = {site.id for site in sites}
+    askable = {
+        "matomo": set(fetchers.matomo_ids) & wanted if cfg.heal_matomo_site_days else set(),
+        "gsc": set(fetchers.targets) & wanted if cfg.heal_gsc_queries else set(),
+    }
+    expiring = gsc_oldest_day(asked.today) + dt.timedelta(days=30)
+    plan = heal_plan(found, askable, coverage.window_from, expiring, cfg)
+    say_heal_plan(plan, found, expiring)
+    by_id = {site.id: site for site in sites}
+    matomo_done = None
+    if plan.matomo:
+        with ThreadPoolExecutor(max_workers=1) as side:
+            matomo_done = side.submit(heal_matomo, fetchers, plan, by_id, store, outcome)
+            heal_gsc(fetchers, plan, by_id, store, outcome)
+            matomo_done.result()
+    else:
+        heal_gsc(fetchers, plan, by_id, store, outcome)
+    if outcome.healed:
+        log.info(
+            "Healed %d Matomo and %d Search Console site-days of earlier nights",
+            outcome.healed["matomo"],
+            outcome.healed["gsc"],
+        )
+
+
+def say_heal_plan(plan: HealPlan, found: list[Hole], expiring: dt.date) -> None:
+    matomo, gsc = plan.site_days("matomo"), plan.site_days("gsc")
+    if matomo or gsc:
+        log.info(
+            "Healing: %d Matomo site-days (%d sites) and %d Search Console site-days (%d sites) of earlier nights",
+            matomo,
+            len({s for ids in plan.matomo.values() for s in ids}),
+            gsc,
+            len(plan.gsc),
+        )
+    for source, days in plan.left.items():
+        log.info(
+            "%s: %d site-days of holes are left for the next nights (oldest %s); the budget is HEAL_%s",
+            "Matomo" if source == "matomo" else "Search Console",
+            days,
+            plan.oldest_left[source],
+            "MATOMO_SITE_DAYS" if source == "matomo" else "GSC_QUERIES",
+        )
+    old = sorted({h.site_id for h in found if h.source == "gsc" and h.first < expiring})
+    if old:
+        log.warning(
+            "Search Console: %d sites have days missing that Google drops within 30 days (sites %s): "
+            "asked first; if they stay missing, they are lost",
+            len(old),
+            id_list(old),
+        )
+
+
+def heal_matomo(
+    fetchers: Fetchers,
+    plan: HealPlan,
+    by_id: Mapping[SiteId, Site],
+    store: Callable[[list[dict], Outcome], None],
+    outcome: Outcome,
+) -> None:
+    """Matomo's share of the holes: one range at a time, its sites in bulk requests."""
+    for (first, last), site_ids in sorted(plan.matomo.items()):
+        if fetchers.deadline.passed():
+            log.warning(
+                "%s: Matomo holes from %s on are left for the next nights", fetchers.deadline.why, first
+            )
+            return
+        days = days_between(first, last)
+        ids = {site_id: fetchers.matomo_ids[site_id] for site_id in site_ids}
+        visits = matomo_data_by_site(fetchers.matomo, ids, days, fetchers.settled)
+        rows = analytics_rows([by_id[site_id] for site_id in site_ids], days, visits, {})
+        healed(rows, "matomo_visits", "matomo", store, outcome)
+
+
+def heal_gsc(
+    fetchers: Fetchers,
+    plan: HealPlan,
+    by_id: Mapping[SiteId, Site],
+    store: Callable[[list[dict], Outcome], None],
+    outcome: Outcome,
+) -> None:
+    """Search Console's share: one query per site over the span of its holes, sites with the same
+    span together; only the hole days are stored."""
+    by_span: dict[tuple[dt.date, dt.date], list[SiteId]] = defaultdict(list)
+    for site_id, days in plan.gsc.items():
+        by_span[(min(days), max(days))].append(site_id)
+    for (first, last), site_ids in sorted(by_span.items()):
+        if fetchers.deadline.passed():
+            log.warning(
+                "%s: Search Console holes from %s on are left for the next nights",
+                fetchers.deadline.why,
+                first,
+            )
+            return
+        targets = {site_id: fetchers.targets[site_id] for site_id in site_ids}
+        found = get_gsc_data(
+            targets, days_between(first, last), fetchers.cfg, fetchers.gsc_pool, fetchers.deadline
+        )
+        gsc = only_days(found, plan.gsc)
+        rows = analytics_rows([by_id[site_id] for site_id in site_ids], days_between(first, last), {}, gsc)
+        healed(rows, "gsc_clicks", "gsc", store, outcome)
+
+
+def healed(
+    rows: list[dict], column: str, source: str, store: Callable[[list[dict], Outcome], None], outcome: Outcome
+) -> None:
+    with outcome.lock:
+        outcome.rows += len(rows)
+        outcome.healed[source] += sum(1 for row in rows if column in row)
+    store(rows, outcome)
 
 
 def fleet_to_fetch(
@@ -2580,7 +3195,7 @@ def matomo_for_check(cfg: Config, sites: list[Site], today: dt.date, found: dict
         found["matomo"] = {"reachable": False}
         return
     ids = matomo_ids_by_site(sites)
-    visits = matomo_data_by_site(matomo, ids, [today - dt.timedelta(days=DEFAULT_LAG_DAYS)])
+    visits = matomo_data_by_site(matomo, ids, [today - dt.timedelta(days=DEFAULT_LAG_DAYS)], None)
     answered = f"answered for {len(visits)} of the {len(ids)} sites with a Matomo id"
     found["lines"].append(f"Matomo {version}: {answered}")
     found["matomo"] = {"reachable": True, "version": version, "sites": len(ids), "answered": len(visits)}
@@ -2644,6 +3259,151 @@ def conflict_key_exists(client: Supabase) -> bool:
         MIGRATION,
     )
     return False
+
+
+# ---------------------------------------------------------------------------
+# The fleet at a glance (status)
+# ---------------------------------------------------------------------------
+
+
+def status(cfg: Config, today: dt.date, site_name: str | None, as_json: bool) -> int:
+    """Coverage per source, what the next night will heal, and the sites that need a person."""
+    client = supabase_client(cfg)
+    sites = deployed_sites(client)
+    site = sites_with_domains(sites, [site_name])[0] if site_name else None
+    window_end = today - dt.timedelta(days=DEFAULT_LAG_DAYS + DEFAULT_LOOKBACK_DAYS - 1)
+    coverage = Coverage.of(cfg, today, window_end, site.id if site else None)
+    cells = call_function(client, "analytics_coverage", coverage.arguments(), dict)
+    found = holes(client, coverage)
+    attention = [
+        need
+        for need in call_function(client, "analytics_attention", {"p_to": coverage.to.isoformat()}, list)
+        if site is None or need.get("site_id") == site.id
+    ]
+    askable = {
+        source: {h.site_id for h in found if h.source == source} - unavailable_sites(attention, source)
+        for source in SOURCES
+    }
+    expiring = gsc_oldest_day(today) + dt.timedelta(days=30)
+    plan = heal_plan(found, askable, coverage.window_from, expiring, cfg)
+    report = status_report(cfg, coverage, cells, found, plan, attention, expiring)
+    if as_json:
+        say(json.dumps(report, default=str))
+    else:
+        say(*status_lines(report))
+    return EXIT_OK
+
+
+def unavailable_sites(attention: list[dict], source: str) -> set[SiteId]:
+    return {
+        need["site_id"] for need in attention if need["kind"] == "unavailable" and need["source"] == source
+    }
+
+
+def status_report(
+    cfg: Config,
+    coverage: Coverage,
+    cells: dict,
+    found: list[Hole],
+    plan: HealPlan,
+    attention: list[dict],
+    expiring: dt.date,
+) -> dict:
+    """The status as one JSON object (status --json); status_lines prints it."""
+    oldest = {source: min((h.first for h in found if h.source == source), default=None) for source in SOURCES}
+    lost_soon = sum(
+        (min(h.last, expiring - dt.timedelta(days=1)) - h.first).days + 1
+        for h in found
+        if h.source == "gsc" and h.first < expiring
+    )
+    matomo_requests = sum(
+        math.ceil(len(ids) / sites_per_request(cfg.matomo_bulk_size, (last - first).days + 1))
+        for (first, last), ids in plan.matomo.items()
+    )
+    return {
+        "window": {"from": coverage.window_from, "to": coverage.to, "days": cfg.heal_days},
+        "coverage": {source: {**cells.get(source, {}), "oldest_hole": oldest[source]} for source in SOURCES},
+        "next_night": {
+            "matomo": {"site_days": plan.site_days("matomo"), "requests": matomo_requests},
+            "gsc": {
+                "site_days": plan.site_days("gsc"),
+                "queries": len(plan.gsc),
+                "minutes_at_quota": round(len(plan.gsc) / min(cfg.gsc_qpm, cfg.gsc_project_qpm), 1),
+            },
+            "left": {
+                source: {"site_days": days, "oldest": plan.oldest_left[source]}
+                for source, days in plan.left.items()
+            },
+        },
+        "gsc_lost_within_30_days": {"site_days": lost_soon, "before": expiring},
+        "needs_a_person": [{**need, "fix": fix_for(need)} for need in attention],
+    }
+
+
+def fix_for(need: dict) -> str:
+    """What the operator does about a site that needs a person."""
+    detail = str(need.get("detail") or "")
+    if need["kind"] == "tracking":
+        return "check that the Matomo tracking code is still on the site's pages"
+    if need["kind"] == "cliff":
+        return "check the site (down, redirected, noindex, tracking removed)"
+    if need["source"] == "matomo":
+        return "correct sites.matomo_site_id, or add the site in Matomo"
+    if "property" in detail:
+        return "add the domain's property to the account in Search Console, or set sites.gsc_account_id to the account that has it"
+    account = re.match(r"account (\d+)", detail)
+    return f"python aggregator.py authorize --account {account.group(1)}" if account else "see the run's log"
+
+
+SOURCE_NAMES = {"matomo": "Matomo", "gsc": "Search Console"}
+
+
+def status_lines(report: dict) -> list[str]:
+    window = report["window"]
+    lines = [
+        f"Coverage of the deployed sites, site-days (heal window: the {window['days']} days "
+        f"{window['from']} to {window['to']}; overall: back to each site's first day):",
+        STATUS_FORMAT.format("", "stored", "provisional", "missing", "not available", "oldest hole"),
+    ]
+    for source, name in SOURCE_NAMES.items():
+        cells = report["coverage"][source]
+        for scope in ("window", "overall"):
+            counts = cells.get(scope, {})
+            lines.append(
+                STATUS_FORMAT.format(
+                    f"{name}, {'heal window' if scope == 'window' else 'overall'}",
+                    *(f"{counts.get(k, 0):,}" for k in ("stored", "provisional", "missing", "not_available")),
+                    str(cells["oldest_hole"] or "-") if scope == "overall" else "",
+                )
+            )
+    night = report["next_night"]
+    minutes = night["gsc"]["minutes_at_quota"]
+    lines.append(
+        f"Next night heals {night['matomo']['site_days']:,} Matomo site-days ({night['matomo']['requests']} bulk "
+        f"requests) and {night['gsc']['site_days']:,} Search Console site-days ({night['gsc']['queries']} queries, "
+        f"{'under a minute' if minutes < 1 else f'about {minutes:.0f} min'} at GSC_QPM)"
+    )
+    for source, left in night["left"].items():
+        lines.append(
+            f"  {SOURCE_NAMES[source]}: {left['site_days']:,} site-days left for later nights (oldest {left['oldest']})"
+        )
+    lost = report["gsc_lost_within_30_days"]
+    if lost["site_days"]:
+        lines.append(
+            f"Search Console: {lost['site_days']:,} missing site-days pass its 16-month limit before "
+            f"{lost['before']}: the next nights ask for them first"
+        )
+    needs = report["needs_a_person"]
+    lines.append(f"Sites that need a person: {len(needs) or 'none'}")
+    for need in needs:
+        lines.append(
+            f"  site {need['site_id']} ({need['domain']}), {SOURCE_NAMES[need['source']]}: {need['detail']}. "
+            f"Fix: {need['fix']}"
+        )
+    return lines
+
+
+STATUS_FORMAT = "  {:<30} {:>12} {:>12} {:>10} {:>14}  {}"
 
 
 # ---------------------------------------------------------------------------
@@ -2932,6 +3692,8 @@ COMMANDS = {
     "authorize": "store a Google account's refresh token (a browser round trip), or a service account's key, "
     "in gsc_accounts",
     "accounts": "list the Search Console accounts: id, label, sites, and how the last run went",
+    "status": "the fleet at a glance: which site-days are stored, provisional or missing per source, what "
+    "the next night heals, and the sites that need a person",
 }
 # Options every command takes, before or after its name.
 COMMON_OPTIONS = ("--env-file", "--log-level")
@@ -3025,6 +3787,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     }
     add_run_options(parsers["run"])
     parsers["check"].add_argument("--json", action="store_true", help="print the problems as one JSON object")
+    parsers["status"].add_argument("--json", action="store_true", help="print the status as one JSON object")
+    parsers["status"].add_argument(
+        "--site", action="append", default=[], metavar="DOMAIN", help="only this site"
+    )
     parsers["authorize"].add_argument(
         "--account",
         metavar="ID",
@@ -3037,9 +3803,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="store this Google Cloud service account's JSON key instead of a user's refresh token "
         "(no browser; the key does not expire by itself)",
     )
-    OneLineParser.owners = {
+    OneLineParser.owners = {  # an option of several commands is said to be the first one's
         option: name
-        for name, sub in parsers.items()
+        for name, sub in reversed(list(parsers.items()))
         for action in sub._actions
         for option in action.option_strings
         if option not in (*COMMON_OPTIONS, "-h", "--help")
@@ -3125,6 +3891,8 @@ def command(
         return check(cfg, today, args.json)
     if args.command == "accounts":
         return list_accounts(cfg)
+    if args.command == "status":
+        return status(cfg, today, args.site[-1] if args.site else None, args.json)
     if args.command == "authorize" and args.service_account:
         return authorize_service_account(cfg, args.service_account, args.account)
     if args.command == "authorize":

@@ -342,7 +342,14 @@ class Result:
 @pytest.fixture
 def config(gateway, matomo, google) -> dict[str, str]:
     """The .env a test's run uses; a test may change or delete entries before running."""
-    return {**stand_in_settings(gateway, matomo, google), "HTTP_TIMEOUT": "10"}
+    # Healing is off but where a scenario is about it (tests/test_healing.py): every fleet here is
+    # new, and its history (16 months of Search Console) would fill every other scenario's table.
+    return {
+        **stand_in_settings(gateway, matomo, google),
+        "HTTP_TIMEOUT": "10",
+        "HEAL_MATOMO_SITE_DAYS": "0",
+        "HEAL_GSC_QUERIES": "0",
+    }
 
 
 # Every scenario runs at DEBUG unless told otherwise, so that the secret check below also covers

@@ -29,7 +29,8 @@ FLEET = [  # domain, Matomo id, account, Search Console property (None: the acco
 
 
 def seed(conn: psycopg.Connection, matomo: FakeMatomo, google: FakeGoogle) -> None:
-    days = [dt.date.today() - dt.timedelta(days=n) for n in (2, 3, 4)]
+    # The sites went live in Matomo a week ago: the run stores its three days and heals the rest.
+    days = [dt.date.today() - dt.timedelta(days=n) for n in range(2, 8)]
     for account in (1, 2):
         conn.execute(
             "insert into gsc_accounts (label, oauth_refresh_token) values (%s, %s)",
@@ -43,6 +44,7 @@ def seed(conn: psycopg.Connection, matomo: FakeMatomo, google: FakeGoogle) -> No
             [domain, matomo_id, account],
         )
         matomo.site_ids.add(matomo_id)
+        matomo.created[matomo_id] = f"{days[-1]} 09:12:44"
         for k, day in enumerate(days):
             matomo.visits[(matomo_id, day.isoformat())] = 40 * n + 7 * k
             if prop:
@@ -60,7 +62,9 @@ def main() -> int:
     try:
         with psycopg.connect(conninfo, autocommit=True) as conn, tempfile.TemporaryDirectory() as tmp:
             seed(conn, matomo, google)
-            env_file = write_env_file(Path(tmp) / ".env", stand_in_settings(gateway, matomo, google))
+            # HISTORY_DAYS: a new site's history from its first week on, not 16 months of Search Console.
+            settings = {**stand_in_settings(gateway, matomo, google), "HISTORY_DAYS": "7"}
+            env_file = write_env_file(Path(tmp) / ".env", settings)
             print(
                 "$ python aggregator.py            # the nightly run, against local stand-ins\n", flush=True
             )

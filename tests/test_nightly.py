@@ -276,7 +276,8 @@ def test_a_backfill_costs_one_request_per_site_whatever_its_length(fleet, db, ma
         "select count(*), sum(matomo_visits), sum(gsc_clicks) from daily_analytics"
     ).fetchone() == (30, 33, 6)
     assert stored(db, first)[sites[0].id]["gsc_clicks"] == 0  # inside a successful answer, no row: 0
-    assert google.count("/searchAnalytics/query") == 3 and matomo.count() == 1
+    assert google.count("/searchAnalytics/query") == 3 and len(matomo.report_requests()) == 1
+    assert matomo.counts["raw log"] == 1  # one look at the raw log confirms every zero of the range
 
 
 def test_sites_deleted_between_two_pages_of_the_read_do_not_end_the_run(fleet, db, gateway, run_aggregator):

@@ -231,11 +231,12 @@ def test_the_demo_runs_the_real_aggregator_and_prints_the_table(database):
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert "exit status 3" in demo.stdout
     assert (
-        "Processed 5 sites. Fetched Matomo data for 5. Fetched GSC data for 3. Stored 15 records."
+        "Processed 5 sites. Fetched Matomo data for 5. Fetched GSC data for 3. Stored 39 records."
         in demo.stderr
     )
+    assert "Healed 15 Matomo and 9 Search Console site-days of earlier nights" in demo.stderr
     table = [line.split() for line in demo.stdout.splitlines() if line.startswith("20")]
-    assert len(table) == 15 and ["shop.example.com", "40", "3", "90", "0.033", "4.0"] in [
+    assert len(table) == 30 and ["shop.example.com", "40", "3", "90", "0.033", "4.0"] in [
         row[1:] for row in table
     ]
 

@@ -106,7 +106,7 @@ def test_days_from_the_first_incomplete_one_are_provisional_and_never_zero():
 
 def test_rows_carry_only_the_columns_whose_source_answered():
     sites = [ag.Site(1, "a.com", 1, 1), ag.Site(2, "b.com", 2, 1), ag.Site(3, "c.com", 3, 1)]
-    visits = {1: {D1: 5}, 2: {D1: 0}}
+    visits = {1: {D1: 5}, 2: {D1: ag.Unconfirmed(0)}}
     gsc = {1: {D1: ag.GscMetrics(1, 10, 0.1, 2.0)}, 3: {D1: ag.NO_SEARCH_TRAFFIC}}
     rows = ag.analytics_rows(sites, [D1], visits, gsc)
     assert rows == [
@@ -114,13 +114,14 @@ def test_rows_carry_only_the_columns_whose_source_answered():
             "date": "2026-11-01",
             "site_id": 1,
             "matomo_visits": 5,
+            "matomo_final": True,
             "gsc_clicks": 1,
             "gsc_impressions": 10,
             "gsc_ctr": 0.1,
             "gsc_position": 2.0,
             "gsc_final": True,
         },
-        {"date": "2026-11-01", "site_id": 2, "matomo_visits": 0},
+        {"date": "2026-11-01", "site_id": 2, "matomo_visits": 0, "matomo_final": False},
         {
             "date": "2026-11-01",
             "site_id": 3,

@@ -125,7 +125,7 @@ def matomo_sub_queries(matomo) -> list[dict[str, str]]:
     """Every VisitsSummary.get sub-query the stand-in received, decoded."""
     return [
         dict(parse_qsl(value))
-        for request in matomo.requests
+        for request in matomo.report_requests()
         for name, value in request.form.items()
         if name.startswith("urls[")
     ]
@@ -228,7 +228,7 @@ def test_a_year_long_backfill_keeps_each_bulk_request_small_and_asks_only_for_vi
     assert result.returncode == 0, result.stderr
     assert db.execute("select count(*), sum(matomo_visits) from daily_analytics").fetchone() == (12 * 365, 3)
     per_request = [
-        sum(365 for name in request.form if name.startswith("urls[")) for request in matomo.requests
+        sum(365 for name in request.form if name.startswith("urls[")) for request in matomo.report_requests()
     ]
     assert max(per_request) <= 3000 and len(per_request) == 2
     assert {sub.get("showColumns") for sub in matomo_sub_queries(matomo)} == {"nb_visits"}
@@ -247,7 +247,7 @@ def test_a_long_backfill_asks_matomo_in_full_requests_only(fleet, db, config, ma
 
     assert result.returncode == 0, result.stderr
     assert db.execute("select count(*) from daily_analytics").fetchone() == (48 * 365,)
-    assert len(matomo.requests) == 48 // 8
+    assert len(matomo.report_requests()) == 48 // 8
 
 
 def test_a_bulk_size_past_phps_post_variable_limit_is_refused(config, run_aggregator):

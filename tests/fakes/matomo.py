@@ -77,9 +77,26 @@ class FakeMatomo(FakeServer):
         self.proxy_timeout: float | None = None
         self.site_days_worked = 0  # the server's work: site-days computed, abandoned ones included
         self.bodies: list[tuple] = []  # the (site, date) of each bulk request's sub-requests, in order
+        # Each site's creation (SitesManager's ts_created, UTC); before it every day answers empty.
+        self.created: dict[int, str] = {}
+        # The visitor log (Live API) switched off in the general settings: its sub-requests fail.
+        self.visitor_log_off = False
 
     def kind(self, request: Request) -> str:
-        return "bulk"
+        """'bulk' for a request of VisitsSummary reports; 'raw log' (Live), 'sites' (SitesManager),
+        or the method's name for the others."""
+        body = request.body.decode(errors="replace")
+        if "VisitsSummary.get" in body:
+            return "bulk"
+        if "Live.getLastVisitsDetails" in body:
+            return "raw log"
+        if "SitesManager." in body:
+            return "sites"
+        return request.query.get("method", "other")
+
+    def report_requests(self) -> list[Request]:
+        """The requests that asked for VisitsSummary reports (the work the tests measure)."""
+        return [request for request in self.requests if self.kind(request) == "bulk"]
 
     def visits_on(self, site: int, day: str) -> int:
         if self.visits_fn:
@@ -128,13 +145,19 @@ class FakeMatomo(FakeServer):
             if sub.get("method"):
                 subs.append(sub)
             n += 1
-        self.bodies.append(tuple((int(sub.get("idSite", 0)), sub.get("date", "")) for sub in subs))
+        reports = tuple(
+            (int(sub.get("idSite", 0)), sub.get("date", ""))
+            for sub in subs
+            if sub["method"] == "VisitsSummary.get"
+        )
+        if reports:
+            self.bodies.append(reports)
         if self.bulk_request_limit is not None and len(subs) > self.bulk_request_limit:
             self.counts["over limit"] += 1
             return Response(400, {"result": "error", "message": BULK_LIMIT_MESSAGE})
         if any(int(sub.get("idSite", 0)) in self.fatal_sites for sub in subs):
             return Response(500, FATAL_PAGE, "text/html; charset=utf-8")
-        site_days = sum(len(days_of(sub["date"])) for sub in subs)
+        site_days = sum(len(days_of(sub["date"])) for sub in subs if sub.get("method") == "VisitsSummary.get")
         self.site_days_worked += site_days
         work = self.site_day_cost * site_days
         if self.proxy_timeout is not None and work > self.proxy_timeout:
@@ -145,9 +168,7 @@ class FakeMatomo(FakeServer):
         return Response(200, [self.answer(sub) for sub in subs])
 
     def answer(self, sub: dict[str, str]):
-        if sub["method"] != "VisitsSummary.get" or sub.get("period") != "day":
-            return {"result": "error", "message": f"The method '{sub['method']}' is not played here"}
-        site = int(sub["idSite"])
+        site = int(sub.get("idSite", 0))
         if site in self.error_slots:
             return {"result": "error", "message": self.error_slots[site]}
         if not self.knows(site):
@@ -155,12 +176,70 @@ class FakeMatomo(FakeServer):
                 "result": "error",
                 "message": f"An unexpected website was found in the request: website id was set to '{site}' .",
             }
+        if sub["method"] == "SitesManager.getSiteFromId":
+            return self.site_row(site)
+        if sub["method"] == "Live.getLastVisitsDetails":
+            return self.last_visits(site, sub)
+        if sub["method"] != "VisitsSummary.get" or sub.get("period") != "day":
+            return {"result": "error", "message": f"The method '{sub['method']}' is not played here"}
         columns = tuple(c for c in sub.get("showColumns", "").split(",") if c)
         days = days_of(sub["date"])
         visits = {day: 0 if day in self.not_archived else self.visits_on(site, day) for day in days}
         if "," not in sub["date"]:
             return summary_of(visits[days[0]], columns)
         return {day: summary_of(n, columns) if n else [] for day, n in visits.items()}
+
+    def site_row(self, site: int) -> dict:
+        """SitesManager.getSiteFromId: the site's row, every value a string as Matomo's DB gives it."""
+        return {
+            "idsite": str(site),
+            "name": f"Site {site}",
+            "main_url": f"https://site{site}.example.net",
+            "ts_created": self.created.get(site, "2020-01-01 00:00:00"),
+            "ecommerce": "0",
+            "sitesearch": "1",
+            "timezone": "UTC",
+            "currency": "USD",
+            "exclude_unknown_urls": "0",
+            "excluded_ips": "",
+            "excluded_parameters": "",
+            "group": "",
+            "type": "website",
+            "keep_url_fragment": "0",
+            "creator_login": "admin",
+        }
+
+    def last_visits(self, site: int, sub: dict[str, str]) -> list | dict:
+        """Live.getLastVisitsDetails: the raw log's visits of the period, newest first, whatever
+        the archiver has processed; [] for none; an error when the visitor log is off."""
+        if self.visitor_log_off:
+            return {
+                "result": "error",
+                "message": "Visits log is deactivated globally. A user with super user access can "
+                "re-enable this in the General Settings.",
+            }
+        period, date = sub.get("period"), sub.get("date", "")
+        if period not in ("day", "range") or (period == "range") != ("," in date):
+            return {
+                "result": "error",
+                "message": f"The period '{period}' is not played here with date {date}",
+            }
+        limit = int(sub.get("filter_limit", 100))
+        visits = []
+        for day in reversed(days_of(date)):
+            for n in range(self.visits_on(site, day)):
+                if len(visits) == limit:
+                    return visits
+                visits.append(
+                    {
+                        "idSite": str(site),
+                        "idVisit": str(n + 1),
+                        "serverDate": day,
+                        "visitorType": "new",
+                        "actionDetails": [] if sub.get("doNotFetchActions") else [{"type": "action"}],
+                    }
+                )
+        return visits
 
 
 def days_of(date: str) -> list[str]:

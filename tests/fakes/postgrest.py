@@ -75,6 +75,8 @@ class FakePostgrest(FakeServer):
         return self._local.conn
 
     def kind(self, request: Request) -> str:
+        if request.path.startswith("/rest/v1/rpc/"):
+            return "rpc"
         return "upsert" if request.method == "POST" else "select"
 
     def handle_request_of(self, request: Request) -> Response:
@@ -83,6 +85,8 @@ class FakePostgrest(FakeServer):
         role = None
         try:
             role = self.role_for(request)
+            if request.path.startswith("/rest/v1/rpc/") and request.method == "POST":
+                return self.call(role, request.path[len("/rest/v1/rpc/") :], request)
             table = self.table_of(request.path)
             if request.method == "GET":
                 return self.select(role, table, request)
@@ -232,6 +236,37 @@ class FakePostgrest(FakeServer):
             ]
             terms.append(sql.SQL(" ").join([sql.Identifier(column), *map(sql.SQL, words)]))
         return sql.SQL(" order by ") + sql.SQL(", ").join(terms)
+
+    # -- functions ----------------------------------------------------------
+
+    def call(self, role: str, name: str, request: Request) -> Response:
+        """POST /rpc/NAME with the arguments as a JSON object: a function returning a set answers
+        its rows (capped at max-rows like any read), one returning a value answers that value."""
+        args = request.json() or {}
+        conn = self.connection()
+        found = conn.execute(
+            "select p.proretset from pg_proc p join pg_namespace n on n.oid = p.pronamespace "
+            "where n.nspname = 'public' and p.proname = %s",
+            [name],
+        ).fetchone()
+        if found is None:
+            raise GatewayError(
+                404,
+                "PGRST202",
+                f"Could not find the function public.{name}({', '.join(sorted(args))}) in the schema cache",
+            )
+        named = sql.SQL(", ").join(sql.SQL("{} => %s").format(sql.Identifier(arg)) for arg in args)
+        function = sql.SQL("{}({})").format(sql.Identifier("public", name), named)
+        if found[0]:
+            query = sql.SQL(
+                "select coalesce(json_agg(t), '[]'::json) from (select * from {} limit {}) t"
+            ).format(function, sql.Literal(self.max_rows))
+        else:
+            query = sql.SQL("select to_json({})").format(function)
+        with conn.transaction():
+            conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
+            value = conn.execute(query, list(args.values())).fetchone()[0]
+        return Response(200, value if isinstance(value, (dict, list)) else json.dumps(value))
 
     # -- writes -------------------------------------------------------------
 

@@ -1,0 +1,309 @@
+"""A table that heals itself: the nightly run refills what earlier nights left missing or
+provisional, gives new sites their history, and confirms Matomo's zeros."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from aggregator import gsc_oldest_day
+from conftest import DAY, TODAY, lines_with
+
+WINDOW_START = DAY - dt.timedelta(days=2)  # the nightly run's own three days
+
+
+def days_back(first: int, last: int = 1) -> list[dt.date]:
+    """The days from `first` to `last` days before the nightly window, oldest first."""
+    return [WINDOW_START - dt.timedelta(days=n) for n in range(first, last - 1, -1)]
+
+
+@pytest.fixture
+def healing(config):
+    """Healing as an operator has it: the default budgets."""
+    del config["HEAL_MATOMO_SITE_DAYS"], config["HEAL_GSC_QUERIES"]
+    return config
+
+
+def traffic(fleet, site, days, visits=10, clicks=3, impressions=30):
+    """What the stand-ins know of a site on these days."""
+    for day in days:
+        fleet.visits(site, visits, day=day)
+        fleet.search(site, clicks, impressions, day=day)
+
+
+def keep(fleet, site, days, matomo=True, gsc=True):
+    """Rows as earlier good nights left them: the stand-ins' numbers, final."""
+    for day in days:
+        values = {}
+        if matomo:
+            values.update(
+                matomo_visits=fleet.matomo.visits_on(site.matomo_id, day.isoformat()), matomo_final=True
+            )
+        if gsc:
+            clicks, impressions, ctr, position = fleet.google.search.get(
+                (site.property, day.isoformat()), (0, 0, 0.0, 0.0)
+            )
+            values.update(
+                gsc_clicks=clicks,
+                gsc_impressions=impressions,
+                gsc_ctr=ctr,
+                gsc_position=position,
+                gsc_final=True,
+            )
+        fleet.store(site, day, **values)
+
+
+def table(db, site) -> dict[dt.date, tuple]:
+    """{day: (visits, matomo_final, clicks, gsc_final)} of one site, as a user would select it."""
+    rows = db.execute(
+        "select date, matomo_visits, matomo_final, gsc_clicks, gsc_final from daily_analytics "
+        "where site_id = %s order by date",
+        [site.id],
+    ).fetchall()
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_one_nightly_run_fills_the_holes_of_an_outage_an_account_failure_and_a_missed_night(
+    healing, fleet, db, run_aggregator
+):
+    good, broken = fleet.account(), fleet.account()
+    sites = [fleet.site("shop.example.com", good), fleet.site("blog.example.org", broken)]
+    window = days_back(30)
+    for site in sites:
+        traffic(fleet, site, [*window, WINDOW_START, DAY - dt.timedelta(days=1), DAY])
+    matomo_down, account_failed, missed = days_back(12, 8), days_back(6, 3), days_back(2, 2)
+    for site in sites:
+        for day in window:
+            if day in missed:
+                continue
+            keep(
+                fleet,
+                site,
+                [day],
+                matomo=day not in matomo_down,
+                gsc=not (site is sites[1] and day in account_failed),
+            )
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr
+    for site in sites:
+        rows = table(fleet.db, site)
+        assert [day for day in window if rows.get(day) != (10, True, 3, True)] == [], site
+    healed = 2 * len(matomo_down) + 2 * len(missed)  # Matomo site-days
+    assert lines_with(
+        f"Healed {healed} Matomo and {len(account_failed) + 2 * len(missed)} Search Console", result.stderr
+    )
+    # each source was asked only for its holes: Matomo never for the days it had
+    asked = {date for body in fleet.matomo.bodies for _, date in body}
+    assert f"{matomo_down[0]},{matomo_down[-1]}" in asked and f"{missed[0]}" in asked
+
+
+def test_a_new_site_gets_its_history_and_no_zero_before_it_existed(
+    healing, fleet, db, matomo, run_aggregator
+):
+    old = fleet.site("old.example.com", fleet.account())
+    keep(fleet, old, days_back(40))
+    new = fleet.site("new.example.com", fleet.account())
+    created = TODAY - dt.timedelta(days=60)
+    matomo.created[new.matomo_id] = f"{created} 14:03:11"
+    oldest = gsc_oldest_day(TODAY)
+    traffic(fleet, new, [oldest, oldest + dt.timedelta(days=100), created, created + dt.timedelta(days=9)])
+
+    first, second = run_aggregator(), run_aggregator()
+
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    rows = table(db, new)
+    gsc_days = sorted(day for day, row in rows.items() if row[2] is not None)
+    matomo_days = sorted(day for day, row in rows.items() if row[0] is not None)
+    assert gsc_days[0] == oldest and rows[oldest][2:] == (3, True)
+    assert rows[oldest + dt.timedelta(days=100)][2:] == (3, True)
+    assert matomo_days[0] == created, "no Matomo value before the site was created"
+    assert rows[created][:2] == (10, True) and rows[created + dt.timedelta(days=1)][:2] == (0, True)
+    assert all(rows[day][0] is not None for day in matomo_days if day >= created)
+    assert len(matomo_days) == (DAY - created).days + 1
+    # the site with values gets its heal window, not years of history
+    assert min(table(db, old)) >= days_back(40)[0]
+
+
+def test_zeros_matomo_had_not_archived_are_provisional_and_replaced_once_it_has(
+    healing, fleet, db, matomo, run_aggregator
+):
+    site = fleet.site("shop.example.com")
+    keep(fleet, site, days_back(30, 9), gsc=False)
+    behind = days_back(8, 1) + [WINDOW_START, DAY - dt.timedelta(days=1), DAY]  # 11 days
+    for day in behind:
+        fleet.visits(site, 25, day=day)
+    matomo.not_archived.update(day.isoformat() for day in behind[-6:])  # the archiver is 6 days behind
+    quiet = days_back(8, 6)
+    for day in quiet:
+        fleet.visits(site, 0, day=day)  # really no visit: the raw log is empty too
+
+    behind_run = run_aggregator()
+
+    assert behind_run.returncode == 0, behind_run.stderr
+    rows = table(db, site)
+    assert [rows[day][:2] for day in behind[-6:]] == [(0, False)] * 6  # provisional, not final
+    assert [rows[day][:2] for day in quiet] == [(0, True)] * 3  # confirmed by the raw log
+    assert lines_with("not archived yet", behind_run.stderr)
+
+    matomo.not_archived.clear()  # core:archive caught up
+    caught_up = run_aggregator()
+
+    assert caught_up.returncode == 0, caught_up.stderr
+    rows = table(db, site)
+    assert [rows[day][:2] for day in behind[-6:]] == [(25, True)] * 6
+    assert not [day for day, row in rows.items() if row[1] is False]
+
+
+def test_a_budget_smaller_than_the_holes_heals_the_oldest_first_and_the_rest_next_night(
+    healing, fleet, db, run_aggregator
+):
+    healing["HEAL_MATOMO_SITE_DAYS"] = "10"
+    sites = [fleet.site("a.example.com"), fleet.site("b.example.com")]
+    window = days_back(30)
+    hole = days_back(20, 13)  # 8 days, both sites: 16 site-days
+    for site in sites:
+        traffic(fleet, site, window)
+        keep(fleet, site, [day for day in window if day not in hole], gsc=False)
+
+    first = run_aggregator()
+
+    assert first.returncode == 0, first.stderr
+    filled = sorted((day, site.id) for site in sites for day in hole if table(db, site).get(day))
+    assert filled == sorted([(day, sites[0].id) for day in hole] + [(day, sites[1].id) for day in hole[:2]])
+    assert lines_with(f"6 site-days of holes are left for the next nights (oldest {hole[2]})", first.stderr)
+
+    second = run_aggregator()
+
+    assert second.returncode == 0, second.stderr
+    assert all(table(db, site)[day][:2] == (10, True) for site in sites for day in hole)
+
+
+def test_status_shows_each_kind_of_cell_and_each_site_that_needs_a_person(
+    healing, fleet, db, matomo, run_aggregator
+):
+    good, revoked = fleet.account(), fleet.account(revoked=True)
+    newest = WINDOW_START - dt.timedelta(days=1)  # the newest day the heal window holds
+
+    def back(n: int) -> dt.date:
+        return newest - dt.timedelta(days=n)
+
+    shop = fleet.site("shop.example.com", good)
+    keep(fleet, shop, [back(n) for n in range(29, -1, -1) if n not in (4, 5)])
+    fleet.store(
+        shop, back(4), matomo_visits=0, matomo_final=False, gsc_clicks=2, gsc_impressions=9, gsc_final=False
+    )
+    reauthorize = fleet.site("blog.example.org", revoked)
+    no_property = fleet.site("docs.example.io", good, prop=None)
+    tracking_gone = fleet.site("gone.example.com", good)
+    for n in range(3):
+        fleet.store(tracking_gone, back(n), matomo_visits=0, matomo_final=True, gsc_clicks=5, gsc_final=True)
+    cliff = fleet.site("cliff.example.com", good)
+    for n in range(14):
+        fleet.store(cliff, back(n), matomo_visits=5 if n < 7 else 100, matomo_final=True)
+    # a run learns which sources cannot be asked, and when each site was created in Matomo
+    assert run_aggregator("--date", DAY.isoformat()).returncode == 3
+
+    shown = run_aggregator("status")
+    as_json = run_aggregator("status", "--json")
+    one = run_aggregator("status", "--site", "shop.example.com", "--json")
+
+    assert shown.returncode == as_json.returncode == one.returncode == 0, shown.stderr + as_json.stderr
+    report = json.loads(as_json.stdout)
+    needs = {(need["site_id"], need["source"], need["kind"]): need for need in report["needs_a_person"]}
+    assert set(needs) == {
+        (reauthorize.id, "gsc", "unavailable"),
+        (no_property.id, "gsc", "unavailable"),
+        (tracking_gone.id, "matomo", "tracking"),
+        (cliff.id, "matomo", "cliff"),
+    }
+    assert (
+        needs[(reauthorize.id, "gsc", "unavailable")]["fix"]
+        == f"python aggregator.py authorize --account {revoked.id}"
+    )
+    assert "add the domain's property" in needs[(no_property.id, "gsc", "unavailable")]["fix"]
+    assert "visits down from 700 to 35" in needs[(cliff.id, "matomo", "cliff")]["detail"]
+    shop_cells = json.loads(one.stdout)["coverage"]
+    assert shop_cells["matomo"]["window"] == {
+        "stored": 28,
+        "provisional": 1,
+        "missing": 1,
+        "not_available": 0,
+    }
+    assert shop_cells["gsc"]["window"] == {"stored": 28, "provisional": 1, "missing": 1, "not_available": 0}
+    assert shop_cells["matomo"]["oldest_hole"] == back(5).isoformat()
+    assert json.loads(one.stdout)["needs_a_person"] == []
+    # the fleet: the revoked account's and the propertyless site's Search Console days are not available
+    gsc = report["coverage"]["gsc"]["window"]
+    assert gsc["not_available"] >= 2 * 30 and gsc["provisional"] == 1
+    assert (
+        report["next_night"]["gsc"]["queries"] == 3
+    )  # shop, gone and cliff; not the two that cannot be asked
+    assert lines_with("Sites that need a person: 4", shown.stdout)
+    assert lines_with(f"site {reauthorize.id} (blog.example.org), Search Console", shown.stdout)
+    assert lines_with("Matomo, heal window", shown.stdout) and lines_with("Next night heals", shown.stdout)
+
+
+def test_where_the_visitor_log_is_off_a_zero_is_final_once_its_day_has_settled(
+    fleet, db, matomo, run_aggregator
+):
+    site = fleet.site("shop.example.com")
+    matomo.visitor_log_off = True
+    first = TODAY - dt.timedelta(days=10)
+
+    result = run_aggregator("--from", first.isoformat(), "--to", DAY.isoformat())
+
+    assert result.returncode == 0, result.stderr
+    rows = table(db, site)
+    settled = TODAY - dt.timedelta(days=7)  # MATOMO_SETTLE_DAYS
+    assert {day: row[:2] for day, row in rows.items()} == {
+        day: (0, day < settled)
+        for day in [first + dt.timedelta(days=n) for n in range((DAY - first).days + 1)]
+    }
+    assert lines_with("Visits log is deactivated globally", result.stderr)
+
+
+def test_a_heal_window_longer_than_search_console_keeps_asks_it_nothing_older(
+    healing, fleet, db, google, run_aggregator
+):
+    healing["HEAL_DAYS"] = "700"
+    site = fleet.site("shop.example.com", fleet.account())
+    keep(fleet, site, [DAY - dt.timedelta(days=600)])  # a site with values: its heal window, no history
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr
+    queried = [
+        request.json()["startDate"] for request in google.requests if "searchAnalytics" in request.path
+    ]
+    assert min(queried) == gsc_oldest_day(TODAY).isoformat()
+    rows = table(db, site)
+    assert min(
+        day for day, row in rows.items() if row[2] is not None and day != DAY - dt.timedelta(days=600)
+    ) == (gsc_oldest_day(TODAY))
+
+
+def test_a_site_deployed_again_has_the_days_it_was_away_healed(healing, fleet, db, run_aggregator):
+    site, other = fleet.site("shop.example.com"), fleet.site("other.example.com")
+    window = days_back(30)
+    traffic(fleet, site, window)
+    keep(fleet, site, window[:20], gsc=False)  # then it was undeployed for ten days
+    keep(fleet, other, window, gsc=False)
+    db.execute("update sites set status_deployment = 'pending' where id = %s", [site.id])
+    assert run_aggregator().returncode == 0 and not table(db, site).get(window[25])
+    db.execute("update sites set status_deployment = 'deployed' where id = %s", [site.id])
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr
+    assert [table(db, site)[day][:2] for day in window[20:]] == [(10, True)] * 10
+
+
+def test_a_day_before_2005_is_refused_with_the_reason(run_aggregator):
+    result = run_aggregator("--date", "1999-12-31")
+
+    assert result.returncode == 2
+    assert "1999-12-31 is before 2005" in result.stderr
