@@ -811,14 +811,6 @@ def stored_visits(
     return found
 
 
-def learned_sources(client: Supabase) -> dict[tuple[SiteId, str], dict]:
-    """{(site id, source): its site_sources row}: what earlier runs learnt of each site's sources."""
-    rows = fetch_all(
-        client, "site_sources", "site_id,source,source_key,available_from,unavailable", order="site_id,source"
-    )
-    return {(row["site_id"], row["source"]): row for row in rows}
-
-
 def store_learned_sources(client: Supabase, rows: list[dict]) -> None:
     for chunk in chunks(rows, PAGE_SIZE):
         request = client.table("site_sources").upsert(
@@ -885,6 +877,14 @@ def call_function(client: Supabase, name: str, arguments: Mapping[str, Any], kin
             f"{name} did not answer a JSON {kind.__name__}: SUPABASE_URL must be the project's API URL"
         )
     return answer.data
+
+
+def learned_sources(client: Supabase) -> dict[tuple[SiteId, str], dict]:
+    """{(site id, source): its site_sources row}: what earlier runs learnt of each site's sources."""
+    found = call_function(client, "site_sources_known", {}, list)
+    columns = ("site_id", "source", "source_key", "available_from", "unavailable")
+    rows = [dict(zip(columns, row)) for row in found if isinstance(row, list) and len(row) == len(columns)]
+    return {(row["site_id"], row["source"]): row for row in rows}
 
 
 def holes(client: Supabase, coverage: Coverage) -> list[Hole]:
@@ -2629,7 +2629,7 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
     slice, get Matomo's visits and Search Console's numbers, shape one row per site and day, and
     upsert them (storing earlier slices while the next is fetched)."""
     client = supabase_client(cfg)
-    sites, keys, days = fleet_to_fetch(client, asked)
+    sites, keys, days, learned = fleet_to_fetch(client, asked)
     gsc_days = [day for day in days if day >= gsc_oldest_day(asked.today)]
     sources = ["matomo", "gsc"] if gsc_days else ["matomo"]
     outcome.begin(sites, days, sources)
@@ -2657,11 +2657,15 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         )
         targets = query_targets(sites, accounts)
         progress.fetched("gsc", outcome.gsc.wanted - len(targets))  # nothing to ask for these
-        known = sources_known(client, cfg, asked, sites, matomo, matomo_ids, targets, outcome.gsc_accounts)
+        known = sources_known(learned, cfg, asked, sites, matomo, matomo_ids, targets, outcome.gsc_accounts)
         created = known.created if known else {}
         heals = bool(
             known and not asked.dry_run and remember_sources(client, known, hopeless) and asked.nightly
         )
+        # The holes end before tonight's days: they are read while the night is fetched.
+        coverage = Coverage.of(cfg, asked.today, days[0])
+        reader = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        holes_read = reader.submit(holes, client, coverage) if heals else None
         storing: deque[Future] = deque()
         for part in slices(sites, len(days), sites_per_request(cfg.matomo_bulk_size, len(days))):
             if deadline.passed():
@@ -2682,9 +2686,17 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             storing.append(side.submit(store_and_count, store, rows, outcome))
         for each in storing:
             each.result()
-        if heals:
+        if holes_read:
             fetchers = Fetchers(cfg, matomo, matomo_ids, settled, targets, gsc_pool, deadline)
-            heal(client, fetchers, asked, sites, days[0], functools.partial(store_and_count, store), outcome)
+            heal(
+                holes_read,
+                fetchers,
+                asked,
+                sites,
+                coverage,
+                functools.partial(store_and_count, store),
+                outcome,
+            )
     if outcome.gsc_provisional:
         log.info(
             "Search Console: %d values are provisional (the day is not final yet): stored with "
@@ -2703,7 +2715,7 @@ class SourcesKnown:
 
 
 def sources_known(
-    client: Supabase,
+    learned: dict[tuple[SiteId, str], dict] | SupabaseError,
     cfg: Config,
     asked: Asked,
     sites: list[Site],
@@ -2715,11 +2727,9 @@ def sources_known(
     """What earlier runs learnt of the sites' sources (site_sources), brought up to date: the
     creation day of each site new to Matomo (or with another Matomo id: asked only when Matomo
     is healed, the one use of older days), and why Search Console cannot be asked for a site
-    tonight. None if site_sources cannot be read: nothing is healed."""
-    try:
-        learned = learned_sources(client)
-    except SupabaseError as error:
-        log.error("%s; the holes of earlier nights are not healed this run", error)
+    tonight. None if site_sources could not be read: nothing is healed."""
+    if isinstance(learned, SupabaseError):
+        log.error("%s; the holes of earlier nights are not healed this run", learned)
         return None
     rows = matomo_rows(sites, matomo, matomo_ids, learned, asked.today) if cfg.heal_matomo_site_days else []
     rows += gsc_rows(sites, targets, account_states, learned, asked.today)
@@ -2853,20 +2863,19 @@ class Fetchers:
 
 
 def heal(
-    client: Supabase,
+    holes_read: Future,
     fetchers: Fetchers,
     asked: Asked,
     sites: list[Site],
-    window_end: dt.date,
+    coverage: Coverage,
     store: Callable[[list[dict], Outcome], None],
     outcome: Outcome,
 ) -> None:
     """The nightly run's second part: the holes of earlier nights (and new sites' history), oldest
     first within the budgets, each source asked only for its own holes."""
     cfg = fetchers.cfg
-    coverage = Coverage.of(cfg, asked.today, window_end)
     try:
-        found = holes(client, coverage)
+        found = holes_read.result()
     except SupabaseError as error:
         log.error("%s; the holes of earlier nights are not healed this run", error)
         return
@@ -2984,15 +2993,22 @@ def healed(
 
 def fleet_to_fetch(
     client: Supabase, asked: Asked
-) -> tuple[list[Site], dict[AccountId, AccountKey], list[dt.date]]:
-    """The deployed sites to fetch, every account's credential, and the days: those asked for,
-    reaching back, in the nightly run, to the oldest day still provisional."""
-    with ThreadPoolExecutor(max_workers=2) as side:
+) -> tuple[list[Site], dict[AccountId, AccountKey], list[dt.date], dict | SupabaseError]:
+    """The deployed sites to fetch, every account's credential, the days (those asked for,
+    reaching back, in the nightly run, to the oldest day still provisional), and what earlier
+    runs learnt of the sites' sources (or why it could not be read), read side by side."""
+    with ThreadPoolExecutor(max_workers=3) as side:
         sites_read = side.submit(deployed_sites, client)
         provisional_read = side.submit(oldest_provisional_day, client, asked.today) if asked.nightly else None
+        learned_read = side.submit(learned_sources, client)
         keys = account_keys(client)
         sites = sites_read.result()
         provisional_since = provisional_read.result() if provisional_read else None
+        learned: dict | SupabaseError
+        try:
+            learned = learned_read.result()
+        except SupabaseError as error:
+            learned = error
     secret_filter.add(*secrets_of(keys.values()))
     if not sites:
         raise SupabaseError(NO_SITES)
@@ -3005,7 +3021,7 @@ def fleet_to_fetch(
     if asked.only_domains:
         sites = sites_with_domains(sites, asked.only_domains)
     log.info("Aggregating %s to %s for %d deployed sites", days[0], days[-1], len(sites))
-    return sites, keys, days
+    return sites, keys, days, learned
 
 
 def slice_rows(

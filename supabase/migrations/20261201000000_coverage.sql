@@ -45,6 +45,18 @@ create table if not exists public.site_sources (
 );
 alter table public.site_sources enable row level security;
 
+-- What the job reads of site_sources before each run, in one answer whatever the fleet's size
+-- (PostgREST pages a table's rows at max-rows, one round trip each).
+create or replace function public.site_sources_known()
+returns jsonb
+language sql stable
+set search_path = public
+as $$
+    select coalesce(jsonb_agg(jsonb_build_array(site_id, source, source_key, available_from, unavailable)),
+                    '[]'::jsonb)
+    from site_sources
+$$;
+
 -- History is for a site that has no value of the source yet (a new site, or a source newly set
 -- on it): a site with values gets its holes healed within the heal window, not years of them.
 create or replace function public.site_sources_history() returns trigger
