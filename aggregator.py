@@ -10,7 +10,8 @@ A value that could not be fetched never replaces a stored one.
     python aggregator.py --from 2026-10-01 --to 2026-10-31   # a backfill
 
 Exit status: 0 all fetched and stored; 1 nothing could be done (configuration,
-Supabase); 2 usage error; 3 finished, but some values are missing (see the log).
+Supabase); 2 usage error; 3 finished, but some values are missing that a later run fetches
+by itself; 4 a person must fix something (named in the last line).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from urllib3.util.retry import Retry  # noqa: E402
 
 log = logging.getLogger("aggregator")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_PERSON = 0, 1, 2, 3, 4
 
 # Search Console publishes a day's data after about two days, and keeps revising the last
 # few: the nightly run refreshes a short window that ends two days ago.
@@ -501,15 +502,19 @@ def bound_every_exchange(seconds: float) -> None:
 
 
 class Once:
-    """Says yes to the first caller only: one log line for a failure that every thread meets."""
+    """Says yes to the first caller only: one log line for a failure that every thread meets;
+    `why` keeps what the first one said."""
 
     def __init__(self) -> None:
         self.happened = False
+        self.why = ""
         self._lock = threading.Lock()
 
-    def first(self) -> bool:
+    def first(self, why: str = "") -> bool:
         with self._lock:
             first, self.happened = not self.happened, True
+            if first:
+                self.why = why
             return first
 
 
@@ -1387,7 +1392,7 @@ def merged(answers: Iterable[dict[int, dict[dt.date, int]]]) -> dict[int, dict[d
 
 def matomo_broken(matomo: MatomoClient, why: str) -> dict[int, dict[dt.date, int]]:
     """The token or the URL is wrong: said once, and no further request is sent."""
-    if matomo.broken.first():
+    if matomo.broken.first(why):
         log.error("%s", why)
     return {}
 
@@ -2078,12 +2083,14 @@ def connected_accounts(
 
 
 def query_targets(
-    sites: Iterable[Site], accounts: Mapping[AccountId, GscAccount]
+    sites: Iterable[Site], accounts: Mapping[AccountId, GscAccount], skipped: dict[SiteId, str] | None = None
 ) -> dict[SiteId, tuple[GscAccount, str]]:
-    """{site id: (account, property)} for the sites whose account holds a property for their domain.
+    """{site id: (account, property)} for the sites whose account holds a property for their domain;
+    `skipped` gets why each other site of a connected account is not asked (a person must act).
 
     Two deployed sites with one domain would both get its numbers: the first (lowest id) does.
     """
+    skipped = {} if skipped is None else skipped
     targets: dict[SiteId, tuple[GscAccount, str]] = {}
     owner_of: dict[str, SiteId] = {}
     for site in sorted(sites, key=lambda s: s.id):
@@ -2093,10 +2100,15 @@ def query_targets(
         domain = normalised_domain(site.domain)
         site_url = property_for_domain(domain, account.properties) if domain else None
         if domain is None:
+            skipped[site.id] = "its domain is not a bare domain like example.com: correct sites.domain"
             log.warning(
                 "Site %s: domain %r is not a bare domain like example.com; GSC skipped", site.id, site.domain
             )
         elif site_url is None:
+            skipped[site.id] = (
+                f"account {account.id} has no Search Console property for {domain}: add the property to the "
+                "account, or set sites.gsc_account_id to the account that has it"
+            )
             log.warning(
                 "Site %s: account %s has no verified Search Console property for %s "
                 "(looked for sc-domain:%s and https/http URL prefixes)%s",
@@ -2109,6 +2121,10 @@ def query_targets(
                 else "",
             )
         elif property_key(site_url) in owner_of:
+            skipped[site.id] = (
+                f"site {owner_of[property_key(site_url)]} has the same domain ({domain}) and gets its numbers: "
+                "set status_deployment of the duplicate to something other than deployed"
+            )
             log.warning(
                 "Site %s: site %s has the same domain (%s): only site %s gets its Search Console numbers; "
                 "set status_deployment of the duplicate to something other than deployed",
@@ -2501,10 +2517,9 @@ def store_rows(
                 half = len(chunk) // 2
                 return store(chunk[:half], code) + store(chunk[half:], code)
             if kind in ("key", "schema", "everywhere"):
-                if hopeless.first():
-                    log.error(
-                        "%s; no further upsert is tried", describe_supabase_error(error, "storing rows")
-                    )
+                said = describe_supabase_error(error, "storing rows")
+                if hopeless.first(said):
+                    log.error("%s; no further upsert is tried", said)
                 return 0
             what = (
                 f"site {chunk[0]['site_id']}, {chunk[0]['date']}"
@@ -2556,6 +2571,7 @@ class Outcome:
     not_stored: int = 0
     gsc_accounts: dict = field(default_factory=dict)  # account id -> "connected" or why not
     healed: Counter = field(default_factory=Counter)  # site-days of earlier nights filled, per source
+    person: dict = field(default_factory=dict)  # what a person must fix -> the sites it costs
     done: int = 0  # sites whose slice was fetched
     lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -2581,6 +2597,10 @@ class Outcome:
         for source in sources:
             self.sources()[source].missing_sites += [s.id for s in sites if wants(s, source)]
 
+    def must_act(self, why: str, site_ids: Iterable[SiteId] = ()) -> None:
+        """Something no later run can fix by itself: a credential, a property, the schema."""
+        self.person.setdefault(why, []).extend(site_ids)
+
     def summary(self) -> str:
         return (
             f"Processed {self.sites} sites. Fetched Matomo data for {self.matomo.fetched}. "
@@ -2588,6 +2608,8 @@ class Outcome:
         )
 
     def exit_status(self) -> int:
+        if self.person:
+            return EXIT_PERSON
         if self.not_stored and not self.stored:
             return EXIT_FAILED
         complete = all(count.fetched == count.wanted for count in self.sources().values())
@@ -2606,6 +2628,7 @@ class Outcome:
                 "accounts": {str(account_id): state for account_id, state in self.gsc_accounts.items()},
             },
             "records": {"stored": self.stored, "not_stored": self.not_stored},
+            "needs_a_person": [{"problem": why, "sites": sorted(ids)} for why, ids in self.person.items()],
             "problems": problems,
             "seconds": round(seconds, 3),
             "exit_status": status,
@@ -2630,6 +2653,7 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
     upsert them (storing earlier slices while the next is fetched)."""
     client = supabase_client(cfg)
     sites, keys, days, learned = fleet_to_fetch(client, asked)
+    skipped: dict[SiteId, str] = {}  # why Search Console is not asked for a site of a connected account
     gsc_days = [day for day in days if day >= gsc_oldest_day(asked.today)]
     sources = ["matomo", "gsc"] if gsc_days else ["matomo"]
     outcome.begin(sites, days, sources)
@@ -2655,12 +2679,16 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         accounts = (
             connected_accounts(cfg, sites, keys, gsc_pool, states=outcome.gsc_accounts) if gsc_days else {}
         )
-        targets = query_targets(sites, accounts)
+        targets = query_targets(sites, accounts, skipped)
         progress.fetched("gsc", outcome.gsc.wanted - len(targets))  # nothing to ask for these
-        known = sources_known(learned, cfg, asked, sites, matomo, matomo_ids, targets, outcome.gsc_accounts)
+        known = sources_known(learned, cfg, asked, sites, matomo, matomo_ids, skipped, outcome.gsc_accounts)
         created = known.created if known else {}
         heals = bool(
-            known and not asked.dry_run and remember_sources(client, known, hopeless) and asked.nightly
+            known
+            and not asked.dry_run
+            and remember_sources(client, known, hopeless)
+            and asked.nightly
+            and (cfg.heal_matomo_site_days or cfg.heal_gsc_queries)
         )
         # The holes end before tonight's days: they are read while the night is fetched.
         coverage = Coverage.of(cfg, asked.today, days[0])
@@ -2686,6 +2714,7 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             storing.append(side.submit(store_and_count, store, rows, outcome))
         for each in storing:
             each.result()
+        what_needs_a_person(outcome, sites, matomo, matomo_ids, skipped, hopeless)
         if holes_read:
             fetchers = Fetchers(cfg, matomo, matomo_ids, settled, targets, gsc_pool, deadline)
             heal(
@@ -2706,6 +2735,27 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
     return outcome
 
 
+def what_needs_a_person(
+    outcome: Outcome,
+    sites: list[Site],
+    matomo: MatomoClient,
+    matomo_ids: Mapping[SiteId, int],
+    skipped: Mapping[SiteId, str],
+    hopeless: Once,
+) -> None:
+    """The run's problems that another night cannot fix: each with the sites it costs."""
+    if matomo.broken.happened:
+        outcome.must_act(matomo.broken.why, [site.id for site in sites if site.id in matomo_ids])
+    for account_id, state in outcome.gsc_accounts.items():
+        if state != "connected" and account_needs_person(state):
+            why = state if isinstance(state, SharedProblem) else f"GSC account {account_id}: {state}"
+            outcome.must_act(why, [site.id for site in sites if site.gsc_account_id == account_id])
+    for site_id, why in skipped.items():
+        outcome.must_act(f"Site {site_id}: {why}", [site_id])
+    if hopeless.happened:
+        outcome.must_act(hopeless.why)
+
+
 @dataclass(frozen=True)
 class SourcesKnown:
     """What the run knows of each site's sources beyond the sites table."""
@@ -2721,7 +2771,7 @@ def sources_known(
     sites: list[Site],
     matomo: MatomoClient,
     matomo_ids: Mapping[SiteId, int],
-    targets: Mapping[SiteId, tuple[GscAccount, str]],
+    skipped: Mapping[SiteId, str],
     account_states: Mapping[AccountId, str],
 ) -> SourcesKnown | None:
     """What earlier runs learnt of the sites' sources (site_sources), brought up to date: the
@@ -2732,7 +2782,7 @@ def sources_known(
         log.error("%s; the holes of earlier nights are not healed this run", learned)
         return None
     rows = matomo_rows(sites, matomo, matomo_ids, learned, asked.today) if cfg.heal_matomo_site_days else []
-    rows += gsc_rows(sites, targets, account_states, learned, asked.today)
+    rows += gsc_rows(sites, skipped, account_states, learned, asked.today)
     for row in rows:
         learned[(row["site_id"], row["source"])] = row
     created = {
@@ -2754,10 +2804,9 @@ def remember_sources(client: Supabase, known: SourcesKnown, hopeless: Once) -> b
         store_learned_sources(client, known.rows)
     except (APIError, httpx.HTTPError) as error:
         if supabase_error_kind(error) in ("key", "schema", "everywhere"):
-            if hopeless.first():
-                log.error(
-                    "%s; no further upsert is tried", describe_supabase_error(error, "storing site_sources")
-                )
+            said = describe_supabase_error(error, "storing site_sources")
+            if hopeless.first(said):
+                log.error("%s; no further upsert is tried", said)
         else:
             log.error(
                 "%s; the holes of earlier nights are not healed this run",
@@ -2808,7 +2857,7 @@ def matomo_rows(
 
 def gsc_rows(
     sites: list[Site],
-    targets: Mapping[SiteId, tuple[GscAccount, str]],
+    skipped: Mapping[SiteId, str],
     account_states: Mapping[AccountId, str],
     learned: Mapping[tuple[SiteId, str], dict],
     today: dt.date,
@@ -2820,7 +2869,7 @@ def gsc_rows(
         if site.gsc_account_id is None:
             continue
         was = learned.get((site.id, "gsc"))
-        key, why = str(site.gsc_account_id), gsc_unavailable(site, targets, account_states)
+        key, why = str(site.gsc_account_id), gsc_unavailable(site, skipped, account_states)
         if was and was["source_key"] == key and was["unavailable"] == why:
             continue
         rows.append(
@@ -2838,15 +2887,21 @@ def gsc_rows(
 
 
 def gsc_unavailable(
-    site: Site, targets: Mapping[SiteId, tuple[GscAccount, str]], account_states: Mapping[AccountId, str]
+    site: Site, skipped: Mapping[SiteId, str], account_states: Mapping[AccountId, str]
 ) -> str | None:
     """Why Search Console cannot be asked for a site tonight (a person must act), or None."""
-    if site.id in targets:
-        return None
     state = account_states.get(site.gsc_account_id) if site.gsc_account_id is not None else None
-    if state and state != "connected":
+    if state and state != "connected" and account_needs_person(state):
         return f"account {site.gsc_account_id}: {state}"
-    return f"account {site.gsc_account_id} has no Search Console property for {site.domain}"
+    return skipped.get(site.id)
+
+
+def account_needs_person(state: str) -> bool:
+    """Whether an account's failure to connect needs a person (a credential, the client, the API
+    switched off), not only another night (the token endpoint down, a timeout)."""
+    return isinstance(state, SharedProblem) or any(
+        fix in state for fix in ("authorize", "enable it", "fix the clock", "cannot be used")
+    )
 
 
 @dataclass(frozen=True)
@@ -2886,7 +2941,7 @@ def heal(
     }
     expiring = gsc_oldest_day(asked.today) + dt.timedelta(days=30)
     plan = heal_plan(found, askable, coverage.window_from, expiring, cfg)
-    say_heal_plan(plan, found, expiring)
+    say_heal_plan(plan, [hole for hole in found if hole.site_id in askable[hole.source]], expiring)
     by_id = {site.id: site for site in sites}
     matomo_done = None
     if plan.matomo:
@@ -3790,7 +3845,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="aggregator.py",
         allow_abbrev=False,
         description="Store Matomo and Search Console numbers for every deployed site, one row per site and day.",
-        epilog="Exit status: 0 ok, 1 nothing could be done, 2 usage error, 3 some values missing. "
+        epilog="Exit status: 0 ok, 1 nothing could be done, 2 usage error, 3 some values missing (a later "
+        "run fetches them), 4 a person must fix something. "
         "`aggregator.py COMMAND --help` tells more.",
     )
     add_common_options(parser, None)
@@ -3940,11 +3996,20 @@ def finished(
     if args.json:
         say(json.dumps(report, default=str))
     rerun = rerun_command(outcome)
+    act = ""
+    if outcome.person:
+        first, more = next(iter(outcome.person)), len(outcome.person) - 1
+        act = (
+            f" A person must act: {first}"
+            + (f" (and {more} more, above and in --json)" if more else "")
+            + "."
+        )
     log.log(
         logging.INFO if status == EXIT_OK else logging.WARNING,
-        "Exit status %d after %.1f s.%s",
+        "Exit status %d after %.1f s.%s%s",
         status,
         time.monotonic() - started,
+        act,
         f" To fetch what is missing: {rerun}" if rerun else "",
     )
     return status
@@ -3952,7 +4017,10 @@ def finished(
 
 def rerun_command(outcome: Outcome) -> str | None:
     """The command that re-runs just what is missing, or None when nothing is."""
-    missing = sorted({site_id for count in outcome.sources().values() for site_id in count.missing_sites})
+    person = {site_id for site_ids in outcome.person.values() for site_id in site_ids}
+    missing = sorted(
+        {site_id for count in outcome.sources().values() for site_id in count.missing_sites} - person
+    )
     if not outcome.days or not (missing or outcome.not_stored or outcome.matomo_zeros_kept):
         return None
     first, last = outcome.days[0].isoformat(), outcome.days[-1].isoformat()

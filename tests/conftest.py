@@ -91,9 +91,13 @@ def without_conflict_key(db):
     db.execute("alter table daily_analytics add primary key (date, site_id)")
 
 
-def lines_with(text: str, output: str) -> list[str]:
-    """The lines of a run's output that contain `text`."""
-    return [line for line in output.splitlines() if text in line]
+VERDICT = re.compile(r" Exit status \d+ after ")
+
+
+def lines_with(text: str, output: str, verdict: bool = False) -> list[str]:
+    """The lines of a run's output that contain `text`; the verdict (the last line, which names
+    again what a person must fix) only when asked for."""
+    return [line for line in output.splitlines() if text in line and (verdict or not VERDICT.search(line))]
 
 
 def shown_on_a_terminal(launch, *args: str) -> str:

@@ -69,7 +69,9 @@ def main() -> int:
                 "$ python aggregator.py            # the nightly run, against local stand-ins\n", flush=True
             )
             done = subprocess.run([sys.executable, str(ROOT / "aggregator.py"), "--env-file", str(env_file)])
-            print(f"\nexit status {done.returncode} (3: new.example.net has no Search Console property)\n")
+            print(
+                f"\nexit status {done.returncode} (4: a person must act: new.example.net has no Search Console property)\n"
+            )
             cursor = conn.execute(
                 "select a.date, s.domain, a.matomo_visits, a.gsc_clicks, a.gsc_impressions, "
                 "round(a.gsc_ctr::numeric, 3), a.gsc_position from daily_analytics a "

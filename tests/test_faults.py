@@ -106,13 +106,13 @@ def test_an_html_page_says_matomo_url_is_probably_wrong(fleet, db, matomo, confi
 
     result = run_aggregator()
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     assert (
         result.summary
         == "Processed 3 sites. Fetched Matomo data for 0. Fetched GSC data for 3. Stored 7 records."
     )  # 3 sites x 2 final days, and the provisional DAY of the one site with search traffic
     assert (stored(db)[sites[0].id]["matomo_visits"], stored(db)[sites[0].id]["gsc_clicks"]) == (40, 2)
-    assert len(lines_with("MATOMO_URL is probably wrong", result.stderr)) == 1
+    assert len(lines_with("MATOMO_URL is probably wrong", result.stderr)) == 1  # and the verdict again
     # the first chunk and the API.getMatomoVersion probe, twice (a wrong URL needs proof); the other
     # chunks would fail the same way
     assert matomo.count() == 3
@@ -126,7 +126,7 @@ def test_a_rejected_matomo_token_is_one_clear_line(fleet, db, matomo, config, ru
 
     result = run_aggregator(log_level="INFO")
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     assert (
         result.summary
         == "Processed 5 sites. Fetched Matomo data for 0. Fetched GSC data for 0. Stored 0 records."
@@ -241,7 +241,7 @@ def test_a_missing_unique_constraint_names_the_migration(
 
     result = run_aggregator()
 
-    assert result.returncode == 1
+    assert result.returncode == 4
     line = lines_with("no unique or exclusion constraint", result.stderr)[0]
     assert "apply every file of supabase/migrations/" in line
     assert gateway.count(lambda r: r.method == "POST" and r.path == "/rest/v1/daily_analytics") == 1
@@ -462,7 +462,7 @@ def test_bad_rows_are_skipped_for_their_source_with_one_warning_each(
 
     result = run_aggregator()
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     assert (
         result.summary
         == "Processed 8 sites. Fetched Matomo data for 6. Fetched GSC data for 3. Stored 18 records."

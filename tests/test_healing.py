@@ -205,7 +205,7 @@ def test_status_shows_each_kind_of_cell_and_each_site_that_needs_a_person(
     for n in range(14):
         fleet.store(cliff, back(n), matomo_visits=5 if n < 7 else 100, matomo_final=True)
     # a run learns which sources cannot be asked, and when each site was created in Matomo
-    assert run_aggregator("--date", DAY.isoformat()).returncode == 3
+    assert run_aggregator("--date", DAY.isoformat()).returncode == 4
 
     shown = run_aggregator("status")
     as_json = run_aggregator("status", "--json")

@@ -122,7 +122,7 @@ def test_failed_sources_never_overwrite_stored_values(fleet, db, matomo, run_agg
 
     result = run_aggregator()
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     assert result.summary == (
         "Processed 3 sites. Fetched Matomo data for 2. Fetched GSC data for 2. Stored 9 records."
     )
@@ -174,7 +174,7 @@ def test_a_revoked_refresh_token_costs_only_that_accounts_gsc_values(fleet, db, 
 
     result = run_aggregator()
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     assert result.summary == (
         "Processed 2 sites. Fetched Matomo data for 2. Fetched GSC data for 1. Stored 6 records."
     )

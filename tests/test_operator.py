@@ -230,7 +230,7 @@ def test_the_demo_runs_the_real_aggregator_and_prints_the_table(database):
     )
 
     assert demo.returncode == 0, demo.stderr[-2000:]
-    assert "exit status 3" in demo.stdout
+    assert "exit status 4" in demo.stdout
     assert (
         "Processed 5 sites. Fetched Matomo data for 5. Fetched GSC data for 3. Stored 39 records."
         in demo.stderr
@@ -334,3 +334,27 @@ def test_json_holds_the_same_problems_whatever_the_log_level(fleet, db, matomo, 
     problems = [json.loads(r.stdout)["problems"] for r in (quiet, loud)]
     assert problems[0] == problems[1] and any("Archiving failed" in p for p in problems[0])
     assert "Archiving failed" not in quiet.stderr  # the log itself still shows only ERROR
+
+
+def test_exit_4_names_what_a_person_must_fix_and_the_rerun_only_what_a_rerun_can(
+    fleet, matomo, run_aggregator
+):
+    account = fleet.account()
+    flaky = fleet.site("shop.example.com", account)
+    no_property = fleet.site("docs.example.io", account, prop=None)
+    matomo.error_slots[flaky.matomo_id] = "Archiving failed: General error"  # another night fetches it
+
+    result = run_aggregator("--date", DAY.isoformat(), "--json")
+
+    assert result.returncode == 4, result.stderr
+    verdict = result.stderr.strip().splitlines()[-1]
+    problem = (
+        f"Site {no_property.id}: account {account.id} has no Search Console property for docs.example.io"
+    )
+    assert f"A person must act: {problem}" in verdict
+    assert verdict.endswith(
+        f"To fetch what is missing: python aggregator.py --date {DAY} --site shop.example.com"
+    )
+    report = json.loads(result.stdout)
+    assert [need["sites"] for need in report["needs_a_person"]] == [[no_property.id]]
+    assert report["needs_a_person"][0]["problem"].startswith(problem)

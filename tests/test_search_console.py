@@ -101,7 +101,7 @@ def test_a_cloud_project_without_the_search_console_api_is_one_error_naming_it(
 
     result = run_aggregator()
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     assert [row["matomo_visits"] for row in stored(db).values()] == [4, 4, 4]
     named = lines_with("Search Console API", result.stderr)
     assert len(named) == 1 and "enable" in named[0].lower(), result.stderr[-3000:]

@@ -17,8 +17,8 @@ def test_a_token_endpoint_that_echoes_the_refresh_token_leaks_it_through_no_door
     result = run_aggregator("--json")
     checked = run_aggregator("check", "--json")
 
-    assert result.returncode == 3 and checked.returncode == 1
-    assert '"exit_status": 3' in result.stdout and "re-authorize" in result.stdout
+    assert result.returncode == 4 and checked.returncode == 1
+    assert '"exit_status": 4' in result.stdout and "re-authorize" in result.stdout
     recorded = db.execute("select summary::text from aggregator_runs").fetchone()[0]
     assert "re-authorize" in recorded
     assert_no_secret(recorded, google)

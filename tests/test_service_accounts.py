@@ -48,7 +48,7 @@ def test_a_wrong_key_costs_its_account_only_and_names_the_fix(fleet, db, run_agg
 
     result = run_aggregator("--date", FINAL_DAY.isoformat())
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     (warning,) = lines_with(f"GSC account {wrong.id}:", result.stderr)
     assert f"Google refused service account {wrong.refresh_token}: its key was deleted" in warning
     assert f"authorize --service-account KEY.json --account {wrong.id}" in warning
@@ -78,7 +78,7 @@ def test_a_property_not_shared_with_the_service_account_says_whom_to_add(fleet, 
 
     result = run_aggregator("--date", FINAL_DAY.isoformat())
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     (warning,) = lines_with(f"Site {unshared.id}:", result.stderr)
     assert f"add {robot.refresh_token} as a user of the property in Search Console" in warning
     assert stored(db, FINAL_DAY)[unshared.id]["gsc_clicks"] == 7
@@ -97,7 +97,7 @@ def test_search_console_refuses_a_property_the_service_account_was_not_added_to(
 
     result = run_aggregator("--date", FINAL_DAY.isoformat())
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     assert stored(db, FINAL_DAY)[site.id]["gsc_clicks"] == 8
 
 
@@ -231,7 +231,7 @@ def test_a_key_whose_private_key_cannot_be_read_is_one_line_naming_authorize(
 
     result = run_aggregator()
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     assert stored(db)[site.id]["matomo_visits"] == 3
     named = lines_with(f"account {robot.id}", result.stderr)
     assert len([line for line in named if " WARNING " in line]) == 1
@@ -259,7 +259,7 @@ def test_each_refusal_of_a_service_account_names_its_own_fix(refusal, fix, fleet
 
     result = run_aggregator()
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     (warning,) = lines_with(f"GSC account {robot.id}:", result.stderr)
     assert fix in warning, warning
     assert "create a new JSON key" not in warning

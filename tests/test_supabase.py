@@ -57,7 +57,7 @@ def test_an_error_every_row_meets_is_one_line_and_few_requests(
 
     result = run_aggregator()
 
-    assert result.returncode == 1
+    assert result.returncode == 4
     assert upserts(gateway) <= 3 * 9
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line and "not stored" not in line]
     assert len(errors) == 1, "\n".join(errors)

@@ -399,7 +399,7 @@ def test_a_wrong_client_secret_is_one_error_naming_the_variable(fleet, db, googl
 
     result = run_aggregator()
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     assert stored(db)[sites[0].id]["matomo_visits"] == 2
     assert len(lines_with("GOOGLE_CLIENT_SECRET", result.stderr)) == 1
     assert not lines_with("next run will retry", result.stderr)
@@ -413,7 +413,7 @@ def test_a_refresh_token_of_another_oauth_client_says_reauthorize(fleet, db, goo
 
     result = run_aggregator()
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     (line,) = lines_with(f"GSC account {account.id}", result.stderr)
     assert "another OAuth client" in line and f"authorize --account {account.id}" in line
     assert stored(db)[site.id]["gsc_clicks"] is None
@@ -453,7 +453,7 @@ def test_permission_levels_are_compared_as_the_discovery_document_spells_them(
 
     result = run_aggregator()
 
-    assert result.returncode == 3
+    assert result.returncode == 4
     assert lines_with("no verified Search Console property for example.com", result.stderr)
     assert google.count("/searchAnalytics/query") == 0
     assert gsc_state(db, site)[:2] == (3, 30)
