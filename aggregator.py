@@ -135,6 +135,9 @@ class Config:
     upsert_workers: int = number(6)  # upsert requests in flight
     # Under cron, a progress line this often (seconds), so that a long run does not look stuck.
     progress_every: int = number(60, at_least=0)
+    # A monitoring check's ping URL (healthchecks.io, Cronitor): pinged with /start, then with the
+    # exit status (/0 is success), so that a night that fails, or never ends, is heard of.
+    healthcheck_url: str = field(default="", metadata=URL)
     # Healing: besides its window, the nightly run fills the holes of the last HEAL_DAYS days
     # (and a new site's history), at most this much per night (0: that source is not healed).
     heal_days: int = number(30)
@@ -148,7 +151,11 @@ class Config:
     matomo_settle_days: int = number(7)
 
     def secrets(self) -> tuple[str, ...]:
-        return (self.supabase_service_role_key, self.matomo_token_auth, self.google_client_secret)
+        # A ping URL lets anyone report on the check: it is kept out of the log like a key, and
+        # its path too (urllib3 logs the path of each request without the host).
+        url = self.healthcheck_url.rstrip("/")
+        ping = (url, urlsplit(url).path) if url and len(urlsplit(url).path) >= 16 else (url,) if url else ()
+        return (self.supabase_service_role_key, self.matomo_token_auth, self.google_client_secret, *ping)
 
 
 def default_env_file() -> Path:
@@ -198,7 +205,7 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
 
 
 # What .env.example holds where the operator's own values go.
-PLACEHOLDER = re.compile(r"replace-with-|your-project-ref|//matomo\.example\.com")
+PLACEHOLDER = re.compile(r"replace-with-|your-project-ref|your-check-uuid|//matomo\.example\.com")
 SETTING_PREFIXES = (
     "SUPABASE_",
     "MATOMO_",
@@ -210,6 +217,7 @@ SETTING_PREFIXES = (
     "PROGRESS_",
     "HEAL_",
     "HISTORY_",
+    "HEALTHCHECK_",
 )
 
 
@@ -393,16 +401,31 @@ def say(*lines: str) -> None:
     print(redacted("\n".join(lines)), flush=True)
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, log_file: Path | None = None) -> None:
+    """The log on stderr at `level`; with `log_file`, also appended there at INFO (or `level`, if
+    lower): under cron, stderr (mailed) can then say only what needs a person."""
     handler = LogLines(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    for each in (handler, problems):
+    handlers: list[logging.Handler] = [handler, problems]
+    file_level = min(logging.getLevelName(level), logging.INFO)
+    if log_file:
+        try:
+            handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        except OSError as error:
+            raise UsageError(
+                f"--log-file {log_file}: {error.strerror}: give a file this user may write"
+            ) from None
+        handlers[-1].setLevel(file_level)
+    for each in handlers:
         each.addFilter(secret_filter)
+        if each is not problems:
+            each.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler, problems]
+    root.handlers[:] = handlers
     # The log shows `level`; the --json summary keeps every warning whatever `level` is.
     handler.setLevel(level)
-    root.setLevel(min(logging.getLevelName(level), logging.WARNING))
+    root.setLevel(
+        min(logging.getLevelName(level), logging.WARNING, file_level if log_file else logging.WARNING)
+    )
     if level != "DEBUG":
         # These log one INFO line per request: thousands of lines a night.
         for noisy in ("httpx", "googleapiclient.discovery", "google_auth_httplib2"):
@@ -3767,7 +3790,7 @@ COMMANDS = {
     "the next night heals, and the sites that need a person",
 }
 # Options every command takes, before or after its name.
-COMMON_OPTIONS = ("--env-file", "--log-level")
+COMMON_OPTIONS = ("--env-file", "--log-level", "--log-file")
 
 
 def with_default_command(argv: list[str]) -> list[str]:
@@ -3801,6 +3824,14 @@ def add_common_options(parser: argparse.ArgumentParser, default: Any) -> None:
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="how much to log, e.g. --log-level DEBUG (default INFO)",
+    )
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        default=default if default is argparse.SUPPRESS else None,
+        metavar="PATH",
+        help="also append the log to this file, at INFO whatever --log-level says (under cron: "
+        "--log-level WARNING --log-file ... mails only what needs a person and keeps the rest)",
     )
 
 
@@ -3916,7 +3947,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         if args.env_file and not args.env_file.is_file():
             raise UsageError(f"--env-file {args.env_file}: no such file")
-        setup_logging(args.log_level)
+        setup_logging(args.log_level, args.log_file)
         today = dt.date.today()
         days = target_days(today, args.date, args.start, args.end, args.lookback)
     except UsageError as error:
@@ -3934,6 +3965,8 @@ def main(argv: list[str] | None = None) -> int:
         secret_filter.add(*cfg.secrets())
         bound_every_exchange(cfg.http_timeout)
         deadline.at = time.monotonic() + cfg.run_deadline
+        if args.command == "run" and not args.dry_run:
+            ping(cfg, "start")
         status = command(cfg, args, today, deadline, outcome)
     except (ConfigError, SupabaseError) as error:
         log.error("%s", error)
@@ -4004,15 +4037,29 @@ def finished(
             + (f" (and {more} more, above and in --json)" if more else "")
             + "."
         )
-    log.log(
-        logging.INFO if status == EXIT_OK else logging.WARNING,
-        "Exit status %d after %.1f s.%s%s",
-        status,
-        time.monotonic() - started,
-        act,
-        f" To fetch what is missing: {rerun}" if rerun else "",
+    verdict = f"Exit status {status} after {time.monotonic() - started:.1f} s.{act}" + (
+        f" To fetch what is missing: {rerun}" if rerun else ""
     )
+    log.log(logging.INFO if status == EXIT_OK else logging.WARNING, "%s", verdict)
+    if cfg and not args.dry_run:
+        ping(cfg, str(status), f"{outcome.summary()}\n{verdict}")
     return status
+
+
+def ping(cfg: Config, what: str, body: str = "") -> None:
+    """Tells the monitoring check (HEALTHCHECK_URL) that the run started, or how it ended (its exit
+    status; the summary and verdict as the body, which healthchecks.io shows). Bounded by
+    HTTP_TIMEOUT; a ping that fails is a warning, never the run's failure."""
+    if not cfg.healthcheck_url:
+        return
+    try:
+        requests.post(
+            f"{cfg.healthcheck_url.rstrip('/')}/{what}",
+            data=redacted(body).encode(),
+            timeout=cfg.http_timeout,
+        ).raise_for_status()
+    except requests.RequestException as error:
+        log.warning("HEALTHCHECK_URL could not be pinged (%s); the run is not affected", redacted(str(error)))
 
 
 def rerun_command(outcome: Outcome) -> str | None:
