@@ -3198,8 +3198,9 @@ def print_rows(rows: list[dict]) -> tuple[int, int]:
     return 0, 0
 
 
-def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict) -> None:
-    """One row in aggregator_runs for dashboards; a failure here is a warning, not a failed run."""
+def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict) -> str | None:
+    """One row in aggregator_runs for dashboards and `accounts`; None, or what kept it from
+    being written (supabase_error_kind's word)."""
     row = {
         "started_at": started_at.isoformat(),
         "date_from": document["from"],
@@ -3216,7 +3217,9 @@ def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict
         row = redacted(row)
         supabase_client(cfg).table("aggregator_runs").insert(row, returning=ReturnMethod.minimal).execute()
     except (APIError, httpx.HTTPError) as error:
-        log.warning("%s; this run is not recorded", describe_supabase_error(error, "recording the run"))
+        log.error("%s; this run is not recorded", describe_supabase_error(error, "recording the run"))
+        return supabase_error_kind(error)
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -3269,7 +3272,21 @@ def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[AccountI
     key = conflict_key_exists(client)
     if key:
         found["lines"].append("Supabase: daily_analytics has its (date, site_id) key")
-    found["supabase"] = {"reachable": True, "sites": len(sites), "accounts": len(keys), "key": key}
+    schema = schema_is_complete(client)
+    if schema:
+        found["lines"].append("Supabase: every table, column and function the run uses is there")
+    found["supabase"] = {
+        "reachable": True,
+        "sites": len(sites),
+        "accounts": len(keys),
+        "key": key,
+        "schema": schema,
+    }
+    if sites and all(site.matomo_site_id is None and site.gsc_account_id is None for site in sites):
+        log.error(
+            "No deployed site has a matomo_site_id or a gsc_account_id: a run would fetch nothing. Set them "
+            "in the sites table (matomo_site_id: the site's id in Matomo; gsc_account_id: a gsc_accounts id)"
+        )
     for site in sites:
         missing = [name for name in ("matomo_site_id", "gsc_account_id") if getattr(site, name) is None]
         if missing:
@@ -3330,6 +3347,38 @@ def client_for_check(cfg: Config) -> None:
             log.error("Google's token endpoint (GOOGLE_TOKEN_URI) failed: %s", error)
     except Exception as error:  # noqa: BLE001 - unreachable, or not a token endpoint at all
         log.error("Google's token endpoint (GOOGLE_TOKEN_URI) cannot be reached: %s", error)
+
+
+# Every table and column a run reads or writes, and a function of the newest migration.
+SCHEMA = {
+    "sites": "id,domain,status_deployment,matomo_site_id,gsc_account_id",
+    "gsc_accounts": "id,label,oauth_refresh_token,service_account_key",
+    "daily_analytics": "date,site_id,matomo_visits,matomo_final,gsc_clicks,gsc_impressions,gsc_ctr,gsc_position,"
+    "gsc_final,updated_at",
+    "aggregator_runs": "started_at,finished_at,date_from,date_to,sites,matomo_fetched,gsc_fetched,records_stored,"
+    "records_not_stored,exit_status,summary",
+    "site_sources": "site_id,source,source_key,available_from,history_from,unavailable,checked_at",
+}
+
+
+def schema_is_complete(client: Supabase) -> bool:
+    """Whether every table, column and function the run uses exists, found by reading no row:
+    one error line for each that is missing."""
+    complete = True
+    for table, columns in SCHEMA.items():
+        try:
+            with_retries(client.table(table).select(columns).limit(0).execute, client.attempts)
+        except (APIError, httpx.HTTPError) as error:
+            log.error("%s", describe_supabase_error(error, f"reading {table} ({columns})"))
+            complete = False
+    today = dt.date.today()
+    nobody = Coverage(today, today, today, None, site=-1)  # no site: the function runs, reads nothing
+    try:
+        call_function(client, "analytics_holes", nobody.arguments(), list)
+    except SupabaseError as error:
+        log.error("%s", error)
+        complete = False
+    return complete
 
 
 def conflict_key_exists(client: Supabase) -> bool:
@@ -4025,7 +4074,15 @@ def finished(
     seconds = time.monotonic() - started
     report = outcome.report(outcome.days, status, seconds, problems.lines)
     if cfg and not args.dry_run:
-        record_run(cfg, dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds), status, report)
+        failed = record_run(
+            cfg, dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds), status, report
+        )
+        if failed and status in (EXIT_OK, EXIT_PARTIAL):
+            # A run that leaves no record is not a clean one: dashboards and `accounts` miss it.
+            if failed in ("key", "schema", "everywhere"):
+                outcome.must_act(f"aggregator_runs cannot be written: apply {MIGRATION}")
+            status = outcome.exit_status() if outcome.person else EXIT_PARTIAL
+            report = outcome.report(outcome.days, status, seconds, problems.lines)
     if args.json:
         say(json.dumps(report, default=str))
     rerun = rerun_command(outcome)

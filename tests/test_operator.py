@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ANON_KEY, DAY, ROOT, shown_on_a_terminal, stored
+from conftest import ANON_KEY, DAY, ROOT, lines_with, shown_on_a_terminal, stored
 
 
 def test_site_restricts_the_run_and_leaves_the_others_untouched(fleet, db, run_aggregator):
@@ -358,3 +358,64 @@ def test_exit_4_names_what_a_person_must_fix_and_the_rerun_only_what_a_rerun_can
     report = json.loads(result.stdout)
     assert [need["sites"] for need in report["needs_a_person"]] == [[no_property.id]]
     assert report["needs_a_person"][0]["problem"].startswith(problem)
+
+
+# ---------------------------------------------------------------------------
+# check sees every table, column and function a run uses; a run that cannot record itself
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "break_it, named",
+    [
+        ("alter table aggregator_runs rename to aggregator_runs_gone", "aggregator_runs"),
+        ("alter table daily_analytics rename column gsc_final to gsc_final_gone", "gsc_final"),
+        ("alter table daily_analytics rename column matomo_final to matomo_final_gone", "matomo_final"),
+        ("alter table site_sources rename to site_sources_gone", "site_sources"),
+        ("alter function analytics_holes rename to analytics_holes_gone", "analytics_holes"),
+    ],
+)
+def test_check_names_every_missing_table_column_and_function(break_it, named, fleet, db, run_aggregator):
+    fleet.visits(fleet.site("shop.example.com"), 1)
+    undo = {
+        "aggregator_runs": "alter table aggregator_runs_gone rename to aggregator_runs",
+        "gsc_final": "alter table daily_analytics rename column gsc_final_gone to gsc_final",
+        "matomo_final": "alter table daily_analytics rename column matomo_final_gone to matomo_final",
+        "site_sources": "alter table site_sources_gone rename to site_sources",
+        "analytics_holes": "alter function analytics_holes_gone rename to analytics_holes",
+    }[named]
+    db.execute(break_it)
+    try:
+        result = run_aggregator("check")
+    finally:
+        db.execute(undo)
+
+    assert result.returncode == 1, result.stdout
+    problems = [line for line in result.stdout.splitlines() if line.startswith("Problem:")]
+    assert any(named in line and "apply every file of supabase/migrations/" in line for line in problems), (
+        problems
+    )
+    assert "All good." not in result.stdout
+
+
+def test_check_says_a_fleet_with_no_source_configured_is_a_problem(fleet, run_aggregator):
+    fleet.site("shop.example.com", matomo=False)
+
+    result = run_aggregator("check")
+
+    assert result.returncode == 1
+    assert "No deployed site has a matomo_site_id or a gsc_account_id" in result.stdout
+
+
+def test_a_run_that_cannot_record_itself_is_not_exit_0(fleet, db, run_aggregator):
+    fleet.visits(fleet.site("shop.example.com"), 1)
+    db.execute("alter table aggregator_runs rename to aggregator_runs_gone")
+    try:
+        result = run_aggregator("--date", DAY.isoformat())
+    finally:
+        db.execute("alter table aggregator_runs_gone rename to aggregator_runs")
+
+    assert result.returncode == 4
+    (verdict,) = lines_with("Exit status 4", result.stderr, verdict=True)
+    assert "aggregator_runs cannot be written: apply every file of supabase/migrations/" in verdict
+    assert stored(db)  # the numbers themselves were stored
