@@ -221,6 +221,17 @@ SETTING_PREFIXES = (
 )
 
 
+# Names other tools use for our settings: a closest spelling would point elsewhere (SUPABASE_KEY
+# is closest to SUPABASE_URL).
+SETTING_ALIASES = {
+    "SUPABASE_KEY": "SUPABASE_SERVICE_ROLE_KEY",
+    "SUPABASE_SERVICE_KEY": "SUPABASE_SERVICE_ROLE_KEY",
+    "SUPABASE_ANON_KEY": "SUPABASE_SERVICE_ROLE_KEY",
+    "MATOMO_TOKEN": "MATOMO_TOKEN_AUTH",
+    "MATOMO_API_TOKEN": "MATOMO_TOKEN_AUTH",
+}
+
+
 def warn_of_unknown_settings(env_file: Path) -> None:
     """A typo (GSC_QMP for GSC_QPM) would otherwise leave the default in force without a word."""
     known = [f.name.upper() for f in fields(Config)]
@@ -229,7 +240,8 @@ def warn_of_unknown_settings(env_file: Path) -> None:
     except (OSError, UnicodeDecodeError):
         return  # load_dotenv has said what is wrong with the file
     for name in names:
-        guess = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
+        alias = SETTING_ALIASES.get(name.upper())
+        guess = [alias] if alias else difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
         if name not in known and (guess or name.upper().startswith(SETTING_PREFIXES)):
             hint = f"did you mean {guess[0]}? " if guess else ""
             log.warning("%s in %s is not a setting of aggregator.py (%sit is ignored)", name, env_file, hint)
@@ -368,6 +380,15 @@ class Progress:
 progress = Progress()
 
 
+class LogFormat(logging.Formatter):
+    """Timestamps with milliseconds and the UTC offset: a log read on another machine, or across
+    a daylight-saving change, says when each line happened."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        moment = dt.datetime.fromtimestamp(record.created).astimezone()
+        return moment.isoformat(sep=" ", timespec="milliseconds")
+
+
 class LogLines(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         with progress.lock:
@@ -418,7 +439,7 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
     for each in handlers:
         each.addFilter(secret_filter)
         if each is not problems:
-            each.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            each.setFormatter(LogFormat("%(asctime)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = handlers
     # The log shows `level`; the --json summary keeps every warning whatever `level` is.
@@ -541,6 +562,10 @@ class Once:
             return first
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -591,6 +616,9 @@ def target_days(
 ) -> list[dt.date]:
     """The inclusive list of days to aggregate, validated."""
     latest = today - dt.timedelta(days=DEFAULT_LAG_DAYS)
+    for option, value in (("--date", date), ("--from", start), ("--to", end)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{option} is empty (an empty shell variable?): give a day as YYYY-MM-DD")
     if date and (start or end):
         raise UsageError("use either --date or --from/--to, not both")
     if end and not start:
@@ -2626,8 +2654,8 @@ class Outcome:
 
     def summary(self) -> str:
         return (
-            f"Processed {self.sites} sites. Fetched Matomo data for {self.matomo.fetched}. "
-            f"Fetched GSC data for {self.gsc.fetched}. Stored {self.stored} records."
+            f"Processed {plural(self.sites, 'site')}. Fetched Matomo data for {self.matomo.fetched}. "
+            f"Fetched GSC data for {self.gsc.fetched}. Stored {plural(self.stored, 'record')}."
         )
 
     def exit_status(self) -> int:
@@ -3920,6 +3948,12 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     )
 
 
+def account_id_option(text: str) -> str:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"--account takes a gsc_accounts id (a number), got {text!r}")
+    return text.strip()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(
         prog="aggregator.py",
@@ -3946,6 +3980,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parsers["authorize"].add_argument(
         "--account",
         metavar="ID",
+        type=account_id_option,
         help="replace the credential of this gsc_accounts row instead of adding one",
     )
     parsers["authorize"].add_argument(

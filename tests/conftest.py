@@ -323,7 +323,7 @@ def fleet(db, matomo, google) -> Fleet:
 
 SECRETS = (SERVICE_KEY, MATOMO_TOKEN, CLIENT_SECRET)
 SUMMARY = re.compile(
-    r"Processed \d+ sites\. Fetched Matomo data for \d+\. Fetched GSC data for \d+\. Stored \d+ records\."
+    r"Processed \d+ sites?\. Fetched Matomo data for \d+\. Fetched GSC data for \d+\. Stored \d+ records?\."
 )
 
 

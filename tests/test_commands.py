@@ -167,7 +167,10 @@ def test_on_a_terminal_log_lines_are_not_glued_to_the_progress_line(fleet, matom
     shown = shown_on_a_terminal(launch, "--date", DAY.isoformat())
 
     warnings = [
-        m.start() for m in re.finditer(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ WARNING Matomo site id", shown)
+        m.start()
+        for m in re.finditer(
+            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+[+-]\d\d:\d\d WARNING Matomo site id", shown
+        )
     ]
     assert warnings, shown
     for start in warnings:
@@ -204,7 +207,7 @@ def test_the_run_command_can_be_named_or_left_out(fleet, db, run_aggregator):
     assert (
         named.summary
         == implied.summary
-        == ("Processed 1 sites. Fetched Matomo data for 1. Fetched GSC data for 0. Stored 1 records.")
+        == ("Processed 1 site. Fetched Matomo data for 1. Fetched GSC data for 0. Stored 1 record.")
     )
 
 
@@ -262,7 +265,7 @@ def test_authorize_shows_and_stores_which_google_account_it_was(
     ]
 
 
-@pytest.mark.parametrize("account", ["999", "abc"])
+@pytest.mark.parametrize("account", ["999"])
 def test_authorize_checks_the_account_before_the_browser_round_trip(account, db, google, run_aggregator):
     result = run_aggregator("authorize", "--account", account, answer="")
 

@@ -66,7 +66,7 @@ def test_the_cron_line_is_silent_on_a_clean_night_and_mails_a_night_that_needs_a
 
     assert (status, mailed) == (0, "")
     log = (tmp_path / "analytics-aggregator.log").read_text()
-    assert "Processed 1 sites" in log and "Exit status 0" in log
+    assert "Processed 1 site" in log and "Exit status 0" in log
 
     config["MATOMO_TOKEN_AUTH"] = "wrong-token-0123456789abcdef"
     status, mailed = cron()
@@ -74,7 +74,7 @@ def test_the_cron_line_is_silent_on_a_clean_night_and_mails_a_night_that_needs_a
     assert status == 4
     assert lines_with("MATOMO_TOKEN_AUTH", mailed) and lines_with("Exit status 4", mailed, verdict=True)
     assert "INFO" not in mailed
-    assert (tmp_path / "analytics-aggregator.log").read_text().count("Processed 1 sites") == 2
+    assert (tmp_path / "analytics-aggregator.log").read_text().count("Processed 1 site") == 2
 
 
 def test_the_cron_line_says_a_skipped_night(cron, tmp_path, fleet):
@@ -112,7 +112,7 @@ def test_a_monitoring_check_is_pinged_at_the_start_and_with_the_exit_status(
 
     assert (clean.returncode, missing.returncode) == (0, 3)
     assert [what for what, _ in healthchecks.pings] == ["start", "0", "start", "3"]
-    assert "Processed 1 sites" in healthchecks.pings[1][1] and "Exit status 3" in healthchecks.pings[3][1]
+    assert "Processed 1 site" in healthchecks.pings[1][1] and "Exit status 3" in healthchecks.pings[3][1]
     assert UUID not in clean.output + missing.output  # the ping URL is kept out of the log
 
 

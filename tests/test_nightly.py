@@ -193,7 +193,7 @@ def test_sites_without_a_source_are_not_errors(fleet, db, run_aggregator):
     assert result.returncode == 0
     assert (
         result.summary
-        == "Processed 1 sites. Fetched Matomo data for 0. Fetched GSC data for 0. Stored 0 records."
+        == "Processed 1 site. Fetched Matomo data for 0. Fetched GSC data for 0. Stored 0 records."
     )
     assert site.id not in stored(db)
 

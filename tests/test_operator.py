@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ANON_KEY, DAY, ROOT, lines_with, shown_on_a_terminal, stored
+from conftest import ANON_KEY, DAY, lines_with, shown_on_a_terminal, stored
 
 
 def test_site_restricts_the_run_and_leaves_the_others_untouched(fleet, db, run_aggregator):
@@ -23,7 +23,7 @@ def test_site_restricts_the_run_and_leaves_the_others_untouched(fleet, db, run_a
     result = run_aggregator("--site", "https://WWW.Chosen.example.com/")
 
     assert result.returncode == 0
-    assert result.summary.startswith("Processed 1 sites.")
+    assert result.summary.startswith("Processed 1 site.")
     assert stored(db)[chosen.id]["matomo_visits"] == 5
     assert stored(db)[other.id]["matomo_visits"] == 70
 
@@ -137,6 +137,7 @@ def test_check_reports_a_healthy_setup_and_writes_nothing(fleet, db, run_aggrega
     assert result.stdout.splitlines() == [
         "Supabase: 2 deployed sites, 1 Search Console accounts",
         "Supabase: daily_analytics has its (date, site_id) key",
+        "Supabase: every table, column and function the run uses is there",
         "Matomo 5.4.0: answered for 1 of the 1 sites with a Matomo id",
         f"Search Console account {account.id}: refresh token; connected",
         "Search Console: 1 of 1 accounts connected; 1 sites matched to a property",
@@ -301,28 +302,6 @@ def test_the_last_line_is_a_verdict_with_the_command_that_fetches_what_is_missin
     assert last.endswith(f"python aggregator.py --date {DAY.isoformat()} --site broken.example.com")
 
 
-def test_a_night_skipped_for_the_lock_leaves_a_line_in_the_log(tmp_path):
-    line = next(row for row in (ROOT / "crontab.example").read_text().splitlines() if row[:1].isdigit())
-    command = " ".join(line.split()[5:]).replace("\\%", "%")  # as cron hands it to sh
-    log_file, lock = tmp_path / "aggregator.log", tmp_path / "aggregator.lock"
-    command = (
-        command.replace("cd /opt/analytics-aggregator", f"cd {tmp_path}")
-        .replace("/var/log/analytics-aggregator.log", str(log_file))
-        .replace("/tmp/analytics-aggregator.lock", str(lock))
-    )
-    holder = subprocess.Popen(["flock", str(lock), "sleep", "30"])  # last night's run, still going
-    try:
-        for _ in range(100):
-            if subprocess.run(["flock", "-n", str(lock), "true"]).returncode:
-                break
-            time.sleep(0.05)
-        subprocess.run(["sh", "-c", command], timeout=30, check=False)
-    finally:
-        holder.kill()
-    (entry,) = log_file.read_text().splitlines()
-    assert "night skipped: the previous run still holds" in entry
-
-
 def test_json_holds_the_same_problems_whatever_the_log_level(fleet, db, matomo, run_aggregator):
     fine, broken = fleet.site("fine.example.com"), fleet.site("broken.example.com")
     fleet.visits(fine, 2)
@@ -419,3 +398,46 @@ def test_a_run_that_cannot_record_itself_is_not_exit_0(fleet, db, run_aggregator
     (verdict,) = lines_with("Exit status 4", result.stderr, verdict=True)
     assert "aggregator_runs cannot be written: apply every file of supabase/migrations/" in verdict
     assert stored(db)  # the numbers themselves were stored
+
+
+# ---------------------------------------------------------------------------
+# Smaller things an operator meets
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["--date", ""], ["--from", ""], ["--from", "2026-11-01", "--to", " "]])
+def test_an_empty_date_option_is_a_usage_error_not_the_nightly_run(args, db, run_aggregator):
+    result = run_aggregator(*args)
+
+    assert result.returncode == 2
+    assert "is empty (an empty shell variable?)" in result.stderr
+    assert db.execute("select count(*) from aggregator_runs").fetchone() == (0,)
+
+
+def test_supabase_key_is_taken_for_the_service_role_key(config, fleet, run_aggregator):
+    fleet.site("shop.example.com")
+    config["SUPABASE_KEY"] = "sb_secret_pasted_under_another_name"
+
+    result = run_aggregator("--date", DAY.isoformat())
+
+    assert lines_with("SUPABASE_KEY in", result.stderr)
+    assert "did you mean SUPABASE_SERVICE_ROLE_KEY?" in result.stderr
+
+
+def test_an_account_id_that_is_not_a_number_is_a_usage_error(run_aggregator):
+    result = run_aggregator("authorize", "--account", "abc")
+
+    assert result.returncode == 2
+    assert "--account takes a gsc_accounts id (a number), got 'abc'" in result.stderr
+
+
+def test_log_lines_say_their_utc_offset_and_one_site_is_one_site(fleet, run_aggregator):
+    fleet.visits(fleet.site("shop.example.com"), 1)
+
+    result = run_aggregator("--date", DAY.isoformat())
+
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (DEBUG|INFO) ", result.stderr)
+    assert (
+        result.summary
+        == "Processed 1 site. Fetched Matomo data for 1. Fetched GSC data for 0. Stored 1 record."
+    )
