@@ -51,20 +51,36 @@ from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit
 # night, into the cron log; the README states which Pythons are supported.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"google(\.|$)")
 
-import google_auth_httplib2  # noqa: E402 - after the filter above
-import httplib2  # noqa: E402
-import httpx  # noqa: E402
-import requests  # noqa: E402
-from dotenv import dotenv_values, load_dotenv  # noqa: E402
-from google.auth.exceptions import RefreshError  # noqa: E402
-from google.oauth2.credentials import Credentials  # noqa: E402
-from googleapiclient.discovery import build  # noqa: E402
-from googleapiclient.errors import HttpError  # noqa: E402
-from postgrest.exceptions import APIError  # noqa: E402
-from postgrest.types import CountMethod, ReturnMethod  # noqa: E402
-from requests.adapters import HTTPAdapter  # noqa: E402
-from supabase import Client, ClientOptions, create_client  # noqa: E402
-from urllib3.util.retry import Retry  # noqa: E402
+try:
+    import google_auth_httplib2  # noqa: E402 - after the filter above
+    import httplib2  # noqa: E402
+    import httpx  # noqa: E402
+    import requests  # noqa: E402
+    from dotenv import dotenv_values, load_dotenv  # noqa: E402
+    from google.auth.exceptions import RefreshError  # noqa: E402
+    from google.oauth2.credentials import Credentials  # noqa: E402
+    from googleapiclient.discovery import build  # noqa: E402
+    from googleapiclient.errors import HttpError  # noqa: E402
+    from postgrest.exceptions import APIError  # noqa: E402
+    from postgrest.types import CountMethod, ReturnMethod  # noqa: E402
+    from requests.adapters import HTTPAdapter  # noqa: E402
+    from supabase import Client, ClientOptions, create_client  # noqa: E402
+    from urllib3.util.retry import Retry  # noqa: E402
+except ImportError as missing:  # started by a Python without the dependencies (outside the venv)
+    if __name__ != "__main__":
+        raise
+    venv = Path(__file__).resolve().parent / ".venv" / "bin" / "python"
+    sys.exit(
+        f"aggregator.py: error: {missing.name or missing} is not installed for {sys.executable}: run "
+        + (
+            f"{venv} {sys.argv[0]}"
+            if venv.exists()
+            else f"{sys.executable} -m pip install -r requirements.txt"
+        )
+        + " (the README's first command sets up .venv)"
+    )
+
+__version__ = "1.1.0"
 
 log = logging.getLogger("aggregator")
 
@@ -159,7 +175,10 @@ class Config:
 
 
 def default_env_file() -> Path:
-    return Path(__file__).resolve().parent / ".env"
+    """.env beside the script; for the installed command (whose script lives among the packages),
+    .env in the directory it runs in."""
+    beside = Path(__file__).resolve().parent / ".env"
+    return beside if beside.exists() or (beside.parent / "requirements.txt").exists() else Path.cwd() / ".env"
 
 
 def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Config:
@@ -3245,7 +3264,7 @@ def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict
         row = redacted(row)
         supabase_client(cfg).table("aggregator_runs").insert(row, returning=ReturnMethod.minimal).execute()
     except (APIError, httpx.HTTPError) as error:
-        log.error("%s; this run is not recorded", describe_supabase_error(error, "recording the run"))
+        log.warning("%s; this run is not recorded", describe_supabase_error(error, "recording the run"))
         return supabase_error_kind(error)
     return None
 
@@ -3875,7 +3894,7 @@ def with_default_command(argv: list[str]) -> list[str]:
     position = 0
     while position < len(argv):
         token = argv[position]
-        if token in ("-h", "--help") or token in COMMANDS:
+        if token in ("-h", "--help", "--version") or token in COMMANDS:
             return argv
         if token in COMMON_OPTIONS:
             position += 2
@@ -3964,6 +3983,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "`aggregator.py COMMAND --help` tells more.",
     )
     add_common_options(parser, None)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     common = OneLineParser(add_help=False)
     add_common_options(common, argparse.SUPPRESS)  # the values given before the command stand

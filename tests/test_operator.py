@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ANON_KEY, DAY, lines_with, shown_on_a_terminal, stored
+from conftest import ANON_KEY, DAY, ROOT, lines_with, shown_on_a_terminal, stored
 
 
 def test_site_restricts_the_run_and_leaves_the_others_untouched(fleet, db, run_aggregator):
@@ -441,3 +443,52 @@ def test_log_lines_say_their_utc_offset_and_one_site_is_one_site(fleet, run_aggr
         result.summary
         == "Processed 1 site. Fetched Matomo data for 1. Fetched GSC data for 0. Stored 1 record."
     )
+
+
+# ---------------------------------------------------------------------------
+# It installs like a command-line tool
+# ---------------------------------------------------------------------------
+
+
+def test_a_python_without_the_dependencies_says_what_to_run_instead():
+    # -S: no site-packages, as the system's python3 started outside the venv
+    done = subprocess.run([sys.executable, "-S", str(ROOT / "aggregator.py")], capture_output=True, text=True)
+
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "is not installed for" in done.stderr and "the README's first command sets up .venv" in done.stderr
+
+
+def test_pip_install_gives_the_analytics_aggregator_command(tmp_path):
+    source, target = tmp_path / "clone", tmp_path / "installed"
+    source.mkdir()  # pip builds in the source tree: a copy keeps the checkout clean
+    for name in ("aggregator.py", "pyproject.toml", "requirements.txt", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    pip = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pip.returncode == 0, pip.stderr[-2000:]
+
+    done = subprocess.run(
+        [str(target / "bin" / "analytics-aggregator"), "--version"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(target)},
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"aggregator\.py \d+\.\d+\.\d+\n", done.stdout)
+    assert os.access(ROOT / "aggregator.py", os.X_OK)  # ./aggregator.py runs too
