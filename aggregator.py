@@ -3245,7 +3245,9 @@ def print_rows(rows: list[dict]) -> tuple[int, int]:
     return 0, 0
 
 
-def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict) -> str | None:
+def record_run(
+    cfg: Config, started_at: dt.datetime, status: int, document: dict, kind: str = "nightly"
+) -> str | None:
     """One row in aggregator_runs for dashboards and `accounts`; None, or what kept it from
     being written (supabase_error_kind's word)."""
     row = {
@@ -3259,6 +3261,8 @@ def record_run(cfg: Config, started_at: dt.datetime, status: int, document: dict
         "records_not_stored": document["records"]["not_stored"],
         "exit_status": status,
         "summary": document,
+        "kind": kind,
+        "arguments": " ".join(sys.argv[1:]),
     }
     try:  # a row that leaves the process: through the secret filter, like everything else
         row = redacted(row)
@@ -3403,7 +3407,7 @@ SCHEMA = {
     "daily_analytics": "date,site_id,matomo_visits,matomo_final,gsc_clicks,gsc_impressions,gsc_ctr,gsc_position,"
     "gsc_final,updated_at",
     "aggregator_runs": "started_at,finished_at,date_from,date_to,sites,matomo_fetched,gsc_fetched,records_stored,"
-    "records_not_stored,exit_status,summary",
+    "records_not_stored,exit_status,summary,kind,arguments",
     "site_sources": "site_id,source,source_key,available_from,history_from,unavailable,checked_at",
 }
 
@@ -4129,9 +4133,9 @@ def finished(
     seconds = time.monotonic() - started
     report = outcome.report(outcome.days, status, seconds, problems.lines)
     if cfg and not args.dry_run:
-        failed = record_run(
-            cfg, dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds), status, report
-        )
+        kind = "one site" if args.site else "backfill" if args.date or args.start else "nightly"
+        started_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
+        failed = record_run(cfg, started_at, status, report, kind)
         if failed and status in (EXIT_OK, EXIT_PARTIAL):
             # A run that leaves no record is not a clean one: dashboards and `accounts` miss it.
             if failed in ("key", "schema", "everywhere"):
