@@ -131,6 +131,9 @@ class Config:
     google_client_id: str
     google_client_secret: str
     google_token_uri: str = field(default="https://oauth2.googleapis.com/token", metadata=URL)
+    # The sites.status_deployment value of the sites to aggregate (an existing sites table may
+    # call them 'live' or 'active').
+    deployed_status: str = "deployed"
     gsc_api_endpoint: str = field(default="https://searchconsole.googleapis.com/", metadata=URL)
     # Tuning. The concurrency defaults were chosen with bench/bench.py (README: "Performance").
     http_timeout: int = number(60)  # seconds, for every single network call
@@ -237,6 +240,7 @@ SETTING_PREFIXES = (
     "HEAL_",
     "HISTORY_",
     "HEALTHCHECK_",
+    "DEPLOYED_",
 )
 
 
@@ -711,7 +715,7 @@ def supabase_client(cfg: Config) -> Supabase:
         options.postgrest_client_retry = False
     client = create_client(cfg.supabase_url, cfg.supabase_service_role_key, options)
     client.postgrest  # noqa: B018 - built now, before the threads that read in parallel
-    return Supabase(client, cfg.http_retries + 1)
+    return Supabase(client, cfg.http_retries + 1, cfg.deployed_status)
 
 
 @dataclass(frozen=True)
@@ -720,6 +724,7 @@ class Supabase:
 
     client: Client
     attempts: int
+    deployed: str = "deployed"  # DEPLOYED_STATUS
 
     def table(self, name: str) -> Any:
         return self.client.table(name)
@@ -767,7 +772,8 @@ def fetch_all(
 # What an empty answer most likely means: row level security hides every row from any key but
 # the service role's, and the anon and publishable keys look alike in .env.
 NO_SITES = (
-    "Supabase returned no deployed site. If the sites table has rows with status_deployment 'deployed', "
+    "Supabase returned no deployed site. If the sites table has rows with status_deployment 'deployed' "
+    "(DEPLOYED_STATUS), "
     "SUPABASE_SERVICE_ROLE_KEY is probably the anon or publishable key, to which row level security shows "
     "no row: use the service_role key (Project Settings > API)"
 )
@@ -793,7 +799,7 @@ def deployed_sites(client: Supabase) -> list[Site]:
         client,
         "sites",
         "id,domain,matomo_site_id,gsc_account_id",
-        lambda query: query.eq("status_deployment", "deployed"),
+        lambda query: query.eq("status_deployment", client.deployed),
     )
     return [Site(r["id"], r["domain"], r["matomo_site_id"], r["gsc_account_id"]) for r in rows]
 
@@ -918,6 +924,7 @@ class Coverage:
     gsc_from: dt.date
     history_from: dt.date | None
     site: SiteId | None = None
+    deployed: str = "deployed"  # DEPLOYED_STATUS
 
     @classmethod
     def of(cls, cfg: Config, today: dt.date, window_end: dt.date, site: SiteId | None = None) -> Coverage:
@@ -929,6 +936,7 @@ class Coverage:
             gsc_oldest_day(today),
             history,
             site,
+            cfg.deployed_status,
         )
 
     def arguments(self) -> dict[str, Any]:
@@ -938,6 +946,7 @@ class Coverage:
             "p_gsc_from": self.gsc_from.isoformat(),
             "p_history_from": self.history_from.isoformat() if self.history_from else None,
             "p_site": self.site,
+            "p_deployed": self.deployed,
         }
 
 
@@ -3136,7 +3145,7 @@ def fleet_to_fetch(
             learned = error
     secret_filter.add(*secrets_of(keys.values()))
     if not sites:
-        raise SupabaseError(NO_SITES)
+        raise SupabaseError(NO_SITES.replace("'deployed'", repr(client.deployed)))
     if not keys and any(site.gsc_account_id is not None for site in sites):
         log.error("%s", NO_ACCOUNTS)
     days = asked.days
@@ -3317,7 +3326,7 @@ def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[AccountI
         return [], {}
     found["lines"].append(f"Supabase: {len(sites)} deployed sites, {len(keys)} Search Console accounts")
     if not sites:
-        log.error("%s", NO_SITES)
+        log.error("%s", NO_SITES.replace("'deployed'", repr(client.deployed)))
     elif not keys and any(site.gsc_account_id is not None for site in sites):
         log.error("%s", NO_ACCOUNTS)
     key = conflict_key_exists(client)
@@ -3471,7 +3480,12 @@ def status(cfg: Config, today: dt.date, site_name: str | None, as_json: bool) ->
     found = holes(client, coverage)
     attention = [
         need
-        for need in call_function(client, "analytics_attention", {"p_to": coverage.to.isoformat()}, list)
+        for need in call_function(
+            client,
+            "analytics_attention",
+            {"p_to": coverage.to.isoformat(), "p_deployed": client.deployed},
+            list,
+        )
         if site is None or need.get("site_id") == site.id
     ]
     askable = {

@@ -87,7 +87,8 @@ create trigger site_sources_history
 -- day the source can have (its creation in Matomo; Search Console's oldest kept day, p_gsc_from)
 -- nor before p_history_from (HISTORY_DAYS).
 create or replace function public.analytics_wanted(
-    p_window_from date, p_to date, p_gsc_from date, p_history_from date, p_site bigint default null
+    p_window_from date, p_to date, p_gsc_from date, p_history_from date, p_site bigint default null,
+    p_deployed text default 'deployed'
 )
 returns table (site_id bigint, source text, first_day date, last_day date, unavailable text)
 language sql stable
@@ -102,7 +103,7 @@ as $$
     cross join lateral (values ('matomo', s.matomo_site_id is not null),
                                ('gsc', s.gsc_account_id is not null)) as k (source, asked)
     left join site_sources ss on ss.site_id = s.id and ss.source = k.source
-    where s.status_deployment = 'deployed' and k.asked and (p_site is null or s.id = p_site)
+    where s.status_deployment = p_deployed and k.asked and (p_site is null or s.id = p_site)
       -- a Matomo site whose creation day is not known yet is not asked for older days
       and (k.source = 'gsc' or ss.available_from is not null)
 $$;
@@ -112,14 +113,15 @@ $$;
 -- of a set, not a value): [{"site_id", "source", "from", "to"}, ...]. Computed from the final
 -- days stored, so its cost grows with the rows, not with the days of history.
 create or replace function public.analytics_holes(
-    p_window_from date, p_to date, p_gsc_from date, p_history_from date, p_site bigint default null
+    p_window_from date, p_to date, p_gsc_from date, p_history_from date, p_site bigint default null,
+    p_deployed text default 'deployed'
 )
 returns jsonb
 language sql stable
 set search_path = public
 as $$
     with wanted as (
-        select * from analytics_wanted(p_window_from, p_to, p_gsc_from, p_history_from, p_site)
+        select * from analytics_wanted(p_window_from, p_to, p_gsc_from, p_history_from, p_site, p_deployed)
         where first_day <= last_day
     ),
     finals as (
@@ -150,7 +152,8 @@ $$;
 -- of the heal window and of all time: stored (final), provisional, missing, not available (the
 -- source cannot be asked for the site until a person acts, or the day is before its first).
 create or replace function public.analytics_coverage(
-    p_window_from date, p_to date, p_gsc_from date, p_history_from date, p_site bigint default null
+    p_window_from date, p_to date, p_gsc_from date, p_history_from date, p_site bigint default null,
+    p_deployed text default 'deployed'
 )
 returns jsonb
 language sql stable
@@ -165,7 +168,7 @@ as $$
                count(a.date) filter (where not f.final) as provisional,
                count(a.date) filter (where f.final and a.date >= p_window_from) as window_stored,
                count(a.date) filter (where not f.final and a.date >= p_window_from) as window_provisional
-        from analytics_wanted(p_window_from, p_to, p_gsc_from, p_history_from, p_site) w
+        from analytics_wanted(p_window_from, p_to, p_gsc_from, p_history_from, p_site, p_deployed) w
         left join daily_analytics a on a.site_id = w.site_id and a.date between w.first_day and w.last_day
         cross join lateral (
             select case w.source when 'matomo' then a.matomo_final else a.gsc_final end as final
@@ -198,13 +201,13 @@ $$;
 -- tracking probably gone (Search Console clicks but no Matomo visit on the 3 newest days both are
 -- final), and a traffic cliff (a full week's final visits or clicks at most a fifth of the week
 -- before, which had at least 50).
-create or replace function public.analytics_attention(p_to date)
+create or replace function public.analytics_attention(p_to date, p_deployed text default 'deployed')
 returns jsonb
 language sql stable
 set search_path = public
 as $$
     with deployed as (
-        select id, domain, matomo_site_id, gsc_account_id from sites where status_deployment = 'deployed'
+        select id, domain, matomo_site_id, gsc_account_id from sites where status_deployment = p_deployed
     ),
     unavailable as (
         select d.id as site_id, d.domain, ss.source, 'unavailable' as kind, ss.unavailable as detail
