@@ -2746,7 +2746,7 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         upserts = stack.enter_context(ThreadPoolExecutor(max_workers=cfg.upsert_workers))
         hopeless = Once()  # a fault every upsert meets was found
         store = (
-            print_rows_table()
+            print_rows_table({site.id: site.domain for site in sites})
             if asked.dry_run
             else functools.partial(store_rows, client, cfg=cfg, pool=upserts, hopeless=hopeless)
         )
@@ -2807,9 +2807,10 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             )
     if outcome.gsc_provisional:
         log.info(
-            "Search Console: %d values are provisional (the day is not final yet): stored with "
+            "Search Console: %d values are provisional (the day is not final yet): %s with "
             "gsc_final = false; the nightly run replaces them with the final numbers",
             outcome.gsc_provisional,
+            "would be stored" if asked.dry_run else "stored",
         )
     return outcome
 
@@ -3205,12 +3206,16 @@ def keep_stored_visits(
 
 
 def sites_with_domains(sites: list[Site], domains: Iterable[str]) -> list[Site]:
-    """The sites whose domain is one of `domains` (compared normalised); a usage error for the rest."""
-    wanted = {normalised_domain(d) or d for d in domains}
-    chosen = [site for site in sites if normalised_domain(site.domain) in wanted]
-    unknown = sorted(wanted - {normalised_domain(site.domain) for site in chosen})
+    """The sites named by `domains`: a domain (compared normalised) or a sites.id; a usage error
+    for the rest."""
+    given = [d.strip() for d in domains]
+    ids = {int(d) for d in given if d.isdigit()}
+    wanted = {normalised_domain(d) or d for d in given if not d.isdigit()}
+    chosen = [site for site in sites if site.id in ids or normalised_domain(site.domain) in wanted]
+    found = {normalised_domain(site.domain) for site in chosen} | {str(site.id) for site in chosen}
+    unknown = sorted((wanted | {str(i) for i in ids}) - found)
     if unknown:
-        raise UsageError(f"--site {', '.join(unknown)}: no deployed site has this domain")
+        raise UsageError(f"--site {', '.join(unknown)}: no deployed site has this domain or id")
     return chosen
 
 
@@ -3229,24 +3234,37 @@ def store_and_count(
 # ---------------------------------------------------------------------------
 
 
-ROW_COLUMNS = ("date", "site_id", "matomo_visits", "gsc_clicks", "gsc_impressions", "gsc_ctr", "gsc_position")
-ROW_FORMAT = "{:<10}  {:>10}  {:>13}  {:>10}  {:>15}  {:>8}  {:>12}"
+# Exactly the columns a run would store, and the domain, so that a site reads as itself.
+ROW_COLUMNS = (
+    "date",
+    "site_id",
+    "domain",
+    "matomo_visits",
+    "matomo_final",
+    "gsc_clicks",
+    "gsc_impressions",
+    "gsc_ctr",
+    "gsc_position",
+    "gsc_final",
+)
+ROW_FORMAT = "{:<10}  {:>8}  {:<28}  {:>13}  {:>12}  {:>10}  {:>15}  {:>8}  {:>12}  {:>9}"
 
 
-def print_rows_table() -> Callable[[list[dict]], tuple[int, int]]:
+def print_rows_table(domains: Mapping[SiteId, str | None]) -> Callable[[list[dict]], tuple[int, int]]:
     """--dry-run's stand-in for store_rows, once the table's head is printed."""
     say(ROW_FORMAT.format(*ROW_COLUMNS))
-    return print_rows
+    return functools.partial(print_rows, domains=domains)
 
 
-def print_rows(rows: list[dict]) -> tuple[int, int]:
+def print_rows(rows: list[dict], domains: Mapping[SiteId, str | None]) -> tuple[int, int]:
     """--dry-run's stand-in for store_rows: the rows as an aligned table; '-' is a column not written."""
     lines = []
     for row in rows:
         cells = [row.get(column, "-") for column in ROW_COLUMNS]
+        cells[2] = domains.get(row["site_id"]) or "-"
         lines.append(
             ROW_FORMAT.format(
-                *("" if c is None else f"{c:.4f}" if isinstance(c, float) else c for c in cells)
+                *("" if c is None else f"{c:.4f}" if isinstance(c, float) else str(c) for c in cells)
             )
         )
     if lines:
@@ -3966,7 +3984,8 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="DOMAIN",
-        help="only this site, e.g. --site example.com (repeat for more); the others are not touched",
+        help="only this site, by domain or sites.id, e.g. --site example.com (repeat for more); the others "
+        "are not touched",
     )
     run.add_argument(
         "--accept-zero-visits",

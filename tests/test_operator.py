@@ -47,14 +47,18 @@ def test_dry_run_prints_the_rows_and_writes_nothing(fleet, db, gateway, run_aggr
     assert lines[0].split() == [
         "date",
         "site_id",
+        "domain",
         "matomo_visits",
+        "matomo_final",
         "gsc_clicks",
         "gsc_impressions",
         "gsc_ctr",
         "gsc_position",
+        "gsc_final",
     ]
-    assert lines[1].split() == [DAY.isoformat(), str(shop.id), "12", "3", "40", "0.0750", "2.5000"]
-    assert lines[2].split() == [DAY.isoformat(), str(blog.id), "4", "-", "-", "-", "-"]
+    shown = [DAY.isoformat(), str(shop.id), "shop.example.com", "12", "True", "3", "40", "0.0750", "2.5000"]
+    assert lines[1].split() == [*shown, "False"]  # DAY is not final in Search Console yet
+    assert lines[2].split() == [DAY.isoformat(), str(blog.id), "blog.example.com", "4", "True", *["-"] * 5]
     assert len({len(line) for line in lines}) == 1  # aligned
     assert stored(db) == {}
     # a write is a POST or PATCH to a table (a POST to /rpc/ calls a read-only function)
@@ -551,3 +555,17 @@ def test_deployed_status_names_which_sites_are_aggregated(fleet, db, config, run
     assert result.returncode == 0, result.stderr
     assert result.summary.startswith("Processed 1 site.")
     assert list(stored(db)) == [live.id]
+
+
+def test_site_takes_a_sites_id_as_well_as_a_domain(fleet, db, run_aggregator):
+    shop, blog = fleet.site("shop.example.com"), fleet.site("blog.example.com")
+    fleet.visits(shop, 2)
+    fleet.visits(blog, 3)
+
+    result = run_aggregator("--date", DAY.isoformat(), "--site", str(blog.id))
+    unknown = run_aggregator("--date", DAY.isoformat(), "--site", "999999")
+
+    assert result.returncode == 0 and list(stored(db)) == [blog.id]
+    assert (
+        unknown.returncode == 2 and "--site 999999: no deployed site has this domain or id" in unknown.stderr
+    )
