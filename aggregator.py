@@ -423,8 +423,35 @@ class LogLines(logging.StreamHandler):
                 self.flush()
 
 
+class SiteWarnings:
+    """Warnings that many sites can meet for one cause (an unarchived day over 306 sites): each site
+    at DEBUG as it happens, then one WARNING per cause with the count and the first few sites;
+    --json lists them all."""
+
+    SHOWN = 5
+
+    def __init__(self) -> None:
+        self.by_cause: dict[str, list[str]] = {}
+        self.lock = threading.Lock()
+
+    def add(self, cause: str, site: str, detail: str = "") -> None:
+        log.debug("%s: %s%s", site, cause, f" ({detail})" if detail else "")
+        with self.lock:
+            self.by_cause.setdefault(cause, []).append(site)
+
+    def flush(self) -> dict[str, list[str]]:
+        """Says each cause once; returns {cause: every site} of what it said."""
+        with self.lock:
+            said, self.by_cause = self.by_cause, {}
+        for cause, sites in said.items():
+            more = len(sites) - self.SHOWN
+            shown = ", ".join(sites[: self.SHOWN]) + (f" and {more} more" if more > 0 else "")
+            log.warning("%s: %s", shown, cause)
+        return said
+
+
 # The run's secrets and problems: one of each per process, like `log`.
-secret_filter, problems = SecretFilter(), ProblemLog()
+secret_filter, problems, site_warnings = SecretFilter(), ProblemLog(), SiteWarnings()
 
 
 def redacted(value: T) -> T:
@@ -1382,7 +1409,7 @@ def visits_of_answer(ids: list[int], days: list[dt.date], slots: list) -> dict[i
         try:
             result[site_id] = visits_by_day(slot, days)
         except ValueError as error:
-            log.warning("Matomo site id %s: %s", site_id, error)
+            site_warnings.add(str(error), f"Matomo site id {site_id}")
     return result
 
 
@@ -2651,6 +2678,7 @@ class Outcome:
     gsc_accounts: dict = field(default_factory=dict)  # account id -> "connected" or why not
     healed: Counter = field(default_factory=Counter)  # site-days of earlier nights filled, per source
     person: dict = field(default_factory=dict)  # what a person must fix -> the sites it costs
+    sites_by_problem: dict = field(default_factory=dict)  # a warning many sites met -> every one
     done: int = 0  # sites whose slice was fetched
     lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -2708,6 +2736,7 @@ class Outcome:
             },
             "records": {"stored": self.stored, "not_stored": self.not_stored},
             "needs_a_person": [{"problem": why, "sites": sorted(ids)} for why, ids in self.person.items()],
+            "sites_by_problem": self.sites_by_problem,
             "problems": problems,
             "seconds": round(seconds, 3),
             "exit_status": status,
@@ -3193,13 +3222,12 @@ def keep_stored_visits(
         return rows
     rows, kept = without_lowering_zeros(rows, stored)
     for site_id, dates in kept.items():
-        log.warning(
-            "Site %s: Matomo answered 0 visits for %s where %s were stored; kept the stored counts. "
-            "Matomo has probably not archived these days yet (core:archive); if the visits really are 0, "
-            "re-run these dates with --accept-zero-visits",
-            site_id,
-            id_list(dates, 5),
-            id_list([stored[(site_id, d)] for d in dates], 5),
+        site_warnings.add(
+            "Matomo answered 0 visits where positive counts were stored; kept the stored counts. Matomo has "
+            "probably not archived these days yet (core:archive); if the visits really are 0, re-run these "
+            "dates with --accept-zero-visits",
+            f"Site {site_id} ({outcome.domains.get(site_id)})",
+            f"{id_list(dates, 5)}: {id_list([stored[(site_id, d)] for d in dates], 5)} stored",
         )
         outcome.matomo_zeros_kept += len(dates)
     return rows
@@ -3316,6 +3344,7 @@ def check(cfg: Config, today: dt.date, as_json: bool) -> int:
     secret_filter.add(*secrets_of(keys.values()))
     matomo_for_check(cfg, sites, today, found)
     search_console_for_check(cfg, sites, keys, found)
+    site_warnings.flush()
     return print_check_report(found, as_json)
 
 
@@ -4158,6 +4187,7 @@ def finished(
     args: argparse.Namespace, cfg: Config | None, status: int, outcome: Outcome, started: float
 ) -> int:
     """The end of every run: the summary, the record, --json, and the verdict as the last line."""
+    outcome.sites_by_problem.update(site_warnings.flush())
     log.info("%s", outcome.summary())
     if args.dry_run:
         log.info("Dry run: nothing was written; %d records would have been stored", outcome.rows)

@@ -569,3 +569,24 @@ def test_site_takes_a_sites_id_as_well_as_a_domain(fleet, db, run_aggregator):
     assert (
         unknown.returncode == 2 and "--site 999999: no deployed site has this domain or id" in unknown.stderr
     )
+
+
+def test_a_cause_many_sites_meet_is_one_warning_and_json_lists_every_site(fleet, db, matomo, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(12)]
+    for site in sites:
+        fleet.visits(site, 9)
+        fleet.store(site, matomo_visits=9, matomo_final=False)  # stored before the archiver was behind
+    matomo.not_archived.add(DAY.isoformat())
+    for site in sites[:8]:
+        matomo.error_slots[site.matomo_id] = "Archiving failed: General error"
+
+    result = run_aggregator("--date", DAY.isoformat(), "--json", log_level="INFO")
+
+    assert result.returncode == 3
+    (failed,) = lines_with("Archiving failed: General error", result.stderr)
+    assert "WARNING Matomo site id" in failed and "and 3 more: " in failed
+    (kept,) = lines_with("kept the stored counts", result.stderr)
+    assert all(f"Site {site.id} (s{n}.example.com)" in kept for n, site in enumerate(sites) if n >= 8)
+    report = json.loads(result.stdout)
+    assert len(report["sites_by_problem"]["Archiving failed: General error"]) == 8
+    assert len([p for p in report["problems"] if "kept the stored counts" in p]) == 1
