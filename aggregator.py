@@ -126,10 +126,12 @@ class Config:
 
     supabase_url: str = field(metadata=URL)
     supabase_service_role_key: str
-    matomo_url: str = field(metadata=URL)
-    matomo_token_auth: str
-    google_client_id: str
-    google_client_secret: str
+    # Required by the commands that use them (REQUIRED_BY_COMMAND); the Google client only by
+    # accounts that hold a refresh token (a service account needs none).
+    matomo_url: str = field(default="", metadata=URL)
+    matomo_token_auth: str = ""
+    google_client_id: str = ""
+    google_client_secret: str = ""
     google_token_uri: str = field(default="https://oauth2.googleapis.com/token", metadata=URL)
     # The sites.status_deployment value of the sites to aggregate (an existing sites table may
     # call them 'live' or 'active').
@@ -184,8 +186,21 @@ def default_env_file() -> Path:
     return beside if beside.exists() or (beside.parent / "requirements.txt").exists() else Path.cwd() / ".env"
 
 
-def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Config:
-    """Read .env (variables already in the environment win) and validate everything at once."""
+# Settings a command cannot go without, beyond the Supabase pair every command needs.
+REQUIRED_BY_COMMAND: dict[str, tuple[str, ...]] = {
+    "run": ("MATOMO_URL", "MATOMO_TOKEN_AUTH"),
+    "check": ("MATOMO_URL", "MATOMO_TOKEN_AUTH"),
+    "authorize": ("GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET"),
+}
+
+
+def load_config(
+    env_file: Path,
+    environ: Mapping[str, str] = os.environ,
+    required: Iterable[str] = REQUIRED_BY_COMMAND["run"],
+) -> Config:
+    """Read .env (variables already in the environment win) and validate everything at once;
+    `required` names what the command needs besides the Supabase pair."""
     if env_file.exists():
         warn_if_readable_by_others(env_file)
         try:
@@ -198,7 +213,10 @@ def load_config(env_file: Path, environ: Mapping[str, str] = os.environ) -> Conf
             ) from None
         warn_of_unknown_settings(env_file)
     env = {name: value.strip() for name, value in environ.items()}
-    missing = [f.name.upper() for f in fields(Config) if f.default is MISSING and not env.get(f.name.upper())]
+    needed = [f.name.upper() for f in fields(Config) if f.default is MISSING] + list(required)
+    if env.get("GOOGLE_CLIENT_ID") or env.get("GOOGLE_CLIENT_SECRET"):
+        needed += ["GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET"]  # half a client is a mistake
+    missing = list(dict.fromkeys(name for name in needed if not env.get(name)))
     if missing:
         raise ConfigError(
             f"Missing configuration: {', '.join(missing)}. "
@@ -2096,10 +2114,19 @@ CLIENT_REFUSED = SharedProblem(
 )
 
 
+NO_CLIENT = SharedProblem(
+    "GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET are not set: an account with a refresh token needs the OAuth "
+    "client that issued it; copy both from Google Cloud console > APIs & Services > Credentials into .env "
+    "(accounts with a service-account key need none)"
+)
+
+
 def connect_account(
     cfg: Config, account_id: AccountId, key: AccountKey, project: QuotaWindow
 ) -> GscAccount | str:
     """An account ready to query (token refreshed, properties listed), or why it is not."""
+    if isinstance(key, str) and not (cfg.google_client_id and cfg.google_client_secret):
+        return NO_CLIENT
     try:
         credentials = google_credentials(cfg, key)
     except ValueError as error:  # a key google-auth cannot read: nothing was sent anywhere
@@ -3422,7 +3449,7 @@ def matomo_for_check(cfg: Config, sites: list[Site], today: dt.date, found: dict
 def search_console_for_check(
     cfg: Config, sites: list[Site], keys: Mapping[AccountId, AccountKey], found: dict
 ) -> None:
-    if not keys:
+    if not keys and cfg.google_client_id:
         client_for_check(cfg)  # no account to try it with: ask the token endpoint directly
     states: dict[AccountId, str] = {}
     with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as pool:
@@ -4131,7 +4158,12 @@ def main(argv: list[str] | None = None) -> int:
     deadline = Deadline.after(float("inf"))
     signals = stop_on_signals(deadline) if args.command == "run" else {}
     try:
-        cfg = load_config(args.env_file or default_env_file())
+        needs = (
+            ()
+            if args.command == "authorize" and args.service_account
+            else REQUIRED_BY_COMMAND.get(args.command, ())
+        )
+        cfg = load_config(args.env_file or default_env_file(), required=needs)
         secret_filter.add(*cfg.secrets())
         bound_every_exchange(cfg.http_timeout)
         deadline.at = time.monotonic() + cfg.run_deadline

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -590,3 +591,43 @@ def test_a_cause_many_sites_meet_is_one_warning_and_json_lists_every_site(fleet,
     report = json.loads(result.stdout)
     assert len(report["sites_by_problem"]["Archiving failed: General error"]) == 8
     assert len([p for p in report["problems"] if "kept the stored counts" in p]) == 1
+
+
+# ---------------------------------------------------------------------------
+# Each command asks only for the settings it uses
+# ---------------------------------------------------------------------------
+
+
+def test_accounts_and_status_need_only_supabase(config, fleet, run_aggregator):
+    fleet.account()
+    for name in ("MATOMO_URL", "MATOMO_TOKEN_AUTH", "GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET"):
+        del config[name]
+
+    accounts, status = run_aggregator("accounts"), run_aggregator("status")
+
+    assert accounts.returncode == 0, accounts.stderr
+    assert status.returncode == 0, status.stderr
+    assert "Missing configuration" not in accounts.stderr + status.stderr
+
+
+def test_a_fleet_of_service_accounts_needs_no_oauth_client(config, fleet, db, run_aggregator):
+    robot = fleet.service_account()
+    site = fleet.site("shop.example.com", robot)
+    fleet.search(site, 3, 30, day=DAY - dt.timedelta(days=1))
+    del config["GOOGLE_CLIENT_ID"], config["GOOGLE_CLIENT_SECRET"]
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr
+    assert stored(db, DAY - dt.timedelta(days=1))[site.id]["gsc_clicks"] == 3
+
+
+def test_a_refresh_token_without_the_oauth_client_says_which_settings(config, fleet, run_aggregator):
+    fleet.site("shop.example.com", fleet.account())
+    del config["GOOGLE_CLIENT_ID"], config["GOOGLE_CLIENT_SECRET"]
+
+    result = run_aggregator("--date", DAY.isoformat())
+
+    assert result.returncode == 4
+    (verdict,) = lines_with("Exit status 4", result.stderr, verdict=True)
+    assert "GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET are not set" in verdict
