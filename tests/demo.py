@@ -7,6 +7,7 @@ import datetime as dt
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg
@@ -54,6 +55,7 @@ def seed(conn: psycopg.Connection, matomo: FakeMatomo, google: FakeGoogle) -> No
 
 
 def main() -> int:
+    keep = "--keep" in sys.argv[1:]
     url = server_url()
     admin = psycopg.connect(url, autocommit=True)
     conninfo = create_database(admin, url, "aggregator_demo")
@@ -83,11 +85,45 @@ def main() -> int:
             for row in rows:
                 print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
             print("\nAn empty cell was not fetched (no value yet), never a 0.")
+            if keep:
+                sandbox(settings, google)
     finally:
         for server in (gateway, matomo, google):
             server.stop()
         drop_database(admin, "aggregator_demo")
     return 0
+
+
+SANDBOX_CODE = "4/0sandbox-code-to-paste"
+
+
+def sandbox(settings: dict[str, str], google: FakeGoogle) -> None:
+    """Leaves the stand-ins up, with their settings in sandbox.env, until Ctrl-C."""
+    env_file = write_env_file(ROOT / "sandbox.env", settings)
+    google.codes[SANDBOX_CODE] = ("1//0sandbox-refresh-token", "sandbox@example.com")
+    run = f"{sys.executable} {ROOT / 'aggregator.py'} --env-file {env_file}"
+    print(
+        f"""
+The sandbox is up: the stand-ins keep running with the table above. Try, in another terminal:
+
+  {run} check
+  {run} --dry-run
+  {run} status
+  {run} accounts
+  {run} --date {dt.date.today() - dt.timedelta(days=3)}
+  OAUTHLIB_INSECURE_TRANSPORT=1 {run} authorize
+      (open nothing: paste http://localhost/?state=s&code={SANDBOX_CODE} when asked)
+
+Ctrl-C here stops the sandbox and removes sandbox.env.""",
+        flush=True,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nSandbox stopped.")
+    finally:
+        env_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

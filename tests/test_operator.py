@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from conftest import ANON_KEY, DAY, ROOT, lines_with, shown_on_a_terminal, stored
+from conftest import ANON_KEY, CONFIG_NAMES, DAY, ROOT, lines_with, shown_on_a_terminal, stored
 from fakes.database import MIGRATIONS, SUPABASE_BOOTSTRAP, server_url
 
 
@@ -631,3 +632,35 @@ def test_a_refresh_token_without_the_oauth_client_says_which_settings(config, fl
     assert result.returncode == 4
     (verdict,) = lines_with("Exit status 4", result.stderr, verdict=True)
     assert "GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET are not set" in verdict
+
+
+def test_the_demo_keeps_a_sandbox_where_the_commands_run_until_ctrl_c(database):
+    demo = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "demo.py"), "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        shown = ""
+        while "The sandbox is up" not in shown:
+            line = demo.stdout.readline()
+            assert line, shown
+            shown += line
+        while "Ctrl-C here stops" not in shown:
+            shown += demo.stdout.readline()
+        env_file = ROOT / "sandbox.env"
+        assert env_file.exists() and f"--env-file {env_file} status" in shown
+        command = [sys.executable, str(ROOT / "aggregator.py"), "--env-file", str(env_file)]
+        environ = {k: v for k, v in os.environ.items() if k not in CONFIG_NAMES}
+        status = subprocess.run([*command, "status"], capture_output=True, text=True, env=environ, timeout=60)
+        accounts = subprocess.run(
+            [*command, "accounts"], capture_output=True, text=True, env=environ, timeout=60
+        )
+        assert status.returncode == 0 and "Sites that need a person: 1" in status.stdout, status.stderr
+        assert accounts.returncode == 0 and "refresh token" in accounts.stdout
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.communicate(timeout=30)
+
+    assert not (ROOT / "sandbox.env").exists()
