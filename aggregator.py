@@ -442,9 +442,9 @@ class LogLines(logging.StreamHandler):
 
 
 class SiteWarnings:
-    """Warnings that many sites can meet for one cause (an unarchived day over 306 sites): each site
-    at DEBUG as it happens, then one WARNING per cause with the count and the first few sites;
-    --json lists them all."""
+    """Warnings that many sites can meet for one cause (an unarchived day over 306 sites): one
+    WARNING per cause at the end of the run with the count and the first few sites, each other
+    site at DEBUG; --json lists them all."""
 
     SHOWN = 5
 
@@ -453,9 +453,8 @@ class SiteWarnings:
         self.lock = threading.Lock()
 
     def add(self, cause: str, site: str, detail: str = "") -> None:
-        log.debug("%s: %s%s", site, cause, f" ({detail})" if detail else "")
         with self.lock:
-            self.by_cause.setdefault(cause, []).append(site)
+            self.by_cause.setdefault(cause, []).append(f"{site} [{detail}]" if detail else site)
 
     def flush(self) -> dict[str, list[str]]:
         """Says each cause once; returns {cause: every site} of what it said."""
@@ -465,6 +464,8 @@ class SiteWarnings:
             more = len(sites) - self.SHOWN
             shown = ", ".join(sites[: self.SHOWN]) + (f" and {more} more" if more > 0 else "")
             log.warning("%s: %s", shown, cause)
+            for site in sites[self.SHOWN :]:
+                log.debug("%s: %s", site, cause)
         return said
 
 
@@ -739,6 +740,15 @@ class Site:
     domain: str | None
     matomo_site_id: Any  # as stored; matomo_id() says whether it is usable
     gsc_account_id: AccountId | None
+
+    @property
+    def label(self) -> str:
+        return site_label(self.id, self.domain)
+
+
+def site_label(site_id: SiteId, domain: str | None) -> str:
+    """How a site is named in every log line and message: 'Site 8 (shop.example.com)'."""
+    return f"Site {site_id} ({domain})" if domain else f"Site {site_id}"
 
 
 # A Supabase project silently caps every answer (1,000 rows by default).
@@ -1575,8 +1585,8 @@ def matomo_ids_by_site(sites: Iterable[Site]) -> dict[SiteId, int]:
         found = matomo_id(site)
         if found is None:
             log.warning(
-                "Site %s: matomo_site_id %r is not a positive number; Matomo skipped",
-                site.id,
+                "%s: matomo_site_id %r is not a positive number; Matomo skipped",
+                site.label,
                 site.matomo_site_id,
             )
         else:
@@ -2184,7 +2194,7 @@ def connected_accounts(
     for account_id in by_account.keys() - keys.keys():
         for site in by_account[account_id]:
             log.warning(
-                "Site %s: gsc_account_id %s matches no row of gsc_accounts; GSC skipped", site.id, account_id
+                "%s: gsc_account_id %s matches no row of gsc_accounts; GSC skipped", site.label, account_id
             )
     projects: dict[str, QuotaWindow] = {}
     futures = {
@@ -2243,9 +2253,9 @@ def query_targets(
                 "account, or set sites.gsc_account_id to the account that has it"
             )
             log.warning(
-                "Site %s: account %s has no verified Search Console property for %s "
+                "%s: account %s has no verified Search Console property for %s "
                 "(looked for sc-domain:%s and https/http URL prefixes)%s",
-                site.id,
+                site.label,
                 account.id,
                 domain,
                 domain,
@@ -2259,9 +2269,9 @@ def query_targets(
                 "set status_deployment of the duplicate to something other than deployed"
             )
             log.warning(
-                "Site %s: site %s has the same domain (%s): only site %s gets its Search Console numbers; "
+                "%s: site %s has the same domain (%s): only site %s gets its Search Console numbers; "
                 "set status_deployment of the duplicate to something other than deployed",
-                site.id,
+                site.label,
                 owner_of[property_key(site_url)],
                 domain,
                 owner_of[property_key(site_url)],
@@ -2749,15 +2759,31 @@ class Outcome:
         complete = all(count.fetched == count.wanted for count in self.sources().values())
         return EXIT_OK if complete and not self.matomo_zeros_kept and not self.not_stored else EXIT_PARTIAL
 
+    def source_report(self, source: str) -> dict:
+        """A source's counts, and each site it did not answer for: id, domain, and why (what a
+        person must fix, or a failure the next nights retry by themselves)."""
+        count = self.sources()[source]
+        why_of = {site_id: why for why, ids in self.person.items() for site_id in ids}
+        missing = [
+            {
+                "id": site_id,
+                "domain": self.domains.get(site_id),
+                "source": source,
+                "reason": why_of.get(site_id, "not fetched this run: the next nights fetch it"),
+            }
+            for site_id in count.missing_sites
+        ]
+        return {"wanted": count.wanted, "fetched": count.fetched, "missing_sites": missing}
+
     def report(self, days: list[dt.date], status: int, seconds: float, problems: list[str]) -> dict:
         """The run for monitoring (--json) and for aggregator_runs."""
         return {
             "from": days[0].isoformat(),
             "to": days[-1].isoformat(),
             "sites": self.sites,
-            "matomo": {**vars(self.matomo), "zeros_not_stored": self.matomo_zeros_kept},
+            "matomo": {**self.source_report("matomo"), "zeros_not_stored": self.matomo_zeros_kept},
             "gsc": {
-                **vars(self.gsc),
+                **self.source_report("gsc"),
                 "provisional_values": self.gsc_provisional,
                 "accounts": {str(account_id): state for account_id, state in self.gsc_accounts.items()},
             },
@@ -2887,7 +2913,7 @@ def what_needs_a_person(
             why = state if isinstance(state, SharedProblem) else f"GSC account {account_id}: {state}"
             outcome.must_act(why, [site.id for site in sites if site.gsc_account_id == account_id])
     for site_id, why in skipped.items():
-        outcome.must_act(f"Site {site_id}: {why}", [site_id])
+        outcome.must_act(f"{site_label(site_id, outcome.domains.get(site_id))}: {why}", [site_id])
     if hopeless.happened:
         outcome.must_act(hopeless.why)
 
@@ -3253,7 +3279,7 @@ def keep_stored_visits(
             "Matomo answered 0 visits where positive counts were stored; kept the stored counts. Matomo has "
             "probably not archived these days yet (core:archive); if the visits really are 0, re-run these "
             "dates with --accept-zero-visits",
-            f"Site {site_id} ({outcome.domains.get(site_id)})",
+            site_label(site_id, outcome.domains.get(site_id)),
             f"{id_list(dates, 5)}: {id_list([stored[(site_id, d)] for d in dates], 5)} stored",
         )
         outcome.matomo_zeros_kept += len(dates)

@@ -283,7 +283,7 @@ def test_two_sites_with_one_domain_do_not_both_get_its_search_numbers(fleet, db,
     assert yesterday_but_one[first.id]["gsc_clicks"] == 4
     assert yesterday_but_one[second.id]["gsc_clicks"] is None
     assert result.returncode == 4  # a person must set the duplicate's status
-    (line,) = lines_with(f"Site {second.id}:", result.stderr)
+    (line,) = lines_with(f"Site {second.id} (www.example.com):", result.stderr)
     assert f"site {first.id}" in line and "example.com" in line
     (verdict,) = lines_with("Exit status 4", result.stderr, verdict=True)
     assert "set status_deployment of the duplicate" in verdict

@@ -476,9 +476,18 @@ def test_bad_rows_are_skipped_for_their_source_with_one_warning_each(
     for site_id, text in [(ids[3], "None"), (ids[4], "''"), (ids[5], "'example.com/blog'")]:
         assert len(lines_with(f"Site {site_id}: domain {text} is not a bare domain", result.stderr)) == 1
     assert (
-        len(lines_with(f"Site {ids[6]}: matomo_site_id 'abc' is not a positive number", result.stderr)) == 1
+        len(
+            lines_with(
+                f"Site {ids[6]} (fine.example.com): matomo_site_id 'abc' is not a positive number",
+                result.stderr,
+            )
+        )
+        == 1
     )
-    assert len(lines_with(f"Site {ids[7]}: gsc_account_id 999 matches no row", result.stderr)) == 1
+    assert (
+        len(lines_with(f"Site {ids[7]} (lost.example.com): gsc_account_id 999 matches no row", result.stderr))
+        == 1
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -83,7 +83,14 @@ def test_json_summarises_the_run_for_monitoring(fleet, db, matomo, run_aggregato
     assert summary["matomo"] == {
         "wanted": 2,
         "fetched": 1,
-        "missing_sites": [broken.id],
+        "missing_sites": [
+            {
+                "id": broken.id,
+                "domain": "broken.example.com",
+                "source": "matomo",
+                "reason": "not fetched this run: the next nights fetch it",
+            }
+        ],
         "zeros_not_stored": 0,
     }
     assert summary["gsc"] == {
@@ -121,7 +128,8 @@ def test_every_run_is_recorded_in_aggregator_runs(fleet, db, matomo, run_aggrega
 
     (run,) = db.execute(
         "select date_from, date_to, sites, matomo_fetched, gsc_fetched, records_stored, records_not_stored, "
-        "exit_status, summary->'matomo'->'missing_sites', finished_at >= started_at from aggregator_runs"
+        "exit_status, jsonb_path_query_array(summary, '$.matomo.missing_sites[*].id'), "
+        "finished_at >= started_at from aggregator_runs"
     ).fetchall()
     assert run == (
         DAY,
@@ -179,7 +187,8 @@ def test_check_names_each_problem_with_its_fix(fleet, db, matomo, without_confli
         f"GSC account {revoked.id}: the refresh token has expired or been revoked" in p for p in problems
     )
     assert any(
-        f"Site {lost.id}: account" in p and "no verified Search Console property" in p for p in problems
+        f"Site {lost.id} (lost.example.com): account" in p and "no verified Search Console property" in p
+        for p in problems
     )
     assert result.stdout.splitlines()[-1] == "4 problems."
 
@@ -338,9 +347,7 @@ def test_exit_4_names_what_a_person_must_fix_and_the_rerun_only_what_a_rerun_can
 
     assert result.returncode == 4, result.stderr
     verdict = result.stderr.strip().splitlines()[-1]
-    problem = (
-        f"Site {no_property.id}: account {account.id} has no Search Console property for docs.example.io"
-    )
+    problem = f"Site {no_property.id} (docs.example.io): account {account.id} has no Search Console property for docs.example.io"
     assert f"A person must act: {problem}" in verdict
     assert verdict.endswith(
         f"To fetch what is missing: python aggregator.py --date {DAY} --site shop.example.com"

@@ -79,7 +79,7 @@ def test_a_property_not_shared_with_the_service_account_says_whom_to_add(fleet, 
     result = run_aggregator("--date", FINAL_DAY.isoformat())
 
     assert result.returncode == 4
-    (warning,) = lines_with(f"Site {unshared.id}:", result.stderr)
+    (warning,) = lines_with(f"Site {unshared.id} (", result.stderr)
     assert f"add {robot.refresh_token} as a user of the property in Search Console" in warning
     assert stored(db, FINAL_DAY)[unshared.id]["gsc_clicks"] == 7
     assert stored(db, FINAL_DAY)[shared.id]["gsc_clicks"] == 2
