@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import socket
 import ssl
@@ -4299,6 +4300,15 @@ def ping(cfg: Config, what: str, body: str = "") -> None:
         log.warning("HEALTHCHECK_URL could not be pinged (%s); the run is not affected", redacted(str(error)))
 
 
+def this_command() -> str:
+    """The interpreter and script this run was started with, as a re-run would name them: the
+    venv's python and aggregator.py, or the installed analytics-aggregator command."""
+    script = sys.argv[0] if sys.argv and sys.argv[0] else "aggregator.py"
+    if not script.endswith(".py"):
+        return script  # a console script runs its own interpreter
+    return f"{shlex.quote(sys.executable)} {shlex.quote(script)}"
+
+
 def rerun_command(outcome: Outcome) -> str | None:
     """The command that re-runs just what is missing, or None when nothing is."""
     person = {site_id for site_ids in outcome.person.values() for site_id in site_ids}
@@ -4308,9 +4318,7 @@ def rerun_command(outcome: Outcome) -> str | None:
     if not outcome.days or not (missing or outcome.not_stored or outcome.matomo_zeros_kept):
         return None
     first, last = outcome.days[0].isoformat(), outcome.days[-1].isoformat()
-    command = "python aggregator.py " + (
-        f"--date {first}" if first == last else f"--from {first} --to {last}"
-    )
+    command = f"{this_command()} " + (f"--date {first}" if first == last else f"--from {first} --to {last}")
     domains = [outcome.domains.get(site_id) for site_id in missing]
     if missing and not outcome.not_stored and len(missing) <= 20 and all(domains):
         command += "".join(f" --site {domain}" for domain in domains)

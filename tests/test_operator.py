@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from conftest import ANON_KEY, CONFIG_NAMES, DAY, ROOT, lines_with, shown_on_a_terminal, stored
+from conftest import AGGREGATOR, ANON_KEY, CONFIG_NAMES, DAY, ROOT, lines_with, shown_on_a_terminal, stored
 from fakes.database import MIGRATIONS, SUPABASE_BOOTSTRAP, server_url
 
 
@@ -319,7 +319,7 @@ def test_the_last_line_is_a_verdict_with_the_command_that_fetches_what_is_missin
     assert result.returncode == 3
     last = result.stderr.strip().splitlines()[-1]
     assert "Exit status 3 after" in last
-    assert last.endswith(f"python aggregator.py --date {DAY.isoformat()} --site broken.example.com")
+    assert last.endswith(f"{sys.executable} {AGGREGATOR} --date {DAY.isoformat()} --site broken.example.com")
 
 
 def test_json_holds_the_same_problems_whatever_the_log_level(fleet, db, matomo, run_aggregator):
@@ -350,7 +350,7 @@ def test_exit_4_names_what_a_person_must_fix_and_the_rerun_only_what_a_rerun_can
     problem = f"Site {no_property.id} (docs.example.io): account {account.id} has no Search Console property for docs.example.io"
     assert f"A person must act: {problem}" in verdict
     assert verdict.endswith(
-        f"To fetch what is missing: python aggregator.py --date {DAY} --site shop.example.com"
+        f"To fetch what is missing: {sys.executable} {AGGREGATOR} --date {DAY} --site shop.example.com"
     )
     report = json.loads(result.stdout)
     assert [need["sites"] for need in report["needs_a_person"]] == [[no_property.id]]
