@@ -202,6 +202,7 @@ def load_config(
 ) -> Config:
     """Read .env (variables already in the environment win) and validate everything at once;
     `required` names what the command needs besides the Supabase pair."""
+    exported = set(environ)  # set before .env was read: the environment's, which wins
     if env_file.exists():
         warn_if_readable_by_others(env_file)
         try:
@@ -235,7 +236,12 @@ def load_config(
         elif rule.get("at_most") and int(raw) > rule["at_most"]:
             problems.append(f"{name} must be at most {rule['at_most']} ({rule['why']})")
         elif PLACEHOLDER.search(raw):
-            problems.append(f"{name} still holds the placeholder of .env.example: put your own value there")
+            where = (
+                "the environment (it wins over .env): unset it or export"
+                if name in exported
+                else f"{env_file}: put"
+            )
+            problems.append(f"{name} still holds the placeholder of .env.example in {where} your own value")
         elif rule.get("url") and not is_http_url(raw):
             problems.append(f"{name} must be an http(s) URL, like https://example.com/")
         else:
@@ -3937,8 +3943,11 @@ def authorize_service_account(cfg: Config, key_file: Path, account_id: str | Non
     except Exception as error:  # noqa: BLE001 - unreachable, or a key cryptography cannot read
         log.error("The key of %s could not be tried with Google (%s); nothing was stored", email, error)
         return EXIT_FAILED
+    same = None if account_id else row_of_service_account(client, email)
+    if same is not None:  # a new key for the same robot (a rotation): its row, not a second one
+        say(f"Service account {email} already has gsc_accounts row {same}: its key is replaced there.")
     done = stored_account_row(
-        client, account_id, {"service_account_key": key, "label": email}, "oauth_refresh_token"
+        client, account_id or same, {"service_account_key": key, "label": email}, "oauth_refresh_token"
     )
     if done is None:
         return EXIT_FAILED
@@ -3951,6 +3960,12 @@ def authorize_service_account(cfg: Config, key_file: Path, account_id: str | Non
     )
     say(f"The key is stored: delete {key_file} from this disk.")
     return EXIT_OK
+
+
+def row_of_service_account(client: Supabase, email: str) -> str | None:
+    """The id of the gsc_accounts row that already holds a key of this service account, if any."""
+    rows = fetch_all(client, "gsc_accounts", "id,email:service_account_key->>client_email")
+    return next((str(row["id"]) for row in rows if row.get("email") == email), None)
 
 
 def service_account_key(key_file: Path) -> dict:

@@ -18,6 +18,7 @@ from psycopg.conninfo import make_conninfo
 
 from conftest import AGGREGATOR, ANON_KEY, CONFIG_NAMES, DAY, ROOT, lines_with, shown_on_a_terminal, stored
 from fakes.database import MIGRATIONS, SUPABASE_BOOTSTRAP, server_url
+from fakes.settings import write_env_file
 
 
 def test_site_restricts_the_run_and_leaves_the_others_untouched(fleet, db, run_aggregator):
@@ -671,3 +672,20 @@ def test_the_demo_keeps_a_sandbox_where_the_commands_run_until_ctrl_c(database):
         demo.communicate(timeout=30)
 
     assert not (ROOT / "sandbox.env").exists()
+
+
+def test_a_placeholder_exported_in_the_environment_is_blamed_on_the_environment(tmp_path, config):
+    env_file = write_env_file(tmp_path / ".env", config)
+    environ = {k: v for k, v in os.environ.items() if k not in CONFIG_NAMES}
+    environ["MATOMO_TOKEN_AUTH"] = "replace-with-your-matomo-token"  # an old export in the shell
+
+    done = subprocess.run(
+        [sys.executable, str(AGGREGATOR), "--env-file", str(env_file), "--date", DAY.isoformat()],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=60,
+    )
+
+    assert done.returncode == 1
+    assert "MATOMO_TOKEN_AUTH still holds the placeholder of .env.example in the environment" in done.stderr

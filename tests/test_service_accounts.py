@@ -158,6 +158,16 @@ def test_authorize_stores_a_service_account_key_and_says_the_step_left(db, key_f
     assert f"delete {key_file}" in result.stdout
 
 
+def test_authorizing_the_same_service_account_again_replaces_its_key_in_its_row(db, key_file, run_aggregator):
+    first = run_aggregator("authorize", "--service-account", str(key_file))
+    again = run_aggregator("authorize", "--service-account", str(key_file))
+
+    assert first.returncode == again.returncode == 0, again.stderr
+    (row_id,) = db.execute("select id from gsc_accounts").fetchone()
+    assert db.execute("select count(*) from gsc_accounts").fetchone() == (1,)
+    assert f"{EMAIL} already has gsc_accounts row {row_id}: its key is replaced there" in again.stdout
+
+
 def test_authorize_replaces_a_refresh_token_with_a_service_account_key(fleet, db, key_file, run_aggregator):
     account = fleet.account(revoked=True)
 
