@@ -3844,7 +3844,45 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
         )
         return EXIT_FAILED
     email = email_of(flow.oauth2session.token.get("id_token"))
+    if account_id and not keeps_the_sites(cfg, supabase, account_id, flow.credentials, email, ask):
+        log.error("Nothing was stored: gsc_accounts row %s keeps its credential", account_id)
+        return EXIT_FAILED
     return store_refresh_token(supabase, account_id, refresh_token, email)
+
+
+def keeps_the_sites(
+    cfg: Config, supabase: Supabase, account_id: str, credentials: Any, email: str | None, ask: Callable
+) -> bool:
+    """Whether the new login may replace row account_id's: it sees a property for each deployed
+    site of that account, or the operator says to store it anyway (another Google login would
+    silently cut those sites off their numbers)."""
+    sites = [site for site in deployed_sites(supabase) if str(site.gsc_account_id) == account_id]
+    if not sites:
+        return True
+    try:
+        listing = get_google_client(cfg, credentials).sites().list().execute(num_retries=cfg.http_retries)
+        properties = verified_properties(listing if isinstance(listing, dict) else {})
+    except Exception as error:  # noqa: BLE001 - the check is a courtesy: the operator decides
+        say(f"Which properties this login sees could not be checked ({type(error).__name__}).")
+        lost = [site.label for site in sites]
+    else:
+        lost = [
+            site.label
+            for site in sites
+            if property_for_domain(normalised_domain(site.domain) or "", properties) is None
+        ]
+    if not lost:
+        return True
+    who = f"The Google account {email}" if email else "This Google login"
+    say(
+        f"{who} sees no Search Console property for {plural(len(lost), 'site')} of gsc_accounts row "
+        f"{account_id}: {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''}. Storing its token would "
+        "leave them without Search Console numbers (was another Google account signed in?)."
+    )
+    try:
+        return ask("Store it anyway? [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:  # no one to answer (stdin closed): the safe answer
+        return False
 
 
 def account_exists(client: Supabase, account_id: str) -> bool:

@@ -276,6 +276,39 @@ def test_authorize_checks_the_account_before_the_browser_round_trip(account, db,
     )
 
 
+@pytest.mark.parametrize("answer, stored", [("n", False), ("y", True)])
+def test_reauthorizing_with_another_google_login_asks_before_cutting_the_sites_off(
+    answer, stored, fleet, db, google, insecure_transport, run_aggregator
+):
+    account = fleet.account()
+    shop = fleet.site("shop.example.com", account)
+    fleet.site("blog.example.com", account)
+    pasted = google_answer(google, "1//0another-login-Kp2", "someone.else@example.org")
+
+    result = run_aggregator("authorize", "--account", str(account.id), answer=pasted + answer + "\n")
+
+    assert result.returncode == (0 if stored else 1), result.stderr
+    assert (
+        "The Google account someone.else@example.org sees no Search Console property for 2 sites"
+        in result.stdout
+    )
+    assert f"Site {shop.id} (shop.example.com)" in result.stdout
+    (token,) = db.execute("select oauth_refresh_token from gsc_accounts").fetchone()
+    assert (token == "1//0another-login-Kp2") is stored
+
+
+def test_reauthorizing_the_same_login_asks_nothing(fleet, db, google, insecure_transport, run_aggregator):
+    account = fleet.account()
+    fleet.site("shop.example.com", account)
+
+    result = run_aggregator(
+        "authorize", "--account", str(account.id), answer=google_answer(google, account.refresh_token)
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "Store it anyway" not in result.stdout
+
+
 def test_authorize_asks_again_after_a_wrong_code(db, google, insecure_transport, run_aggregator):
     answer = "4/0mistyped-code\n" + google_answer(google, "1//0second-try-Hz7")
 

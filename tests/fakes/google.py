@@ -281,7 +281,8 @@ class FakeGoogle(FakeServer):
             if isinstance(granted, tuple)
             else (granted, "owner@example.com", ALL_SCOPES)
         )
-        self.add_account(refresh_token, {})
+        if refresh_token not in self.accounts:  # the same login again keeps its properties
+            self.add_account(refresh_token, {})
         access_token = f"ya29.fake-{next(self._numbers)}"
         self.access_tokens[access_token] = self.accounts[refresh_token]
         return Response(
