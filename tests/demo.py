@@ -4,6 +4,7 @@ prints daily_analytics. Started by `bash tests/demo`, which provides the throwaw
 from __future__ import annotations
 
 import datetime as dt
+import os
 import subprocess
 import sys
 import tempfile
@@ -58,7 +59,7 @@ def main() -> int:
     keep = "--keep" in sys.argv[1:]
     url = server_url()
     admin = psycopg.connect(url, autocommit=True)
-    conninfo = create_database(admin, url, "aggregator_demo")
+    conninfo = create_database(admin, url, f"aggregator_demo_{os.getpid()}")
     gateway = FakePostgrest(conninfo, SERVICE_KEY, ANON_KEY).start()
     matomo, google = FakeMatomo(MATOMO_TOKEN).start(), FakeGoogle(CLIENT_ID, CLIENT_SECRET).start()
     try:
@@ -90,7 +91,7 @@ def main() -> int:
     finally:
         for server in (gateway, matomo, google):
             server.stop()
-        drop_database(admin, "aggregator_demo")
+        drop_database(admin, f"aggregator_demo_{os.getpid()}")
     return 0
 
 
