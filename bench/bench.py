@@ -8,7 +8,10 @@ Prints one table: scenario, sites, days, wall seconds (the median of --repeat ru
 the aggregator, requests per service (of the last run), the round-trip lower bound (the round trips the job cannot avoid, given its concurrency
 limits, times the latency; or Search Console's quota, when that is larger) and wall / bound, and
 the CPU floor (the median of the CPU seconds the aggregator, the stand-ins and PostgreSQL used,
-divided by the cores they share here: a run cannot be shorter than that either).
+divided by the cores they share here: a run cannot be shorter than that either), and each
+service's floor (Matomo / Search Console / Supabase: its total work over its parallelism, see
+service_floors) with the run's ratio to the largest. The year-* scenarios are issue 23's two
+cost profiles: Matomo-bound and latency-bound.
 """
 
 from __future__ import annotations
@@ -64,6 +67,13 @@ class Scenario:
     # Days before the nightly window already stored (final): HEAL_DAYS (30) is a fleet without
     # holes, as on most nights; 0 leaves a 30-day hole in both sources for the run to heal.
     filled: int = 30
+    # Cost profiles (issue 23): None takes --latency / --http10. Matomo's work is server time per
+    # site-day, shared by PHP workers; PostgreSQL's a time per row on top of its own.
+    latency: float | None = None
+    http10: bool | None = None
+    site_day_cost: float = 0.0
+    php_workers: int | None = None
+    row_cost: float = 0.0
 
     def first_day(self) -> dt.date:
         """The oldest day the run stores: its own, and in the nightly run the hole it heals."""
@@ -82,6 +92,27 @@ SCENARIOS = [
     Scenario("heal-30", 1000, 10, DEFAULT_LOOKBACK_DAYS, "wall <= 3 x nightly", filled=0),
     Scenario("backfill-30", 1000, 10, 30, "wall <= 4 s; as many requests as one day"),
     Scenario("backfill-365", 10000, 20, 365, "peak RSS <= 250 MB; every row stored"),
+    # The two cost profiles of a long backfill: Matomo-bound (0.2 ms of PHP per site-day over 4
+    # PHP workers, little latency) and latency-bound (50 ms a request, a new connection each).
+    Scenario(
+        "year-matomo-bound",
+        10000,
+        20,
+        365,
+        "wall <= 1.15 x largest service floor",
+        latency=0.002,
+        site_day_cost=0.0002,
+        php_workers=4,
+    ),
+    Scenario(
+        "year-latency-bound",
+        10000,
+        20,
+        365,
+        "wall <= 1.15 x largest service floor",
+        latency=0.05,
+        http10=True,
+    ),
     Scenario("quota", 3000, 1, DEFAULT_LOOKBACK_DAYS, "0 failed sites; wall <= 1.2 x quota bound", qpm=1200),
     # 100 accounts authorised through one OAuth client share its Cloud project's quota (40,000
     # queries a minute at Google; scaled down here so that the floor is one minute, not hours).
@@ -182,6 +213,28 @@ def lower_bound(s: Scenario, latency: float, settings: list[str], counts: dict[s
     return bound
 
 
+def service_floors(
+    s: Scenario, latency: float, settings: list[str], counts: dict[str, int], site_days: int
+) -> dict[str, float]:
+    """Each service's floor: its total work over its parallelism. Matomo: the PHP time of every
+    site-day over its PHP workers (or the job's MATOMO_WORKERS), plus each request's latency;
+    Search Console: each query's latency over GSC_WORKERS (or its quota); Supabase: each upsert's
+    latency and its rows' cost over UPSERT_WORKERS. No run can be shorter than the largest."""
+    overrides = {k.lower(): int(v) for k, _, v in (setting.partition("=") for setting in settings)}
+    cfg = Config("", "", **overrides)
+    matomo = (counts["bulk"] * latency + site_days * s.site_day_cost) / (s.php_workers or cfg.matomo_workers)
+    gsc = counts["query"] * latency / cfg.gsc_workers
+    for quota, queries in (
+        (s.qpm, math.ceil(counts["query"] / s.accounts)),
+        (s.project_qpm, counts["query"]),
+    ):
+        if quota and queries > quota:
+            gsc = max(gsc, (math.ceil(queries / quota) - 1) * 60)
+    rows = s.sites * ((LATEST - s.first_day()).days + 1)
+    supabase = (counts["upsert"] * latency + rows * s.row_cost) / cfg.upsert_workers
+    return {"matomo": matomo, "gsc": gsc, "supabase": supabase}
+
+
 def database_cpu(conn: psycopg.Connection) -> float | None:
     """CPU seconds PostgreSQL's processes have used so far: the postmaster's children (each
     connection's backend, once it has ended) and the live ones; None where /proc cannot tell
@@ -277,9 +330,12 @@ def main() -> int:
                     FakeMatomo(MATOMO_TOKEN).start(),
                     FakeGoogle(CLIENT_ID, CLIENT_SECRET).start(),
                 )
+                latency = options.latency if s.latency is None else s.latency
                 for server in (gateway, matomo, google):
-                    server.latency, server.keep_requests = options.latency, False
-                    server.http10 = options.http10
+                    server.latency, server.keep_requests = latency, False
+                    server.http10 = options.http10 if s.http10 is None else s.http10
+                matomo.site_day_cost, gateway.row_cost = s.site_day_cost, s.row_cost
+                matomo.php_workers(s.php_workers)
                 seed(conn, google, matomo, s)
                 settings = {**stand_in_settings(gateway, matomo, google), "RUN_DEADLINE": "3600"}
                 if s.project_qpm:
@@ -312,7 +368,8 @@ def main() -> int:
                     "bulk": matomo.counts["bulk"],
                     "upsert": gateway.counts["upsert"] - 1,  # the last one records the run
                 }
-                bound = lower_bound(s, options.latency, options.set, counts)
+                bound = lower_bound(s, latency, options.set, counts)
+                floors = service_floors(s, latency, options.set, counts, matomo.site_days_worked)
                 rows.append(
                     [
                         s.name,
@@ -328,6 +385,8 @@ def main() -> int:
                         google.counts["429"],
                         f"{bound:.2f}",
                         f"{wall / bound:.2f}",
+                        "/".join(f"{floors[k]:.1f}" for k in ("matomo", "gsc", "supabase")),
+                        f"{wall / max(floors.values()):.2f}" if max(floors.values()) else "-",
                         cpu_floor,
                         s.target,
                     ]
@@ -355,6 +414,8 @@ def print_table(rows: list[list], latency: float, http10: bool) -> None:
         "429s",
         "bound s",
         "wall/bound",
+        "floors M/G/S s",
+        "wall/max floor",
         "cpu floor s",
         "target",
     ]
@@ -362,7 +423,7 @@ def print_table(rows: list[list], latency: float, http10: bool) -> None:
     connections = "HTTP/1.0, a new connection per request" if http10 else "HTTP/1.1 keep-alive"
     print(
         f"\nlatency {latency * 1000:.0f} ms per request, {connections}, {os.cpu_count()} cores, "
-        "defaults from Config\n"
+        "defaults from Config (a scenario with a cost profile sets its own latency and connections)\n"
     )
     for r in [header, ["-" * w for w in widths], *rows]:
         print("| " + " | ".join(str(v).ljust(w) for v, w in zip(r, widths)) + " |")

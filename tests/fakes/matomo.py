@@ -6,8 +6,10 @@ POST variables, and a day the archiver has not processed answers like a day with
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
+import threading
 import time
 from typing import Callable
 from urllib.parse import parse_qsl
@@ -76,11 +78,16 @@ class FakeMatomo(FakeServer):
         # with its own 504 page, while PHP goes on working on it to the end.
         self.proxy_timeout: float | None = None
         self.site_days_worked = 0  # the server's work: site-days computed, abandoned ones included
+        # PHP-FPM's pool (pm.max_children): requests beyond it wait for a worker.
+        self.php: threading.Semaphore | contextlib.nullcontext = contextlib.nullcontext()
         self.bodies: list[tuple] = []  # the (site, date) of each bulk request's sub-requests, in order
         # Each site's creation (SitesManager's ts_created, UTC); before it every day answers empty.
         self.created: dict[int, str] = {}
         # The visitor log (Live API) switched off in the general settings: its sub-requests fail.
         self.visitor_log_off = False
+
+    def php_workers(self, workers: int | None) -> None:
+        self.php = threading.Semaphore(workers) if workers else contextlib.nullcontext()
 
     def kind(self, request: Request) -> str:
         """'bulk' for a request of VisitsSummary reports; 'raw log' (Live), 'sites' (SitesManager),
@@ -164,7 +171,8 @@ class FakeMatomo(FakeServer):
             time.sleep(self.proxy_timeout)  # PHP goes on; the proxy answers
             return Response(504, GATEWAY_TIMEOUT_PAGE, "text/html")
         if work:
-            time.sleep(work)
+            with self.php:  # a request waits for a free PHP worker, then works
+                time.sleep(work)
         return Response(200, [self.answer(sub) for sub in subs])
 
     def answer(self, sub: dict[str, str]):

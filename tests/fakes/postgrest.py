@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from typing import Callable
 
 import psycopg
@@ -68,6 +69,7 @@ class FakePostgrest(FakeServer):
         # The API roles' statement_timeout (8 s on Supabase): an upsert of more rows than this takes
         # longer and is cancelled (57014), every time it is sent at that size.
         self.rows_within_timeout: int | None = None
+        self.row_cost = 0.0  # seconds per upserted row, on top of the database's own time
 
     def connection(self) -> psycopg.Connection:
         if getattr(self._local, "conn", None) is None or self._local.conn.closed:
@@ -341,6 +343,8 @@ class FakePostgrest(FakeServer):
             statement = sql.SQL(
                 "with ins as ({}) select coalesce(json_agg(ins), '[]'::json) from ins"
             ).format(statement)
+        if self.row_cost:  # PostgreSQL's own work per row (a benchmark's cost model)
+            time.sleep(self.row_cost * len(json.loads(payload)))
         if self.rows_within_timeout is not None and len(json.loads(payload)) > self.rows_within_timeout:
             raise GatewayError(500, "57014", "canceling statement due to statement timeout")
         conn = self.connection()
