@@ -9,6 +9,7 @@ JSON with its status codes. The key decides the database role, as on Supabase.
 from __future__ import annotations
 
 import json
+import queue
 import re
 import threading
 import time
@@ -60,6 +61,7 @@ class FakePostgrest(FakeServer):
         self.roles = {service_key: "service_role", anon_key: "anon"}
         self.max_rows = max_rows
         self._local = threading.local()
+        self._idle: queue.LifoQueue[psycopg.Connection] = queue.LifoQueue()
         # Called with each request before it is served: a test's way to change the data between two
         # requests of a run (a site deleted between two pages of a read).
         self.before: Callable[[Request], None] | None = None
@@ -76,12 +78,32 @@ class FakePostgrest(FakeServer):
             self._local.conn = psycopg.connect(self.conninfo, autocommit=True)
         return self._local.conn
 
+    def handle_request_of(self, request: Request) -> Response:
+        """Each request on a database connection from a pool, as PostgREST keeps one: a server
+        thread per HTTP connection (a new one per request under HTTP/1.0) must not cost a new
+        PostgreSQL backend each."""
+        try:
+            self._local.conn = self._idle.get_nowait()
+        except queue.Empty:
+            self._local.conn = None
+        try:
+            return self.serve(request)
+        finally:
+            conn, self._local.conn = self._local.conn, None
+            if conn is not None and not conn.closed:
+                self._idle.put(conn)
+
     def kind(self, request: Request) -> str:
         if request.path.startswith("/rest/v1/rpc/"):
             return "rpc"
         return "upsert" if request.method == "POST" else "select"
 
-    def handle_request_of(self, request: Request) -> Response:
+    def stop(self) -> None:
+        super().stop()
+        while not self._idle.empty():
+            self._idle.get_nowait().close()
+
+    def serve(self, request: Request) -> Response:
         if self.before:
             self.before(request)
         role = None
