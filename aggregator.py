@@ -2517,15 +2517,16 @@ def analytics_rows(
 
 def since_creation(
     visits: Mapping[SiteId, Mapping[dt.date, int]], created: Mapping[SiteId, dt.date]
-) -> dict[SiteId, dict[dt.date, int]]:
+) -> dict[SiteId, Mapping[dt.date, int]]:
     """The visits without the days before each site was created in Matomo: Matomo answers them
-    like days without visits, but no one visited a site that did not exist."""
-    return {
-        site_id: {day: n for day, n in by_day.items() if day >= created[site_id]}
-        if site_id in created
-        else dict(by_day)
-        for site_id, by_day in visits.items()
-    }
+    like days without visits, but no one visited a site that did not exist. A site's days are
+    copied only when some precede its creation (a backfill's year of every site passes here)."""
+    result: dict[SiteId, Mapping[dt.date, int]] = dict(visits)
+    for site_id, by_day in visits.items():
+        first = created.get(site_id)
+        if first is not None and by_day and min(by_day) < first:
+            result[site_id] = {day: n for day, n in by_day.items() if day >= first}
+    return result
 
 
 def only_days(found: Mapping[SiteId, Mapping[dt.date, T]], days: Mapping[SiteId, set[dt.date]]) -> dict:
@@ -2691,6 +2692,9 @@ def store_rows(
 # Each source, and the sites column that asks for it: a site without a Matomo id is not asked
 # Matomo, one without an account not Search Console.
 SOURCES = {"matomo": "matomo_site_id", "gsc": "gsc_account_id"}
+SOURCE_NAMES = {"matomo": "Matomo", "gsc": "Search Console"}
+# The column whose presence in a row says that the source gave it a value.
+VALUE_COLUMN = {"matomo": "matomo_visits", "gsc": "gsc_clicks"}
 
 
 def wants(site: Site, source: str) -> bool:
@@ -2950,7 +2954,7 @@ def sources_known(
     if isinstance(learned, SupabaseError):
         log.error("%s; the holes of earlier nights are not healed this run", learned)
         return None
-    rows = matomo_rows(sites, matomo, matomo_ids, learned, asked.today) if cfg.heal_matomo_site_days else []
+    rows = matomo_rows(sites, matomo, matomo_ids, learned) if cfg.heal_matomo_site_days else []
     rows += gsc_rows(sites, skipped, account_states, learned, asked.today)
     for row in rows:
         learned[(row["site_id"], row["source"])] = row
@@ -2990,7 +2994,6 @@ def matomo_rows(
     matomo: MatomoClient,
     matomo_ids: Mapping[SiteId, int],
     learned: Mapping[tuple[SiteId, str], dict],
-    today: dt.date,
 ) -> list[dict]:
     """site_sources rows for the sites whose creation day in Matomo is not known yet."""
     new = {
@@ -3112,14 +3115,10 @@ def heal(
     plan = heal_plan(found, askable, coverage.window_from, expiring, cfg)
     say_heal_plan(plan, [hole for hole in found if hole.site_id in askable[hole.source]], expiring)
     by_id = {site.id: site for site in sites}
-    matomo_done = None
-    if plan.matomo:
-        with ThreadPoolExecutor(max_workers=1) as side:
-            matomo_done = side.submit(heal_matomo, fetchers, plan, by_id, store, outcome)
-            heal_gsc(fetchers, plan, by_id, store, outcome)
-            matomo_done.result()
-    else:
+    with ThreadPoolExecutor(max_workers=1) as side:  # Matomo beside Search Console
+        matomo_done = side.submit(heal_matomo, fetchers, plan, by_id, store, outcome)
         heal_gsc(fetchers, plan, by_id, store, outcome)
+        matomo_done.result()
     if outcome.healed:
         log.info(
             "Healed %d Matomo and %d Search Console site-days of earlier nights",
@@ -3141,7 +3140,7 @@ def say_heal_plan(plan: HealPlan, found: list[Hole], expiring: dt.date) -> None:
     for source, days in plan.left.items():
         log.info(
             "%s: %d site-days of holes are left for the next nights (oldest %s); the budget is HEAL_%s",
-            "Matomo" if source == "matomo" else "Search Console",
+            SOURCE_NAMES[source],
             days,
             plan.oldest_left[source],
             "MATOMO_SITE_DAYS" if source == "matomo" else "GSC_QUERIES",
@@ -3164,17 +3163,13 @@ def heal_matomo(
     outcome: Outcome,
 ) -> None:
     """Matomo's share of the holes: one range at a time, its sites in bulk requests."""
-    for (first, last), site_ids in sorted(plan.matomo.items()):
-        if fetchers.deadline.passed():
-            log.warning(
-                "%s: Matomo holes from %s on are left for the next nights", fetchers.deadline.why, first
-            )
-            return
-        days = days_between(first, last)
+
+    def rows(days: list[dt.date], site_ids: list[SiteId]) -> list[dict]:
         ids = {site_id: fetchers.matomo_ids[site_id] for site_id in site_ids}
         visits = matomo_data_by_site(fetchers.matomo, ids, days, fetchers.settled)
-        rows = analytics_rows([by_id[site_id] for site_id in site_ids], days, visits, {})
-        healed(rows, "matomo_visits", "matomo", store, outcome)
+        return analytics_rows([by_id[site_id] for site_id in site_ids], days, visits, {})
+
+    heal_by_span(plan.matomo, rows, "matomo", fetchers.deadline, store, outcome)
 
 
 def heal_gsc(
@@ -3189,29 +3184,42 @@ def heal_gsc(
     by_span: dict[tuple[dt.date, dt.date], list[SiteId]] = defaultdict(list)
     for site_id, days in plan.gsc.items():
         by_span[(min(days), max(days))].append(site_id)
-    for (first, last), site_ids in sorted(by_span.items()):
-        if fetchers.deadline.passed():
+
+    def rows(days: list[dt.date], site_ids: list[SiteId]) -> list[dict]:
+        targets = {site_id: fetchers.targets[site_id] for site_id in site_ids}
+        found = get_gsc_data(targets, days, fetchers.cfg, fetchers.gsc_pool, fetchers.deadline)
+        return analytics_rows([by_id[site_id] for site_id in site_ids], days, {}, only_days(found, plan.gsc))
+
+    heal_by_span(by_span, rows, "gsc", fetchers.deadline, store, outcome)
+
+
+def heal_by_span(
+    spans: Mapping[tuple[dt.date, dt.date], list[SiteId]],
+    rows: Callable[[list[dt.date], list[SiteId]], list[dict]],
+    source: str,
+    deadline: Deadline,
+    store: Callable[[list[dict], Outcome], None],
+    outcome: Outcome,
+) -> None:
+    """Fetches and stores a source's holes span by span, oldest first, until the deadline."""
+    for (first, last), site_ids in sorted(spans.items()):
+        if deadline.passed():
             log.warning(
-                "%s: Search Console holes from %s on are left for the next nights",
-                fetchers.deadline.why,
+                "%s: %s holes from %s on are left for the next nights",
+                deadline.why,
+                SOURCE_NAMES[source],
                 first,
             )
             return
-        targets = {site_id: fetchers.targets[site_id] for site_id in site_ids}
-        found = get_gsc_data(
-            targets, days_between(first, last), fetchers.cfg, fetchers.gsc_pool, fetchers.deadline
-        )
-        gsc = only_days(found, plan.gsc)
-        rows = analytics_rows([by_id[site_id] for site_id in site_ids], days_between(first, last), {}, gsc)
-        healed(rows, "gsc_clicks", "gsc", store, outcome)
+        healed(rows(days_between(first, last), site_ids), source, store, outcome)
 
 
 def healed(
-    rows: list[dict], column: str, source: str, store: Callable[[list[dict], Outcome], None], outcome: Outcome
+    rows: list[dict], source: str, store: Callable[[list[dict], Outcome], None], outcome: Outcome
 ) -> None:
     with outcome.lock:
         outcome.rows += len(rows)
-        outcome.healed[source] += sum(1 for row in rows if column in row)
+        outcome.healed[source] += sum(1 for row in rows if VALUE_COLUMN[source] in row)
     store(rows, outcome)
 
 
@@ -3668,9 +3676,6 @@ def fix_for(need: dict) -> str:
         return "add the domain's property to the account in Search Console, or set sites.gsc_account_id to the account that has it"
     account = re.match(r"account (\d+)", detail)
     return f"python aggregator.py authorize --account {account.group(1)}" if account else "see the run's log"
-
-
-SOURCE_NAMES = {"matomo": "Matomo", "gsc": "Search Console"}
 
 
 def status_lines(report: dict) -> list[str]:
