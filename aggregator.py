@@ -24,11 +24,11 @@ import difflib
 import functools
 import gc
 import html
-import itertools
 import json
 import logging
 import math
 import os
+import queue
 import re
 import shlex
 import signal
@@ -1164,8 +1164,18 @@ class MatomoState:
 
     cap: int  # sites per bulk request: MATOMO_BULK_SIZE, or the install's API_bulk_request_limit
     down: str | None = None  # what every request answers while the whole install fails alike
-    lost: list[list[int]] = field(default_factory=list)  # batches lost while it was down
+    # The outage that outlasted MATOMO_RECOVERY_PAUSES: the batches it costs are not waited for again.
+    gave_up_on: str | None = None
+    # The batches each thread lost while the install was down (a batch is asked in one thread).
+    lost_here: threading.local = field(default_factory=threading.local, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    recovery: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one wait at a time
+
+    def lost(self) -> list[list[int]]:
+        """This thread's batches lost while the install was down."""
+        if not hasattr(self.lost_here, "batches"):
+            self.lost_here.batches = []
+        return self.lost_here.batches
 
     def learn_cap(self, refused: int, error: MatomoError) -> None:
         with self.lock:
@@ -1194,6 +1204,7 @@ class MatomoClient:
     state: MatomoState
     broken: Once = field(default_factory=Once)  # the URL or the token is wrong
     down_said: Once = field(default_factory=Once)
+    log_off_said: Once = field(default_factory=Once)
 
 
 class CappedRetry(Retry):
@@ -1384,7 +1395,7 @@ def sites_per_request(bulk_size: int, days: int) -> int:
 
 
 def get_matomo_data(
-    matomo: MatomoClient, site_ids: Iterable[int], days: list[dt.date]
+    matomo: MatomoClient, site_ids: Iterable[int], days: list[dt.date], settled: dt.date | None
 ) -> dict[int, dict[dt.date, int]]:
     """{matomo site id: {day: visits}} for every site Matomo answered for, a few requests at a time.
 
@@ -1393,19 +1404,29 @@ def get_matomo_data(
     down) is known before the others are sent.
     """
     batches = list(chunks(sorted(set(site_ids)), sites_per_request(matomo.bulk_size, len(days))))
-    result: dict[int, dict[dt.date, int]] = {}
-    with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
-        for batch, visits in zip(
-            batches,
-            itertools.chain(
-                [visits_for_batch(matomo, batches[0], days)] if batches else [],
-                pool.map(lambda batch: visits_for_batch(matomo, batch, days), batches[1:]),
-            ),
-        ):
-            result.update(visits)
-            progress.fetched("matomo", len(batch))
-    result.update(visits_lost_while_down(matomo, days))
+    if not batches:
+        return {}
+    result = batch_visits(matomo, batches[0], days, settled)
+    if len(batches) > 1:
+        with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
+            for visits in pool.map(lambda batch: batch_visits(matomo, batch, days, settled), batches[1:]):
+                result.update(visits)
     return result
+
+
+def batch_visits(
+    matomo: MatomoClient, ids: list[int], days: list[dt.date], settled: dt.date | None
+) -> dict[int, dict[dt.date, int]]:
+    """One batch's visits, asked in one thread: what Matomo answered, what the install lost while
+    it was down asked again once it answers, and each 0 the raw log does not confirm made
+    Unconfirmed (with `settled` None, --accept-zero-visits, every 0 is taken)."""
+    matomo.state.lost().clear()
+    found = visits_for_batch(matomo, ids, days)
+    found.update(visits_lost_while_down(matomo, days))
+    if settled is not None:
+        found = with_zeros_confirmed(matomo, found, settled)
+    progress.fetched("matomo", len(ids))
+    return found
 
 
 def visits_for_batch(
@@ -1427,9 +1448,12 @@ def visits_asked(
 ) -> dict[int, dict[dt.date, int]]:
     """One bulk request for these sites and days, and what its failure calls for."""
     try:
-        return visits_of_answer(ids, days, post_bulk_request(matomo, matomo_queries(ids, days)))
+        slots = post_bulk_request(matomo, matomo_queries(ids, days))
     except MatomoError as error:
         return visits_after(matomo, ids, days, error, probed)
+    if matomo.state.down:  # it answers again: a later outage is waited for anew
+        matomo.state.down = matomo.state.gave_up_on = None
+    return visits_of_answer(ids, days, slots)
 
 
 def matomo_queries(ids: list[int], days: list[dt.date]) -> list[str]:
@@ -1543,36 +1567,51 @@ def install_down(matomo: MatomoClient, ids: list[int], why: str) -> dict[int, di
     batch is kept to be asked again if the install answers before the run ends."""
     with matomo.state.lock:
         matomo.state.down = why
-        matomo.state.lost.append(ids)
+    matomo.state.lost().append(ids)
     if matomo.down_said.first():
         log.error(
             "Matomo fails every request alike: %s. The install (or its database) is down or overloaded; "
-            "stored visits are kept, and what is missing is asked again if it answers before the run ends",
+            "stored visits are kept, and what is missing is asked again if it answers within seconds "
+            "(else the next nights fetch it)",
             why,
         )
     return {}
 
 
 def visits_lost_while_down(matomo: MatomoClient, days: list[dt.date]) -> dict[int, dict[dt.date, int]]:
-    """The batches lost while the whole install failed, asked again once it answers its API (a
-    restart takes seconds); none if it stays down."""
-    lost = matomo.state.lost
+    """The batches this thread lost while the whole install failed alike, asked again once it
+    answers its API (a restart takes seconds); none if it stays down."""
+    lost = list(matomo.state.lost())
+    matomo.state.lost().clear()
     if not lost:
         return {}
+    with matomo.state.recovery:  # while one thread waits, the others wait for what it finds
+        if not install_answers_again(matomo):
+            return {}
+    log.info("Matomo answers again: asking for the %d sites it failed for", sum(map(len, lost)))
+    return merged(visits_for_batch(matomo, batch, days) for batch in lost)
+
+
+def install_answers_again(matomo: MatomoClient) -> bool:
+    """Whether the install answers its API again, within MATOMO_RECOVERY_PAUSES. An outage that
+    outlasted them once is not waited for again: it would cost every later batch the pauses."""
+    down = matomo.state.down
+    if down is None:
+        return True  # another thread found it answering
+    if matomo.state.gave_up_on == down:
+        return False
     for pause in MATOMO_RECOVERY_PAUSES:
         if matomo.deadline.passed():
-            return {}
+            return False
         matomo.deadline.wait(pause)
         try:
             if install_trouble(matomo) is None:
-                break
+                matomo.state.down = None
+                return True
         except MatomoConfigError:
-            return {}
-    else:
-        return {}
-    log.info("Matomo answers again: asking for the %d sites it failed for", sum(map(len, lost)))
-    matomo.state.lost, matomo.state.down = [], None
-    return merged(visits_for_batch(matomo, batch, days) for batch in lost)
+            return False
+    matomo.state.gave_up_on = down
+    return False
 
 
 def matomo_id(site: Site) -> int | None:
@@ -1606,9 +1645,7 @@ def matomo_data_by_site(
 ) -> dict[SiteId, dict]:
     """{site id: {day: visits}} for the sites Matomo answered for; each 0 its raw log does not
     confirm is Unconfirmed (with `settled` None, --accept-zero-visits, every 0 is taken)."""
-    by_matomo_id = get_matomo_data(matomo, ids.values(), days) if ids else {}
-    if settled is not None:
-        by_matomo_id = with_zeros_confirmed(matomo, by_matomo_id, settled)
+    by_matomo_id = get_matomo_data(matomo, ids.values(), days, settled)
     return {site_id: by_matomo_id[m] for site_id, m in ids.items() if m in by_matomo_id}
 
 
@@ -1645,9 +1682,10 @@ def raw_log_query(matomo_id: int, days: list[dt.date]) -> str:
     )
 
 
-def bulk_answers(matomo: MatomoClient, queries: list[str], what: str) -> list[Any]:
-    """The answer slot of each sub-query, in bulk requests of the install's size; None where a
-    request failed (said once per request, as `what` could not be asked)."""
+def bulk_answers(matomo: MatomoClient, queries: list[str], what: str, workers: int = 0) -> list[Any]:
+    """The answer slot of each sub-query, in bulk requests of the install's size, `workers` at a
+    time (MATOMO_WORKERS if 0); None where a request failed (said once per request, as `what`
+    could not be asked)."""
 
     def ask(batch: list[str]) -> list[Any]:
         if matomo.deadline.passed() or matomo.broken.happened:
@@ -1661,8 +1699,11 @@ def bulk_answers(matomo: MatomoClient, queries: list[str], what: str) -> list[An
             log.info("Matomo: %s could not be asked for %d sites (%s)", what, len(batch), error)
             return [None] * len(batch)
 
-    with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
-        return [slot for answers in pool.map(ask, chunks(queries, matomo.state.cap)) for slot in answers]
+    batches = chunks(queries, matomo.state.cap)
+    if workers == 1:
+        return [slot for batch in batches for slot in ask(batch)]
+    with ThreadPoolExecutor(max_workers=workers or matomo.workers) as pool:
+        return [slot for answers in pool.map(ask, batches) for slot in answers]
 
 
 def with_zeros_confirmed(
@@ -1670,14 +1711,17 @@ def with_zeros_confirmed(
 ) -> dict[int, dict[dt.date, int]]:
     """The visits, each 0 that is not confirmed made Unconfirmed. A 0 is confirmed when Matomo's
     raw log (the Live API) has no visit in its run of zero days; where the visitor log is off,
-    when the day is older than `settled`."""
+    when the day is older than `settled`. Asked in the batch's own thread, one request at a time:
+    the batches beside it hold the other MATOMO_WORKERS."""
     asks = [(m, run) for m, by_day in visits.items() for run in zero_runs(by_day)]
     if not asks:
         return visits
     behind: list[int] = []
     log_off = None
     queries = [raw_log_query(m, run) for m, run in asks]
-    for (m, run), slot in zip(asks, bulk_answers(matomo, queries, "the visitor log (to confirm zeros)")):
+    for (m, run), slot in zip(
+        asks, bulk_answers(matomo, queries, "the visitor log (to confirm zeros)", workers=1)
+    ):
         if slot == []:
             continue  # no visit in the raw log: the zeros are true
         if isinstance(slot, dict) and slot.get("result") == "error":
@@ -1687,15 +1731,14 @@ def with_zeros_confirmed(
             behind.append(m)
         for day in run:
             visits[m][day] = Unconfirmed(0)
-    if behind:
-        log.warning(
-            "Matomo answered 0 visits where its raw log has visits, for %d sites (ids %s): those days are not "
-            "archived yet (core:archive is behind). Stored as provisional (matomo_final = false); the next "
-            "nights fetch them again",
-            len(behind),
-            id_list(sorted(set(behind))),
+    for m in sorted(set(behind)):
+        site_warnings.add(
+            "Matomo answered 0 visits where its raw log has visits: those days are not archived yet "
+            "(core:archive is behind). Stored as provisional (matomo_final = false); the next nights "
+            "fetch them again",
+            f"Matomo site id {m}",
         )
-    if log_off:
+    if log_off and matomo.log_off_said.first():
         log.info(
             "Matomo's visitor log cannot confirm zeros (%s): a 0 is final once its day is older than "
             "MATOMO_SETTLE_DAYS",
@@ -2323,22 +2366,38 @@ def search_query(days: list[dt.date]) -> dict:
     }
 
 
+# One answer of Search Console for a site: its metrics by day, or None when it gave none.
+GscAnswered = Callable[[SiteId, Union[dict, None]], None]
+
+
 @dataclass
 class GscRound:
-    """The queries of one get_gsc_data: waiting per account, in flight, and what came of them."""
+    """The queries of one stream: waiting per account, in flight, and what came of them. Every
+    site added is answered exactly once, with its metrics or with None."""
 
-    targets: Mapping[SiteId, tuple[GscAccount, str]]
     days: list[dt.date]
-    waiting: dict[AccountId, deque[SiteId]]
+    answered: GscAnswered
+    targets: dict[SiteId, tuple[GscAccount, str]] = field(default_factory=dict)
+    waiting: dict[AccountId, deque[SiteId]] = field(default_factory=dict)
     in_flight: dict[Future, tuple[SiteId, float]] = field(default_factory=dict)
     busy: Counter = field(default_factory=Counter)  # queries in flight per account
-    result: dict[SiteId, dict[dt.date, GscMetrics]] = field(default_factory=dict)
     given_up: dict[str, dict[AccountId, list[SiteId]]] = field(default_factory=lambda: defaultdict(dict))
+
+    def add(self, targets: Mapping[SiteId, tuple[GscAccount, str]]) -> None:
+        for site_id, target in targets.items():
+            self.targets[site_id] = target
+            self.waiting.setdefault(target[0].id, deque()).append(site_id)
+
+    def answer(self, site_id: SiteId, metrics: dict | None) -> None:
+        del self.targets[site_id]
+        self.answered(site_id, metrics)
 
     def give_up(self, account_id: AccountId, why: str, site_ids: Iterable[SiteId] = ()) -> None:
         """No value for these sites and the account's waiting ones, for this reason."""
-        gone = self.given_up[why].setdefault(account_id, [])
-        gone += [*site_ids, *self.waiting.pop(account_id, ())]
+        gone = [*site_ids, *self.waiting.pop(account_id, ())]
+        self.given_up[why].setdefault(account_id, []).extend(gone)
+        for site_id in gone:
+            self.answer(site_id, None)
 
     def too_late(self, account: GscAccount, deadline: Deadline) -> None:
         """The account's waiting sites cannot be queried before the run must end."""
@@ -2356,22 +2415,51 @@ def get_gsc_data(
     pool: Executor,
     deadline: Deadline,
 ) -> dict[SiteId, dict[dt.date, GscMetrics]]:
-    """{site id: {day: metrics}} for each site whose property answered; one query per site.
+    """{site id: {day: metrics}} for each site whose property answered; one query per site."""
+    result: dict[SiteId, dict[dt.date, GscMetrics]] = {}
+    feed: queue.Queue = queue.Queue()
+    feed.put(targets)
+    feed.put(None)
+
+    def answered(site_id: SiteId, metrics: dict | None) -> None:
+        if metrics is not None:
+            result[site_id] = metrics
+
+    stream_gsc_data(feed, days, cfg, pool, deadline, answered)
+    return result
+
+
+def stream_gsc_data(
+    feed: queue.Queue,
+    days: list[dt.date],
+    cfg: Config,
+    pool: Executor,
+    deadline: Deadline,
+    answered: GscAnswered,
+) -> None:
+    """Asks Search Console for each site that comes through `feed` ({site id: (account, property
+    URL)} at a time, None at the end), one query per site, and calls `answered` for each as
+    soon as it is known, until the feed ends and every site is answered.
 
     Each account's queries wait in a queue of their own and go to the pool only when its quota
     lets them: a paused or paced account holds no thread another account could use.
     """
+    if not days:  # every day asked for is older than Search Console keeps: no site comes
+        return
     newest_final = newest_final_day(search_console_today())
     query = functools.partial(
         query_property, body=search_query(days), days=days, newest_final=newest_final, cfg=cfg
     )
-    state = GscRound(targets, days, queues_by_account(targets))
-    while state.waiting or state.in_flight:
+    state, more = GscRound(days, answered), True
+    while more or state.waiting or state.in_flight:
+        if more:
+            # Nothing to do but wait for more: a short wait, so that the deadline is seen soon.
+            more = take_targets(feed, state, 0.5 if not (state.waiting or state.in_flight) else 0)
         if deadline.passed():
-            for queue in list(state.waiting.values()):
-                state.too_late(targets[queue[0]][0], deadline)
+            for sites_waiting in list(state.waiting.values()):
+                state.too_late(state.targets[sites_waiting[0]][0], deadline)
         next_turn = send_queries(state, query, cfg, pool, deadline)
-        wait_for = max(0.0, min(next_turn - time.monotonic(), 0.5))  # 0.5 s: a signal is seen soon
+        wait_for = max(0.0, min(next_turn - time.monotonic(), 0.05 if more else 0.5))
         if state.in_flight:
             done, _ = futures_wait(state.in_flight, timeout=wait_for, return_when=FIRST_COMPLETED)
             for future in done:
@@ -2379,7 +2467,19 @@ def get_gsc_data(
         elif state.waiting:
             deadline.wait(wait_for)
     say_what_gsc_gave_up(state)
-    return state.result
+
+
+def take_targets(feed: queue.Queue, state: GscRound, timeout: float) -> bool:
+    """Adds every site waiting in the feed to the round (waiting up to `timeout` for the first);
+    False once the feed has ended."""
+    try:
+        targets = feed.get(timeout=timeout) if timeout else feed.get_nowait()
+        while targets is not None:
+            state.add(targets)
+            targets = feed.get_nowait()
+        return False
+    except queue.Empty:
+        return True
 
 
 def send_queries(state: GscRound, query: Callable, cfg: Config, pool: Executor, deadline: Deadline) -> float:
@@ -2388,8 +2488,8 @@ def send_queries(state: GscRound, query: Callable, cfg: Config, pool: Executor, 
     next_turn, sent = math.inf, True
     while sent and len(state.in_flight) < cfg.gsc_workers:
         sent, now = False, time.monotonic()
-        for account_id, queue in list(state.waiting.items()):
-            account = state.targets[queue[0]][0]
+        for account_id, sites_waiting in list(state.waiting.items()):
+            account = state.targets[sites_waiting[0]][0]
             if state.busy[account_id] >= account.quota.in_flight_allowed(cfg.gsc_account_workers):
                 continue
             turn = account.quota.next_turn(now)
@@ -2398,8 +2498,8 @@ def send_queries(state: GscRound, query: Callable, cfg: Config, pool: Executor, 
             elif turn > now:
                 next_turn = min(next_turn, turn)
             elif len(state.in_flight) < cfg.gsc_workers:
-                site_id = queue.popleft()
-                if not queue:
+                site_id = sites_waiting.popleft()
+                if not sites_waiting:
                     del state.waiting[account_id]
                 account.quota.sent(now)
                 state.in_flight[pool.submit(query, *state.targets[site_id])] = (site_id, now)
@@ -2414,9 +2514,7 @@ def take_answer(state: GscRound, future: Future) -> None:
     account, site_url = state.targets[site_id]
     state.busy[account.id] -= 1
     try:
-        state.result[site_id] = future.result()
-        account.quota.succeeded(sent_at)
-        progress.fetched("gsc", 1)
+        metrics = future.result()
     except HttpError as error:
         if is_quota_error(error):
             quota_met(state, site_id, sent_at, error)
@@ -2424,8 +2522,15 @@ def take_answer(state: GscRound, future: Future) -> None:
             state.give_up(account.id, api_disabled(account.project), [site_id])
         else:
             log.warning("GSC %s: HTTP %s: %s", site_url, error.status_code, http_error_reason(error))
+            state.answer(site_id, None)
+        return
     except Exception as error:  # noqa: BLE001 - a cut-off answer, a dropped refresh: this site only
         log.warning("GSC %s: %s: %s", site_url, type(error).__name__, error)
+        state.answer(site_id, None)
+        return
+    account.quota.succeeded(sent_at)
+    progress.fetched("gsc", 1)
+    state.answer(site_id, metrics)
 
 
 def quota_met(state: GscRound, site_id: SiteId, sent_at: float, error: HttpError) -> None:
@@ -2468,21 +2573,6 @@ def say_what_gsc_gave_up(state: GscRound) -> None:
 # ---------------------------------------------------------------------------
 # Shaping rows (pure)
 # ---------------------------------------------------------------------------
-
-
-# A slice of the fleet is fetched, shaped and stored before the next; this bounds memory
-# (a year for 10,000 sites is 3.65 million rows) while the nightly run stays one slice.
-ROWS_PER_SLICE = 10_000
-
-
-def slices(sites: list[Site], days: int, per_request: int) -> Iterator[list[Site]]:
-    """The fleet in slices of about ROWS_PER_SLICE rows, so that memory stays bounded.
-
-    A slice holds whole Matomo bulk requests (of `per_request` sites), so slicing costs no extra
-    Matomo request.
-    """
-    per_slice = max(1, ROWS_PER_SLICE // days)
-    return chunks(sites, max(per_request, per_slice - per_slice % per_request))
 
 
 def analytics_rows(
@@ -2637,51 +2727,97 @@ def rows_by_columns(rows: Iterable[dict]) -> dict[tuple[str, ...], list[dict]]:
 # ---------------------------------------------------------------------------
 
 
-def store_rows(
-    client: Supabase, rows: list[dict], cfg: Config, pool: Executor, hopeless: Once | None = None
-) -> tuple[int, int]:
-    """Upsert rows in chunks of one shape through the run's upsert pool; returns (stored, not
-    stored). `hopeless` is the run's: once a fault every chunk would meet is found, said once,
-    no further upsert is tried."""
-    batches = [
-        chunk for group in rows_by_columns(rows).values() for chunk in chunks(group, cfg.upsert_chunk_size)
-    ]
-    hopeless = hopeless or Once()
-
-    def store(chunk: list[dict], whole_failed_with: str | None = None) -> int:
-        """How many of the chunk's rows were stored."""
-        if hopeless.happened:
-            return 0
-        request = client.table("daily_analytics").upsert(
-            chunk, on_conflict="date,site_id", returning=ReturnMethod.minimal
-        )
-        try:
-            with_retries(request.execute, client.attempts)
-            return len(chunk)
-        except (APIError, httpx.HTTPError) as error:
-            kind, code = supabase_error_kind(error), str(getattr(error, "code", "") or "")
-            if kind == "other" and code == whole_failed_with and code not in ROW_ERRORS:
-                kind = "everywhere"  # a half fails as the whole did: no row is to blame
-            if kind in ("too big", "other") and len(chunk) > 1:
-                # Too much work for the statement timeout, or one row sinks the chunk (its site
-                # deleted during the run: 23503): halves are stored, or find the row.
-                half = len(chunk) // 2
-                return store(chunk[:half], code) + store(chunk[half:], code)
-            if kind in ("key", "schema", "everywhere"):
-                said = describe_supabase_error(error, "storing rows")
-                if hopeless.first(said):
-                    log.error("%s; no further upsert is tried", said)
-                return 0
-            what = (
-                f"site {chunk[0]['site_id']}, {chunk[0]['date']}"
-                if len(chunk) == 1
-                else f"{len(chunk)} records"
+def store_chunk(
+    client: Supabase, chunk: list[dict], hopeless: Once, whole_failed_with: str | None = None
+) -> int:
+    """Upserts rows of one shape; returns how many were stored. `hopeless` is the run's: once a
+    fault every chunk would meet is found, said once, no further upsert is tried."""
+    if hopeless.happened:
+        return 0
+    request = client.table("daily_analytics").upsert(
+        chunk, on_conflict="date,site_id", returning=ReturnMethod.minimal
+    )
+    try:
+        with_retries(request.execute, client.attempts)
+        return len(chunk)
+    except (APIError, httpx.HTTPError) as error:
+        kind, code = supabase_error_kind(error), str(getattr(error, "code", "") or "")
+        if kind == "other" and code == whole_failed_with and code not in ROW_ERRORS:
+            kind = "everywhere"  # a half fails as the whole did: no row is to blame
+        if kind in ("too big", "other") and len(chunk) > 1:
+            # Too much work for the statement timeout, or one row sinks the chunk (its site
+            # deleted during the run: 23503): halves are stored, or find the row.
+            half = len(chunk) // 2
+            return store_chunk(client, chunk[:half], hopeless, code) + store_chunk(
+                client, chunk[half:], hopeless, code
             )
-            log.error("%s; %s not stored", describe_supabase_error(error, "storing rows"), what)
+        said = describe_supabase_error(error, "storing rows")
+        if kind in ("key", "schema", "everywhere"):
+            if hopeless.first(said):
+                log.error("%s; no further upsert is tried", said)
             return 0
+        what = (
+            f"site {chunk[0]['site_id']}, {chunk[0]['date']}" if len(chunk) == 1 else f"{len(chunk)} records"
+        )
+        log.error("%s; %s not stored", said, what)
+        return 0
 
-    stored = sum(pool.map(store, batches))
-    return stored, len(rows) - stored
+
+class Upserts:
+    """The run's upserts: rows gathered by shape (PostgREST writes every column of a bulk upsert's
+    key union into every row, NULL where a row lacks it) into chunks of UPSERT_CHUNK_SIZE, each
+    sent as soon as it is full. At most UPSERT_WORKERS are in flight and as many wait: a caller
+    with more waits, so that fetched rows never pile up faster than they are stored."""
+
+    def __init__(self, client: Supabase, cfg: Config, pool: Executor, hopeless: Once, outcome: Any) -> None:
+        self.client, self.size, self.pool, self.hopeless, self.outcome = (
+            client,
+            cfg.upsert_chunk_size,
+            pool,
+            hopeless,
+            outcome,
+        )
+        self.filling: dict[tuple[str, ...], list[dict]] = {}
+        self.sent: list[Future] = []
+        self.lock = threading.Lock()
+        self.slots = threading.Semaphore(2 * cfg.upsert_workers)
+
+    def add(self, rows: list[dict], index: int = 0) -> None:
+        full = []
+        with self.lock:
+            for shape, group in rows_by_columns(rows).items():
+                chunk = self.filling.setdefault(shape, [])
+                chunk += group
+                while len(chunk) >= self.size:
+                    full.append(chunk[: self.size])
+                    del chunk[: self.size]
+        for chunk in full:
+            self.send(chunk)
+
+    def send(self, chunk: list[dict]) -> None:
+        self.slots.acquire()
+        future = self.pool.submit(self.store, chunk)
+        future.add_done_callback(lambda _: self.slots.release())
+        with self.lock:
+            self.sent = [each for each in self.sent if not each.done()] + [future]
+
+    def store(self, chunk: list[dict]) -> None:
+        stored = store_chunk(self.client, chunk, self.hopeless)
+        with self.outcome.lock:
+            self.outcome.stored += stored
+            self.outcome.not_stored += len(chunk) - stored
+            progress.stored = self.outcome.stored
+
+    def finish(self) -> None:
+        """Sends the chunks not yet full, and waits for every upsert."""
+        with self.lock:
+            rest, self.filling = list(self.filling.values()), {}
+        for chunk in rest:
+            self.send(chunk)
+        with self.lock:
+            sent = list(self.sent)
+        for future in sent:
+            future.result()
 
 
 # ---------------------------------------------------------------------------
@@ -2727,20 +2863,21 @@ class Outcome:
     healed: Counter = field(default_factory=Counter)  # site-days of earlier nights filled, per source
     person: dict = field(default_factory=dict)  # what a person must fix -> the sites it costs
     sites_by_problem: dict = field(default_factory=dict)  # a warning many sites met -> every one
-    done: int = 0  # sites whose slice was fetched
+    done: int = 0  # sites whose fetches have ended
+    sources_asked: list = field(default_factory=list)  # the sources the days asked for have
     lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def sources(self) -> dict[str, SourceCount]:
         return {"matomo": self.matomo, "gsc": self.gsc}
 
     def begin(self, sites: list[Site], days: list[dt.date], sources: Iterable[str]) -> None:
-        self.days, self.sites = days, len(sites)
+        self.days, self.sites, self.sources_asked = days, len(sites), list(sources)
         self.domains = {site.id: site.domain for site in sites}
         for source in sources:
             self.sources()[source].wanted = sum(1 for site in sites if wants(site, source))
 
     def count_fetched(self, part: list[Site], answers: Mapping[str, Mapping[SiteId, Any]]) -> None:
-        """Counts what each source answered for the sites of a slice."""
+        """Counts what each source answered for some sites."""
         for source, answered in answers.items():
             count = self.sources()[source]
             count.fetched += len(answered)
@@ -2820,33 +2957,25 @@ class Asked:
 
 
 def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outcome:
-    """The job, in the seed's five steps: read the deployed sites and the accounts; then, slice by
-    slice, get Matomo's visits and Search Console's numbers, shape one row per site and day, and
-    upsert them (storing earlier slices while the next is fetched)."""
+    """The job, in the seed's five steps: read the deployed sites and the accounts; get Matomo's
+    visits and Search Console's numbers, shape one row per site and day, and upsert them, each
+    source and the upserts kept busy side by side (fetch_and_store); then, in the nightly run,
+    heal the holes of earlier nights."""
     client = supabase_client(cfg)
     sites, keys, days, learned = fleet_to_fetch(client, asked)
     skipped: dict[SiteId, str] = {}  # why Search Console is not asked for a site of a connected account
     gsc_days = [day for day in days if day >= gsc_oldest_day(asked.today)]
-    sources = ["matomo", "gsc"] if gsc_days else ["matomo"]
-    outcome.begin(sites, days, sources)
-    read_stored = None if asked.accept_zero_visits else functools.partial(stored_visits, client)
-    settled = None if asked.accept_zero_visits else asked.today - dt.timedelta(days=cfg.matomo_settle_days)
+    outcome.begin(sites, days, ["matomo", "gsc"] if gsc_days else ["matomo"])
     with contextlib.ExitStack() as stack:
         stack.enter_context(progress.shown(cfg.progress_every, outcome))
         gsc_pool = stack.enter_context(ThreadPoolExecutor(max_workers=cfg.gsc_workers))
-        # One pool for every upsert of the run: a slice's upserts start while the previous
-        # slice's last ones are still in flight, and never more than UPSERT_WORKERS at once.
         upserts = stack.enter_context(ThreadPoolExecutor(max_workers=cfg.upsert_workers))
         hopeless = Once()  # a fault every upsert meets was found
-        store = (
-            print_rows_table({site.id: site.domain for site in sites})
+        store: Upserts | DryRunTable = (
+            DryRunTable({site.id: site.domain for site in sites})
             if asked.dry_run
-            else functools.partial(store_rows, client, cfg=cfg, pool=upserts, hopeless=hopeless)
+            else Upserts(client, cfg, upserts, hopeless, outcome)
         )
-        # Matomo beside Search Console, and two slices being stored beside the next one's
-        # fetches (one in a dry run, whose table is printed slice after slice).
-        storing_at_most = 1 if asked.dry_run else 2
-        side = stack.enter_context(ThreadPoolExecutor(max_workers=1 + storing_at_most))
         matomo, matomo_ids = matomo_client(cfg, deadline), matomo_ids_by_site(sites)
         accounts = (
             connected_accounts(cfg, sites, keys, gsc_pool, states=outcome.gsc_accounts) if gsc_days else {}
@@ -2854,7 +2983,6 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         targets = query_targets(sites, accounts, skipped)
         progress.fetched("gsc", outcome.gsc.wanted - len(targets))  # nothing to ask for these
         known = sources_known(learned, cfg, asked, sites, matomo, matomo_ids, skipped, outcome.gsc_accounts)
-        created = known.created if known else {}
         heals = bool(
             known
             and not asked.dry_run
@@ -2866,38 +2994,16 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         coverage = Coverage.of(cfg, asked.today, days[0])
         reader = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         holes_read = reader.submit(holes, client, coverage) if heals else None
-        storing: deque[Future] = deque()
-        for part in slices(sites, len(days), sites_per_request(cfg.matomo_bulk_size, len(days))):
-            if deadline.passed():
-                log.warning("%s: %d sites were not fetched", deadline.why, len(sites) - outcome.done)
-                outcome.give_up(sites[outcome.done :], sources)
-                break
-            part_ids = {s.id: matomo_ids[s.id] for s in part if s.id in matomo_ids}
-            visits_read = side.submit(visits_and_stored, matomo, part_ids, days, settled, read_stored)
-            part_targets = {s.id: targets[s.id] for s in part if s.id in targets}
-            gsc = get_gsc_data(part_targets, gsc_days, cfg, gsc_pool, deadline) if part_targets else {}
-            visits, stored = visits_read.result()
-            answers = {"matomo": visits, "gsc": gsc}
-            outcome.count_fetched(part, {source: answers[source] for source in sources})
-            rows = slice_rows(part, days, since_creation(visits, created), gsc, stored, outcome)
-            del visits, gsc  # not kept alive through the next slice's fetch
-            while len(storing) >= storing_at_most:
-                storing.popleft().result()
-            storing.append(side.submit(store_and_count, store, rows, outcome))
-        for each in storing:
-            each.result()
-        what_needs_a_person(outcome, sites, matomo, matomo_ids, skipped, hopeless)
+        settled = (
+            None if asked.accept_zero_visits else asked.today - dt.timedelta(days=cfg.matomo_settle_days)
+        )
+        read_stored = None if asked.accept_zero_visits else functools.partial(stored_visits, client)
+        fetchers = Fetchers(cfg, matomo, matomo_ids, settled, targets, gsc_pool, deadline, read_stored)
+        fetch_and_store(fetchers, sites, days, gsc_days, known.created if known else {}, store, outcome)
         if holes_read:
-            fetchers = Fetchers(cfg, matomo, matomo_ids, settled, targets, gsc_pool, deadline)
-            heal(
-                holes_read,
-                fetchers,
-                asked,
-                sites,
-                coverage,
-                functools.partial(store_and_count, store),
-                outcome,
-            )
+            heal(holes_read, fetchers, asked, sites, coverage, store.add, outcome)
+        store.finish()
+        what_needs_a_person(outcome, sites, matomo, matomo_ids, skipped, hopeless)
     if outcome.gsc_provisional:
         log.info(
             "Search Console: %d values are provisional (the day is not final yet): %s with "
@@ -2906,6 +3012,199 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             "would be stored" if asked.dry_run else "stored",
         )
     return outcome
+
+
+@dataclass(frozen=True)
+class Fetchers:
+    """What fetching from each source needs, as the run set it up."""
+
+    cfg: Config
+    matomo: MatomoClient
+    matomo_ids: Mapping[SiteId, int]
+    settled: dt.date | None  # Matomo zeros of days before it are final without the raw log's word
+    targets: Mapping[SiteId, tuple[GscAccount, str]]
+    gsc_pool: Executor
+    deadline: Deadline
+    read_stored: Callable[[set, list[dt.date]], Mapping[tuple[SiteId, str], int]] | None = None
+
+
+# How far the faster source may run ahead of the slower: site-days asked for and not yet shaped
+# into rows. It bounds memory (a year of 10,000 sites is 3.65 million site-days) and holds many
+# times what keeps every source busy: MATOMO_WORKERS requests of at most 3,000 site-days, and
+# GSC_WORKERS queries of a year each.
+SITE_DAYS_IN_FLIGHT = 60_000
+
+
+@dataclass(eq=False)
+class Unit:
+    """A few sites on their way through the run: one Matomo bulk request's worth, with their
+    Search Console queries, and what each source answered so far."""
+
+    index: int  # its place in the fleet
+    sites: list[Site]
+    matomo_ids: dict[SiteId, int]
+    targets: dict[SiteId, tuple[GscAccount, str]]
+    waiting: int = 0  # answers still to come: Matomo's (one for the unit), one per Search Console query
+    visits: dict = field(default_factory=dict)
+    stored: Any = field(default_factory=dict)  # the counts stored for its zeros, or why not read
+    gsc: dict = field(default_factory=dict)
+
+
+class Window:
+    """At most `limit` site-days in flight (a unit larger than that goes alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used, self.changed = limit, 0, threading.Condition()
+
+    def enter(self, size: int, deadline: Deadline) -> bool:
+        """Waits until `size` more site-days fit; False if the run must stop first."""
+        with self.changed:
+            while self.used and self.used + size > self.limit and not deadline.passed():
+                self.changed.wait(0.5)
+            if deadline.passed():
+                return False
+            self.used += size
+            return True
+
+    def leave(self, size: int) -> None:
+        with self.changed:
+            self.used -= size
+            self.changed.notify_all()
+
+
+def fetch_and_store(
+    fetchers: Fetchers,
+    sites: list[Site],
+    days: list[dt.date],
+    gsc_days: list[dt.date],
+    created: Mapping[SiteId, dt.date],
+    store: Upserts | DryRunTable,
+    outcome: Outcome,
+) -> None:
+    """Every site's days from both sources, stored. The fleet goes in units of one Matomo bulk
+    request; Matomo's requests flow through its workers back to back, Search Console's queries
+    through theirs, and a unit is shaped and stored as soon as both have answered for it, so
+    that the run takes as long as its slowest service, not as the sum of their waits."""
+    per_request = sites_per_request(fetchers.cfg.matomo_bulk_size, len(days))
+    units = [
+        Unit(
+            n,
+            part,
+            {s.id: fetchers.matomo_ids[s.id] for s in part if s.id in fetchers.matomo_ids},
+            {s.id: fetchers.targets[s.id] for s in part if s.id in fetchers.targets and gsc_days},
+        )
+        for n, part in enumerate(chunks(sites, per_request))
+    ]
+    flow = Flow(fetchers, days, created, store, outcome)
+    feed: queue.Queue = queue.Queue()  # each unit's Search Console queries, None at the end
+    # One thread hands Search Console's queries out, MATOMO_WORKERS ask Matomo.
+    with ThreadPoolExecutor(max_workers=1 + fetchers.matomo.workers) as pool:
+        f = fetchers
+        streams = [
+            pool.submit(stream_gsc_data, feed, gsc_days, f.cfg, f.gsc_pool, f.deadline, flow.gsc_answered)
+        ]
+        try:
+            streams += flow.dispatch(units, pool, feed)
+        finally:
+            feed.put(None)
+        for each in streams:
+            each.result()
+    if flow.not_asked:
+        log.warning("%s: Matomo was not asked for %d sites", fetchers.deadline.why, flow.not_asked)
+
+
+class Flow:
+    """The units of one run in flight: each source's answers gathered as they come, each unit
+    shaped into rows and handed to the store once every source has answered for it."""
+
+    def __init__(
+        self,
+        fetchers: Fetchers,
+        days: list[dt.date],
+        created: Mapping[SiteId, dt.date],
+        store: Upserts | DryRunTable,
+        outcome: Outcome,
+    ) -> None:
+        self.fetchers, self.days, self.created, self.store, self.outcome = (
+            fetchers,
+            days,
+            created,
+            store,
+            outcome,
+        )
+        self.window = Window(SITE_DAYS_IN_FLIGHT)
+        self.by_site: dict[SiteId, Unit] = {}  # the unit of each site Search Console is asked for
+        self.lock = threading.Lock()
+        self.first_asked = threading.Event()
+        self.not_asked = 0  # sites Matomo was not asked for: the run was stopped first
+
+    def dispatch(self, units: list[Unit], pool: Executor, feed: queue.Queue) -> list[Future]:
+        """Lets the units in, as far as the window allows, until the run must stop; returns the
+        Matomo requests. The first one goes alone: what it learns (the install's bulk request
+        limit, an install that is down) is known before the others are sent."""
+        asked: list[Future] = []
+        for n, unit in enumerate(units):
+            if not self.window.enter(len(unit.sites) * len(self.days), self.fetchers.deadline):
+                left = [site for rest in units[n:] for site in rest.sites]
+                log.warning("%s: %d sites were not fetched", self.fetchers.deadline.why, len(left))
+                self.outcome.give_up(left, self.outcome.sources_asked)
+                break
+            unit.waiting = (1 if unit.matomo_ids else 0) + len(unit.targets)
+            with self.lock:
+                self.by_site.update(dict.fromkeys(unit.targets, unit))
+            if unit.targets:
+                feed.put(unit.targets)
+            if unit.matomo_ids:
+                asked.append(pool.submit(self.ask_matomo, unit, first=not asked))
+            elif not unit.targets:
+                self.finish(unit)
+        return asked
+
+    def ask_matomo(self, unit: Unit, first: bool) -> None:
+        visits: dict = {}
+        stored: Any = {}
+        try:
+            if not first:
+                self.first_asked.wait()
+            if self.fetchers.deadline.passed():
+                with self.lock:
+                    self.not_asked += len(unit.matomo_ids)
+            else:
+                f = self.fetchers
+                visits, stored = visits_and_stored(
+                    f.matomo, unit.matomo_ids, self.days, f.settled, f.read_stored
+                )
+        finally:
+            self.first_asked.set()
+            unit.visits, unit.stored = visits, stored
+            self.answered(unit)
+
+    def gsc_answered(self, site_id: SiteId, metrics: dict | None) -> None:
+        with self.lock:
+            unit = self.by_site.pop(site_id)
+            if metrics is not None:
+                unit.gsc[site_id] = metrics
+        self.answered(unit)
+
+    def answered(self, unit: Unit) -> None:
+        with self.lock:
+            unit.waiting -= 1
+            last = unit.waiting == 0
+        if last:
+            self.finish(unit)
+
+    def finish(self, unit: Unit) -> None:
+        """The unit's rows, to the store; its place in the window, to the next."""
+        outcome, days = self.outcome, self.days
+        rows = analytics_rows(unit.sites, days, since_creation(unit.visits, self.created), unit.gsc)
+        answers = {"matomo": unit.visits, "gsc": unit.gsc}
+        with outcome.lock:
+            rows = keep_stored_visits(rows, unit.stored, outcome)
+            outcome.count_fetched(unit.sites, {source: answers[source] for source in outcome.sources_asked})
+            outcome.rows += len(rows)
+            outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
+        self.window.leave(len(unit.sites) * len(days))
+        self.store.add(rows, unit.index)
 
 
 def what_needs_a_person(
@@ -3076,26 +3375,13 @@ def account_needs_person(state: str) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class Fetchers:
-    """What fetching from each source needs, as the run set it up."""
-
-    cfg: Config
-    matomo: MatomoClient
-    matomo_ids: Mapping[SiteId, int]
-    settled: dt.date | None
-    targets: Mapping[SiteId, tuple[GscAccount, str]]
-    gsc_pool: Executor
-    deadline: Deadline
-
-
 def heal(
     holes_read: Future,
     fetchers: Fetchers,
     asked: Asked,
     sites: list[Site],
     coverage: Coverage,
-    store: Callable[[list[dict], Outcome], None],
+    store: Callable[[list[dict]], None],
     outcome: Outcome,
 ) -> None:
     """The nightly run's second part: the holes of earlier nights (and new sites' history), oldest
@@ -3159,7 +3445,7 @@ def heal_matomo(
     fetchers: Fetchers,
     plan: HealPlan,
     by_id: Mapping[SiteId, Site],
-    store: Callable[[list[dict], Outcome], None],
+    store: Callable[[list[dict]], None],
     outcome: Outcome,
 ) -> None:
     """Matomo's share of the holes: one range at a time, its sites in bulk requests."""
@@ -3176,7 +3462,7 @@ def heal_gsc(
     fetchers: Fetchers,
     plan: HealPlan,
     by_id: Mapping[SiteId, Site],
-    store: Callable[[list[dict], Outcome], None],
+    store: Callable[[list[dict]], None],
     outcome: Outcome,
 ) -> None:
     """Search Console's share: one query per site over the span of its holes, sites with the same
@@ -3198,7 +3484,7 @@ def heal_by_span(
     rows: Callable[[list[dt.date], list[SiteId]], list[dict]],
     source: str,
     deadline: Deadline,
-    store: Callable[[list[dict], Outcome], None],
+    store: Callable[[list[dict]], None],
     outcome: Outcome,
 ) -> None:
     """Fetches and stores a source's holes span by span, oldest first, until the deadline."""
@@ -3214,13 +3500,11 @@ def heal_by_span(
         healed(rows(days_between(first, last), site_ids), source, store, outcome)
 
 
-def healed(
-    rows: list[dict], source: str, store: Callable[[list[dict], Outcome], None], outcome: Outcome
-) -> None:
+def healed(rows: list[dict], source: str, store: Callable[[list[dict]], None], outcome: Outcome) -> None:
     with outcome.lock:
         outcome.rows += len(rows)
         outcome.healed[source] += sum(1 for row in rows if VALUE_COLUMN[source] in row)
-    store(rows, outcome)
+    store(rows)
 
 
 def fleet_to_fetch(
@@ -3254,21 +3538,6 @@ def fleet_to_fetch(
         sites = sites_with_domains(sites, asked.only_domains)
     log.info("Aggregating %s to %s for %d deployed sites", days[0], days[-1], len(sites))
     return sites, keys, days, learned
-
-
-def slice_rows(
-    part: list[Site],
-    days: list[dt.date],
-    visits: Mapping[SiteId, Mapping[dt.date, int]],
-    gsc: Mapping[SiteId, Mapping[dt.date, GscMetrics]],
-    stored: Mapping[tuple[SiteId, str], int] | SupabaseError,
-    outcome: Outcome,
-) -> list[dict]:
-    """The rows to upsert for a slice, without the Matomo zeros that would lower stored counts."""
-    rows = keep_stored_visits(analytics_rows(part, days, visits, gsc), stored, outcome)
-    outcome.rows += len(rows)
-    outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
-    return rows
 
 
 def keep_stored_visits(
@@ -3315,16 +3584,6 @@ def sites_with_domains(sites: list[Site], domains: Iterable[str]) -> list[Site]:
     return chosen
 
 
-def store_and_count(
-    store: Callable[[list[dict]], tuple[int, int]], rows: list[dict], outcome: Outcome
-) -> None:
-    stored, not_stored = store(rows)
-    with outcome.lock:  # two slices may finish storing at once
-        outcome.stored += stored
-        outcome.not_stored += not_stored
-        progress.stored = outcome.stored
-
-
 # ---------------------------------------------------------------------------
 # What a run leaves for the operator: the dry-run table, the aggregator_runs row
 # ---------------------------------------------------------------------------
@@ -3346,14 +3605,30 @@ ROW_COLUMNS = (
 ROW_FORMAT = "{:<10}  {:>8}  {:<28}  {:>13}  {:>12}  {:>10}  {:>15}  {:>8}  {:>12}  {:>9}"
 
 
-def print_rows_table(domains: Mapping[SiteId, str | None]) -> Callable[[list[dict]], tuple[int, int]]:
-    """--dry-run's stand-in for store_rows, once the table's head is printed."""
-    say(ROW_FORMAT.format(*ROW_COLUMNS))
-    return functools.partial(print_rows, domains=domains)
+class DryRunTable:
+    """--dry-run's stand-in for the upserts: the rows as an aligned table, in the fleet's order
+    (`index` is a unit's place in it), whatever order the units are fetched in."""
+
+    def __init__(self, domains: Mapping[SiteId, str | None]) -> None:
+        say(ROW_FORMAT.format(*ROW_COLUMNS))
+        self.domains, self.next, self.lock = domains, 0, threading.Lock()
+        self.waiting: dict[int, list[dict]] = {}  # units fetched before one earlier in the fleet
+
+    def add(self, rows: list[dict], index: int = 0) -> None:
+        with self.lock:
+            self.waiting[index] = rows
+            while self.next in self.waiting:
+                print_rows(self.waiting.pop(self.next), self.domains)
+                self.next += 1
+
+    def finish(self) -> None:
+        with self.lock:
+            for index in sorted(self.waiting):
+                print_rows(self.waiting.pop(index), self.domains)
 
 
-def print_rows(rows: list[dict], domains: Mapping[SiteId, str | None]) -> tuple[int, int]:
-    """--dry-run's stand-in for store_rows: the rows as an aligned table; '-' is a column not written."""
+def print_rows(rows: list[dict], domains: Mapping[SiteId, str | None]) -> None:
+    """The rows as an aligned table; '-' is a column not written."""
     lines = []
     for row in rows:
         cells = [row.get(column, "-") for column in ROW_COLUMNS]
@@ -3365,7 +3640,6 @@ def print_rows(rows: list[dict], domains: Mapping[SiteId, str | None]) -> tuple[
         )
     if lines:
         say(*lines)
-    return 0, 0
 
 
 def record_run(
