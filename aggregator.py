@@ -3203,6 +3203,7 @@ class Flow:
             outcome.count_fetched(unit.sites, {source: answers[source] for source in outcome.sources_asked})
             outcome.rows += len(rows)
             outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
+        unit.visits, unit.gsc, unit.stored = {}, {}, {}  # the fleet's list of units outlives them
         self.window.leave(len(unit.sites) * len(days))
         self.store.add(rows, unit.index)
 

@@ -96,6 +96,42 @@ def test_a_signal_stops_fetching_stores_what_was_fetched_and_counts_it_truly(
     assert lines_with(signal.Signals(signum).name, stderr)
 
 
+def test_sigterm_mid_backfill_stores_exactly_what_both_sources_gave_and_counts_it(
+    fleet, db, matomo, google, launch, config
+):
+    sites = fleet.many(40, [fleet.account(), fleet.account()])
+    matomo.visits_fn = lambda site, day: 3 if site <= sites[-1].matomo_id else None
+    google.search_fn = lambda site_url, day: (2, 20, 0.1, 4.5)
+    matomo.latency, google.latency = 0.3, 0.5
+    config["MATOMO_BULK_SIZE"] = "2"  # 20 Matomo requests, 3 at a time: about 2 s
+    start = (DAY - dt.timedelta(days=199)).isoformat()
+    process = launch("--from", start, "--to", DAY.isoformat(), log_level="INFO")
+
+    deadline = time.monotonic() + 60
+    while db.execute("select count(*) from daily_analytics").fetchone()[0] == 0:
+        assert time.monotonic() < deadline and process.poll() is None, "nothing was ever stored"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 143, stderr[-3000:]
+    rows, matomo_sites, gsc_sites = db.execute(
+        "select count(*), count(distinct site_id) filter (where matomo_visits is not null), "
+        "count(distinct site_id) filter (where gsc_clicks is not null) from daily_analytics"
+    ).fetchone()
+    assert 0 < matomo_sites < 40
+    # Every site a source answered for has all its days stored; the summary counts the table.
+    assert db.execute(
+        "select count(*) from daily_analytics where matomo_visits is null and gsc_clicks is null"
+    ).fetchone() == (0,)
+    assert db.execute("select count(matomo_visits) from daily_analytics").fetchone() == (matomo_sites * 200,)
+    assert db.execute("select count(gsc_clicks) from daily_analytics").fetchone() == (gsc_sites * 200,)
+    assert SUMMARY.findall(stderr)[-1] == (
+        f"Processed 40 sites. Fetched Matomo data for {matomo_sites}. Fetched GSC data for {gsc_sites}. "
+        f"Stored {rows} records."
+    )
+
+
 # ---------------------------------------------------------------------------
 # One site or account never sinks the run
 # ---------------------------------------------------------------------------

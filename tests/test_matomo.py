@@ -107,3 +107,35 @@ def test_one_sites_long_range_too_heavy_for_one_request_is_fetched_in_parts(
     assert result.returncode == 0, result.stderr[-3000:]
     assert db.execute("select count(*), sum(matomo_visits) from daily_analytics").fetchone() == (400, 14)
     assert len(matomo.bodies) == len(set(matomo.bodies)), "a request was sent again as it was"
+
+
+def test_a_slow_batch_of_a_backfill_holds_up_neither_the_other_batches_nor_search_console(
+    fleet, db, matomo, google, config, run_aggregator
+):
+    sites = fleet.many(60, [fleet.account(), fleet.account()])
+    matomo.visits_fn = lambda site, day: 1 + site % 5 if site <= sites[-1].matomo_id else None
+    google.search_fn = lambda site_url, day: (2, 20, 0.1, 4.5)
+    first, last = DAY - dt.timedelta(days=364), DAY
+    # 60 sites of a year, 3 to a Matomo request: 20 requests, 21,900 rows. One of them (not the
+    # first, which goes alone) takes 3 s, as one busy PHP worker or a cold archive would.
+    config["MATOMO_BULK_SIZE"] = "3"
+    slow_site = sites[6].matomo_id
+    matomo.inject(lambda r: f"idSite%3D{slow_site}%26" in r.body.decode(), status=200, delay=3.0)
+
+    result = run_aggregator("--from", first.isoformat(), "--to", last.isoformat())
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert db.execute(
+        "select count(*), count(matomo_visits), count(gsc_clicks) from daily_analytics"
+    ).fetchone() == (
+        60 * 365,
+        60 * 365,
+        60 * 365,
+    )
+    slow = next(r for r in matomo.report_requests() if f"idSite%3D{slow_site}%26" in r.body.decode())
+    during = [r for r in matomo.report_requests() if slow.received < r.received < slow.received + 3.0]
+    queries = [r for r in google.requests if google.kind(r) == "query" and r.received < slow.received + 3.0]
+    # In lockstep (slices of 27 sites, each waiting for its slowest request) at most 8 other
+    # requests would overlap the slow one, and the queries of the later slices would wait for it.
+    assert len(during) >= 15, f"{len(during)} Matomo requests went while the slow one was worked on"
+    assert len(queries) == 60, f"{len(queries)} Search Console queries went before the slow one's answer"

@@ -106,9 +106,11 @@ class FakeServer(ThreadingHTTPServer):
     ) -> None:
         """Make matching requests (a predicate, or a substring of the path) fail.
 
-        trickle or cut without a body apply to the normal answer."""
+        trickle or cut without a body apply to the normal answer; so does a delay with status 200
+        and no body (a slow answer, not a wrong one)."""
         predicate = match if callable(match) else (lambda r, s=match: s in r.path)
-        normal = hang or drop or ((trickle or cut is not None) and not body)
+        slow = delay and status == 200 and not body
+        normal = hang or drop or slow or ((trickle or cut is not None) and not body)
         response = None if normal else Response(status, body, content_type, dict(headers or {}))
         self.faults.append(Fault(predicate, response, times, hang, delay, trickle, cut, drop))
 
