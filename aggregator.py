@@ -12,6 +12,36 @@ A value that could not be fetched never replaces a stored one.
 Exit status: 0 all fetched and stored; 1 nothing could be done (configuration,
 Supabase); 2 usage error; 3 finished, but some values are missing that a later run fetches
 by itself; 4 a person must fix something (named in the last line).
+
+Contents, in the order the file reads; each section gives the next what it names
+(network: whether its functions talk to a service):
+
+  Configuration      Config from .env and the environment, checked at once      no network
+  Logging            the one secret filter on every line; progress; warnings     no network
+                     grouped per cause
+  Small tools        Deadline, the wall clock on every socket, Once, chunks      no network
+  Dates              the days a run asks for                                      no network
+  Supabase           the deployed sites, the accounts, stored counts, holes;      network
+                     the retry every write shares
+  Matomo             visits per site and day through bulk requests; zeros         network
+                     confirmed in the raw log; an install that is down
+  Search Console     each account connected, its properties; one query per        network
+                     site, streamed within each account's quota
+  Shaping rows       rows from answers; the heal plan; zeros that would lower      no network
+                     a stored count (pure functions)
+  Storing            upserts in full chunks of one shape                          network
+  The run            run(): the fleet, a flow of units through both sources to    network
+                     the upserts, then the holes of earlier nights; Outcome
+  What a run leaves  the dry-run table, the aggregator_runs row                   network
+  check, status, accounts, authorize: the other commands                          network
+  The command line   Command (one handler per command), the process, main()       no network
+
+Process-wide effects, all installed by take_over_the_process() at the start of main(): the
+singletons (secret_filter, problems, site_warnings, progress) emptied; gc.freeze(); the root
+log handlers; socket.socket and SSLContext.sslsocket_class replaced by the wall-clock sockets;
+OAUTHLIB_RELAX_TOKEN_SCOPE in the environment (for authorize); for `run`, the SIGINT and
+SIGTERM handlers. Nothing else changes the process (.env's values go to Config, not to
+os.environ), so main(argv) can run twice in one process.
 """
 
 from __future__ import annotations
@@ -21,6 +51,7 @@ import base64
 import contextlib
 import datetime as dt
 import difflib
+import enum
 import functools
 import gc
 import html
@@ -57,7 +88,7 @@ try:
     import httplib2  # noqa: E402
     import httpx  # noqa: E402
     import requests  # noqa: E402
-    from dotenv import dotenv_values, load_dotenv  # noqa: E402
+    from dotenv import dotenv_values  # noqa: E402
     from google.auth.exceptions import RefreshError  # noqa: E402
     from google.oauth2.credentials import Credentials  # noqa: E402
     from googleapiclient.discovery import build  # noqa: E402
@@ -85,7 +116,18 @@ __version__ = "1.1.0"
 
 log = logging.getLogger("aggregator")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_PERSON = 0, 1, 2, 3, 4
+
+class ExitStatus(enum.IntEnum):
+    """What a run tells cron and monitoring (README: "Exit statuses")."""
+
+    OK = 0  # all fetched and stored
+    FAILED = 1  # nothing could be done: the configuration, Supabase
+    USAGE = 2  # the command line is wrong
+    PARTIAL = 3  # finished, but some values are missing that a later run fetches by itself
+    PERSON = 4  # a person must fix something, named in the last line
+    INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT
+    TERMINATED = 143  # SIGTERM (a stopping system, `kill`): 128 + SIGTERM
+
 
 # Search Console publishes a day's data after about two days, and keeps revising the last
 # few: the nightly run refreshes a short window that ends two days ago.
@@ -127,7 +169,7 @@ class Config:
 
     supabase_url: str = field(metadata=URL)
     supabase_service_role_key: str
-    # Required by the commands that use them (REQUIRED_BY_COMMAND); the Google client only by
+    # Required by the commands that use them (Command.needs); the Google client only by
     # accounts that hold a refresh token (a service account needs none).
     matomo_url: str = field(default="", metadata=URL)
     matomo_token_auth: str = ""
@@ -187,34 +229,15 @@ def default_env_file() -> Path:
     return beside if beside.exists() or (beside.parent / "requirements.txt").exists() else Path.cwd() / ".env"
 
 
-# Settings a command cannot go without, beyond the Supabase pair every command needs.
-REQUIRED_BY_COMMAND: dict[str, tuple[str, ...]] = {
-    "run": ("MATOMO_URL", "MATOMO_TOKEN_AUTH"),
-    "check": ("MATOMO_URL", "MATOMO_TOKEN_AUTH"),
-    "authorize": ("GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET"),
-}
-
-
 def load_config(
     env_file: Path,
     environ: Mapping[str, str] = os.environ,
-    required: Iterable[str] = REQUIRED_BY_COMMAND["run"],
+    required: Iterable[str] = ("MATOMO_URL", "MATOMO_TOKEN_AUTH"),
 ) -> Config:
     """Read .env (variables already in the environment win) and validate everything at once;
-    `required` names what the command needs besides the Supabase pair."""
-    exported = set(environ)  # set before .env was read: the environment's, which wins
-    if env_file.exists():
-        warn_if_readable_by_others(env_file)
-        try:
-            load_dotenv(env_file, override=False, encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{env_file} is not UTF-8 text: save it as UTF-8 and run again") from None
-        except OSError as error:
-            raise ConfigError(
-                f"cannot read {env_file} ({error.strerror}): check its owner and mode"
-            ) from None
-        warn_of_unknown_settings(env_file)
-    env = {name: value.strip() for name, value in environ.items()}
+    `required` names what the command needs besides the Supabase pair. The environment itself
+    is left as it was: .env's values go to Config only."""
+    env = {name: value.strip() for name, value in {**settings_in(env_file), **environ}.items()}
     needed = [f.name.upper() for f in fields(Config) if f.default is MISSING] + list(required)
     if env.get("GOOGLE_CLIENT_ID") or env.get("GOOGLE_CLIENT_SECRET"):
         needed += ["GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET"]  # half a client is a mistake
@@ -224,6 +247,26 @@ def load_config(
             f"Missing configuration: {', '.join(missing)}. "
             f"Set them in {env_file} (see .env.example) or in the environment."
         )
+    return Config(**config_values(env, set(environ), env_file))
+
+
+def settings_in(env_file: Path) -> dict[str, str]:
+    """The settings .env holds (none if there is no .env); a warning for a name that is not one."""
+    if not env_file.exists():
+        return {}
+    warn_if_readable_by_others(env_file)
+    try:
+        found = dotenv_values(env_file, encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{env_file} is not UTF-8 text: save it as UTF-8 and run again") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read {env_file} ({error.strerror}): check its owner and mode") from None
+    warn_of_unknown_settings(env_file, found)
+    return {name: value for name, value in found.items() if value is not None}
+
+
+def config_values(env: Mapping[str, str], exported: set[str], env_file: Path) -> dict[str, Any]:
+    """Each setting given, checked; a ConfigError naming every problem at once."""
     # No message echoes a value: a key pasted into the wrong variable would be printed.
     values: dict[str, Any] = {}
     problems: list[str] = []
@@ -248,7 +291,7 @@ def load_config(
             values[f.name] = int(raw) if "at_least" in rule else raw
     if problems:
         raise ConfigError("Bad configuration: " + "; ".join(problems) + ".")
-    return Config(**values)
+    return values
 
 
 # What .env.example holds where the operator's own values go.
@@ -280,13 +323,9 @@ SETTING_ALIASES = {
 }
 
 
-def warn_of_unknown_settings(env_file: Path) -> None:
+def warn_of_unknown_settings(env_file: Path, names: Iterable[str]) -> None:
     """A typo (GSC_QMP for GSC_QPM) would otherwise leave the default in force without a word."""
     known = [f.name.upper() for f in fields(Config)]
-    try:
-        names = dotenv_values(env_file, encoding="utf-8").keys()
-    except (OSError, UnicodeDecodeError):
-        return  # load_dotenv has said what is wrong with the file
     for name in names:
         alias = SETTING_ALIASES.get(name.upper())
         guess = [alias] if alias else difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
@@ -327,6 +366,9 @@ class SecretFilter(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self._secrets: set[str] = set()
+
+    def forget(self) -> None:
+        self._secrets = set()
 
     def add(self, *values: str | None) -> None:
         for value in values:
@@ -369,7 +411,7 @@ class Progress:
     """How far a run is, shown while it goes: on a terminal one line that keeps being rewritten
     (the log handler clears it before a record and draws it again after, so that log lines are
     never glued onto it); under cron a log line every PROGRESS_EVERY seconds, so that a long run
-    does not look stuck. Fetches count as they finish, not slice by slice."""
+    does not look stuck. Fetches count as they finish."""
 
     def __init__(self) -> None:
         self.text, self.lock, self.stopped = "", threading.RLock(), threading.Event()
@@ -463,11 +505,11 @@ class SiteWarnings:
         with self.lock:
             self.by_cause.setdefault(cause, []).append(f"{site} [{detail}]" if detail else site)
 
-    def flush(self) -> dict[str, list[str]]:
+    def flush(self, say_nothing: bool = False) -> dict[str, list[str]]:
         """Says each cause once; returns {cause: every site} of what it said."""
         with self.lock:
             said, self.by_cause = self.by_cause, {}
-        for cause, sites in said.items():
+        for cause, sites in ({} if say_nothing else said).items():
             more = len(sites) - self.SHOWN
             shown = ", ".join(sites[: self.SHOWN]) + (f" and {more} more" if more > 0 else "")
             log.warning("%s: %s", shown, cause)
@@ -498,10 +540,14 @@ def say(*lines: str) -> None:
     print(redacted("\n".join(lines)), flush=True)
 
 
-def setup_logging(level: str, log_file: Path | None = None) -> None:
+def setup_logging(level: str, log_file: Path | None = None, quiet_problems: bool = False) -> None:
     """The log on stderr at `level`; with `log_file`, also appended there at INFO (or `level`, if
-    lower): under cron, stderr (mailed) can then say only what needs a person."""
+    lower): under cron, stderr (mailed) can then say only what needs a person. With
+    `quiet_problems`, this script's warnings and errors stay off stderr (a command that prints
+    them as its own lines)."""
     handler = LogLines(sys.stderr)
+    if quiet_problems:
+        handler.addFilter(lambda r: r.name != log.name or r.levelno < logging.WARNING)
     handlers: list[logging.Handler] = [handler, problems]
     file_level = min(logging.getLevelName(level), logging.INFO)
     if log_file:
@@ -614,7 +660,7 @@ class WallClockSSLSocket(WallClockSocket, ssl.SSLSocket):  # type: ignore[misc]
     pass
 
 
-def bound_every_exchange(seconds: float) -> None:
+def bound_every_exchange(seconds: float | None) -> None:
     """From now on, every socket this process opens is a WallClockSocket."""
     WallClockSocket.limit = seconds
     socket.socket = WallClockSocket  # type: ignore[misc]
@@ -1425,7 +1471,6 @@ def batch_visits(
     found.update(visits_lost_while_down(matomo, days))
     if settled is not None:
         found = with_zeros_confirmed(matomo, found, settled)
-    progress.fetched("matomo", len(ids))
     return found
 
 
@@ -1564,7 +1609,7 @@ def matomo_broken(matomo: MatomoClient, why: str) -> dict[int, dict[dt.date, int
 
 def install_down(matomo: MatomoClient, ids: list[int], why: str) -> dict[int, dict[dt.date, int]]:
     """The whole install fails alike (its database down, PHP restarting): one error line, and the
-    batch is kept to be asked again if the install answers before the run ends."""
+    batch is asked again if the install answers within MATOMO_RECOVERY_PAUSES."""
     with matomo.state.lock:
         matomo.state.down = why
     matomo.state.lost().append(ids)
@@ -1769,7 +1814,7 @@ def visits_and_stored(
     settled: dt.date | None,
     read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[SiteId, str], int]] | None,
 ) -> tuple[dict[SiteId, dict], Mapping[tuple[SiteId, str], int] | SupabaseError]:
-    """The Matomo visits of a slice and, for the sites with a 0 among them, the counts stored
+    """The Matomo visits of some sites and, for the sites with a 0 among them, the counts stored
     now: read as soon as Matomo has answered, while Search Console is still being asked."""
     visits = matomo_data_by_site(matomo, ids, days, settled)
     zero_sites = {site_id for site_id, by_day in visits.items() if 0 in by_day.values()}
@@ -2298,21 +2343,7 @@ def query_targets(
                 "Site %s: domain %r is not a bare domain like example.com; GSC skipped", site.id, site.domain
             )
         elif site_url is None:
-            skipped[site.id] = (
-                f"account {account.id} has no Search Console property for {domain}: add the property to the "
-                "account, or set sites.gsc_account_id to the account that has it"
-            )
-            log.warning(
-                "%s: account %s has no verified Search Console property for %s "
-                "(looked for sc-domain:%s and https/http URL prefixes)%s",
-                site.label,
-                account.id,
-                domain,
-                domain,
-                f"; add {account.service_account} as a user of the property in Search Console"
-                if account.service_account
-                else "",
-            )
+            skipped[site.id] = no_property(site, account, domain)
         elif property_key(site_url) in owner_of:
             skipped[site.id] = (
                 f"site {owner_of[property_key(site_url)]} has the same domain ({domain}) and gets its numbers: "
@@ -2330,6 +2361,25 @@ def query_targets(
             owner_of[property_key(site_url)] = site.id
             targets[site.id] = (account, site_url)
     return targets
+
+
+def no_property(site: Site, account: GscAccount, domain: str) -> str:
+    """Why a site of a connected account is not asked (said as a warning too)."""
+    log.warning(
+        "%s: account %s has no verified Search Console property for %s "
+        "(looked for sc-domain:%s and https/http URL prefixes)%s",
+        site.label,
+        account.id,
+        domain,
+        domain,
+        f"; add {account.service_account} as a user of the property in Search Console"
+        if account.service_account
+        else "",
+    )
+    return (
+        f"account {account.id} has no Search Console property for {domain}: add the property to the "
+        "account, or set sites.gsc_account_id to the account that has it"
+    )
 
 
 def query_property(
@@ -2529,7 +2579,6 @@ def take_answer(state: GscRound, future: Future) -> None:
         state.answer(site_id, None)
         return
     account.quota.succeeded(sent_at)
-    progress.fetched("gsc", 1)
     state.answer(site_id, metrics)
 
 
@@ -2901,11 +2950,15 @@ class Outcome:
 
     def exit_status(self) -> int:
         if self.person:
-            return EXIT_PERSON
+            return ExitStatus.PERSON
         if self.not_stored and not self.stored:
-            return EXIT_FAILED
+            return ExitStatus.FAILED
         complete = all(count.fetched == count.wanted for count in self.sources().values())
-        return EXIT_OK if complete and not self.matomo_zeros_kept and not self.not_stored else EXIT_PARTIAL
+        return (
+            ExitStatus.OK
+            if complete and not self.matomo_zeros_kept and not self.not_stored
+            else ExitStatus.PARTIAL
+        )
 
     def source_report(self, source: str) -> dict:
         """A source's counts, and each site it did not answer for: id, domain, and why (what a
@@ -2971,39 +3024,58 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         gsc_pool = stack.enter_context(ThreadPoolExecutor(max_workers=cfg.gsc_workers))
         upserts = stack.enter_context(ThreadPoolExecutor(max_workers=cfg.upsert_workers))
         hopeless = Once()  # a fault every upsert meets was found
-        store: Upserts | DryRunTable = (
-            DryRunTable({site.id: site.domain for site in sites})
+        store = (
+            DryRunTable(outcome.domains)
             if asked.dry_run
             else Upserts(client, cfg, upserts, hopeless, outcome)
         )
         matomo, matomo_ids = matomo_client(cfg, deadline), matomo_ids_by_site(sites)
-        accounts = (
-            connected_accounts(cfg, sites, keys, gsc_pool, states=outcome.gsc_accounts) if gsc_days else {}
-        )
-        targets = query_targets(sites, accounts, skipped)
-        progress.fetched("gsc", outcome.gsc.wanted - len(targets))  # nothing to ask for these
+        targets = search_console_targets(cfg, sites, keys, gsc_pool, outcome, skipped) if gsc_days else {}
         known = sources_known(learned, cfg, asked, sites, matomo, matomo_ids, skipped, outcome.gsc_accounts)
-        heals = bool(
-            known
-            and not asked.dry_run
-            and remember_sources(client, known, hopeless)
-            and asked.nightly
-            and (cfg.heal_matomo_site_days or cfg.heal_gsc_queries)
-        )
+        remembered = bool(known and not asked.dry_run and remember_sources(client, known, hopeless))
         # The holes end before tonight's days: they are read while the night is fetched.
         coverage = Coverage.of(cfg, asked.today, days[0])
         reader = stack.enter_context(ThreadPoolExecutor(max_workers=1))
-        holes_read = reader.submit(holes, client, coverage) if heals else None
-        settled = (
-            None if asked.accept_zero_visits else asked.today - dt.timedelta(days=cfg.matomo_settle_days)
+        holes_read = (
+            reader.submit(holes, client, coverage) if remembered and heals_tonight(cfg, asked) else None
         )
-        read_stored = None if asked.accept_zero_visits else functools.partial(stored_visits, client)
-        fetchers = Fetchers(cfg, matomo, matomo_ids, settled, targets, gsc_pool, deadline, read_stored)
-        fetch_and_store(fetchers, sites, days, gsc_days, known.created if known else {}, store, outcome)
+        fetchers = Fetchers(
+            cfg,
+            matomo,
+            matomo_ids,
+            settled(cfg, asked),
+            targets,
+            gsc_pool,
+            deadline,
+            stored_counts_reader(client, asked),
+        )
+        created = known.created if known else {}
+        fetch_and_store(fetchers, sites, days, gsc_days, created, store, outcome, progress.fetched)
         if holes_read:
             heal(holes_read, fetchers, asked, sites, coverage, store.add, outcome)
         store.finish()
         what_needs_a_person(outcome, sites, matomo, matomo_ids, skipped, hopeless)
+    say_provisional(outcome, asked)
+    return outcome
+
+
+def search_console_targets(
+    cfg: Config,
+    sites: list[Site],
+    keys: Mapping[AccountId, AccountKey],
+    pool: Executor,
+    outcome: Outcome,
+    skipped: dict[SiteId, str],
+) -> dict[SiteId, tuple[GscAccount, str]]:
+    """{site id: (account, property)} of every site Search Console is asked for: each account
+    connected, its properties listed; `skipped` gets why the others of a connected account are not."""
+    accounts = connected_accounts(cfg, sites, keys, pool, states=outcome.gsc_accounts)
+    targets = query_targets(sites, accounts, skipped)
+    progress.fetched("gsc", outcome.gsc.wanted - len(targets))  # nothing to ask for these
+    return targets
+
+
+def say_provisional(outcome: Outcome, asked: Asked) -> None:
     if outcome.gsc_provisional:
         log.info(
             "Search Console: %d values are provisional (the day is not final yet): %s with "
@@ -3011,7 +3083,6 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             outcome.gsc_provisional,
             "would be stored" if asked.dry_run else "stored",
         )
-    return outcome
 
 
 @dataclass(frozen=True)
@@ -3080,8 +3151,10 @@ def fetch_and_store(
     created: Mapping[SiteId, dt.date],
     store: Upserts | DryRunTable,
     outcome: Outcome,
+    fetched: Callable[[str, int], None],
 ) -> None:
-    """Every site's days from both sources, stored. The fleet goes in units of one Matomo bulk
+    """Every site's days from both sources, stored (`fetched` hears of each source's sites as
+    they are answered). The fleet goes in units of one Matomo bulk
     request; Matomo's requests flow through its workers back to back, Search Console's queries
     through theirs, and a unit is shaped and stored as soon as both have answered for it, so
     that the run takes as long as its slowest service, not as the sum of their waits."""
@@ -3095,7 +3168,7 @@ def fetch_and_store(
         )
         for n, part in enumerate(chunks(sites, per_request))
     ]
-    flow = Flow(fetchers, days, created, store, outcome)
+    flow = Flow(fetchers, days, created, store, outcome, fetched)
     feed: queue.Queue = queue.Queue()  # each unit's Search Console queries, None at the end
     # One thread hands Search Console's queries out, MATOMO_WORKERS ask Matomo.
     with ThreadPoolExecutor(max_workers=1 + fetchers.matomo.workers) as pool:
@@ -3124,6 +3197,7 @@ class Flow:
         created: Mapping[SiteId, dt.date],
         store: Upserts | DryRunTable,
         outcome: Outcome,
+        fetched: Callable[[str, int], None],
     ) -> None:
         self.fetchers, self.days, self.created, self.store, self.outcome = (
             fetchers,
@@ -3132,6 +3206,7 @@ class Flow:
             store,
             outcome,
         )
+        self.fetched = fetched
         self.window = Window(SITE_DAYS_IN_FLIGHT)
         self.by_site: dict[SiteId, Unit] = {}  # the unit of each site Search Console is asked for
         self.lock = threading.Lock()
@@ -3177,6 +3252,7 @@ class Flow:
         finally:
             self.first_asked.set()
             unit.visits, unit.stored = visits, stored
+            self.fetched("matomo", len(unit.matomo_ids))
             self.answered(unit)
 
     def gsc_answered(self, site_id: SiteId, metrics: dict | None) -> None:
@@ -3184,6 +3260,7 @@ class Flow:
             unit = self.by_site.pop(site_id)
             if metrics is not None:
                 unit.gsc[site_id] = metrics
+        self.fetched("gsc", 1)
         self.answered(unit)
 
     def answered(self, unit: Unit) -> None:
@@ -3206,6 +3283,22 @@ class Flow:
         unit.visits, unit.gsc, unit.stored = {}, {}, {}  # the fleet's list of units outlives them
         self.window.leave(len(unit.sites) * len(days))
         self.store.add(rows, unit.index)
+
+
+def heals_tonight(cfg: Config, asked: Asked) -> bool:
+    """Whether this run heals earlier nights' holes: the nightly run does, within its budgets."""
+    return asked.nightly and bool(cfg.heal_matomo_site_days or cfg.heal_gsc_queries)
+
+
+def settled(cfg: Config, asked: Asked) -> dt.date | None:
+    """The day before which a Matomo 0 is final without its raw log's word (None: every 0 is
+    taken, --accept-zero-visits)."""
+    return None if asked.accept_zero_visits else asked.today - dt.timedelta(days=cfg.matomo_settle_days)
+
+
+def stored_counts_reader(client: Supabase, asked: Asked) -> Callable | None:
+    """What reads the counts stored behind Matomo's zeros (None: a 0 may lower them)."""
+    return None if asked.accept_zero_visits else functools.partial(stored_visits, client)
 
 
 def what_needs_a_person(
@@ -3692,7 +3785,7 @@ def check(cfg: Config, today: dt.date, as_json: bool) -> int:
 
 
 def print_check_report(found: dict, as_json: bool) -> int:
-    status = EXIT_FAILED if problems.lines else EXIT_OK
+    status = ExitStatus.FAILED if problems.lines else ExitStatus.OK
     lines = found.pop("lines", []) + found.pop("notes", [])
     if as_json:
         say(json.dumps({**found, "problems": problems.lines, "exit_status": status}, default=str))
@@ -3889,7 +3982,7 @@ def status(cfg: Config, today: dt.date, site_name: str | None, as_json: bool) ->
         say(json.dumps(report, default=str))
     else:
         say(*status_lines(report))
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 def unavailable_sites(attention: list[dict], source: str) -> set[SiteId]:
@@ -4035,7 +4128,7 @@ def list_accounts(cfg: Config) -> int:
         say(ACCOUNT_FORMAT.format(str(account_id), kind, label, sites_per_account[account_id], state))
     if not accounts:
         say("No account yet: add one with `aggregator.py authorize`")
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 ACCOUNT_FORMAT = "{:>6}  {:<15}  {:<40}  {:>5}  {}"
@@ -4081,14 +4174,11 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
     """Run Google's installed-app flow and store the refresh token; the token is never printed."""
     # Imported here: only this command needs it, and the nightly run starts faster without it.
     from google_auth_oauthlib.flow import Flow
-
-    # Google lets the operator untick a permission; oauthlib would then raise "Scope has changed"
-    # (reported as a refused code). The granted scopes are checked below instead.
-    os.environ.setdefault("OAUTHLIB_RELAX_TOKEN_SCOPE", "1")
+    # OAUTHLIB_RELAX_TOKEN_SCOPE is set (take_over_the_process): the granted scopes are checked below.
 
     supabase = supabase_client(cfg)
     if account_id and not account_exists(supabase, account_id):
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     client = dict(client_id=cfg.google_client_id, client_secret=cfg.google_client_secret)
     client.update(auth_uri=GOOGLE_AUTH_URI, token_uri=cfg.google_token_uri)
     flow = Flow.from_client_config({"installed": client}, scopes=AUTHORIZE_SCOPES, redirect_uri=REDIRECT_URI)
@@ -4096,13 +4186,34 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
     say("Open this address in a browser signed in to the Google account, and allow access:")
     say(f"\n    {url}\n")
     say("The browser then goes to a page on localhost that does not load: copy that page's address.")
+    if not code_accepted(flow, ask):
+        return ExitStatus.FAILED
+    refresh_token = flow.credentials.refresh_token
+    if not refresh_token:
+        log.error("Google sent no refresh token: remove this app's access in the Google account, then retry")
+        return ExitStatus.FAILED
+    if GSC_SCOPE not in str(flow.oauth2session.token.get("scope", GSC_SCOPE)):
+        log.error(
+            "Search Console access was not granted (it can be unticked on Google's consent screen); "
+            "nothing was stored. Run authorize again and leave every permission ticked"
+        )
+        return ExitStatus.FAILED
+    email = email_of(flow.oauth2session.token.get("id_token"))
+    if account_id and not keeps_the_sites(cfg, supabase, account_id, flow.credentials, email, ask):
+        log.error("Nothing was stored: gsc_accounts row %s keeps its credential", account_id)
+        return ExitStatus.FAILED
+    return store_refresh_token(supabase, account_id, refresh_token, email)
+
+
+def code_accepted(flow: Any, ask: Callable[[str], str]) -> bool:
+    """Whether Google took a pasted code (CODE_ATTEMPTS of them) for the flow's tokens."""
     for attempt in range(CODE_ATTEMPTS):
         code = pasted_code(ask)
         if code is None:
-            return EXIT_FAILED
+            return False
         try:
             flow.fetch_token(code=code)
-            break
+            return True
         except Exception as error:  # noqa: BLE001 - oauthlib raises many kinds; each is one line here
             log.error(
                 "Google refused the code (%s): codes work once and expire in minutes; %s",
@@ -4111,23 +4222,7 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
                 if attempt + 1 < CODE_ATTEMPTS
                 else "run authorize again",
             )
-    else:
-        return EXIT_FAILED
-    refresh_token = flow.credentials.refresh_token
-    if not refresh_token:
-        log.error("Google sent no refresh token: remove this app's access in the Google account, then retry")
-        return EXIT_FAILED
-    if GSC_SCOPE not in str(flow.oauth2session.token.get("scope", GSC_SCOPE)):
-        log.error(
-            "Search Console access was not granted (it can be unticked on Google's consent screen); "
-            "nothing was stored. Run authorize again and leave every permission ticked"
-        )
-        return EXIT_FAILED
-    email = email_of(flow.oauth2session.token.get("id_token"))
-    if account_id and not keeps_the_sites(cfg, supabase, account_id, flow.credentials, email, ask):
-        log.error("Nothing was stored: gsc_accounts row %s keeps its credential", account_id)
-        return EXIT_FAILED
-    return store_refresh_token(supabase, account_id, refresh_token, email)
+    return False
 
 
 def keeps_the_sites(
@@ -4220,10 +4315,10 @@ def store_refresh_token(
     row = {"oauth_refresh_token": refresh_token, **({"label": email} if email else {})}
     done = stored_account_row(client, account_id, row, "service_account_key")
     if done is None:
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     who = f" (Google account {email}, now its label)" if email else ""
     say(f"Stored the refresh token in gsc_accounts row {done}{who}. Point sites at it with gsc_account_id.")
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 def stored_account_row(client: Supabase, account_id: str | None, row: dict, other_credential: str) -> Any:
@@ -4251,16 +4346,16 @@ def authorize_service_account(cfg: Config, key_file: Path, account_id: str | Non
     secret_filter.add(*secrets_of([key]))
     client = supabase_client(cfg)
     if account_id and not account_exists(client, account_id):
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     email = str(key["client_email"])
     try:  # a deleted or foreign key is refused now, not at 3 a.m.
         refresh_now(cfg, google_credentials(cfg, key))
     except RefreshError as error:
         log.error("%s; nothing was stored", refresh_error_reason(error, account_id or "ID", key))
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     except Exception as error:  # noqa: BLE001 - unreachable, or a key cryptography cannot read
         log.error("The key of %s could not be tried with Google (%s); nothing was stored", email, error)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     same = None if account_id else row_of_service_account(client, email)
     if same is not None:  # a new key for the same robot (a rotation): its row, not a second one
         say(f"Service account {email} already has gsc_accounts row {same}: its key is replaced there.")
@@ -4268,7 +4363,7 @@ def authorize_service_account(cfg: Config, key_file: Path, account_id: str | Non
         client, account_id or same, {"service_account_key": key, "label": email}, "oauth_refresh_token"
     )
     if done is None:
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     say(
         f"Stored the key of service account {email} in gsc_accounts row {done}. Point sites at it with gsc_account_id."
     )
@@ -4277,7 +4372,7 @@ def authorize_service_account(cfg: Config, key_file: Path, account_id: str | Non
         f"permissions > Add user, and add {email} (permission Restricted is enough)."
     )
     say(f"The key is stored: delete {key_file} from this disk.")
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 def row_of_service_account(client: Supabase, email: str) -> str | None:
@@ -4313,6 +4408,119 @@ def service_account_key(key_file: Path) -> dict:
 # ---------------------------------------------------------------------------
 
 
+# Options every command takes, before or after its name.
+COMMON_OPTIONS = ("--env-file", "--log-level", "--log-file")
+
+
+@dataclass
+class Session:
+    """One start of the script, as main() sets it up for the command: the day it runs, when it
+    started, the deadline (a signal brings it forward), and a run's counts, kept here so that
+    whatever ends the run, its summary tells the truth."""
+
+    today: dt.date = field(default_factory=dt.date.today)
+    started: float = field(default_factory=time.monotonic)
+    deadline: Deadline = field(default_factory=lambda: Deadline.after(float("inf")))
+    outcome: Outcome = field(default_factory=Outcome)
+    signalled: dict[str, int] = field(default_factory=dict)  # {"status": 128 + signal number}
+
+
+def nothing_before(args: argparse.Namespace, session: Session) -> None:
+    pass
+
+
+def as_it_is(args: argparse.Namespace, session: Session, cfg: Config | None, status: int) -> int:
+    return status
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand as main() runs it: its handler (the configuration, its own options and the
+    session in; an exit status out) and what it needs around it."""
+
+    help: str
+    handler: Callable[[Config, argparse.Namespace, Session], int]
+    needs: Callable[[argparse.Namespace], tuple[str, ...]] = lambda args: ()  # settings beyond Supabase's
+    before: Callable[[argparse.Namespace, Session], None] = nothing_before  # what may be a usage error
+    # When the configuration or Supabase cannot be read: the exit status (after the error line).
+    cannot_start: Callable[[argparse.Namespace], int] = lambda args: ExitStatus.FAILED
+    after: Callable[[argparse.Namespace, Session, Config | None, int], int] = as_it_is  # the last word
+    interrupted: str = "nothing was stored"  # what Ctrl-C left
+    stops_on_signals: bool = False  # Ctrl-C and SIGTERM end it as its deadline would
+    prints_problems: bool = False  # its problems are printed once, as its own lines, not logged too
+
+
+def days_asked(args: argparse.Namespace, session: Session) -> None:
+    session.outcome.days = target_days(session.today, args.date, args.start, args.end, args.lookback)
+
+
+def run_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
+    if not args.dry_run:
+        ping(cfg, "start")
+    asked = Asked(
+        session.outcome.days,
+        session.today,
+        tuple(args.site),
+        args.dry_run,
+        nightly=not (args.date or args.start),
+        accept_zero_visits=args.accept_zero_visits,
+    )
+    return run(cfg, asked, session.deadline, session.outcome).exit_status()
+
+
+def check_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
+    return check(cfg, session.today, args.json)
+
+
+def accounts_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
+    return list_accounts(cfg)
+
+
+def status_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
+    return status(cfg, session.today, args.site[-1] if args.site else None, args.json)
+
+
+def authorize_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
+    if args.service_account:
+        return authorize_service_account(cfg, args.service_account, args.account)
+    return authorize(cfg, args.account)
+
+
+COMMANDS = {
+    "run": Command(
+        "fetch and store the numbers (the default: `aggregator.py` alone is `aggregator.py run`)",
+        run_command,
+        needs=lambda args: ("MATOMO_URL", "MATOMO_TOKEN_AUTH"),
+        before=days_asked,
+        after=lambda args, session, cfg, status: finished(args, session, cfg, status),
+        interrupted="re-run the same dates to complete them",
+        stops_on_signals=True,
+    ),
+    "check": Command(
+        "reach every service as a run would, write nothing, and name each problem with its fix",
+        check_command,
+        needs=lambda args: ("MATOMO_URL", "MATOMO_TOKEN_AUTH"),
+        cannot_start=lambda args: print_check_report({}, args.json),
+        prints_problems=True,
+    ),
+    "authorize": Command(
+        "store a Google account's refresh token (a browser round trip), or a service account's key, "
+        "in gsc_accounts",
+        authorize_command,
+        # A service account needs no OAuth client.
+        needs=lambda args: () if args.service_account else ("GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET"),
+    ),
+    "accounts": Command(
+        "list the Search Console accounts: id, label, sites, and how the last run went", accounts_command
+    ),
+    "status": Command(
+        "the fleet at a glance: which site-days are stored, provisional or missing per source, what the "
+        "next night heals, and the sites that need a person",
+        status_command,
+    ),
+}
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, not the usage block."""
 
@@ -4326,19 +4534,6 @@ class OneLineParser(argparse.ArgumentParser):
                 f"{given[0].split('=')[0]} is for the {owner} command: aggregator.py {owner} {given[0]} ..."
             )
         raise UsageError(f"{message} (see --help)")
-
-
-COMMANDS = {
-    "run": "fetch and store the numbers (the default: `aggregator.py` alone is `aggregator.py run`)",
-    "check": "reach every service as a run would, write nothing, and name each problem with its fix",
-    "authorize": "store a Google account's refresh token (a browser round trip), or a service account's key, "
-    "in gsc_accounts",
-    "accounts": "list the Search Console accounts: id, label, sites, and how the last run went",
-    "status": "the fleet at a glance: which site-days are stored, provisional or missing per source, what "
-    "the next night heals, and the sites that need a person",
-}
-# Options every command takes, before or after its name.
-COMMON_OPTIONS = ("--env-file", "--log-level", "--log-file")
 
 
 def with_default_command(argv: list[str]) -> list[str]:
@@ -4420,31 +4615,7 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     )
 
 
-def account_id_option(text: str) -> str:
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"--account takes a gsc_accounts id (a number), got {text!r}")
-    return text.strip()
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(
-        prog="aggregator.py",
-        allow_abbrev=False,
-        description="Store Matomo and Search Console numbers for every deployed site, one row per site and day.",
-        epilog="Exit status: 0 ok, 1 nothing could be done, 2 usage error, 3 some values missing (a later "
-        "run fetches them), 4 a person must fix something. "
-        "`aggregator.py COMMAND --help` tells more.",
-    )
-    add_common_options(parser, None)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    common = OneLineParser(add_help=False)
-    add_common_options(common, argparse.SUPPRESS)  # the values given before the command stand
-    parsers = {
-        name: commands.add_parser(name, parents=[common], help=text, description=text, allow_abbrev=False)
-        for name, text in COMMANDS.items()
-    }
-    add_run_options(parsers["run"])
+def add_other_options(parsers: Mapping[str, argparse.ArgumentParser]) -> None:
     parsers["check"].add_argument("--json", action="store_true", help="print the problems as one JSON object")
     parsers["status"].add_argument("--json", action="store_true", help="print the status as one JSON object")
     parsers["status"].add_argument(
@@ -4463,6 +4634,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="store this Google Cloud service account's JSON key instead of a user's refresh token "
         "(no browser; the key does not expire by itself)",
     )
+
+
+def account_id_option(text: str) -> str:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"--account takes a gsc_accounts id (a number), got {text!r}")
+    return text.strip()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; its `command` is the Command to run, with only its own options."""
+    parser = OneLineParser(
+        prog="aggregator.py",
+        allow_abbrev=False,
+        description="Store Matomo and Search Console numbers for every deployed site, one row per site and day.",
+        epilog="Exit status: 0 ok, 1 nothing could be done, 2 usage error, 3 some values missing (a later "
+        "run fetches them), 4 a person must fix something. "
+        "`aggregator.py COMMAND --help` tells more.",
+    )
+    add_common_options(parser, None)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command_name", metavar="COMMAND", parser_class=OneLineParser)
+    common = OneLineParser(add_help=False)
+    add_common_options(common, argparse.SUPPRESS)  # the values given before the command stand
+    parsers = {
+        name: commands.add_parser(name, parents=[common], help=c.help, description=c.help, allow_abbrev=False)
+        for name, c in COMMANDS.items()
+    }
+    for name, sub in parsers.items():
+        sub.set_defaults(command=COMMANDS[name])
+    add_run_options(parsers["run"])
+    add_other_options(parsers)
     OneLineParser.owners = {  # an option of several commands is said to be the first one's
         option: name
         for name, sub in reversed(list(parsers.items()))
@@ -4470,136 +4672,121 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         for option in action.option_strings
         if option not in (*COMMON_OPTIONS, "-h", "--help")
     }
-    # Every command's namespace has every option, so that main() can ask any of them.
-    run_options = ("date", "start", "end", "lookback", "dry_run", "json", "accept_zero_visits")
-    parser.set_defaults(**dict.fromkeys(run_options), site=[], account=None, service_account=None)
     return parser.parse_args(with_default_command(list(sys.argv[1:] if argv is None else argv)))
 
 
-def stop_on_signals(deadline: Deadline) -> dict[str, int]:
+def stop_on_signals(session: Session) -> None:
     """Ctrl-C and SIGTERM (a stopping system, `kill`) end the run as its deadline would: no new
     fetch starts, what was fetched is stored and the run recorded. A second one quits at once.
-    Returns {"status": 128 + signal number} once one has come."""
-    received: dict[str, int] = {}
+    session.signalled holds {"status": 128 + signal number} once one has come."""
 
     def handler(signum: int, frame: Any) -> None:
-        if received:
+        if session.signalled:
             raise KeyboardInterrupt
         name = signal.Signals(signum).name
-        received["status"] = 128 + signum
-        deadline.stop(f"stopped by {name}")
+        session.signalled["status"] = 128 + signum
+        session.deadline.stop(f"stopped by {name}")
         log.warning("%s: no new fetch starts; storing what was fetched (again to quit at once)", name)
 
     for each in (signal.SIGINT, signal.SIGTERM):
         signal.signal(each, handler)
-    return received
 
 
-def main(argv: list[str] | None = None) -> int:
-    started = time.monotonic()
+def take_over_the_process(args: argparse.Namespace, session: Session) -> None:
+    """Every process-wide effect of a start, here and nowhere else (the contents block lists
+    them): the singletons emptied, so that main() can run twice in one process; the cyclic
+    collector frozen; the root log handlers; a wall clock on every socket (its limit is
+    HTTP_TIMEOUT, once the configuration is read); oauthlib's scope setting; and, for a command
+    that stops on signals, the Ctrl-C and SIGTERM handlers."""
+    secret_filter.forget()
+    problems.lines.clear()
+    site_warnings.flush(say_nothing=True)
     # The libraries' objects live as long as the run: the cyclic collector need not scan them
     # again and again while thousands of answers are parsed.
     gc.freeze()
+    setup_logging(args.log_level, args.log_file, quiet_problems=args.command.prints_problems)
+    bound_every_exchange(None)
+    # Google lets the operator untick a permission; oauthlib (authorize) would then raise "Scope
+    # has changed", reported as a refused code: the granted scopes are checked instead.
+    os.environ.setdefault("OAUTHLIB_RELAX_TOKEN_SCOPE", "1")
+    if args.command.stops_on_signals:
+        stop_on_signals(session)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, set up, and call the command's handler inside the one `try` whose error lines pass
+    the secret filter like every other line."""
+    session = Session()
     try:
         args = parse_args(argv)
+        command: Command = args.command
         if args.env_file and not args.env_file.is_file():
             raise UsageError(f"--env-file {args.env_file}: no such file")
-        setup_logging(args.log_level, args.log_file)
-        today = dt.date.today()
-        days = target_days(today, args.date, args.start, args.end, args.lookback)
+        command.before(args, session)
+        take_over_the_process(args, session)
     except UsageError as error:
         print(f"aggregator.py: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.command == "check":
-        # Its problems are printed once, as "Problem:" lines, not a second time in the log.
-        logging.getLogger().handlers[0].addFilter(lambda r: r.name != log.name or r.levelno < logging.WARNING)
-    # A run counts into `outcome` as it goes: whatever ends it, the summary tells the truth.
-    cfg, outcome, status = None, Outcome(days=days), EXIT_FAILED
-    deadline = Deadline.after(float("inf"))
-    signals = stop_on_signals(deadline) if args.command == "run" else {}
+        return ExitStatus.USAGE
+    cfg, status = None, int(ExitStatus.FAILED)
     try:
-        needs = (
-            ()
-            if args.command == "authorize" and args.service_account
-            else REQUIRED_BY_COMMAND.get(args.command, ())
-        )
-        cfg = load_config(args.env_file or default_env_file(), required=needs)
+        cfg = load_config(args.env_file or default_env_file(), required=command.needs(args))
         secret_filter.add(*cfg.secrets())
-        bound_every_exchange(cfg.http_timeout)
-        deadline.at = time.monotonic() + cfg.run_deadline
-        if args.command == "run" and not args.dry_run:
-            ping(cfg, "start")
-        status = command(cfg, args, today, deadline, outcome)
+        WallClockSocket.limit = cfg.http_timeout
+        session.deadline.at = time.monotonic() + cfg.run_deadline
+        status = command.handler(cfg, args, session)
     except (ConfigError, SupabaseError) as error:
         log.error("%s", error)
-        if args.command == "check":
-            status = print_check_report({}, args.json)
+        status = command.cannot_start(args)
     except UsageError as error:
         print(f"aggregator.py: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitStatus.USAGE
     except KeyboardInterrupt:
-        log.error(
-            "Interrupted; %s",
-            "re-run the same dates to complete them" if args.command == "run" else "nothing was stored",
-        )
-        status = 130
+        log.error("Interrupted; %s", command.interrupted)
+        status = ExitStatus.INTERRUPTED
     except Exception:  # noqa: BLE001 - a bug: log it (redacted) instead of a raw traceback
         log.exception("Unexpected error; please report it with this log")
-    if args.command != "run":
-        return status
-    return finished(args, cfg, signals.get("status", status), outcome, started)
+    return int(command.after(args, session, cfg, int(status)))
 
 
-def command(
-    cfg: Config, args: argparse.Namespace, today: dt.date, deadline: Deadline, outcome: Outcome
-) -> int:
-    """The command asked for; its exit status."""
-    if args.command == "check":
-        return check(cfg, today, args.json)
-    if args.command == "accounts":
-        return list_accounts(cfg)
-    if args.command == "status":
-        return status(cfg, today, args.site[-1] if args.site else None, args.json)
-    if args.command == "authorize" and args.service_account:
-        return authorize_service_account(cfg, args.service_account, args.account)
-    if args.command == "authorize":
-        return authorize(cfg, args.account)
-    asked = Asked(
-        outcome.days,
-        today,
-        tuple(args.site),
-        args.dry_run,
-        nightly=not (args.date or args.start),
-        accept_zero_visits=args.accept_zero_visits,
-    )
-    return run(cfg, asked, deadline, outcome).exit_status()
-
-
-def finished(
-    args: argparse.Namespace, cfg: Config | None, status: int, outcome: Outcome, started: float
-) -> int:
+def finished(args: argparse.Namespace, session: Session, cfg: Config | None, status: int) -> int:
     """The end of every run: the summary, the record, --json, and the verdict as the last line."""
+    outcome = session.outcome
+    status = session.signalled.get("status", status)
     outcome.sites_by_problem.update(site_warnings.flush())
     log.info("%s", outcome.summary())
     if args.dry_run:
         log.info("Dry run: nothing was written; %d records would have been stored", outcome.rows)
     if outcome.not_stored:
         log.error("%d records were not stored; re-run the same dates to store them", outcome.not_stored)
-    seconds = time.monotonic() - started
-    report = outcome.report(outcome.days, status, seconds, problems.lines)
+    seconds = time.monotonic() - session.started
     if cfg and not args.dry_run:
-        kind = "one site" if args.site else "backfill" if args.date or args.start else "nightly"
-        started_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
-        failed = record_run(cfg, started_at, status, report, kind)
-        if failed and status in (EXIT_OK, EXIT_PARTIAL):
-            # A run that leaves no record is not a clean one: dashboards and `accounts` miss it.
-            if failed in ("key", "schema", "everywhere"):
-                outcome.must_act(f"aggregator_runs cannot be written: apply {MIGRATION}")
-            status = outcome.exit_status() if outcome.person else EXIT_PARTIAL
-            report = outcome.report(outcome.days, status, seconds, problems.lines)
+        status = recorded(cfg, args, outcome, status, seconds)
     if args.json:
-        say(json.dumps(report, default=str))
-    rerun = rerun_command(outcome)
+        say(json.dumps(outcome.report(outcome.days, status, seconds, problems.lines), default=str))
+    verdict = f"Exit status {status} after {time.monotonic() - session.started:.1f} s.{what_to_do(outcome)}"
+    log.log(logging.INFO if status == ExitStatus.OK else logging.WARNING, "%s", verdict)
+    if cfg and not args.dry_run:
+        ping(cfg, str(status), f"{outcome.summary()}\n{verdict}")
+    return status
+
+
+def recorded(cfg: Config, args: argparse.Namespace, outcome: Outcome, status: int, seconds: float) -> int:
+    """Records the run in aggregator_runs; the exit status, made partial (or a person's to fix)
+    when no record could be written: dashboards and `accounts` would miss the run."""
+    kind = "one site" if args.site else "backfill" if args.date or args.start else "nightly"
+    started_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
+    failed = record_run(
+        cfg, started_at, status, outcome.report(outcome.days, status, seconds, problems.lines), kind
+    )
+    if failed and status in (ExitStatus.OK, ExitStatus.PARTIAL):
+        if failed in ("key", "schema", "everywhere"):
+            outcome.must_act(f"aggregator_runs cannot be written: apply {MIGRATION}")
+        return int(outcome.exit_status() if outcome.person else ExitStatus.PARTIAL)
+    return status
+
+
+def what_to_do(outcome: Outcome) -> str:
+    """The verdict's advice: what a person must fix, and the command that fetches what is missing."""
     act = ""
     if outcome.person:
         first, more = next(iter(outcome.person)), len(outcome.person) - 1
@@ -4608,13 +4795,8 @@ def finished(
             + (f" (and {more} more, above and in --json)" if more else "")
             + "."
         )
-    verdict = f"Exit status {status} after {time.monotonic() - started:.1f} s.{act}" + (
-        f" To fetch what is missing: {rerun}" if rerun else ""
-    )
-    log.log(logging.INFO if status == EXIT_OK else logging.WARNING, "%s", verdict)
-    if cfg and not args.dry_run:
-        ping(cfg, str(status), f"{outcome.summary()}\n{verdict}")
-    return status
+    rerun = rerun_command(outcome)
+    return act + (f" To fetch what is missing: {rerun}" if rerun else "")
 
 
 def ping(cfg: Config, what: str, body: str = "") -> None:
