@@ -322,6 +322,9 @@ def fleet(db, matomo, google) -> Fleet:
 # ---------------------------------------------------------------------------
 
 SECRETS = (SERVICE_KEY, MATOMO_TOKEN, CLIENT_SECRET)
+# nginx's page for a backend that is down or restarting: what a proxy in front of any service answers.
+HTML_502 = "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+
 SUMMARY = re.compile(
     r"Processed \d+ sites?\. Fetched Matomo data for \d+\. Fetched GSC data for \d+\. Stored \d+ records?\."
 )

@@ -1,5 +1,5 @@
-"""The operator's commands: check that never says "All good" wrongly, accounts, authorize, the
-progress a long run shows, and options that belong to their command."""
+"""The operator's commands: check (never "All good" wrongly), accounts, authorize, the progress a
+long run shows, and the demo."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import re
 import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import DAY, lines_with, shown_on_a_terminal
+from conftest import CONFIG_NAMES, DAY, ROOT, lines_with, shown_on_a_terminal
 
 
 def closed_url() -> str:
@@ -29,9 +31,91 @@ def problems_of(result) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.startswith("Problem: ")]
 
 
+def google_answer(
+    google, refresh_token: str, email: str = "owner@example.com", code: str = "4/0AfJohX-code"
+) -> str:
+    """The address the browser lands on after Allow, as the operator pastes it."""
+    google.codes[code] = (refresh_token, email)
+    return f"http://localhost/?state=s&code={code}&scope=email%20openid\n"
+
+
+@pytest.fixture
+def insecure_transport(monkeypatch):
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # the stand-in speaks http, not https
+
+
+def waiting_for_input(pid: int) -> None:
+    """Returns once the process waits in a read of its stdin pipe (Linux's /proc tells; elsewhere
+    after half a second)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if "pipe_read" in Path(f"/proc/{pid}/wchan").read_text():
+                return
+        except OSError:
+            break
+        time.sleep(0.01)
+    time.sleep(0.5)
+
+
+def authorization_address(google, refresh_token: str, code: str = "4/0AfJohX-test-code") -> str:
+    google.codes[code] = refresh_token
+    return (
+        f"http://localhost/?state=s&code={code}&scope=https://www.googleapis.com/auth/webmasters.readonly\n"
+    )
+
+
 # ---------------------------------------------------------------------------
 # check
 # ---------------------------------------------------------------------------
+
+
+def test_check_reports_a_healthy_setup_and_writes_nothing(fleet, db, run_aggregator):
+    account = fleet.account()
+    fleet.site("shop.example.com", account)
+    fleet.site("plain.example.com", matomo=False)
+
+    result = run_aggregator("check")
+
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.splitlines() == [
+        "Supabase: 2 deployed sites, 1 Search Console accounts",
+        "Supabase: daily_analytics has its (date, site_id) key",
+        "Supabase: every table, column and function the run uses is there",
+        "Matomo 5.4.0: answered for 1 of the 1 sites with a Matomo id",
+        f"Search Console account {account.id}: refresh token; connected",
+        "Search Console: 1 of 1 accounts connected; 1 sites matched to a property",
+        f"Note: site {fleet.db.execute('select max(id) from sites').fetchone()[0]} (plain.example.com) has no "
+        "matomo_site_id and gsc_account_id: that source is not fetched for it",
+        "All good.",
+    ]
+    assert db.execute(
+        "select (select count(*) from daily_analytics) + (select count(*) from aggregator_runs)"
+    ).fetchone() == (0,)
+
+
+def test_check_names_each_problem_with_its_fix(fleet, db, matomo, without_conflict_key, run_aggregator):
+    revoked = fleet.account(revoked=True)
+    fleet.site("orphan.example.com", revoked)
+    lost = fleet.site("lost.example.com", fleet.account(), prop=None)
+    unknown = fleet.site("unknown.example.com")
+    matomo.site_ids.discard(unknown.matomo_id)
+
+    result = run_aggregator("check")
+
+    assert result.returncode == 1
+    problems = [line for line in result.stdout.splitlines() if line.startswith("Problem: ")]
+    assert len(problems) == 4, result.stdout
+    assert any("apply every file of supabase/migrations/" in p for p in problems)
+    assert any(f"Matomo site id {unknown.matomo_id}: An unexpected website" in p for p in problems)
+    assert any(
+        f"GSC account {revoked.id}: the refresh token has expired or been revoked" in p for p in problems
+    )
+    assert any(
+        f"Site {lost.id} (lost.example.com): account" in p and "no verified Search Console property" in p
+        for p in problems
+    )
+    assert result.stdout.splitlines()[-1] == "4 problems."
 
 
 def test_check_counts_a_dead_matomo_once_without_the_librarys_retries(fleet, config, run_aggregator):
@@ -104,16 +188,6 @@ def test_check_spots_placeholders_and_mistyped_settings_before_any_network_call(
     assert gateway.requests == matomo.requests == google.requests == []
 
 
-def test_a_mistyped_setting_is_a_warning_in_a_run_which_goes_on(fleet, config, run_aggregator):
-    fleet.visits(fleet.site("shop.example.com"), 5)
-    config["MATOMO_BULKSIZE"] = "50"
-
-    result = run_aggregator("--date", DAY.isoformat())
-
-    assert result.returncode == 0
-    assert "MATOMO_BULKSIZE in" in result.stderr and "did you mean MATOMO_BULK_SIZE?" in result.stderr
-
-
 def test_check_json_gives_the_same_problems_for_monitoring(fleet, matomo, run_aggregator):
     unknown = fleet.site("unknown.example.com")
     matomo.site_ids.discard(unknown.matomo_id)
@@ -138,77 +212,51 @@ def test_check_json_with_a_bad_configuration_is_still_json(config, run_aggregato
     assert "MATOMO_URL" in report["problems"][0]
 
 
-# ---------------------------------------------------------------------------
-# A long run shows that it is alive
-# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "break_it, named",
+    [
+        ("alter table aggregator_runs rename to aggregator_runs_gone", "aggregator_runs"),
+        ("alter table daily_analytics rename column gsc_final to gsc_final_gone", "gsc_final"),
+        ("alter table daily_analytics rename column matomo_final to matomo_final_gone", "matomo_final"),
+        ("alter table site_sources rename to site_sources_gone", "site_sources"),
+        ("alter function analytics_holes rename to analytics_holes_gone", "analytics_holes"),
+    ],
+)
+def test_check_names_every_missing_table_column_and_function(break_it, named, fleet, db, run_aggregator):
+    fleet.visits(fleet.site("shop.example.com"), 1)
+    undo = {
+        "aggregator_runs": "alter table aggregator_runs_gone rename to aggregator_runs",
+        "gsc_final": "alter table daily_analytics rename column gsc_final_gone to gsc_final",
+        "matomo_final": "alter table daily_analytics rename column matomo_final_gone to matomo_final",
+        "site_sources": "alter table site_sources_gone rename to site_sources",
+        "analytics_holes": "alter function analytics_holes_gone rename to analytics_holes",
+    }[named]
+    db.execute(break_it)
+    try:
+        result = run_aggregator("check")
+    finally:
+        db.execute(undo)
 
-
-def test_under_cron_a_long_run_logs_progress_lines(fleet, matomo, config, run_aggregator):
-    for n in range(3):
-        fleet.visits(fleet.site(f"s{n}.example.com"), 1)
-    matomo.site_day_cost = 0.8  # seconds per site and day: three requests one after another
-    config.update(PROGRESS_EVERY="1", MATOMO_BULK_SIZE="1", MATOMO_WORKERS="1")
-
-    result = run_aggregator("--date", DAY.isoformat(), log_level="INFO")
-
-    assert result.returncode == 0
-    progress = lines_with("INFO Progress: Matomo ", result.stderr)
-    assert progress, result.stderr
-    assert re.search(r"Progress: Matomo [0-3]/3 and GSC 0/0 sites done, stored 0 records", progress[0])
-    assert "\r" not in result.stderr and "\x1b" not in result.stderr
-
-
-def test_on_a_terminal_log_lines_are_not_glued_to_the_progress_line(fleet, matomo, config, launch):
-    sites = [fleet.site(f"s{n}.example.com") for n in range(3)]
-    matomo.error_slots[sites[1].matomo_id] = "Archiving failed: General error"
-    matomo.site_day_cost = 0.2
-    config.update(MATOMO_BULK_SIZE="1", MATOMO_WORKERS="1")
-
-    shown = shown_on_a_terminal(launch, "--date", DAY.isoformat())
-
-    warnings = [
-        m.start()
-        for m in re.finditer(
-            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+[+-]\d\d:\d\d WARNING Matomo site id", shown
-        )
-    ]
-    assert warnings, shown
-    for start in warnings:
-        assert shown[:start].endswith(("\r\x1b[K", "\n")), repr(shown[start - 40 : start])
-    assert re.search(r"Matomo 1/3 and GSC 0/0 sites done, stored 0 records, about \d+ s left", shown), shown
-
-
-# ---------------------------------------------------------------------------
-# Commands and their options
-# ---------------------------------------------------------------------------
-
-
-def test_each_command_has_its_own_help(run_aggregator):
-    main, check, run = (
-        run_aggregator(*args) for args in (["--help"], ["check", "--help"], ["run", "--help"])
+    assert result.returncode == 1, result.stdout
+    problems = [line for line in result.stdout.splitlines() if line.startswith("Problem:")]
+    assert any(named in line and "apply every file of supabase/migrations/" in line for line in problems), (
+        problems
     )
-
-    assert main.returncode == check.returncode == run.returncode == 0
-    for command in ("run", "check", "authorize", "accounts"):
-        assert command in main.stdout
-    assert "--json" in check.stdout and "--site" not in check.stdout
-    assert "--site" in run.stdout and "--dry-run" in run.stdout
+    assert "All good." not in result.stdout
 
 
-def test_the_run_command_can_be_named_or_left_out(fleet, db, run_aggregator):
-    fleet.visits(fleet.site("shop.example.com"), 4)
+def test_check_says_a_fleet_with_no_source_configured_is_a_problem(fleet, run_aggregator):
+    fleet.site("shop.example.com", matomo=False)
 
-    named, implied = (
-        run_aggregator("run", "--date", DAY.isoformat()),
-        run_aggregator("--date", DAY.isoformat()),
-    )
+    result = run_aggregator("check")
 
-    assert named.returncode == implied.returncode == 0
-    assert (
-        named.summary
-        == implied.summary
-        == ("Processed 1 site. Fetched Matomo data for 1. Fetched GSC data for 0. Stored 1 record.")
-    )
+    assert result.returncode == 1
+    assert "No deployed site has a matomo_site_id or a gsc_account_id" in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# accounts
+# ---------------------------------------------------------------------------
 
 
 def test_accounts_lists_each_account_with_its_last_run_and_no_token(fleet, db, run_aggregator):
@@ -239,17 +287,38 @@ def test_accounts_lists_each_account_with_its_last_run_and_no_token(fleet, db, r
 # ---------------------------------------------------------------------------
 
 
-def google_answer(
-    google, refresh_token: str, email: str = "owner@example.com", code: str = "4/0AfJohX-code"
-) -> str:
-    """The address the browser lands on after Allow, as the operator pastes it."""
-    google.codes[code] = (refresh_token, email)
-    return f"http://localhost/?state=s&code={code}&scope=email%20openid\n"
-
-
-@pytest.fixture
-def insecure_transport(monkeypatch):
+def test_authorize_stores_a_new_account_and_never_prints_the_token(db, google, run_aggregator, monkeypatch):
     monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # the stand-in speaks http, not https
+
+    result = run_aggregator("authorize", answer=authorization_address(google, "1//0newTOKEN-Zq9"))
+
+    assert result.returncode == 0, result.stderr
+    assert "accounts.google.com/o/oauth2/auth?" in result.stdout and "access_type=offline" in result.stdout
+    (row,) = db.execute("select id, oauth_refresh_token from gsc_accounts").fetchall()
+    assert row[1] == "1//0newTOKEN-Zq9"
+    assert f"Stored the refresh token in gsc_accounts row {row[0]}" in result.stdout
+
+
+def test_authorize_replaces_an_accounts_token(fleet, db, google, run_aggregator, monkeypatch):
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
+    account = fleet.account(revoked=True)
+
+    result = run_aggregator(
+        "authorize", "--account", str(account.id), answer=authorization_address(google, "1//0renewed-Kp2")
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert db.execute("select oauth_refresh_token from gsc_accounts").fetchall() == [("1//0renewed-Kp2",)]
+
+
+def test_authorize_with_a_used_code_says_what_to_do(db, google, run_aggregator, monkeypatch):
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
+
+    result = run_aggregator("authorize", answer="4/0unknown-code\n")
+
+    assert result.returncode == 1
+    assert "Google refused the code" in result.stderr and "run authorize again" in result.stderr
+    assert db.execute("select count(*) from gsc_accounts").fetchone() == (0,)
 
 
 def test_authorize_shows_and_stores_which_google_account_it_was(
@@ -348,20 +417,6 @@ def test_authorize_after_deny_in_the_browser_says_so_in_one_line(
     assert db.execute("select count(*) from gsc_accounts").fetchone() == (0,)
 
 
-def waiting_for_input(pid: int) -> None:
-    """Returns once the process waits in a read of its stdin pipe (Linux's /proc tells; elsewhere
-    after half a second)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if "pipe_read" in Path(f"/proc/{pid}/wchan").read_text():
-                return
-        except OSError:
-            break
-        time.sleep(0.01)
-    time.sleep(0.5)
-
-
 def test_authorize_interrupted_at_the_prompt_is_one_line(db, google, insecure_transport, launch):
     # Started as from a terminal, with Ctrl-C at its default. A suite started in the background
     # (`pytest &`) has SIGINT ignored, its children inherit that, and Python then installs no
@@ -387,3 +442,109 @@ def test_authorize_interrupted_at_the_prompt_is_one_line(db, google, insecure_tr
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert lines_with("ERROR", stderr) and "nothing was stored" in lines_with("ERROR", stderr)[0]
+
+
+# ---------------------------------------------------------------------------
+# A long run shows that it is alive
+# ---------------------------------------------------------------------------
+
+
+def test_under_cron_a_long_run_logs_progress_lines(fleet, matomo, config, run_aggregator):
+    for n in range(3):
+        fleet.visits(fleet.site(f"s{n}.example.com"), 1)
+    matomo.site_day_cost = 0.8  # seconds per site and day: three requests one after another
+    config.update(PROGRESS_EVERY="1", MATOMO_BULK_SIZE="1", MATOMO_WORKERS="1")
+
+    result = run_aggregator("--date", DAY.isoformat(), log_level="INFO")
+
+    assert result.returncode == 0
+    progress = lines_with("INFO Progress: Matomo ", result.stderr)
+    assert progress, result.stderr
+    assert re.search(r"Progress: Matomo [0-3]/3 and GSC 0/0 sites done, stored 0 records", progress[0])
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr
+
+
+def test_on_a_terminal_log_lines_are_not_glued_to_the_progress_line(fleet, matomo, config, launch):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(3)]
+    matomo.error_slots[sites[1].matomo_id] = "Archiving failed: General error"
+    matomo.site_day_cost = 0.2
+    config.update(MATOMO_BULK_SIZE="1", MATOMO_WORKERS="1")
+
+    shown = shown_on_a_terminal(launch, "--date", DAY.isoformat())
+
+    warnings = [
+        m.start()
+        for m in re.finditer(
+            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+[+-]\d\d:\d\d WARNING Matomo site id", shown
+        )
+    ]
+    assert warnings, shown
+    for start in warnings:
+        assert shown[:start].endswith(("\r\x1b[K", "\n")), repr(shown[start - 40 : start])
+    assert re.search(r"Matomo 1/3 and GSC 0/0 sites done, stored 0 records, about \d+ s left", shown), shown
+
+
+def test_progress_shows_on_a_terminal_and_not_under_cron(fleet, launch, run_aggregator):
+    for n in range(3):
+        fleet.visits(fleet.site(f"s{n}.example.com"), 1)
+
+    under_cron = run_aggregator("--date", DAY.isoformat())
+    shown = shown_on_a_terminal(launch, "--date", DAY.isoformat())
+
+    assert "sites fetched" not in under_cron.stderr
+    assert "\r\x1b[KMatomo 3/3 and GSC 0/0 sites fetched, stored 3 records" in shown
+
+
+# ---------------------------------------------------------------------------
+# The demo
+# ---------------------------------------------------------------------------
+
+
+def test_the_demo_runs_the_real_aggregator_and_prints_the_table(database):
+    demo = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "demo.py")], capture_output=True, text=True, timeout=120
+    )
+
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert "exit status 4" in demo.stdout
+    assert (
+        "Processed 5 sites. Fetched Matomo data for 5. Fetched GSC data for 3. Stored 39 records."
+        in demo.stderr
+    )
+    assert "Healed 15 Matomo and 9 Search Console site-days of earlier nights" in demo.stderr
+    table = [line.split() for line in demo.stdout.splitlines() if line.startswith("20")]
+    assert len(table) == 30 and ["shop.example.com", "40", "3", "90", "0.033", "4.0"] in [
+        row[1:] for row in table
+    ]
+
+
+def test_the_demo_keeps_a_sandbox_where_the_commands_run_until_ctrl_c(database):
+    demo = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "demo.py"), "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        shown = ""
+        while "The sandbox is up" not in shown:
+            line = demo.stdout.readline()
+            assert line, shown
+            shown += line
+        while "Ctrl-C here stops" not in shown:
+            shown += demo.stdout.readline()
+        env_file = ROOT / "sandbox.env"
+        assert env_file.exists() and f"--env-file {env_file} status" in shown
+        command = [sys.executable, str(ROOT / "aggregator.py"), "--env-file", str(env_file)]
+        environ = {k: v for k, v in os.environ.items() if k not in CONFIG_NAMES}
+        status = subprocess.run([*command, "status"], capture_output=True, text=True, env=environ, timeout=60)
+        accounts = subprocess.run(
+            [*command, "accounts"], capture_output=True, text=True, env=environ, timeout=60
+        )
+        assert status.returncode == 0 and "Sites that need a person: 1" in status.stdout, status.stderr
+        assert accounts.returncode == 0 and "refresh token" in accounts.stdout
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.communicate(timeout=30)
+
+    assert not (ROOT / "sandbox.env").exists()

@@ -1,14 +1,17 @@
-"""Matomo as unkind as a real install: a few seconds of a proxy's 5xx, a whole install down for
-every request alike, a proxy that gives up while PHP goes on working, Matomo 5.8's bulk request
-limit, and one site's long range too heavy for one request."""
+"""Matomo as unkind as a real install: a proxy's 5xx, a whole install down for every request
+alike, a proxy that gives up while PHP goes on working, a wrong URL or token, one site's PHP
+error, PHP's and Matomo 5.8's limits, a slow batch, and days the archiver has not processed."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import time
+from urllib.parse import parse_qsl
 
 import pytest
 
-from conftest import DAY, lines_with, stored
+from conftest import DAY, HTML_502, lines_with, stored
 from fakes.base import Response
 from fakes.matomo import BAD_GATEWAY_PAGE, FATAL_PAGE, MYSQL_DOWN_MESSAGE
 
@@ -21,6 +24,21 @@ def visited(fleet, sites, day: dt.date = DAY) -> None:
 def visits_on(db, sites, day: dt.date = DAY) -> list:
     rows = stored(db, day)
     return [rows.get(site.id, {}).get("matomo_visits") for site in sites]
+
+
+def matomo_sub_queries(matomo) -> list[dict[str, str]]:
+    """Every VisitsSummary.get sub-query the stand-in received, decoded."""
+    return [
+        dict(parse_qsl(value))
+        for request in matomo.report_requests()
+        for name, value in request.form.items()
+        if name.startswith("urls[")
+    ]
+
+
+# ---------------------------------------------------------------------------
+# A proxy, an install down, a slow request
+# ---------------------------------------------------------------------------
 
 
 def test_a_few_seconds_of_a_proxys_502_lose_nothing_and_blame_no_url(
@@ -67,6 +85,50 @@ def test_a_whole_install_down_is_one_error_and_a_few_requests(
     assert result.summary.startswith("Processed 250 sites. Fetched Matomo data for 0.")
 
 
+def test_a_5xx_on_a_matomo_chunk_is_retried(fleet, db, matomo, config, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(4)]
+    for n, site in enumerate(sites):
+        fleet.visits(site, n + 1)
+    matomo.inject("/index.php", status=503, body=HTML_502, content_type="text/html", times=2)
+    config["MATOMO_BULK_SIZE"] = "2"
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr
+    assert [row["matomo_visits"] for row in stored(db).values()] == [1, 2, 3, 4]
+
+
+def test_a_429_html_page_from_one_matomo_request_is_not_a_wrong_url(
+    fleet, db, matomo, config, run_aggregator
+):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(4)]
+    for n, site in enumerate(sites):
+        fleet.visits(site, n + 1)
+    page = "<html><head><title>429 Too Many Requests</title></head><body>nginx</body></html>"
+    matomo.inject("/index.php", status=429, body=page, content_type="text/html", times=2)
+    config["HTTP_RETRIES"] = "1"
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["matomo_visits"] for row in stored(db).values()] == [1, 2, 3, 4]
+    assert not lines_with("MATOMO_URL", result.stderr)
+
+
+def test_a_retry_after_of_an_hour_is_capped(fleet, db, matomo, config, run_aggregator):
+    site = fleet.site("example.com")
+    fleet.visits(site, 5)
+    matomo.inject("/index.php", status=503, body={"error": "busy"}, headers={"Retry-After": "3600"}, times=1)
+    config["HTTP_TIMEOUT"] = "2"
+
+    started = time.monotonic()
+    result = run_aggregator()
+
+    assert time.monotonic() - started < 15
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert stored(db)[site.id]["matomo_visits"] == 5
+
+
 def test_a_proxys_504_asks_for_less_never_the_same_again(fleet, db, matomo, config, run_aggregator):
     sites = [fleet.site(f"s{n}.example.com") for n in range(20)]
     visited(fleet, sites)
@@ -80,16 +142,17 @@ def test_a_proxys_504_asks_for_less_never_the_same_again(fleet, db, matomo, conf
     assert matomo.site_days_worked <= 2 * 60
 
 
-def test_matomos_bulk_request_limit_is_learned_once_for_the_run(fleet, db, matomo, config, run_aggregator):
-    sites = [fleet.site(f"s{n}.example.com") for n in range(250)]
-    visited(fleet, sites)
-    matomo.bulk_request_limit = 30  # Matomo 5.8+: API_bulk_request_limit = 30 in config.ini.php
+def test_a_bulk_request_too_slow_for_the_timeout_is_split(fleet, db, matomo, config, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(4)]
+    for n, site in enumerate(sites):
+        fleet.visits(site, n + 1)
+    matomo.site_day_cost = 0.03  # 4 sites x 10 days: 1.2 s in one request, 0.6 s for two sites
+    config.update(HTTP_TIMEOUT="1")
 
-    result = run_aggregator()
+    result = run_aggregator("--from", (DAY - dt.timedelta(days=9)).isoformat(), "--to", DAY.isoformat())
 
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert visits_on(db, sites) == list(range(1, 251))
-    assert matomo.counts["over limit"] <= 2
+    assert result.returncode == 0, result.stderr
+    assert [row["matomo_visits"] for row in stored(db).values()] == [1, 2, 3, 4]
 
 
 def test_one_sites_long_range_too_heavy_for_one_request_is_fetched_in_parts(
@@ -139,3 +202,256 @@ def test_a_slow_batch_of_a_backfill_holds_up_neither_the_other_batches_nor_searc
     # requests would overlap the slow one, and the queries of the later slices would wait for it.
     assert len(during) >= 15, f"{len(during)} Matomo requests went while the slow one was worked on"
     assert len(queries) == 60, f"{len(queries)} Search Console queries went before the slow one's answer"
+
+
+def test_a_hung_matomo_times_out_and_the_rest_is_stored(fleet, db, matomo, config, run_aggregator):
+    site = fleet.site("example.com", fleet.account())
+    fleet.store(site, matomo_visits=21)
+    fleet.search(site, 2, 20)
+    matomo.inject("/index.php", hang=True, times=99)
+    config.update(HTTP_TIMEOUT="1", HTTP_RETRIES="1")
+
+    started = time.monotonic()
+    result = run_aggregator()
+
+    assert time.monotonic() - started < 30
+    assert result.returncode == 3
+    assert result.summary.endswith("Fetched Matomo data for 0. Fetched GSC data for 1. Stored 3 records.")
+    assert (stored(db)[site.id]["matomo_visits"], stored(db)[site.id]["gsc_clicks"]) == (21, 2)
+
+
+def test_a_trickling_matomo_is_cut_off_by_the_wall_clock(fleet, db, matomo, config, run_aggregator):
+    site = fleet.site("example.com", fleet.account())
+    fleet.store(site, matomo_visits=21)
+    fleet.search(site, 2, 20)
+    matomo.inject("/index.php", trickle=0.2, times=99)  # a 300-byte answer takes a minute
+    config.update(HTTP_TIMEOUT="1")
+
+    started = time.monotonic()
+    result = run_aggregator()
+
+    assert time.monotonic() - started < 8
+    assert result.returncode == 3
+    assert (stored(db)[site.id]["matomo_visits"], stored(db)[site.id]["gsc_clicks"]) == (21, 2)
+
+
+# ---------------------------------------------------------------------------
+# A wrong URL or token
+# ---------------------------------------------------------------------------
+
+
+def test_an_html_page_says_matomo_url_is_probably_wrong(fleet, db, matomo, config, run_aggregator):
+    account = fleet.account()
+    sites = [fleet.site(f"s{n}.example.com", account) for n in range(3)]
+    fleet.store(sites[0], matomo_visits=40)
+    fleet.search(sites[0], 2, 20)
+    config.update(MATOMO_URL=matomo.url + "/not-matomo/", MATOMO_BULK_SIZE="1", MATOMO_WORKERS="1")
+
+    result = run_aggregator()
+
+    assert result.returncode == 4
+    assert (
+        result.summary
+        == "Processed 3 sites. Fetched Matomo data for 0. Fetched GSC data for 3. Stored 7 records."
+    )  # 3 sites x 2 final days, and the provisional DAY of the one site with search traffic
+    assert (stored(db)[sites[0].id]["matomo_visits"], stored(db)[sites[0].id]["gsc_clicks"]) == (40, 2)
+    assert len(lines_with("MATOMO_URL is probably wrong", result.stderr)) == 1  # and the verdict again
+    # the first chunk and the API.getMatomoVersion probe, twice (a wrong URL needs proof); the other
+    # chunks would fail the same way
+    assert matomo.count() == 3
+
+
+def test_a_rejected_matomo_token_is_one_clear_line(fleet, db, matomo, config, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(5)]
+    fleet.store(sites[0], matomo_visits=40)
+    matomo.token = "another-token"
+    config["MATOMO_BULK_SIZE"] = "2"
+
+    result = run_aggregator(log_level="INFO")
+
+    assert result.returncode == 4
+    assert (
+        result.summary
+        == "Processed 5 sites. Fetched Matomo data for 0. Fetched GSC data for 0. Stored 0 records."
+    )
+    assert stored(db)[sites[0].id]["matomo_visits"] == 40
+    warnings = [
+        line
+        for line in result.stderr.splitlines()
+        if (" WARNING " in line or " ERROR " in line) and " Exit status " not in line  # the verdict
+    ]
+    assert len(warnings) == 1 and "Matomo rejected MATOMO_TOKEN_AUTH" in warnings[0]
+
+
+def test_the_matomo_token_travels_only_in_the_post_body(fleet, matomo, run_aggregator):
+    fleet.visits(fleet.site("example.com"), 1)
+
+    assert run_aggregator().returncode == 0
+    assert matomo.requests  # the report, and the raw log's look at the zero days
+    for request in matomo.requests:
+        assert request.method == "POST" and request.form["token_auth"] == matomo.token
+        assert "token_auth" not in request.query
+        assert request.query == {"module": "API", "method": "API.getBulkRequest", "format": "json"}
+
+
+# ---------------------------------------------------------------------------
+# One site, PHP's limits, long ranges
+# ---------------------------------------------------------------------------
+
+
+def test_a_matomo_request_that_keeps_failing_costs_only_the_site_that_fails_it(
+    fleet, db, matomo, config, run_aggregator
+):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(4)]
+    for site in sites:
+        fleet.store(site, matomo_visits=99)
+        fleet.visits(site, 5)
+    third_site = f"idSite%3D{sites[2].matomo_id}%26".encode()
+    matomo.inject(lambda r: third_site in r.body, status=502, body={"error": "bad gateway"}, times=99)
+    config.update(MATOMO_BULK_SIZE="2", HTTP_RETRIES="1")
+
+    result = run_aggregator()
+
+    assert result.returncode == 3
+    assert [row["matomo_visits"] for row in stored(db).values()] == [5, 5, 99, 5]
+    assert lines_with(
+        f"Matomo site id {sites[2].matomo_id}: Matomo answered HTTP 502 (retried 1 times)", result.stderr
+    )
+
+
+def test_a_malformed_matomo_answer_costs_only_that_chunk(fleet, db, matomo, config, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(2)]
+    fleet.store(sites[0], matomo_visits=30)
+    fleet.visits(sites[1], 8)
+    first_site = f"idSite%3D{sites[0].matomo_id}%26".encode()
+    matomo.inject(lambda r: first_site in r.body, status=200, body='[{"nb_visits": 3, "nb_act', times=1)
+    config["MATOMO_BULK_SIZE"] = "1"
+
+    result = run_aggregator()
+
+    assert result.returncode == 3
+    assert [row["matomo_visits"] for row in stored(db).values()] == [30, 8]
+    assert lines_with("Matomo answered HTTP 200 with malformed JSON", result.stderr)
+
+
+def test_one_sites_php_error_costs_only_that_site(fleet, db, matomo, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(7)]
+    for n, site in enumerate(sites):
+        fleet.visits(site, n + 1)
+    fleet.store(sites[3], matomo_visits=99)
+    matomo.fatal_sites.add(sites[3].matomo_id)  # its sub-request turns the bulk answer into a 500 page
+
+    result = run_aggregator()
+
+    assert result.returncode == 3
+    assert [row["matomo_visits"] for row in stored(db).values()] == [1, 2, 3, 99, 5, 6, 7]
+    assert result.summary.startswith("Processed 7 sites. Fetched Matomo data for 6.")
+    assert len(lines_with(f"Matomo site id {sites[3].matomo_id}", result.stderr)) == 1
+    assert not lines_with("MATOMO_URL", result.stderr)
+
+
+def test_slots_dropped_by_phps_max_input_vars_are_asked_for_again(fleet, db, matomo, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(8)]
+    for n, site in enumerate(sites):
+        fleet.visits(site, n + 1)
+    matomo.max_input_vars = 4  # token_auth and 3 urls[N]: the rest is silently dropped
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr
+    assert [row["matomo_visits"] for row in stored(db).values()] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_matomos_bulk_request_limit_is_learned_once_for_the_run(fleet, db, matomo, config, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(250)]
+    visited(fleet, sites)
+    matomo.bulk_request_limit = 30  # Matomo 5.8+: API_bulk_request_limit = 30 in config.ini.php
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert visits_on(db, sites) == list(range(1, 251))
+    assert matomo.counts["over limit"] <= 2
+
+
+def test_a_year_long_backfill_keeps_each_bulk_request_small_and_asks_only_for_visits(
+    fleet, db, matomo, run_aggregator
+):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(12)]
+    start = DAY - dt.timedelta(days=364)
+    fleet.visits(sites[0], 3, day=start)
+
+    result = run_aggregator("--from", start.isoformat(), "--to", DAY.isoformat())
+
+    assert result.returncode == 0, result.stderr
+    assert db.execute("select count(*), sum(matomo_visits) from daily_analytics").fetchone() == (12 * 365, 3)
+    per_request = [
+        sum(365 for name in request.form if name.startswith("urls[")) for request in matomo.report_requests()
+    ]
+    assert max(per_request) <= 3000 and len(per_request) == 2
+    assert {sub.get("showColumns") for sub in matomo_sub_queries(matomo)} == {"nb_visits"}
+
+
+def test_a_long_backfill_asks_matomo_in_full_requests_only(fleet, db, config, matomo, run_aggregator):
+    # A year fits 8 sites in one bulk request (3,000 site-days). The fleet was sliced by
+    # MATOMO_BULK_SIZE sites (here 10: slices of 20, each ending in a request of 4), which also
+    # made a year's slices 3.65 times the rows they are meant to hold.
+    config["MATOMO_BULK_SIZE"] = "10"
+    for n in range(48):
+        fleet.site(f"s{n}.example.com")
+    start = DAY - dt.timedelta(days=364)
+
+    result = run_aggregator("--from", start.isoformat(), "--to", DAY.isoformat())
+
+    assert result.returncode == 0, result.stderr
+    assert db.execute("select count(*) from daily_analytics").fetchone() == (48 * 365,)
+    assert len(matomo.report_requests()) == 48 // 8
+
+
+# ---------------------------------------------------------------------------
+# A day Matomo has not archived
+# ---------------------------------------------------------------------------
+
+
+def test_a_zero_from_a_day_matomo_has_not_archived_never_lowers_a_stored_count(
+    fleet, db, matomo, run_aggregator
+):
+    busy, new = fleet.site("busy.example.com"), fleet.site("new.example.com")
+    fleet.store(busy, matomo_visits=40)
+    fleet.visits(busy, 41)
+    matomo.not_archived.add(DAY.isoformat())  # core:archive has not run for DAY yet
+
+    result = run_aggregator("--json")
+
+    assert result.returncode == 3, result.stderr
+    assert stored(db)[busy.id]["matomo_visits"] == 40
+    assert stored(db)[new.id]["matomo_visits"] == 0  # nothing stored before: a 0 lowers nothing
+    warnings = lines_with(f"Site {busy.id}", result.stderr)
+    assert len(warnings) == 1 and DAY.isoformat() in warnings[0] and "archiv" in warnings[0]
+    assert json.loads(result.stdout)["matomo"]["zeros_not_stored"] == 1
+
+    accepted = run_aggregator("--accept-zero-visits")
+    assert accepted.returncode == 0, accepted.stderr
+    assert stored(db)[busy.id]["matomo_visits"] == 0
+
+
+def test_when_the_stored_counts_cannot_be_read_matomo_zeros_are_held_back_and_said_once(
+    fleet, db, matomo, gateway, run_aggregator
+):
+    busy, new = fleet.site("busy.example.com"), fleet.site("new.example.com")
+    fleet.store(busy, matomo_visits=40)
+    matomo.not_archived.add(DAY.isoformat())
+    reads_stored_visits = lambda r: r.method == "GET" and "matomo_visits" in r.query.get("select", "")  # noqa: E731
+    gateway.inject(
+        reads_stored_visits, 400, {"code": "PGRST100", "message": "failed to parse filter"}, times=9
+    )
+
+    result = run_aggregator("--json")
+
+    assert result.returncode == 3, result.stderr
+    assert stored(db)[busy.id]["matomo_visits"] == 40
+    assert new.id not in stored(db) or stored(db)[new.id]["matomo_visits"] is None
+    (warning,) = lines_with("zeros", result.stderr)
+    assert "could not be read" in warning and "2 sites" in warning and "re-run" in warning
+    assert not lines_with("were stored", result.stderr)  # no stored count was read: none is quoted
+    assert json.loads(result.stdout)["matomo"]["zeros_not_stored"] == 2 * 3  # 2 sites, the nightly's 3 days

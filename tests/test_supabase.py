@@ -1,29 +1,30 @@
-"""Supabase's PostgREST gateway as unkind as it really is when storing: a statement timeout that
-cancels every chunk above a size, and errors that every row of every chunk meets."""
+"""Supabase's PostgREST gateway as unkind as it really is: statement timeouts, its own transient
+errors, a gateway that hangs or is not Supabase, and a schema that is not the migrations'."""
 
 from __future__ import annotations
 
-import pytest
+import os
+import time
 
-from conftest import lines_with, stored
+import psycopg
+import pytest
+import requests
+from psycopg.conninfo import make_conninfo
+
+from conftest import (
+    ANON_KEY,
+    DAY,
+    HTML_502,
+    ROOT,
+    SERVICE_KEY,
+    lines_with,
+    stored,
+)
+from fakes.database import MIGRATIONS, SUPABASE_BOOTSTRAP, server_url
 
 
 def upserts(gateway) -> int:
     return gateway.count(lambda r: r.method == "POST" and r.path == "/rest/v1/daily_analytics")
-
-
-def test_a_chunk_cancelled_by_the_statement_timeout_is_halved_and_stored(fleet, db, gateway, run_aggregator):
-    sites = [fleet.site(f"s{n}.example.com") for n in range(30)]
-    for site in sites:
-        fleet.visits(site, 5)
-    gateway.rows_within_timeout = 40  # the chunk of 90 rows is cancelled at that size, every time
-
-    result = run_aggregator()
-
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.summary.endswith("Stored 90 records.")
-    assert db.execute("select count(*), sum(matomo_visits) from daily_analytics").fetchone() == (90, 150)
-    assert upserts(gateway) <= 7  # 90 -> 45 + 45 -> four of 22 or 23; never the same size again
 
 
 @pytest.fixture
@@ -39,6 +40,77 @@ def refusing_trigger(db):
     yield
     db.execute("drop trigger refuse on daily_analytics")
     db.execute("drop function refuse()")
+
+
+def upsert_with(site_id):
+    """Matches an upsert request whose rows include this site."""
+    return lambda r: (
+        r.path == "/rest/v1/daily_analytics" and any(row["site_id"] == site_id for row in r.json())
+    )
+
+
+def postgrest_error(status: int, code: str | None, message: str) -> dict:
+    body = {"code": code, "details": None, "hint": None, "message": message}
+    return {"status": status, "body": body if code else {"message": message}}
+
+
+def cloudflare(status: int) -> dict:
+    page = (
+        f"<!DOCTYPE html><html><head><title>error code: {status}</title></head><body>Cloudflare</body></html>"
+    )
+    return {"status": status, "body": page, "content_type": "text/html; charset=UTF-8"}
+
+
+TRANSIENT = [
+    postgrest_error(503, "PGRST000", "Could not connect with the database"),
+    postgrest_error(503, "PGRST001", "Could not connect with the database due to an internal error"),
+    postgrest_error(503, "PGRST002", "Could not query the database for the schema cache. Retrying."),
+    postgrest_error(504, "PGRST003", "Timed out acquiring connection from connection pool."),
+    postgrest_error(503, "57P01", "terminating connection due to administrator command"),
+    postgrest_error(503, "53300", "sorry, too many clients already"),
+    postgrest_error(503, "08006", "connection to server was lost"),
+    postgrest_error(500, "40001", "could not serialize access due to concurrent update"),
+    postgrest_error(500, "40P01", "deadlock detected"),
+    postgrest_error(502, None, "An invalid response was received from the upstream server"),
+    cloudflare(520),
+    cloudflare(522),
+]
+
+
+def read_of(table: str, **query: str | None):
+    """Matches a read of `table` with these query parameters (None: without that parameter)."""
+    return lambda r: (
+        r.method == "GET"
+        and r.path == f"/rest/v1/{table}"
+        and all(r.query.get(k) == v for k, v in query.items())
+    )
+
+
+def upsert_of(site):
+    return lambda r: (
+        r.method == "POST"
+        and r.path == "/rest/v1/daily_analytics"
+        and any(row["site_id"] == site.id for row in r.json())
+    )
+
+
+# ---------------------------------------------------------------------------
+# Storing
+# ---------------------------------------------------------------------------
+
+
+def test_a_chunk_cancelled_by_the_statement_timeout_is_halved_and_stored(fleet, db, gateway, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(30)]
+    for site in sites:
+        fleet.visits(site, 5)
+    gateway.rows_within_timeout = 40  # the chunk of 90 rows is cancelled at that size, every time
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.summary.endswith("Stored 90 records.")
+    assert db.execute("select count(*), sum(matomo_visits) from daily_analytics").fetchone() == (90, 150)
+    assert upserts(gateway) <= 7  # 90 -> 45 + 45 -> four of 22 or 23; never the same size again
 
 
 @pytest.mark.parametrize("fault", ["read-only", "trigger"])
@@ -66,3 +138,255 @@ def test_an_error_every_row_meets_is_one_line_and_few_requests(
     )
     assert stored(db)[sites[0].id]["matomo_visits"] == 9
     assert lines_with("records were not stored", result.stderr)
+
+
+def test_a_503_on_an_upsert_chunk_is_retried(fleet, db, gateway, config, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(4)]
+    for site in sites:
+        fleet.visits(site, 7)
+    gateway.inject(upsert_with(sites[2].id), status=503, body=HTML_502, content_type="text/html", times=1)
+    config["UPSERT_CHUNK_SIZE"] = "2"
+
+    result = run_aggregator("--date", DAY.isoformat())
+
+    assert result.returncode == 0, result.stderr
+    assert len(stored(db)) == 4
+    assert gateway.count(upsert_with(sites[2].id)) == 2
+
+
+def test_an_upsert_chunk_that_keeps_failing_keeps_the_others(fleet, db, gateway, config, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(6)]
+    for site in sites:
+        fleet.visits(site, 7)
+    gateway.inject(upsert_with(sites[2].id), status=503, body=HTML_502, content_type="text/html", times=99)
+    config.update(UPSERT_CHUNK_SIZE="2", HTTP_RETRIES="1")
+
+    result = run_aggregator("--date", DAY.isoformat())
+
+    assert result.returncode == 3
+    assert result.summary.endswith("Stored 4 records.")
+    assert sorted(stored(db)) == [sites[n].id for n in (0, 1, 4, 5)]
+    assert lines_with("2 records were not stored; re-run the same dates", result.stderr)
+    assert gateway.count(upsert_with(sites[2].id)) == 2
+
+
+def test_an_upsert_chunk_refused_for_one_row_loses_only_that_row(fleet, db, gateway, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(5)]
+    for site in sites:
+        fleet.visits(site, 7)
+    doomed = sites[2]
+
+    def delete_the_site_before_the_first_upsert(request) -> None:
+        if request.method == "POST" and request.path == "/rest/v1/daily_analytics":
+            db.execute("delete from sites where id = %s", [doomed.id])
+            gateway.before = None
+
+    gateway.before = delete_the_site_before_the_first_upsert
+
+    result = run_aggregator()
+
+    assert result.returncode == 3
+    assert sorted(stored(db)) == [s.id for s in sites if s is not doomed]
+    assert result.summary.endswith("Stored 12 records.")
+    assert lines_with("3 records were not stored", result.stderr)
+
+
+@pytest.mark.parametrize("errors", [TRANSIENT[:6], TRANSIENT[6:]], ids=["first six", "last six"])
+def test_postgrests_own_transient_errors_are_retried_on_reads_and_writes(
+    errors, fleet, db, gateway, config, run_aggregator
+):
+    for _ in range(4):
+        fleet.account()  # accounts without sites: gsc_accounts is read, no query is made
+    sites = [fleet.site(f"s{n}.example.com") for n in range(6)]
+    for n, site in enumerate(sites):
+        fleet.visits(site, n + 1)
+    gateway.max_rows = 3  # two pages of sites and two of accounts
+    reads = [
+        read_of("sites", id=None),  # the first page
+        read_of("sites", id="gt.3"),  # the next: the rows after the last one read
+        read_of("gsc_accounts", id=None),
+        read_of("gsc_accounts", id="gt.3"),
+        read_of("daily_analytics", gsc_final="eq.false"),
+        read_of("daily_analytics", matomo_visits="gt.0"),
+    ]
+    for match, error in zip(reads, errors):
+        gateway.inject(match, **error)
+    for site, error in zip(sites, errors):
+        gateway.inject(upsert_of(site), **error)
+    config["UPSERT_CHUNK_SIZE"] = "3"  # one chunk per site: its three days
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.summary == (
+        "Processed 6 sites. Fetched Matomo data for 6. Fetched GSC data for 0. Stored 18 records."
+    )
+    assert [row["matomo_visits"] for row in stored(db).values()] == [1, 2, 3, 4, 5, 6]
+    assert [n for n, fault in enumerate(gateway.faults) if fault.times] == [], "every error was met"
+
+
+# ---------------------------------------------------------------------------
+# A gateway that is not answering, or not Supabase
+# ---------------------------------------------------------------------------
+
+
+def test_a_rejected_supabase_key_stops_the_run(config, run_aggregator):
+    config["SUPABASE_SERVICE_ROLE_KEY"] = "sb_secret_WRONGkey0000000"
+
+    result = run_aggregator()
+
+    assert result.returncode == 1
+    assert lines_with("use the service_role key", result.stderr)
+
+
+def test_the_gateways_invalid_api_key_names_the_key(gateway, config, run_aggregator):
+    gateway.inject("/rest/v1/", status=401, body={"message": "Invalid API key"}, times=99)
+
+    result = run_aggregator()
+
+    assert result.returncode == 1
+    assert lines_with("use the service_role key", result.stderr)
+    assert gateway.count("/rest/v1/sites") == 1  # a wrong key is not retried
+
+
+def test_an_unreachable_supabase_stops_the_run(config, run_aggregator):
+    config["SUPABASE_URL"] = "http://127.0.0.1:9"  # the discard port: nothing listens
+
+    result = run_aggregator()
+
+    assert result.returncode == 1
+    assert lines_with("cannot reach Supabase while reading", result.stderr)
+    assert "Traceback" not in result.output
+
+
+def test_a_hung_supabase_ends_the_run_with_one_line(gateway, config, run_aggregator):
+    gateway.inject("/rest/v1/sites", hang=True, times=99)
+    config.update(HTTP_TIMEOUT="1", HTTP_RETRIES="0")
+
+    result = run_aggregator()
+
+    assert result.returncode == 1
+    assert lines_with("Supabase did not answer in time while reading sites", result.stderr)
+    assert result.summary is not None
+
+
+def test_a_trickling_supabase_ends_the_run_with_one_line(gateway, config, run_aggregator):
+    gateway.inject("/rest/v1/sites", trickle=0.2, times=99)
+    config.update(HTTP_TIMEOUT="1", HTTP_RETRIES="0")
+
+    started = time.monotonic()
+    result = run_aggregator()
+
+    assert time.monotonic() - started < 20
+    assert result.returncode == 1
+    assert lines_with("Supabase did not answer in time while reading sites", result.stderr)
+    assert result.summary is not None
+
+
+def test_a_supabase_url_that_answers_html_is_one_clear_error(matomo, config, run_aggregator):
+    config["SUPABASE_URL"] = matomo.url  # answers 200 with an HTML page to everything
+
+    started = time.monotonic()
+    result = run_aggregator()
+
+    assert time.monotonic() - started < 20
+    assert result.returncode == 1
+    assert lines_with("SUPABASE_URL", result.stderr)
+
+
+# ---------------------------------------------------------------------------
+# The schema and its policies
+# ---------------------------------------------------------------------------
+
+
+def test_a_missing_unique_constraint_names_the_migration(
+    fleet, db, gateway, without_conflict_key, run_aggregator
+):
+    fleet.visits(fleet.site("example.com"), 1)
+
+    result = run_aggregator()
+
+    assert result.returncode == 4
+    line = lines_with("no unique or exclusion constraint", result.stderr)[0]
+    assert "apply every file of supabase/migrations/" in line
+    assert gateway.count(lambda r: r.method == "POST" and r.path == "/rest/v1/daily_analytics") == 1
+
+
+def test_a_database_without_the_newest_migration_names_the_migrations(fleet, db, run_aggregator):
+    fleet.visits(fleet.site("example.com", fleet.account()), 1)
+    db.execute("alter table gsc_accounts drop column service_account_key")  # the code is newer
+    try:
+        result = run_aggregator()
+    finally:
+        db.execute((ROOT / "supabase/migrations/20261125000300_service_accounts.sql").read_text())
+
+    assert result.returncode == 1
+    (line,) = lines_with("ERROR", result.stderr)
+    assert "service_account_key" in line and "apply every file of supabase/migrations/, in order" in line
+    assert db.execute("select count(*) from daily_analytics").fetchone() == (0,)
+
+
+def test_the_anon_key_reads_no_refresh_token(fleet, gateway):
+    fleet.account()
+    headers = {"apikey": ANON_KEY, "Authorization": f"Bearer {ANON_KEY}"}
+
+    anonymous = requests.get(f"{gateway.url}/rest/v1/gsc_accounts?select=*", headers=headers, timeout=10)
+    service = requests.get(
+        f"{gateway.url}/rest/v1/gsc_accounts?select=id",
+        headers={"apikey": SERVICE_KEY, "Authorization": f"Bearer {SERVICE_KEY}"},
+        timeout=10,
+    )
+
+    assert anonymous.status_code == 200 and anonymous.json() == []
+    assert len(service.json()) == 1
+
+
+def test_the_anon_key_sees_no_site_and_both_run_and_check_say_why(fleet, config, run_aggregator):
+    fleet.site("shop.example.com", fleet.account())
+    config["SUPABASE_SERVICE_ROLE_KEY"] = ANON_KEY  # row level security shows it no row
+
+    run, check = run_aggregator(), run_aggregator("check")
+
+    assert run.returncode == 1 and "use the service_role key" in run.stderr
+    assert check.returncode == 1
+    problems = [line for line in check.stdout.splitlines() if line.startswith("Problem: ")]
+    assert len(problems) == 1 and "service_role key" in problems[0]
+    assert check.stdout.splitlines()[-1] == "1 problem."
+
+
+def test_an_existing_sites_table_keeps_its_rows_and_policies_and_gets_the_columns(database):
+
+    name = f"aggregator_existing_{os.getpid()}"
+    with psycopg.connect(server_url(), autocommit=True) as admin:
+        admin.execute(f"drop database if exists {name} with (force)")
+        admin.execute(f"create database {name}")
+        try:
+            with psycopg.connect(make_conninfo(server_url(), dbname=name), autocommit=True) as conn:
+                conn.execute(SUPABASE_BOOTSTRAP)
+                # the operator's own table: other columns, its own status values, no RLS
+                conn.execute(
+                    "create table public.sites (id bigint generated by default as identity primary key, "
+                    "name text not null, status text)"
+                )
+                conn.execute("insert into public.sites (name, status) values ('Shop', 'live')")
+                for migration in MIGRATIONS:
+                    conn.execute(migration.read_text())
+                columns = {
+                    row[0]
+                    for row in conn.execute(
+                        "select column_name from information_schema.columns where table_name = 'sites'"
+                    )
+                }
+                kept = conn.execute("select name, status, status_deployment from public.sites").fetchall()
+                rls = conn.execute(
+                    "select relrowsecurity from pg_class where oid = 'public.sites'::regclass"
+                ).fetchone()
+                key = conn.execute(
+                    "select count(*) from pg_constraint where conrelid = 'public.sites'::regclass and contype = 'f'"
+                ).fetchone()
+        finally:
+            admin.execute(f"drop database if exists {name} with (force)")
+
+    assert {"domain", "status_deployment", "matomo_site_id", "gsc_account_id", "name", "status"} <= columns
+    assert kept == [("Shop", "live", "pending")]
+    assert rls == (False,) and key == (1,)
