@@ -3,12 +3,18 @@ and a runner that starts aggregator.py the way cron does."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import gc
 import itertools
 import json
+import logging
 import os
 import pty
 import re
+import signal
+import socket
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass, fields
@@ -412,3 +418,45 @@ def run_aggregator(launch, google):
         return result
 
     return run
+
+
+@pytest.fixture
+def run_in_process(tmp_path, config, google, capsys, monkeypatch):
+    """main(argv) called in this process, for the scenarios that end before the first network
+    call (help, usage and configuration errors): the same Result as run_aggregator's, without
+    the start-up of a new Python. What main() changes in the process is put back after."""
+    import aggregator
+
+    def run(*args: str, log_level: str = LOG_LEVEL) -> Result:
+        env_file = write_env_file(tmp_path / ".env", config)
+        for name in CONFIG_NAMES:
+            monkeypatch.delenv(name, raising=False)
+        with process_restored():
+            try:
+                status = aggregator.main(["--env-file", str(env_file), "--log-level", log_level, *args])
+            except SystemExit as done:  # --help, --version
+                status = done.code if isinstance(done.code, int) else 0
+        stdout, stderr = capsys.readouterr()
+        result = Result(int(status), stdout, stderr)
+        assert_no_secret(result.output, google)
+        return result
+
+    return run
+
+
+@contextlib.contextmanager
+def process_restored():
+    """Puts back what aggregator.take_over_the_process changes: the root log handlers and level,
+    the socket classes, the signal handlers, the frozen collector."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    sockets = socket.socket, ssl.SSLContext.sslsocket_class
+    signals = {each: signal.getsignal(each) for each in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        root.handlers[:], root.level = handlers, level
+        socket.socket, ssl.SSLContext.sslsocket_class = sockets
+        for each, handler in signals.items():
+            signal.signal(each, handler)
+        gc.unfreeze()

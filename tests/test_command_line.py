@@ -19,9 +19,9 @@ from conftest import DAY, ROOT, TODAY
 # ---------------------------------------------------------------------------
 
 
-def test_each_command_has_its_own_help(run_aggregator):
+def test_each_command_has_its_own_help(run_in_process):
     main, check, run = (
-        run_aggregator(*args) for args in (["--help"], ["check", "--help"], ["run", "--help"])
+        run_in_process(*args) for args in (["--help"], ["check", "--help"], ["run", "--help"])
     )
 
     assert main.returncode == check.returncode == run.returncode == 0
@@ -60,8 +60,8 @@ def test_the_run_command_can_be_named_or_left_out(fleet, db, run_aggregator):
         (["backfill"], "invalid choice: 'backfill'"),
     ],
 )
-def test_bad_command_line_is_one_line_and_exit_2(args, message, gateway, matomo, google, run_aggregator):
-    result = run_aggregator(*args)
+def test_bad_command_line_is_one_line_and_exit_2(args, message, gateway, matomo, google, run_in_process):
+    result = run_in_process(*args)
 
     assert result.returncode == 2
     assert message in result.stderr
@@ -77,8 +77,8 @@ def test_bad_command_line_is_one_line_and_exit_2(args, message, gateway, matomo,
         (["authorize", "--date", "2026-11-01"], "--date is for the run command"),
     ],
 )
-def test_an_option_of_another_command_is_a_usage_error(args, text, db, gateway, run_aggregator):
-    result = run_aggregator(*args)
+def test_an_option_of_another_command_is_a_usage_error(args, text, db, gateway, run_in_process):
+    result = run_in_process(*args)
 
     assert result.returncode == 2
     assert text in result.stderr
@@ -86,23 +86,23 @@ def test_an_option_of_another_command_is_a_usage_error(args, text, db, gateway, 
 
 
 @pytest.mark.parametrize("args", [["--date", ""], ["--from", ""], ["--from", "2026-11-01", "--to", " "]])
-def test_an_empty_date_option_is_a_usage_error_not_the_nightly_run(args, db, run_aggregator):
-    result = run_aggregator(*args)
+def test_an_empty_date_option_is_a_usage_error_not_the_nightly_run(args, db, run_in_process):
+    result = run_in_process(*args)
 
     assert result.returncode == 2
     assert "is empty (an empty shell variable?)" in result.stderr
     assert db.execute("select count(*) from aggregator_runs").fetchone() == (0,)
 
 
-def test_today_is_not_over_and_is_refused(run_aggregator):
-    result = run_aggregator("--date", TODAY.isoformat())
+def test_today_is_not_over_and_is_refused(run_in_process):
+    result = run_in_process("--date", TODAY.isoformat())
 
     assert result.returncode == 2
     assert "yesterday" in result.stderr
 
 
-def test_an_account_id_that_is_not_a_number_is_a_usage_error(run_aggregator):
-    result = run_aggregator("authorize", "--account", "abc")
+def test_an_account_id_that_is_not_a_number_is_a_usage_error(run_in_process):
+    result = run_in_process("authorize", "--account", "abc")
 
     assert result.returncode == 2
     assert "--account takes a gsc_accounts id (a number), got 'abc'" in result.stderr

@@ -174,11 +174,11 @@ def test_check_tries_every_account_also_those_without_sites(fleet, run_aggregato
 
 
 def test_check_spots_placeholders_and_mistyped_settings_before_any_network_call(
-    config, gateway, matomo, google, run_aggregator
+    config, gateway, matomo, google, run_in_process
 ):
     config.update(SUPABASE_SERVICE_ROLE_KEY="replace-with-your-service-role-key", GSC_QMP="600")
 
-    result = run_aggregator("check")
+    result = run_in_process("check")
 
     assert result.returncode == 1
     problems = problems_of(result)
@@ -202,10 +202,10 @@ def test_check_json_gives_the_same_problems_for_monitoring(fleet, matomo, run_ag
     assert report["supabase"]["sites"] == 1
 
 
-def test_check_json_with_a_bad_configuration_is_still_json(config, run_aggregator):
+def test_check_json_with_a_bad_configuration_is_still_json(config, run_in_process):
     del config["MATOMO_URL"]
 
-    result = run_aggregator("check", "--json")
+    result = run_in_process("check", "--json")
 
     assert result.returncode == 1
     report = json.loads(result.stdout)

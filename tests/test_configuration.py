@@ -24,11 +24,11 @@ from fakes.settings import write_env_file
 # ---------------------------------------------------------------------------
 
 
-def test_a_missing_variable_is_named_before_any_network_call(config, gateway, matomo, google, run_aggregator):
+def test_a_missing_variable_is_named_before_any_network_call(config, gateway, matomo, google, run_in_process):
     del config["MATOMO_TOKEN_AUTH"]
     del config["GOOGLE_CLIENT_SECRET"]
 
-    result = run_aggregator()
+    result = run_in_process()
 
     assert result.returncode == 1
     assert "Missing configuration: MATOMO_TOKEN_AUTH, GOOGLE_CLIENT_SECRET" in result.stderr
@@ -36,10 +36,10 @@ def test_a_missing_variable_is_named_before_any_network_call(config, gateway, ma
     assert gateway.requests == matomo.requests == google.requests == []
 
 
-def test_malformed_settings_are_all_named_at_once(config, gateway, run_aggregator):
+def test_malformed_settings_are_all_named_at_once(config, gateway, run_in_process):
     config.update(MATOMO_URL="matomo.example.com", HTTP_TIMEOUT="soon", GSC_QPM="0")
 
-    result = run_aggregator()
+    result = run_in_process()
 
     assert result.returncode == 1
     (line,) = lines = [line for line in result.stderr.splitlines() if "ERROR" in line]
@@ -50,14 +50,14 @@ def test_malformed_settings_are_all_named_at_once(config, gateway, run_aggregato
     assert gateway.requests == []
 
 
-def test_a_configuration_error_never_echoes_a_value(config, run_aggregator):
+def test_a_configuration_error_never_echoes_a_value(config, run_in_process):
     config["SUPABASE_URL"], config["SUPABASE_SERVICE_ROLE_KEY"] = (
         config["SUPABASE_SERVICE_ROLE_KEY"],
         config["SUPABASE_URL"],
     )
     config["HTTP_TIMEOUT"] = "²"
 
-    result = run_aggregator("--json")
+    result = run_in_process("--json")
 
     assert result.returncode == 1
     assert SERVICE_KEY not in result.output  # the runner checks every secret; this one first
@@ -66,19 +66,19 @@ def test_a_configuration_error_never_echoes_a_value(config, run_aggregator):
     assert "Traceback" not in result.stderr
 
 
-def test_a_bulk_size_past_phps_post_variable_limit_is_refused(config, run_aggregator):
+def test_a_bulk_size_past_phps_post_variable_limit_is_refused(config, run_in_process):
     config["MATOMO_BULK_SIZE"] = "1000"
 
-    result = run_aggregator()
+    result = run_in_process()
 
     assert result.returncode == 1
     assert lines_with("MATOMO_BULK_SIZE must be at most 900", result.stderr)
 
 
-def test_json_reports_a_run_that_could_not_start(config, run_aggregator):
+def test_json_reports_a_run_that_could_not_start(config, run_in_process):
     del config["SUPABASE_URL"]
 
-    result = run_aggregator("--json")
+    result = run_in_process("--json")
 
     assert result.returncode == 1
     summary = json.loads(result.stdout)
@@ -128,12 +128,12 @@ def test_a_placeholder_exported_in_the_environment_is_blamed_on_the_environment(
 # ---------------------------------------------------------------------------
 
 
-def test_an_env_file_that_is_not_utf8_is_one_line(tmp_path, config, run_aggregator):
+def test_an_env_file_that_is_not_utf8_is_one_line(tmp_path, config, run_in_process):
     env_file = tmp_path / "latin1.env"
     env_file.write_bytes("".join(f"{k}={v}\n" for k, v in config.items()).encode() + b"# caf\xe9\n")
     env_file.chmod(0o600)
 
-    result = run_aggregator("--env-file", str(env_file))
+    result = run_in_process("--env-file", str(env_file))
 
     assert result.returncode == 1
     assert lines_with("UTF-8", result.stderr)
