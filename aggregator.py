@@ -180,7 +180,7 @@ class Config:
     # call them 'live' or 'active').
     deployed_status: str = "deployed"
     gsc_api_endpoint: str = field(default="https://searchconsole.googleapis.com/", metadata=URL)
-    # Tuning. The concurrency defaults were chosen with bench/bench.py (README: "Performance").
+    # Tuning. The concurrency defaults were chosen with bench/bench.py (docs/performance.md).
     http_timeout: int = number(60)  # seconds, for every single network call
     http_retries: int = number(3, at_least=0)  # retries of a transient failure
     run_deadline: int = number(7200)  # seconds after which no new fetch starts
@@ -1810,13 +1810,17 @@ def matomo_creation_days(matomo: MatomoClient, ids: Iterable[int]) -> dict[int, 
 def visits_and_stored(
     matomo: MatomoClient,
     ids: Mapping[SiteId, int],
+    answered: dict[int, dict[dt.date, int]],
     days: list[dt.date],
     settled: dt.date | None,
     read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[SiteId, str], int]] | None,
 ) -> tuple[dict[SiteId, dict], Mapping[tuple[SiteId, str], int] | SupabaseError]:
-    """The Matomo visits of some sites and, for the sites with a 0 among them, the counts stored
-    now: read as soon as Matomo has answered, while Search Console is still being asked."""
-    visits = matomo_data_by_site(matomo, ids, days, settled)
+    """What Matomo `answered` for some sites ({Matomo id: {day: visits}}), each 0 its raw log does
+    not confirm made Unconfirmed, by site id; and, for the sites with a 0 among them, the counts
+    stored now. Asked beside the next bulk requests, not in their way."""
+    if settled is not None:
+        answered = with_zeros_confirmed(matomo, answered, settled)
+    visits = {site_id: answered[m] for site_id, m in ids.items() if m in answered}
     zero_sites = {site_id for site_id, by_day in visits.items() if 0 in by_day.values()}
     if not (zero_sites and read_stored_visits):
         return visits, {}
@@ -3103,7 +3107,7 @@ class Fetchers:
 # into rows. It bounds memory (a year of 10,000 sites is 3.65 million site-days) and holds many
 # times what keeps every source busy: MATOMO_WORKERS requests of at most 3,000 site-days, and
 # GSC_WORKERS queries of a year each.
-SITE_DAYS_IN_FLIGHT = 60_000
+SITE_DAYS_IN_FLIGHT = 40_000
 
 
 @dataclass(eq=False)
@@ -3168,19 +3172,23 @@ def fetch_and_store(
         )
         for n, part in enumerate(chunks(sites, per_request))
     ]
-    flow = Flow(fetchers, days, created, store, outcome, fetched)
     feed: queue.Queue = queue.Queue()  # each unit's Search Console queries, None at the end
-    # One thread hands Search Console's queries out, MATOMO_WORKERS ask Matomo.
-    with ThreadPoolExecutor(max_workers=1 + fetchers.matomo.workers) as pool:
-        f = fetchers
-        streams = [
-            pool.submit(stream_gsc_data, feed, gsc_days, f.cfg, f.gsc_pool, f.deadline, flow.gsc_answered)
-        ]
-        try:
-            streams += flow.dispatch(units, pool, feed)
-        finally:
-            feed.put(None)
-        for each in streams:
+    # One thread hands Search Console's queries out, MATOMO_WORKERS ask Matomo for the visits,
+    # and twice as many check the zeros of what it answered (the raw log, the stored counts).
+    with ThreadPoolExecutor(max_workers=2 * fetchers.matomo.workers) as checks:
+        flow = Flow(fetchers, days, created, store, outcome, fetched, checks)
+        with ThreadPoolExecutor(max_workers=1 + fetchers.matomo.workers) as pool:
+            f = fetchers
+            streams = [
+                pool.submit(stream_gsc_data, feed, gsc_days, f.cfg, f.gsc_pool, f.deadline, flow.gsc_answered)
+            ]
+            try:
+                streams += flow.dispatch(units, pool, feed)
+            finally:
+                feed.put(None)
+            for each in streams:
+                each.result()
+        for each in list(flow.checked):
             each.result()
     if flow.not_asked:
         log.warning("%s: Matomo was not asked for %d sites", fetchers.deadline.why, flow.not_asked)
@@ -3198,7 +3206,9 @@ class Flow:
         store: Upserts | DryRunTable,
         outcome: Outcome,
         fetched: Callable[[str, int], None],
+        checks: Executor,
     ) -> None:
+        self.checks, self.checked = checks, deque[Future]()
         self.fetchers, self.days, self.created, self.store, self.outcome = (
             fetchers,
             days,
@@ -3236,8 +3246,8 @@ class Flow:
         return asked
 
     def ask_matomo(self, unit: Unit, first: bool) -> None:
-        visits: dict = {}
-        stored: Any = {}
+        """The unit's bulk request; its zeros are checked beside the next ones (check_zeros)."""
+        answered: dict = {}
         try:
             if not first:
                 self.first_asked.wait()
@@ -3245,12 +3255,20 @@ class Flow:
                 with self.lock:
                     self.not_asked += len(unit.matomo_ids)
             else:
-                f = self.fetchers
-                visits, stored = visits_and_stored(
-                    f.matomo, unit.matomo_ids, self.days, f.settled, f.read_stored
-                )
+                answered = get_matomo_data(self.fetchers.matomo, unit.matomo_ids.values(), self.days, None)
         finally:
             self.first_asked.set()
+            self.checked.append(self.checks.submit(self.check_zeros, unit, answered))
+
+    def check_zeros(self, unit: Unit, answered: dict) -> None:
+        visits: dict = {}
+        stored: Any = {}
+        try:
+            f = self.fetchers
+            visits, stored = visits_and_stored(
+                f.matomo, unit.matomo_ids, answered, self.days, f.settled, f.read_stored
+            )
+        finally:
             unit.visits, unit.stored = visits, stored
             self.fetched("matomo", len(unit.matomo_ids))
             self.answered(unit)
