@@ -414,11 +414,14 @@ class Progress:
     does not look stuck. Fetches count as they finish."""
 
     def __init__(self) -> None:
-        self.text, self.lock, self.stopped = "", threading.RLock(), threading.Event()
+        self.lock, self.stopped = threading.RLock(), threading.Event()
         self.on_terminal, self.started, self.drawn_at = False, 0.0, 0.0
+        self.forget()
+
+    def forget(self) -> None:
+        self.text, self.stored = "", 0
         self.counts: dict[str, int] = {}
         self.wanted: dict[str, int] = {}
-        self.stored = 0
 
     @contextlib.contextmanager
     def shown(self, every: float, outcome: Any) -> Iterator[None]:
@@ -2844,6 +2847,8 @@ class Upserts:
                 while len(chunk) >= self.size:
                     full.append(chunk[: self.size])
                     del chunk[: self.size]
+                if not chunk:  # never sent empty: postgrest-py 0.x (Python 3.9) would name a column ''
+                    del self.filling[shape]
         for chunk in full:
             self.send(chunk)
 
@@ -4719,6 +4724,7 @@ def take_over_the_process(args: argparse.Namespace, session: Session) -> None:
     secret_filter.forget()
     problems.lines.clear()
     site_warnings.flush(say_nothing=True)
+    progress.forget()
     # The libraries' objects live as long as the run: the cyclic collector need not scan them
     # again and again while thousands of answers are parsed.
     gc.freeze()
