@@ -3134,17 +3134,23 @@ class Window:
     """At most `limit` site-days in flight (a unit larger than that goes alone)."""
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.used, self.changed = limit, 0, threading.Condition()
+        self.limit, self.used, self.changed, self.closed = limit, 0, threading.Condition(), False
 
     def enter(self, size: int, deadline: Deadline) -> bool:
         """Waits until `size` more site-days fit; False if the run must stop first."""
         with self.changed:
-            while self.used and self.used + size > self.limit and not deadline.passed():
+            while self.used and self.used + size > self.limit and not (deadline.passed() or self.closed):
                 self.changed.wait(0.5)
-            if deadline.passed():
+            if deadline.passed() or self.closed:
                 return False
             self.used += size
             return True
+
+    def close(self) -> None:
+        """No unit goes in any more: a part of the flow failed, and its units would never leave."""
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
 
     def leave(self, size: int) -> None:
         with self.changed:
@@ -3185,7 +3191,11 @@ def fetch_and_store(
         with ThreadPoolExecutor(max_workers=1 + fetchers.matomo.workers) as pool:
             f = fetchers
             streams = [
-                pool.submit(stream_gsc_data, feed, gsc_days, f.cfg, f.gsc_pool, f.deadline, flow.gsc_answered)
+                flow.watched(
+                    pool.submit(
+                        stream_gsc_data, feed, gsc_days, f.cfg, f.gsc_pool, f.deadline, flow.gsc_answered
+                    )
+                )
             ]
             try:
                 streams += flow.dispatch(units, pool, feed)
@@ -3236,7 +3246,8 @@ class Flow:
         for n, unit in enumerate(units):
             if not self.window.enter(len(unit.sites) * len(self.days), self.fetchers.deadline):
                 left = [site for rest in units[n:] for site in rest.sites]
-                log.warning("%s: %d sites were not fetched", self.fetchers.deadline.why, len(left))
+                if not self.window.closed:  # else the failure itself is said
+                    log.warning("%s: %d sites were not fetched", self.fetchers.deadline.why, len(left))
                 self.outcome.give_up(left, self.outcome.sources_asked)
                 break
             unit.waiting = (1 if unit.matomo_ids else 0) + len(unit.targets)
@@ -3245,7 +3256,7 @@ class Flow:
             if unit.targets:
                 feed.put(unit.targets)
             if unit.matomo_ids:
-                asked.append(pool.submit(self.ask_matomo, unit, first=not asked))
+                asked.append(self.watched(pool.submit(self.ask_matomo, unit, first=not asked)))
             elif not unit.targets:
                 self.finish(unit)
         return asked
@@ -3263,7 +3274,7 @@ class Flow:
                 answered = get_matomo_data(self.fetchers.matomo, unit.matomo_ids.values(), self.days, None)
         finally:
             self.first_asked.set()
-            self.checked.append(self.checks.submit(self.check_zeros, unit, answered))
+            self.checked.append(self.watched(self.checks.submit(self.check_zeros, unit, answered)))
 
     def check_zeros(self, unit: Unit, answered: dict) -> None:
         visits: dict = {}
@@ -3277,6 +3288,16 @@ class Flow:
             unit.visits, unit.stored = visits, stored
             self.fetched("matomo", len(unit.matomo_ids))
             self.answered(unit)
+
+    def watched(self, future: Future) -> Future:
+        """The future, which closes the window if it fails: a bug ends the run, never hangs it."""
+
+        def close_if_failed(done: Future) -> None:
+            if done.exception() is not None:
+                self.window.close()
+
+        future.add_done_callback(close_if_failed)
+        return future
 
     def gsc_answered(self, site_id: SiteId, metrics: dict | None) -> None:
         with self.lock:

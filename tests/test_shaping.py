@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -202,3 +203,16 @@ def test_exit_status():
     assert ag.Outcome(sites=2, matomo=ag.SourceCount(2, 1), stored=2).exit_status() == 3
     assert outcome(stored=1, not_stored=1).exit_status() == 3
     assert outcome(stored=0, not_stored=2).exit_status() == 1
+
+
+def test_the_window_lets_a_unit_in_only_with_room_and_none_once_a_part_of_the_flow_failed():
+    window, deadline = ag.Window(10), ag.Deadline.after(60)
+    assert window.enter(8, deadline)
+    waiting = ThreadPoolExecutor(max_workers=1).submit(window.enter, 5, deadline)
+    window.leave(8)
+    assert waiting.result(timeout=5)  # room again
+
+    waiting = ThreadPoolExecutor(max_workers=1).submit(window.enter, 8, deadline)
+    window.close()  # a part of the flow failed: its units would never leave
+    assert waiting.result(timeout=5) is False
+    assert window.enter(1, deadline) is False
