@@ -663,9 +663,10 @@ class WallClockSSLSocket(WallClockSocket, ssl.SSLSocket):  # type: ignore[misc]
     pass
 
 
-def bound_every_exchange(seconds: float | None) -> None:
-    """From now on, every socket this process opens is a WallClockSocket."""
-    WallClockSocket.limit = seconds
+def bound_every_exchange() -> None:
+    """From now on, every socket this process opens is a WallClockSocket (its `limit` is set
+    once HTTP_TIMEOUT is known; until then none)."""
+    WallClockSocket.limit = None
     socket.socket = WallClockSocket  # type: ignore[misc]
     ssl.SSLContext.sslsocket_class = WallClockSSLSocket
 
@@ -2400,13 +2401,6 @@ def query_property(
     return metrics_by_day(answer, days, newest_final)
 
 
-def queues_by_account(targets: Mapping[SiteId, tuple[GscAccount, str]]) -> dict[AccountId, deque[SiteId]]:
-    queues: dict[AccountId, deque[SiteId]] = {}
-    for site_id, (account, _) in targets.items():
-        queues.setdefault(account.id, deque()).append(site_id)
-    return queues
-
-
 def search_query(days: list[dt.date]) -> dict:
     """The searchAnalytics.query body for a range of days."""
     # One query covers the whole range: it can hold 25,000 rows, far beyond GSC's 16 months.
@@ -2921,7 +2915,6 @@ class Outcome:
     healed: Counter = field(default_factory=Counter)  # site-days of earlier nights filled, per source
     person: dict = field(default_factory=dict)  # what a person must fix -> the sites it costs
     sites_by_problem: dict = field(default_factory=dict)  # a warning many sites met -> every one
-    done: int = 0  # sites whose fetches have ended
     sources_asked: list = field(default_factory=list)  # the sources the days asked for have
     lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -2940,7 +2933,6 @@ class Outcome:
             count = self.sources()[source]
             count.fetched += len(answered)
             count.missing_sites += [s.id for s in part if wants(s, source) and s.id not in answered]
-        self.done += len(part)
 
     def give_up(self, sites: list[Site], sources: Iterable[str]) -> None:
         """The sites the deadline left unfetched are missing from every source they ask for."""
@@ -4750,7 +4742,7 @@ def take_over_the_process(args: argparse.Namespace, session: Session) -> None:
     # again and again while thousands of answers are parsed.
     gc.freeze()
     setup_logging(args.log_level, args.log_file, quiet_problems=args.command.prints_problems)
-    bound_every_exchange(None)
+    bound_every_exchange()
     # Google lets the operator untick a permission; oauthlib (authorize) would then raise "Scope
     # has changed", reported as a refused code: the granted scopes are checked instead.
     os.environ.setdefault("OAUTHLIB_RELAX_TOKEN_SCOPE", "1")
