@@ -1417,6 +1417,20 @@ def install_trouble(matomo: MatomoClient) -> str | None:
     raise AssertionError("unreachable")
 
 
+def database_trouble(matomo: MatomoClient) -> str | None:
+    """None when the install answers a call that needs its database and names none of the run's
+    sites (the ids the token may view); else what it answers instead. API.getMatomoVersion needs
+    no database: it may answer while MySQL is down."""
+    method = "SitesManager.getSitesIdWithAtLeastViewAccess"
+    try:
+        answer = call_matomo(matomo, method, {})
+    except MatomoConfigError:
+        raise
+    except MatomoError as error:
+        return f"{method} ({error})"
+    return None if isinstance(answer, list) else f"{method} (an unexpected answer)"
+
+
 def visits_by_day(slot: Any, days: list[dt.date]) -> dict[dt.date, int]:
     """Visits per day from one VisitsSummary.get answer; raises ValueError for an error slot."""
     if isinstance(slot, dict) and slot.get("result") == "error":
@@ -1554,8 +1568,9 @@ def visits_in_halves(
     matomo: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError
 ) -> dict[int, dict[dt.date, int]]:
     """A request fails whole for one site's PHP error or for dropped POST variables: halves find
-    the culprit and cost only it. When both halves fail as the whole did, no one site is to
-    blame: every request would fail alike, and splitting further only multiplies them."""
+    the culprits and cost only them (at most 1 + 4 x log2(sites) requests for two). Both halves
+    failing as the whole did proves nothing (each may hold one); the install is down only when a
+    request that names no site fails too: then splitting further would only multiply requests."""
     log.info("%s for %d sites; asking for them in two halves", error, len(ids))
     halves = [ids[: len(ids) // 2], ids[len(ids) // 2 :]]
     answers: list[dict | MatomoError] = []
@@ -1567,7 +1582,10 @@ def visits_in_halves(
         except MatomoError as failed:
             answers.append(failed)
     if all(isinstance(answer, MatomoError) and answer.same_as(error) for answer in answers):
-        return install_down(matomo, ids, f"{error}, for every part of the request")
+        # Each half may hold one failing site: only a request that names none of them tells.
+        trouble = database_trouble(matomo)
+        if trouble:
+            return install_down(matomo, ids, f"{error}, for every part of the request and to {trouble}")
     return merged(
         answer if isinstance(answer, dict) else visits_after(matomo, half, days, answer, probed=True)
         for half, answer in zip(halves, answers)
@@ -1654,7 +1672,7 @@ def install_answers_again(matomo: MatomoClient) -> bool:
             return False
         matomo.deadline.wait(pause)
         try:
-            if install_trouble(matomo) is None:
+            if database_trouble(matomo) is None:
                 matomo.state.down = None
                 return True
         except MatomoConfigError:

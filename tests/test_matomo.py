@@ -13,7 +13,7 @@ import pytest
 
 from conftest import DAY, HTML_502, lines_with, stored
 from fakes.base import Response
-from fakes.matomo import BAD_GATEWAY_PAGE, FATAL_PAGE, MYSQL_DOWN_MESSAGE
+from fakes.matomo import BAD_GATEWAY_PAGE, FATAL_PAGE, MEMORY_EXHAUSTED_PAGE, MYSQL_DOWN_MESSAGE
 
 
 def visited(fleet, sites, day: dt.date = DAY) -> None:
@@ -69,7 +69,7 @@ def test_a_whole_install_down_is_one_error_and_a_few_requests(
 ):
     sites = [fleet.site(f"s{n}.example.com") for n in range(250)]
     fleet.store(sites[0], matomo_visits=12)
-    matomo.outage(None, answer)  # MySQL is down all night
+    matomo.outage(None, answer, version_answers=True)  # MySQL is down all night; PHP is not
     config.update(HTTP_RETRIES="0")
 
     result = run_aggregator()
@@ -348,6 +348,29 @@ def test_one_sites_php_error_costs_only_that_site(fleet, db, matomo, run_aggrega
     assert result.summary.startswith("Processed 7 sites. Fetched Matomo data for 6.")
     assert len(lines_with(f"Matomo site id {sites[3].matomo_id}", result.stderr)) == 1
     assert not lines_with("MATOMO_URL", result.stderr)
+
+
+def test_two_sites_php_errors_in_one_request_cost_only_those_two_sites(
+    fleet, db, matomo, config, run_aggregator
+):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(32)]
+    visited(fleet, sites)
+    fleet.store(sites[6], matomo_visits=99)
+    bad = {sites[6].matomo_id, sites[12].matomo_id, sites[20].matomo_id}  # two in the first batch
+    matomo.fatal_sites.update(bad)  # a request naming one of them: PHP's memory_limit, HTTP 500
+    matomo.fatal_page = MEMORY_EXHAUSTED_PAGE
+    config.update(MATOMO_BULK_SIZE="16", HTTP_RETRIES="0")
+
+    result = run_aggregator()
+
+    assert result.returncode == 3, result.stderr[-3000:]
+    expected = [None if site.matomo_id in bad else n + 1 for n, site in enumerate(sites)]
+    expected[6] = 99
+    assert visits_on(db, sites) == expected
+    assert result.summary.startswith("Processed 32 sites. Fetched Matomo data for 29.")
+    assert not lines_with("fails every request alike", result.stderr)
+    # the halving of the first batch, then of the second, each within 1 + 4 x log2(16) requests
+    assert matomo.count() <= 2 * 17, matomo.count()
 
 
 def test_slots_dropped_by_phps_max_input_vars_are_asked_for_again(fleet, db, matomo, run_aggregator):

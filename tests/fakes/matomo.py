@@ -36,6 +36,12 @@ BAD_GATEWAY_PAGE = (
 # Matomo's BadRequestException for API_bulk_request_limit; a client must not rely on its words.
 BULK_LIMIT_MESSAGE = "The number of requests in this bulk request exceeds the allowed limit."
 MYSQL_DOWN_MESSAGE = "SQLSTATE[HY000] [2002] Connection refused"
+# PHP's fatal error when one site's report needs more than memory_limit: Matomo's shutdown handler
+# turns it into its error page, HTTP 500, for the whole bulk request, whatever else it asked.
+MEMORY_EXHAUSTED_PAGE = FATAL_PAGE.replace(
+    "TypeError: Piwik\\Archive::build(): Argument #1 ($idSites) must be of type array",
+    "Allowed memory size of 134217728 bytes exhausted (tried to allocate 20480 bytes)",
+)
 
 
 def visits_summary(visits: int) -> dict:
@@ -62,7 +68,8 @@ class FakeMatomo(FakeServer):
         self.site_ids: set[int] = set()
         self.visits: dict[tuple[int, str], int] = {}
         self.error_slots: dict[int, str] = {}  # Matomo site id -> message of its error slot
-        self.fatal_sites: set[int] = set()  # a request that names one of these answers FATAL_PAGE
+        self.fatal_sites: set[int] = set()  # a request that names one of these answers `fatal_page`
+        self.fatal_page = FATAL_PAGE
         self.not_archived: set[str] = set()  # days core:archive has not processed: they look empty
         self.site_day_cost = 0.0  # seconds per site-day: sub-requests run one after another
         self.max_input_vars: int | None = None  # PHP's limit on POST variables (default 1000)
@@ -70,7 +77,9 @@ class FakeMatomo(FakeServer):
         self.visits_fn: Callable[[int, str], int | None] | None = None
         # A whole-install failure (MySQL down, php-fpm restarting behind a proxy): every request,
         # whatever it asks, gets `answer` for `seconds` from the next request on (None: all night).
+        # With `version_answers`, API.getMatomoVersion still answers (it needs no database).
         self._outage: tuple[float | None, Response] | None = None
+        self.version_answers = False
         self._outage_until: float | None = None
         # Matomo 5.8's API_bulk_request_limit: more sub-requests answer one JSON error, HTTP 400.
         self.bulk_request_limit: int | None = None
@@ -113,8 +122,9 @@ class FakeMatomo(FakeServer):
     def knows(self, site: int) -> bool:
         return self.visits_fn(site, "") is not None if self.visits_fn else site in self.site_ids
 
-    def outage(self, seconds: float | None, answer: Response) -> None:
+    def outage(self, seconds: float | None, answer: Response, version_answers: bool = False) -> None:
         self._outage, self._outage_until = (seconds, answer), None
+        self.version_answers = version_answers
 
     def in_outage(self) -> Response | None:
         if self._outage is None:
@@ -127,7 +137,7 @@ class FakeMatomo(FakeServer):
 
     def handle_request_of(self, request: Request) -> Response:
         down = self.in_outage()
-        if down:
+        if down and not (self.version_answers and request.query.get("method") == "API.getMatomoVersion"):
             return down
         if request.path not in ("/index.php", "/") or request.query.get("module") != "API":
             return Response(200, HTML_PAGE, "text/html; charset=utf-8")
@@ -142,6 +152,8 @@ class FakeMatomo(FakeServer):
             )
         if request.query.get("method") == "API.getMatomoVersion":
             return Response(200, {"value": "5.4.0"})
+        if request.query.get("method") == "SitesManager.getSitesIdWithAtLeastViewAccess":
+            return Response(200, sorted(self.site_ids))  # read from the database's access tables
         if request.query.get("method") != "API.getBulkRequest":
             return Response(200, {"result": "error", "message": "Only API.getBulkRequest is played here"})
         form = dict(parse_qsl(request.body.decode(), keep_blank_values=True)[: self.max_input_vars])
@@ -163,7 +175,7 @@ class FakeMatomo(FakeServer):
             self.counts["over limit"] += 1
             return Response(400, {"result": "error", "message": BULK_LIMIT_MESSAGE})
         if any(int(sub.get("idSite", 0)) in self.fatal_sites for sub in subs):
-            return Response(500, FATAL_PAGE, "text/html; charset=utf-8")
+            return Response(500, self.fatal_page, "text/html; charset=utf-8")
         site_days = sum(len(days_of(sub["date"])) for sub in subs if sub.get("method") == "VisitsSummary.get")
         self.site_days_worked += site_days
         work = self.site_day_cost * site_days
