@@ -978,32 +978,6 @@ def oldest_provisional_day(client: Supabase, today: dt.date) -> dt.date | None:
     return dt.date.fromisoformat(rows[0]["date"]) if rows else None
 
 
-def positive_visits_of(query: Any, ids: list[SiteId], days: list[dt.date]) -> Any:
-    return (
-        query.in_("site_id", ids)
-        .gte("date", days[0].isoformat())
-        .lte("date", days[-1].isoformat())
-        .gt("matomo_visits", 0)
-    )
-
-
-def stored_visits(
-    client: Supabase, site_ids: Iterable[SiteId], days: list[dt.date]
-) -> dict[tuple[SiteId, str], int]:
-    """{(site id, day): visits} of the positive Matomo counts already stored for these sites and days."""
-    found: dict[tuple[SiteId, str], int] = {}
-    for some in chunks(sorted(set(site_ids)), 200):  # keeps the URL short
-        rows = fetch_all(
-            client,
-            "daily_analytics",
-            "site_id,date,matomo_visits",
-            functools.partial(positive_visits_of, ids=some, days=days),
-            order="site_id,date",
-        )
-        found.update({(row["site_id"], row["date"]): row["matomo_visits"] for row in rows})
-    return found
-
-
 def store_learned_sources(client: Supabase, rows: list[dict]) -> None:
     for chunk in chunks(rows, PAGE_SIZE):
         request = client.table("site_sources").upsert(
@@ -1829,27 +1803,17 @@ def matomo_creation_days(matomo: MatomoClient, ids: Iterable[int]) -> dict[int, 
     return found
 
 
-def visits_and_stored(
+def confirmed_visits(
     matomo: MatomoClient,
     ids: Mapping[SiteId, int],
     answered: dict[int, dict[dt.date, int]],
-    days: list[dt.date],
     settled: dt.date | None,
-    read_stored_visits: Callable[[set, list[dt.date]], Mapping[tuple[SiteId, str], int]] | None,
-) -> tuple[dict[SiteId, dict], Mapping[tuple[SiteId, str], int] | SupabaseError]:
-    """What Matomo `answered` for some sites ({Matomo id: {day: visits}}), each 0 its raw log does
-    not confirm made Unconfirmed, by site id; and, for the sites with a 0 among them, the counts
-    stored now. Asked beside the next bulk requests, not in their way."""
+) -> dict[SiteId, dict]:
+    """What Matomo `answered` for some sites ({Matomo id: {day: visits}}) by site id, each 0 its
+    raw log does not confirm made Unconfirmed. Asked beside the next bulk requests, not in their way."""
     if settled is not None:
         answered = with_zeros_confirmed(matomo, answered, settled)
-    visits = {site_id: answered[m] for site_id, m in ids.items() if m in answered}
-    zero_sites = {site_id for site_id, by_day in visits.items() if 0 in by_day.values()}
-    if not (zero_sites and read_stored_visits):
-        return visits, {}
-    try:
-        return visits, read_stored_visits(zero_sites, days)
-    except SupabaseError as error:
-        return visits, error
+    return {site_id: answered[m] for site_id, m in ids.items() if m in answered}
 
 
 # ---------------------------------------------------------------------------
@@ -2673,20 +2637,6 @@ def analytics_rows(
     return rows
 
 
-def since_creation(
-    visits: Mapping[SiteId, Mapping[dt.date, int]], created: Mapping[SiteId, dt.date]
-) -> dict[SiteId, Mapping[dt.date, int]]:
-    """The visits without the days before each site was created in Matomo: Matomo answers them
-    like days without visits, but no one visited a site that did not exist. A site's days are
-    copied only when some precede its creation (a backfill's year of every site passes here)."""
-    result: dict[SiteId, Mapping[dt.date, int]] = dict(visits)
-    for site_id, by_day in visits.items():
-        first = created.get(site_id)
-        if first is not None and by_day and min(by_day) < first:
-            result[site_id] = {day: n for day, n in by_day.items() if day >= first}
-    return result
-
-
 def only_days(found: Mapping[SiteId, Mapping[dt.date, T]], days: Mapping[SiteId, set[dt.date]]) -> dict:
     """Each site's values for its own days only (a query covered more than its holes)."""
     return {
@@ -2755,59 +2705,49 @@ def heal_plan(
     return plan
 
 
-def without_lowering_zeros(
-    rows: list[dict], stored: Mapping[tuple[SiteId, str], int]
-) -> tuple[list[dict], dict[SiteId, list[str]]]:
-    """The rows minus every Matomo 0 that would replace a stored positive count, and
-    {site id: [days]} of those zeros.
-
-    Matomo answers a day its archiver has not processed yet exactly like a day without visits.
-    """
-    if not stored:
-        return rows, {}
-    kept: dict[SiteId, list[str]] = defaultdict(list)
-    result = []
-    for row in rows:
-        if row.get("matomo_visits") == 0 and (row["site_id"], row["date"]) in stored:
-            kept[row["site_id"]].append(row["date"])
-            row = {k: v for k, v in row.items() if k != "matomo_visits"}
-        if len(row) > 2:
-            result.append(row)
-    return result, dict(kept)
-
-
-def rows_by_columns(rows: Iterable[dict]) -> dict[tuple[str, ...], list[dict]]:
-    """Rows grouped by the exact set of columns they carry.
-
-    PostgREST writes every column of a bulk upsert's key union into every row (NULL where a
-    row lacks it), so each upsert request must hold rows of one shape only.
-    """
-    groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
-    for row in rows:
-        # analytics_rows writes the keys in one order, so the keys as they come name the shape
-        # (sorting them for every one of a backfill's million rows costs seconds).
-        groups[tuple(row)].append(row)
-    return dict(groups)
-
-
 # ---------------------------------------------------------------------------
 # Storing
 # ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Merged:
+    """What store_analytics did with some rows: how many it wrote, the zeros it kept out (each
+    {site_id, date, source, stored}), with a dry run the rows as they would stand; and how many
+    rows could not be stored (an error)."""
+
+    stored: int = 0
+    kept: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    failed: int = 0
+
+    def __add__(self, other: Merged) -> Merged:
+        return Merged(
+            self.stored + other.stored,
+            self.kept + other.kept,
+            self.rows + other.rows,
+            self.failed + other.failed,
+        )
+
+
 def store_chunk(
-    client: Supabase, chunk: list[dict], hopeless: Once, whole_failed_with: str | None = None
-) -> int:
-    """Upserts rows of one shape; returns how many were stored. `hopeless` is the run's: once a
-    fault every chunk would meet is found, said once, no further upsert is tried."""
+    client: Supabase,
+    chunk: list[dict],
+    hopeless: Once,
+    accept_zeros: bool,
+    dry_run: bool = False,
+    whole_failed_with: str | None = None,
+) -> Merged:
+    """Merges rows with what is stored, through the migration's store_analytics (where every rule
+    of the table lives). `hopeless` is the run's: once a fault every chunk would meet is found,
+    said once, no further chunk is tried."""
     if hopeless.happened:
-        return 0
-    request = client.table("daily_analytics").upsert(
-        chunk, on_conflict="date,site_id", returning=ReturnMethod.minimal
-    )
+        return Merged(failed=len(chunk))
+    arguments = {"p_rows": chunk, "p_accept_zeros": accept_zeros, "p_dry_run": dry_run}
     try:
-        with_retries(request.execute, client.attempts)
-        return len(chunk)
+        answer: Any = with_retries(
+            client.client.rpc("store_analytics", arguments).execute, client.attempts
+        ).data
     except (APIError, httpx.HTTPError) as error:
         kind, code = supabase_error_kind(error), str(getattr(error, "code", "") or "")
         if kind == "other" and code == whole_failed_with and code not in ROW_ERRORS:
@@ -2816,28 +2756,56 @@ def store_chunk(
             # Too much work for the statement timeout, or one row sinks the chunk (its site
             # deleted during the run: 23503): halves are stored, or find the row.
             half = len(chunk) // 2
-            return store_chunk(client, chunk[:half], hopeless, code) + store_chunk(
-                client, chunk[half:], hopeless, code
+            return store_chunk(client, chunk[:half], hopeless, accept_zeros, dry_run, code) + store_chunk(
+                client, chunk[half:], hopeless, accept_zeros, dry_run, code
             )
         said = describe_supabase_error(error, "storing rows")
         if kind in ("key", "schema", "everywhere"):
             if hopeless.first(said):
                 log.error("%s; no further upsert is tried", said)
-            return 0
+            return Merged(failed=len(chunk))
         what = (
             f"site {chunk[0]['site_id']}, {chunk[0]['date']}" if len(chunk) == 1 else f"{len(chunk)} records"
         )
         log.error("%s; %s not stored", said, what)
-        return 0
+        return Merged(failed=len(chunk))
+    if not (isinstance(answer, dict) and isinstance(answer.get("stored"), int)):
+        if hopeless.first():
+            log.error(
+                "store_analytics did not answer its JSON object: SUPABASE_URL must be the project's API URL"
+            )
+        return Merged(failed=len(chunk))
+    return Merged(answer["stored"], answer["kept"], answer["rows"] or [])
+
+
+def say_kept_zeros(kept: list[dict], domains: Mapping[SiteId, str | None]) -> None:
+    """One warning per cause for the zeros store_analytics kept out of the table."""
+    by_site: dict[tuple[SiteId, str], list[dict]] = defaultdict(list)
+    for cell in kept:
+        by_site[(cell["site_id"], cell["source"])].append(cell)
+    for (site_id, source), cells in by_site.items():
+        site_warnings.add(
+            f"{SOURCE_NAMES[source]} answered 0 where positive counts were stored; kept the stored counts. "
+            + (
+                "Matomo has probably not archived these days yet (core:archive); if the visits really are "
+                "0, re-run these dates with --accept-zero-visits"
+                if source == "matomo"
+                else "Search Console's answers disagree; the next nights ask again"
+            ),
+            site_label(site_id, domains.get(site_id)),
+            f"{id_list([c['date'] for c in cells], 5)}: {id_list([c['stored'] for c in cells], 5)} stored",
+        )
 
 
 class Upserts:
-    """The run's upserts: rows gathered by shape (PostgREST writes every column of a bulk upsert's
-    key union into every row, NULL where a row lacks it) into chunks of UPSERT_CHUNK_SIZE, each
-    sent as soon as it is full. At most UPSERT_WORKERS are in flight and as many wait: a caller
-    with more waits, so that fetched rows never pile up faster than they are stored."""
+    """The run's rows, gathered into chunks of UPSERT_CHUNK_SIZE (two rows of one site and day,
+    one per source, become one), each sent to store_analytics as soon as it is full. At most
+    UPSERT_WORKERS are in flight and as many wait: a caller with more waits, so that fetched rows
+    never pile up faster than they are stored."""
 
-    def __init__(self, client: Supabase, cfg: Config, pool: Executor, hopeless: Once, outcome: Any) -> None:
+    def __init__(
+        self, client: Supabase, cfg: Config, pool: Executor, hopeless: Once, outcome: Any, accept_zeros: bool
+    ) -> None:
         self.client, self.size, self.pool, self.hopeless, self.outcome = (
             client,
             cfg.upsert_chunk_size,
@@ -2845,7 +2813,8 @@ class Upserts:
             hopeless,
             outcome,
         )
-        self.filling: dict[tuple[str, ...], list[dict]] = {}
+        self.accept_zeros = accept_zeros
+        self.filling: dict[tuple[str, SiteId], dict] = {}
         self.sent: list[Future] = []
         self.lock = threading.Lock()
         self.slots = threading.Semaphore(2 * cfg.upsert_workers)
@@ -2853,14 +2822,15 @@ class Upserts:
     def add(self, rows: list[dict], index: int = 0) -> None:
         full = []
         with self.lock:
-            for shape, group in rows_by_columns(rows).items():
-                chunk = self.filling.setdefault(shape, [])
-                chunk += group
-                while len(chunk) >= self.size:
-                    full.append(chunk[: self.size])
-                    del chunk[: self.size]
-                if not chunk:  # never sent empty: postgrest-py 0.x (Python 3.9) would name a column ''
-                    del self.filling[shape]
+            for row in rows:
+                key = (row["date"], row["site_id"])
+                if key in self.filling:
+                    self.filling[key].update(row)
+                else:
+                    self.filling[key] = row
+                if len(self.filling) >= self.size:
+                    full.append(list(self.filling.values()))
+                    self.filling = {}
         for chunk in full:
             self.send(chunk)
 
@@ -2872,18 +2842,16 @@ class Upserts:
             self.sent = [each for each in self.sent if not each.done()] + [future]
 
     def store(self, chunk: list[dict]) -> None:
-        stored = store_chunk(self.client, chunk, self.hopeless)
-        with self.outcome.lock:
-            self.outcome.stored += stored
-            self.outcome.not_stored += len(chunk) - stored
-            progress.stored = self.outcome.stored
+        merged = store_chunk(self.client, chunk, self.hopeless, self.accept_zeros)
+        say_kept_zeros(merged.kept, self.outcome.domains)
+        self.outcome.count_stored(merged)
 
     def finish(self) -> None:
-        """Sends the chunks not yet full, and waits for every upsert."""
+        """Sends the rows not yet sent, and waits for every chunk."""
         with self.lock:
             rest, self.filling = list(self.filling.values()), {}
-        for chunk in rest:
-            self.send(chunk)
+        if rest:  # never sent empty
+            self.send(rest)
         with self.lock:
             sent = list(self.sent)
         for future in sent:
@@ -2925,8 +2893,8 @@ class Outcome:
     matomo: SourceCount = field(default_factory=SourceCount)
     gsc: SourceCount = field(default_factory=SourceCount)
     gsc_provisional: int = 0  # (site, day) values stored with gsc_final = false
-    matomo_zeros_kept: int = 0  # (site, day) zeros not stored over a positive count
-    rows: int = 0
+    zeros_kept: Counter = field(default_factory=Counter)  # per source: zeros not stored over positives
+    would_store: int = 0  # rows a dry run would have written
     stored: int = 0
     not_stored: int = 0
     gsc_accounts: dict = field(default_factory=dict)  # account id -> "connected" or why not
@@ -2957,6 +2925,13 @@ class Outcome:
         for source in sources:
             self.sources()[source].missing_sites += [s.id for s in sites if wants(s, source)]
 
+    def count_stored(self, merged: Merged) -> None:
+        with self.lock:
+            self.stored += merged.stored
+            self.not_stored += merged.failed
+            self.zeros_kept.update(cell["source"] for cell in merged.kept)
+            progress.stored = self.stored
+
     def must_act(self, why: str, site_ids: Iterable[SiteId] = ()) -> None:
         """Something no later run can fix by itself: a credential, a property, the schema."""
         self.person.setdefault(why, []).extend(site_ids)
@@ -2974,9 +2949,7 @@ class Outcome:
             return ExitStatus.FAILED
         complete = all(count.fetched == count.wanted for count in self.sources().values())
         return (
-            ExitStatus.OK
-            if complete and not self.matomo_zeros_kept and not self.not_stored
-            else ExitStatus.PARTIAL
+            ExitStatus.OK if complete and not self.zeros_kept and not self.not_stored else ExitStatus.PARTIAL
         )
 
     def source_report(self, source: str) -> dict:
@@ -3001,9 +2974,10 @@ class Outcome:
             "from": days[0].isoformat(),
             "to": days[-1].isoformat(),
             "sites": self.sites,
-            "matomo": {**self.source_report("matomo"), "zeros_not_stored": self.matomo_zeros_kept},
+            "matomo": {**self.source_report("matomo"), "zeros_not_stored": self.zeros_kept["matomo"]},
             "gsc": {
                 **self.source_report("gsc"),
+                "zeros_not_stored": self.zeros_kept["gsc"],
                 "provisional_values": self.gsc_provisional,
                 "accounts": {str(account_id): state for account_id, state in self.gsc_accounts.items()},
             },
@@ -3044,9 +3018,9 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         upserts = stack.enter_context(ThreadPoolExecutor(max_workers=cfg.upsert_workers))
         hopeless = Once()  # a fault every upsert meets was found
         store = (
-            DryRunTable(outcome.domains)
+            DryRunTable(client, cfg, outcome, asked.accept_zero_visits)
             if asked.dry_run
-            else Upserts(client, cfg, upserts, hopeless, outcome)
+            else Upserts(client, cfg, upserts, hopeless, outcome, asked.accept_zero_visits)
         )
         matomo, matomo_ids = matomo_client(cfg, deadline), matomo_ids_by_site(sites)
         targets = search_console_targets(cfg, sites, keys, gsc_pool, outcome, skipped) if gsc_days else {}
@@ -3066,10 +3040,8 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             targets,
             gsc_pool,
             deadline,
-            stored_counts_reader(client, asked),
         )
-        created = known.created if known else {}
-        fetch_and_store(fetchers, sites, days, gsc_days, created, store, outcome, progress.fetched)
+        fetch_and_store(fetchers, sites, days, gsc_days, store, outcome, progress.fetched)
         if holes_read:
             heal(holes_read, fetchers, asked, sites, coverage, store.add, outcome)
         store.finish()
@@ -3115,7 +3087,6 @@ class Fetchers:
     targets: Mapping[SiteId, tuple[GscAccount, str]]
     gsc_pool: Executor
     deadline: Deadline
-    read_stored: Callable[[set, list[dt.date]], Mapping[tuple[SiteId, str], int]] | None = None
 
 
 # How far the faster source may run ahead of the slower: site-days asked for and not yet shaped
@@ -3136,7 +3107,6 @@ class Unit:
     targets: dict[SiteId, tuple[GscAccount, str]]
     waiting: int = 0  # answers still to come: Matomo's (one for the unit), one per Search Console query
     visits: dict = field(default_factory=dict)
-    stored: Any = field(default_factory=dict)  # the counts stored for its zeros, or why not read
     gsc: dict = field(default_factory=dict)
 
 
@@ -3173,7 +3143,6 @@ def fetch_and_store(
     sites: list[Site],
     days: list[dt.date],
     gsc_days: list[dt.date],
-    created: Mapping[SiteId, dt.date],
     store: Upserts | DryRunTable,
     outcome: Outcome,
     fetched: Callable[[str, int], None],
@@ -3197,7 +3166,7 @@ def fetch_and_store(
     # One thread hands Search Console's queries out, MATOMO_WORKERS ask Matomo for the visits,
     # and twice as many check the zeros of what it answered (the raw log, the stored counts).
     with ThreadPoolExecutor(max_workers=2 * fetchers.matomo.workers) as checks:
-        flow = Flow(fetchers, days, created, store, outcome, fetched, checks)
+        flow = Flow(fetchers, days, store, outcome, fetched, checks)
         with ThreadPoolExecutor(max_workers=1 + fetchers.matomo.workers) as pool:
             f = fetchers
             streams = [
@@ -3227,20 +3196,13 @@ class Flow:
         self,
         fetchers: Fetchers,
         days: list[dt.date],
-        created: Mapping[SiteId, dt.date],
         store: Upserts | DryRunTable,
         outcome: Outcome,
         fetched: Callable[[str, int], None],
         checks: Executor,
     ) -> None:
         self.checks, self.checked = checks, deque[Future]()
-        self.fetchers, self.days, self.created, self.store, self.outcome = (
-            fetchers,
-            days,
-            created,
-            store,
-            outcome,
-        )
+        self.fetchers, self.days, self.store, self.outcome = fetchers, days, store, outcome
         self.fetched = fetched
         self.window = Window(SITE_DAYS_IN_FLIGHT)
         self.by_site: dict[SiteId, Unit] = {}  # the unit of each site Search Console is asked for
@@ -3288,14 +3250,11 @@ class Flow:
 
     def check_zeros(self, unit: Unit, answered: dict) -> None:
         visits: dict = {}
-        stored: Any = {}
         try:
             f = self.fetchers
-            visits, stored = visits_and_stored(
-                f.matomo, unit.matomo_ids, answered, self.days, f.settled, f.read_stored
-            )
+            visits = confirmed_visits(f.matomo, unit.matomo_ids, answered, f.settled)
         finally:
-            unit.visits, unit.stored = visits, stored
+            unit.visits = visits
             self.fetched("matomo", len(unit.matomo_ids))
             self.answered(unit)
 
@@ -3327,14 +3286,12 @@ class Flow:
     def finish(self, unit: Unit) -> None:
         """The unit's rows, to the store; its place in the window, to the next."""
         outcome, days = self.outcome, self.days
-        rows = analytics_rows(unit.sites, days, since_creation(unit.visits, self.created), unit.gsc)
+        rows = analytics_rows(unit.sites, days, unit.visits, unit.gsc)
         answers = {"matomo": unit.visits, "gsc": unit.gsc}
         with outcome.lock:
-            rows = keep_stored_visits(rows, unit.stored, outcome)
             outcome.count_fetched(unit.sites, {source: answers[source] for source in outcome.sources_asked})
-            outcome.rows += len(rows)
             outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
-        unit.visits, unit.gsc, unit.stored = {}, {}, {}  # the fleet's list of units outlives them
+        unit.visits, unit.gsc = {}, {}  # the fleet's list of units outlives them
         self.window.leave(len(unit.sites) * len(days))
         self.store.add(rows, unit.index)
 
@@ -3348,11 +3305,6 @@ def settled(cfg: Config, asked: Asked) -> dt.date | None:
     """The day before which a Matomo 0 is final without its raw log's word (None: every 0 is
     taken, --accept-zero-visits)."""
     return None if asked.accept_zero_visits else asked.today - dt.timedelta(days=cfg.matomo_settle_days)
-
-
-def stored_counts_reader(client: Supabase, asked: Asked) -> Callable | None:
-    """What reads the counts stored behind Matomo's zeros (None: a 0 may lower them)."""
-    return None if asked.accept_zero_visits else functools.partial(stored_visits, client)
 
 
 def what_needs_a_person(
@@ -3650,7 +3602,6 @@ def heal_by_span(
 
 def healed(rows: list[dict], source: str, store: Callable[[list[dict]], None], outcome: Outcome) -> None:
     with outcome.lock:
-        outcome.rows += len(rows)
         outcome.healed[source] += sum(1 for row in rows if VALUE_COLUMN[source] in row)
     store(rows)
 
@@ -3686,36 +3637,6 @@ def fleet_to_fetch(
         sites = sites_with_domains(sites, asked.only_domains)
     log.info("Aggregating %s to %s for %d deployed sites", days[0], days[-1], len(sites))
     return sites, keys, days, learned
-
-
-def keep_stored_visits(
-    rows: list[dict], stored: Mapping[tuple[SiteId, str], int] | SupabaseError, outcome: Outcome
-) -> list[dict]:
-    """The rows without the Matomo zeros that would lower a stored count; one warning per site,
-    or one in all when the stored counts could not be read."""
-    if isinstance(stored, SupabaseError):
-        # No stored count is known, so every 0 is held back as if one were.
-        zeros = {(row["site_id"], row["date"]): 0 for row in rows if row.get("matomo_visits") == 0}
-        rows, kept = without_lowering_zeros(rows, zeros)
-        outcome.matomo_zeros_kept += sum(len(dates) for dates in kept.values())
-        log.warning(
-            "%s: the stored visit counts could not be read, so the Matomo zeros of %d sites are not "
-            "stored this time (a 0 may be a day Matomo has not archived); re-run these dates to store them",
-            stored,
-            len(kept),
-        )
-        return rows
-    rows, kept = without_lowering_zeros(rows, stored)
-    for site_id, dates in kept.items():
-        site_warnings.add(
-            "Matomo answered 0 visits where positive counts were stored; kept the stored counts. Matomo has "
-            "probably not archived these days yet (core:archive); if the visits really are 0, re-run these "
-            "dates with --accept-zero-visits",
-            site_label(site_id, outcome.domains.get(site_id)),
-            f"{id_list(dates, 5)}: {id_list([stored[(site_id, d)] for d in dates], 5)} stored",
-        )
-        outcome.matomo_zeros_kept += len(dates)
-    return rows
 
 
 def sites_with_domains(sites: list[Site], domains: Iterable[str]) -> list[Site]:
@@ -3754,17 +3675,34 @@ ROW_FORMAT = "{:<10}  {:>8}  {:<28}  {:>13}  {:>12}  {:>10}  {:>15}  {:>8}  {:>1
 
 
 class DryRunTable:
-    """--dry-run's stand-in for the upserts: the rows as an aligned table, in the fleet's order
-    (`index` is a unit's place in it), whatever order the units are fetched in."""
+    """--dry-run's stand-in for the upserts: the rows as store_analytics would leave them (the
+    same rules, nothing written), as an aligned table in the fleet's order (`index` is a unit's
+    place in it), whatever order the units are fetched in."""
 
-    def __init__(self, domains: Mapping[SiteId, str | None]) -> None:
+    def __init__(self, client: Supabase, cfg: Config, outcome: Outcome, accept_zeros: bool) -> None:
         say(ROW_FORMAT.format(*ROW_COLUMNS))
-        self.domains, self.next, self.lock = domains, 0, threading.Lock()
+        self.client, self.size, self.outcome, self.accept_zeros = (
+            client,
+            cfg.upsert_chunk_size,
+            outcome,
+            accept_zeros,
+        )
+        self.domains, self.next, self.lock = outcome.domains, 0, threading.Lock()
+        self.hopeless = Once()
         self.waiting: dict[int, list[dict]] = {}  # units fetched before one earlier in the fleet
 
     def add(self, rows: list[dict], index: int = 0) -> None:
+        merged = Merged()
+        for chunk in chunks(rows, self.size):
+            merged += store_chunk(self.client, chunk, self.hopeless, self.accept_zeros, dry_run=True)
+        say_kept_zeros(merged.kept, self.domains)
+        place = {(row["date"], row["site_id"]): n for n, row in enumerate(rows)}
+        with self.outcome.lock:
+            self.outcome.would_store += merged.stored
         with self.lock:
-            self.waiting[index] = rows
+            self.waiting[index] = sorted(
+                merged.rows, key=lambda row: place.get((row["date"], row["site_id"]), 0)
+            )
             while self.next in self.waiting:
                 print_rows(self.waiting.pop(self.next), self.domains)
                 self.next += 1
@@ -3776,14 +3714,14 @@ class DryRunTable:
 
 
 def print_rows(rows: list[dict], domains: Mapping[SiteId, str | None]) -> None:
-    """The rows as an aligned table; '-' is a column not written."""
+    """The rows as an aligned table; '-' is a column without a value."""
     lines = []
     for row in rows:
-        cells = [row.get(column, "-") for column in ROW_COLUMNS]
-        cells[2] = domains.get(row["site_id"]) or "-"
+        cells = [row.get(column) for column in ROW_COLUMNS]
+        cells[2] = domains.get(row["site_id"])
         lines.append(
             ROW_FORMAT.format(
-                *("" if c is None else f"{c:.4f}" if isinstance(c, float) else str(c) for c in cells)
+                *("-" if c is None else f"{c:.4f}" if isinstance(c, float) else str(c) for c in cells)
             )
         )
     if lines:
@@ -3979,23 +3917,20 @@ def schema_is_complete(client: Supabase) -> bool:
 
 
 def conflict_key_exists(client: Supabase) -> bool:
-    """Whether upserts on (date, site_id) can work, found without writing anything.
-
-    Postgres resolves ON CONFLICT before it reads a single row: a missing key fails at once
-    (42P10), while a present one lets the insert reach the row, which no site can own.
-    """
-    probe = {"date": "1970-01-01", "site_id": -1}
+    """Whether rows can be stored on (date, site_id), found without writing anything: a dry run
+    of store_analytics with a row no site can own. Postgres resolves ON CONFLICT before it reads
+    a row: a missing key fails at once (42P10), a present one lets the row reach the foreign key."""
+    probe = {"date": "1970-01-01", "site_id": -1, "matomo_visits": 0, "matomo_final": True}
+    arguments = {"p_rows": [probe], "p_dry_run": True}
     try:
-        client.table("daily_analytics").upsert(
-            probe, on_conflict="date,site_id", returning=ReturnMethod.minimal
-        ).execute()
+        client.client.rpc("store_analytics", arguments).execute()
     except APIError as error:
         if supabase_error_kind(error) == "schema":
             log.error("%s", describe_supabase_error(error, "checking daily_analytics"))
             return False
-        return True  # the row itself was refused (no site -1): the key is there, nothing was written
+        return True  # the row itself was refused (no site -1): the key is there
     log.error(
-        "Supabase stored a probe row for site -1: daily_analytics has no foreign key to sites; apply %s",
+        "Supabase accepted a row for site -1: daily_analytics has no foreign key to sites; apply %s",
         MIGRATION,
     )
     return False
@@ -4810,7 +4745,7 @@ def finished(args: argparse.Namespace, session: Session, cfg: Config | None, sta
     outcome.sites_by_problem.update(site_warnings.flush())
     log.info("%s", outcome.summary())
     if args.dry_run:
-        log.info("Dry run: nothing was written; %d records would have been stored", outcome.rows)
+        log.info("Dry run: nothing was written; %d records would have been stored", outcome.would_store)
     if outcome.not_stored:
         log.error("%d records were not stored; re-run the same dates to store them", outcome.not_stored)
     seconds = time.monotonic() - session.started
@@ -4885,7 +4820,7 @@ def rerun_command(outcome: Outcome) -> str | None:
     missing = sorted(
         {site_id for count in outcome.sources().values() for site_id in count.missing_sites} - person
     )
-    if not outcome.days or not (missing or outcome.not_stored or outcome.matomo_zeros_kept):
+    if not outcome.days or not (missing or outcome.not_stored or outcome.zeros_kept):
         return None
     first, last = outcome.days[0].isoformat(), outcome.days[-1].isoformat()
     command = f"{this_command()} " + (f"--date {first}" if first == last else f"--from {first} --to {last}")

@@ -508,7 +508,7 @@ def test_the_demo_runs_the_real_aggregator_and_prints_the_table(database):
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert "exit status 4" in demo.stdout
     assert (
-        "Processed 5 sites. Fetched Matomo data for 5. Fetched GSC data for 3. Stored 39 records."
+        "Processed 5 sites. Fetched Matomo data for 5. Fetched GSC data for 3. Stored 30 records."
         in demo.stderr
     )
     assert "Healed 15 Matomo and 9 Search Console site-days of earlier nights" in demo.stderr

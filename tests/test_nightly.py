@@ -634,6 +634,7 @@ def test_json_summarises_the_run_for_monitoring(fleet, db, matomo, run_aggregato
         "wanted": 2,
         "fetched": 2,
         "missing_sites": [],
+        "zeros_not_stored": 0,
         "provisional_values": 0,
         "accounts": {str(account.id): "connected"},
     }

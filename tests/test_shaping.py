@@ -133,9 +133,6 @@ def test_rows_carry_only_the_columns_whose_source_answered():
             "gsc_final": True,
         },
     ]
-    groups = ag.rows_by_columns(rows)
-    assert sorted(len(g) for g in groups.values()) == [1, 1, 1]
-    assert all(len({tuple(sorted(r)) for r in g}) == 1 for g in groups.values())
     assert ag.analytics_rows([ag.Site(4, "d.com", 4, 1)], [D1], {}, {}) == []
 
 

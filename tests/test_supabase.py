@@ -23,8 +23,11 @@ from conftest import (
 from fakes.database import MIGRATIONS, SUPABASE_BOOTSTRAP, server_url
 
 
+STORE = "/rest/v1/rpc/store_analytics"  # every write of daily_analytics: the migration's function
+
+
 def upserts(gateway) -> int:
-    return gateway.count(lambda r: r.method == "POST" and r.path == "/rest/v1/daily_analytics")
+    return gateway.count(lambda r: r.method == "POST" and r.path == STORE)
 
 
 @pytest.fixture
@@ -45,7 +48,7 @@ def refusing_trigger(db):
 def upsert_with(site_id):
     """Matches an upsert request whose rows include this site."""
     return lambda r: (
-        r.path == "/rest/v1/daily_analytics" and any(row["site_id"] == site_id for row in r.json())
+        r.path == STORE and any(row["site_id"] == site_id for row in r.json()["p_rows"])
     )
 
 
@@ -89,8 +92,8 @@ def read_of(table: str, **query: str | None):
 def upsert_of(site):
     return lambda r: (
         r.method == "POST"
-        and r.path == "/rest/v1/daily_analytics"
-        and any(row["site_id"] == site.id for row in r.json())
+        and r.path == STORE
+        and any(row["site_id"] == site.id for row in r.json()["p_rows"])
     )
 
 
@@ -177,7 +180,7 @@ def test_an_upsert_chunk_refused_for_one_row_loses_only_that_row(fleet, db, gate
     doomed = sites[2]
 
     def delete_the_site_before_the_first_upsert(request) -> None:
-        if request.method == "POST" and request.path == "/rest/v1/daily_analytics":
+        if request.method == "POST" and request.path == STORE:
             db.execute("delete from sites where id = %s", [doomed.id])
             gateway.before = None
 
@@ -207,7 +210,7 @@ def test_postgrests_own_transient_errors_are_retried_on_reads_and_writes(
         read_of("gsc_accounts", id=None),
         read_of("gsc_accounts", id="gt.3"),
         read_of("daily_analytics", gsc_final="eq.false"),
-        read_of("daily_analytics", matomo_visits="gt.0"),
+        lambda r: r.path == "/rest/v1/rpc/site_sources_known",  # a function's answer
     ]
     for match, error in zip(reads, errors):
         gateway.inject(match, **error)
@@ -309,7 +312,7 @@ def test_a_missing_unique_constraint_names_the_migration(
     assert result.returncode == 4
     line = lines_with("no unique or exclusion constraint", result.stderr)[0]
     assert "apply every file of supabase/migrations/" in line
-    assert gateway.count(lambda r: r.method == "POST" and r.path == "/rest/v1/daily_analytics") == 1
+    assert upserts(gateway) == 1
 
 
 def test_a_database_without_the_newest_migration_names_the_migrations(fleet, db, run_aggregator):

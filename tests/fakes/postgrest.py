@@ -17,6 +17,7 @@ from typing import Callable
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from .base import FakeServer, Request, Response
 
@@ -94,6 +95,8 @@ class FakePostgrest(FakeServer):
                 self._idle.put(conn)
 
     def kind(self, request: Request) -> str:
+        if request.path == "/rest/v1/rpc/store_analytics":
+            return "upsert"  # the run's writes of daily_analytics, as the bench counts them
         if request.path.startswith("/rest/v1/rpc/"):
             return "rpc"
         return "upsert" if request.method == "POST" else "select"
@@ -279,6 +282,11 @@ class FakePostgrest(FakeServer):
                 "PGRST202",
                 f"Could not find the function public.{name}({', '.join(sorted(args))}) in the schema cache",
             )
+        rows = sum(len(v) for v in args.values() if isinstance(v, list))  # rows a function writes
+        if self.row_cost:
+            time.sleep(self.row_cost * rows)
+        if self.rows_within_timeout is not None and rows > self.rows_within_timeout:
+            raise GatewayError(500, "57014", "canceling statement due to statement timeout")
         named = sql.SQL(", ").join(sql.SQL("{} => %s").format(sql.Identifier(arg)) for arg in args)
         function = sql.SQL("{}({})").format(sql.Identifier("public", name), named)
         if found[0]:
@@ -289,7 +297,12 @@ class FakePostgrest(FakeServer):
             query = sql.SQL("select to_json({})").format(function)
         with conn.transaction():
             conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-            value = conn.execute(query, list(args.values())).fetchone()[0]
+            if self.read_only:
+                conn.execute("set local transaction_read_only = on")
+            # PostgREST hands the body to the function as JSON: an array or object argument
+            # arrives as json/jsonb, never as a SQL array.
+            values = [Jsonb(v) if isinstance(v, (dict, list)) else v for v in args.values()]
+            value = conn.execute(query, values).fetchone()[0]
         return Response(200, value if isinstance(value, (dict, list)) else json.dumps(value))
 
     # -- writes -------------------------------------------------------------
