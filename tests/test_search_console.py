@@ -4,6 +4,7 @@ flight at once, one property's failure, and tokens and OAuth clients that go wro
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 
 import pytest
@@ -148,6 +149,27 @@ def test_an_answer_without_metadata_never_lowers_a_final_value_to_zero(fleet, db
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert gsc_state(db, site, DUE) == (7, 70, True)
+    assert gsc_state(db, site, old) == (0, 0, True)
+
+
+def test_a_final_zero_never_replaces_a_stored_final_count_unless_the_run_says_so(
+    fleet, db, google, run_aggregator
+):
+    site = fleet.site("example.com", fleet.account())
+    old = DAY - dt.timedelta(days=5)  # final in Search Console
+    fleet.store(site, old, gsc_clicks=7, gsc_impressions=70, gsc_final=True)  # an earlier night's
+    # Search Console now answers no row for `old`: a final 0 that disagrees with what it said before
+
+    result = run_aggregator("--date", old.isoformat(), "--json")
+
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert gsc_state(db, site, old) == (7, 70, True)
+    (warning,) = lines_with("Search Console answered 0 where positive counts were stored", result.stderr)
+    assert old.isoformat() in warning and "example.com" in warning
+    assert json.loads(result.stdout)["gsc"]["zeros_not_stored"] == 1
+
+    accepted = run_aggregator("--date", old.isoformat(), "--accept-zero-visits")
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
     assert gsc_state(db, site, old) == (0, 0, True)
 
 
