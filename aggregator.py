@@ -1073,6 +1073,68 @@ def holes(client: Supabase, coverage: Coverage) -> list[Hole]:
     ]
 
 
+# What a run uses of each migration: tables with the columns it reads or writes, views, and
+# functions(); checked in one request before the first fetch (missing_schema).
+SCHEMA = {
+    "20261125000000_analytics.sql": "sites(id,domain,status_deployment,matomo_site_id,gsc_account_id) "
+    "gsc_accounts(id,label,oauth_refresh_token) "
+    "daily_analytics(date,site_id,matomo_visits,gsc_clicks,gsc_impressions,gsc_ctr,gsc_position,updated_at)",
+    "20261125000100_aggregator_runs.sql": "aggregator_runs(started_at,finished_at,date_from,date_to,sites,"
+    "matomo_fetched,gsc_fetched,records_stored,records_not_stored,exit_status,summary)",
+    "20261125000200_gsc_final.sql": "daily_analytics(gsc_final)",
+    "20261125000300_service_accounts.sql": "gsc_accounts(service_account_key)",
+    "20261201000000_coverage.sql": "daily_analytics(matomo_final) "
+    "site_sources(site_id,source,source_key,available_from,history_from,unavailable,checked_at) "
+    "site_sources_known() analytics_holes() analytics_coverage() analytics_attention()",
+    "20261201000100_views.sql": "aggregator_runs(kind,arguments) analytics_daily analytics_weekly analytics_monthly",
+    "20261206000000_store_analytics.sql": "store_analytics() schema_missing()",
+}
+
+
+def schema_objects(listed: str) -> dict[str, list[str]]:
+    """{name: what schema_missing is asked for it}: 'sites(id,domain)' is a table and the columns
+    the run uses ('sites', 'sites.id', ...), 'f()' a function, a bare name a table or view."""
+    found = {}
+    for name, columns in re.findall(r"(\w+(?:\(\))?)(?:\(([^)]+)\))?", listed):
+        found[name] = [name] + ([f"{name}.{column}" for column in columns.split(",")] if columns else [])
+    return found
+
+
+def missing_schema(client: Supabase) -> str | None:
+    """None when every table, column, view and function a run uses is there (one request);
+    else one line naming what is missing and the migration to apply."""
+    wanted = [
+        (migration, name, asked)
+        for migration, listed in SCHEMA.items()
+        for name, asked in schema_objects(listed).items()
+    ]
+    objects = [each for _, _, asked in wanted for each in asked]
+    request = client.client.rpc("schema_missing", {"p_objects": objects})
+    try:
+        answer = with_retries(request.execute, client.attempts).data
+    except (APIError, httpx.HTTPError) as error:
+        if supabase_error_kind(error) != "schema":
+            raise SupabaseError(describe_supabase_error(error, "reading the schema")) from None
+        answer = ["schema_missing()"]  # the check itself is missing: the newest migration is
+    if not isinstance(answer, list):
+        raise SupabaseError(
+            "schema_missing did not answer a JSON list: SUPABASE_URL must be the project's API URL"
+        )
+    missing = set(answer)
+    if not missing:
+        return None
+    # a missing table is named, not each of its columns
+    names = dict.fromkeys(
+        name if name in missing else each for _, name, asked in wanted for each in asked if each in missing
+    )
+    first = min(migration for migration, _, asked in wanted if missing & set(asked))
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return (
+        f"the database lacks {', '.join(list(names)[:5])}{more}: apply every file of supabase/migrations/ "
+        f"from {first} on, in order (supabase db push)"
+    )
+
+
 SCHEMA_ERRORS = {"42P10", "PGRST202", "PGRST204", "PGRST205", "42P01", "42703", "42804", "42883"}
 KEY_ERRORS = {"401", "403", "42501", "PGRST301", "PGRST302", "PGRST303"}
 # PostgREST's own transient errors come as JSON with these codes (src/library/PostgREST/Error.hs):
@@ -3008,6 +3070,11 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
     source and the upserts kept busy side by side (fetch_and_store); then, in the nightly run,
     heal the holes of earlier nights."""
     client = supabase_client(cfg)
+    lacks = missing_schema(client)
+    if lacks:  # nothing is fetched that could not be stored, nor a night ended 0 with its healing off
+        log.error("%s", lacks)
+        outcome.must_act(lacks)
+        return outcome
     sites, keys, days, learned = fleet_to_fetch(client, asked)
     skipped: dict[SiteId, str] = {}  # why Search Console is not asked for a site of a connected account
     gsc_days = [day for day in days if day >= gsc_oldest_day(asked.today)]
@@ -3807,9 +3874,12 @@ def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[AccountI
     key = conflict_key_exists(client)
     if key:
         found["lines"].append("Supabase: daily_analytics has its (date, site_id) key")
-    schema = schema_is_complete(client)
-    if schema:
+    lacks = missing_schema(client)
+    if lacks:
+        log.error("%s", lacks)
+    else:
         found["lines"].append("Supabase: every table, column and function the run uses is there")
+    schema = lacks is None
     found["supabase"] = {
         "reachable": True,
         "sites": len(sites),
@@ -3882,38 +3952,6 @@ def client_for_check(cfg: Config) -> None:
             log.error("Google's token endpoint (GOOGLE_TOKEN_URI) failed: %s", error)
     except Exception as error:  # noqa: BLE001 - unreachable, or not a token endpoint at all
         log.error("Google's token endpoint (GOOGLE_TOKEN_URI) cannot be reached: %s", error)
-
-
-# Every table and column a run reads or writes, and a function of the newest migration.
-SCHEMA = {
-    "sites": "id,domain,status_deployment,matomo_site_id,gsc_account_id",
-    "gsc_accounts": "id,label,oauth_refresh_token,service_account_key",
-    "daily_analytics": "date,site_id,matomo_visits,matomo_final,gsc_clicks,gsc_impressions,gsc_ctr,gsc_position,"
-    "gsc_final,updated_at",
-    "aggregator_runs": "started_at,finished_at,date_from,date_to,sites,matomo_fetched,gsc_fetched,records_stored,"
-    "records_not_stored,exit_status,summary,kind,arguments",
-    "site_sources": "site_id,source,source_key,available_from,history_from,unavailable,checked_at",
-}
-
-
-def schema_is_complete(client: Supabase) -> bool:
-    """Whether every table, column and function the run uses exists, found by reading no row:
-    one error line for each that is missing."""
-    complete = True
-    for table, columns in SCHEMA.items():
-        try:
-            with_retries(client.table(table).select(columns).limit(0).execute, client.attempts)
-        except (APIError, httpx.HTTPError) as error:
-            log.error("%s", describe_supabase_error(error, f"reading {table} ({columns})"))
-            complete = False
-    today = dt.date.today()
-    nobody = Coverage(today, today, today, None, site=-1)  # no site: the function runs, reads nothing
-    try:
-        call_function(client, "analytics_holes", nobody.arguments(), list)
-    except SupabaseError as error:
-        log.error("%s", error)
-        complete = False
-    return complete
 
 
 def conflict_key_exists(client: Supabase) -> bool:

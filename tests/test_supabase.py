@@ -22,7 +22,6 @@ from conftest import (
 )
 from fakes.database import MIGRATIONS, SUPABASE_BOOTSTRAP, server_url
 
-
 STORE = "/rest/v1/rpc/store_analytics"  # every write of daily_analytics: the migration's function
 
 
@@ -47,9 +46,7 @@ def refusing_trigger(db):
 
 def upsert_with(site_id):
     """Matches an upsert request whose rows include this site."""
-    return lambda r: (
-        r.path == STORE and any(row["site_id"] == site_id for row in r.json()["p_rows"])
-    )
+    return lambda r: r.path == STORE and any(row["site_id"] == site_id for row in r.json()["p_rows"])
 
 
 def postgrest_error(status: int, code: str | None, message: str) -> dict:
@@ -249,7 +246,7 @@ def test_the_gateways_invalid_api_key_names_the_key(gateway, config, run_aggrega
 
     assert result.returncode == 1
     assert lines_with("use the service_role key", result.stderr)
-    assert gateway.count("/rest/v1/sites") == 1  # a wrong key is not retried
+    assert gateway.count("/rest/v1/rpc/schema_missing") == 1  # a wrong key is not retried
 
 
 def test_an_unreachable_supabase_stops_the_run(config, run_aggregator):
@@ -315,17 +312,49 @@ def test_a_missing_unique_constraint_names_the_migration(
     assert upserts(gateway) == 1
 
 
-def test_a_database_without_the_newest_migration_names_the_migrations(fleet, db, run_aggregator):
+@pytest.mark.parametrize(
+    "break_it, migration, named",
+    [
+        (
+            "alter table gsc_accounts drop column service_account_key",
+            "20261125000300_service_accounts.sql",
+            "gsc_accounts.service_account_key",
+        ),
+        (
+            "alter function analytics_holes rename to analytics_holes_gone",
+            "20261201000000_coverage.sql",
+            "analytics_holes()",
+        ),
+        (
+            "alter function store_analytics rename to store_analytics_gone;"
+            "alter function schema_missing rename to schema_missing_gone",
+            "20261206000000_store_analytics.sql",
+            "schema_missing()",
+        ),
+    ],
+    ids=["a column", "the heal plan's function", "the newest migration"],
+)
+def test_a_database_missing_a_migration_object_stops_the_run_before_any_fetch(
+    break_it, migration, named, fleet, db, matomo, google, run_aggregator
+):
     fleet.visits(fleet.site("example.com", fleet.account()), 1)
-    db.execute("alter table gsc_accounts drop column service_account_key")  # the code is newer
+    undo = {
+        "gsc_accounts.service_account_key": (ROOT / "supabase/migrations" / migration).read_text(),
+        "analytics_holes()": "alter function analytics_holes_gone rename to analytics_holes",
+        "schema_missing()": "alter function store_analytics_gone rename to store_analytics;"
+        "alter function schema_missing_gone rename to schema_missing",
+    }[named]
+    db.execute(break_it)
     try:
         result = run_aggregator()
     finally:
-        db.execute((ROOT / "supabase/migrations/20261125000300_service_accounts.sql").read_text())
+        db.execute(undo)
 
-    assert result.returncode == 1
+    assert result.returncode == 4, result.stderr[-3000:]
     (line,) = lines_with("ERROR", result.stderr)
-    assert "service_account_key" in line and "apply every file of supabase/migrations/, in order" in line
+    assert named in line and f"apply every file of supabase/migrations/ from {migration} on" in line
+    assert "A person must act: the database lacks" in result.stderr.splitlines()[-1]
+    assert matomo.count() == 0 and google.count("searchAnalytics") == 0  # nothing fetched to be lost
     assert db.execute("select count(*) from daily_analytics").fetchone() == (0,)
 
 

@@ -140,3 +140,30 @@ $$;
 -- Supabase grants new functions to every role: only the job (service role) may write.
 revoke all on function public.store_analytics(jsonb, boolean, boolean) from public, anon, authenticated;
 grant execute on function public.store_analytics(jsonb, boolean, boolean) to service_role;
+
+-- What of the schema a run uses is missing, in one request before the run's first fetch: each
+-- name is a table ('sites'), a column ('sites.domain') or a function ('store_analytics()');
+-- the answer lists the missing ones, in the order asked. A database without this function lacks
+-- this migration.
+create or replace function public.schema_missing(p_objects jsonb) returns jsonb
+language sql stable
+set search_path = public, pg_temp
+as $$
+    select coalesce(jsonb_agg(o order by n), '[]'::jsonb)
+    from jsonb_array_elements_text(p_objects) with ordinality as t(o, n)
+    where case
+        when o like '%()' then not exists (
+            select 1 from pg_proc p join pg_namespace s on s.oid = p.pronamespace
+            where s.nspname = 'public' and p.proname = left(o, -2)
+        )
+        when o like '%.%' then not exists (
+            select 1 from pg_attribute a
+            where a.attrelid = to_regclass('public.' || quote_ident(split_part(o, '.', 1)))
+                and a.attname = split_part(o, '.', 2) and a.attnum > 0 and not a.attisdropped
+        )
+        else to_regclass('public.' || quote_ident(o)) is null
+    end
+$$;
+-- It names only what PostgREST's own schema description shows every key: a run with the anon key
+-- is then told of the key, not of a schema it cannot read.
+grant execute on function public.schema_missing(jsonb) to service_role, anon, authenticated;

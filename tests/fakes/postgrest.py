@@ -282,7 +282,7 @@ class FakePostgrest(FakeServer):
                 "PGRST202",
                 f"Could not find the function public.{name}({', '.join(sorted(args))}) in the schema cache",
             )
-        rows = sum(len(v) for v in args.values() if isinstance(v, list))  # rows a function writes
+        rows = len(args.get("p_rows") or [])  # the rows store_analytics writes
         if self.row_cost:
             time.sleep(self.row_cost * rows)
         if self.rows_within_timeout is not None and rows > self.rows_within_timeout:
