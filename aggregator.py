@@ -889,6 +889,12 @@ NO_SITES = (
     "SUPABASE_SERVICE_ROLE_KEY is probably the anon or publishable key, to which row level security shows "
     "no row: use the service_role key (Project Settings > API)"
 )
+
+
+def no_sites(client: Supabase) -> str:
+    return NO_SITES.replace("'deployed'", repr(client.deployed))
+
+
 NO_ACCOUNTS = (
     "Supabase returned no gsc_accounts row although sites name accounts: SUPABASE_SERVICE_ROLE_KEY is "
     "probably not the service_role key (row level security hides gsc_accounts from other keys)"
@@ -2230,12 +2236,12 @@ def refresh_error_reason(error: RefreshError, account_id: AccountId | str, key: 
     if "invalid_grant" in said:
         return (
             "the refresh token has expired or been revoked: re-authorize this account "
-            f"(aggregator.py authorize --account {account_id}) ({said})"
+            f"({program()} authorize --account {account_id}) ({said})"
         )
     if "unauthorized_client" in said:
         return (
             "the refresh token was issued to another OAuth client: re-authorize this account with this "
-            f"GOOGLE_CLIENT_ID (aggregator.py authorize --account {account_id}) ({said})"
+            f"GOOGLE_CLIENT_ID ({program()} authorize --account {account_id}) ({said})"
         )
     return f"the Google token endpoint failed; re-run these dates once it answers ({said})"
 
@@ -2254,12 +2260,12 @@ def service_account_fix(said: str, account_id: AccountId | str) -> str:
     if "deleted_client" in said:
         return (
             "the service account was deleted: create a new service account, add it as a user of each "
-            f"property, and store its key with aggregator.py authorize --service-account KEY.json --account {account_id}"
+            f"property, and store its key with {program()} authorize --service-account KEY.json --account {account_id}"
         )
     if "invalid_grant" in said:
         return (
             "its key was deleted or is not this account's (Invalid JWT Signature): create a new JSON key (Google "
-            "Cloud console > IAM > Service accounts > Keys) and store it with aggregator.py authorize "
+            f"Cloud console > IAM > Service accounts > Keys) and store it with {program()} authorize "
             f"--service-account KEY.json --account {account_id}"
         )
     return "the Google token endpoint failed; re-run these dates once it answers"
@@ -2289,7 +2295,7 @@ def connect_account(
     except ValueError as error:  # a key google-auth cannot read: nothing was sent anywhere
         return (
             f"its service-account key cannot be used ({str(error).split('. ')[0]}): store the key file "
-            f"again with aggregator.py authorize --service-account KEY.json --account {account_id}"
+            f"again with {program()} authorize --service-account KEY.json --account {account_id}"
         )
     try:
         service = get_google_client(cfg, credentials)
@@ -3693,7 +3699,7 @@ def fleet_to_fetch(
             learned = error
     secret_filter.add(*secrets_of(keys.values()))
     if not sites:
-        raise SupabaseError(NO_SITES.replace("'deployed'", repr(client.deployed)))
+        raise SupabaseError(no_sites(client))
     if not keys and any(site.gsc_account_id is not None for site in sites):
         log.error("%s", NO_ACCOUNTS)
     days = asked.days
@@ -3868,7 +3874,7 @@ def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[AccountI
         return [], {}
     found["lines"].append(f"Supabase: {len(sites)} deployed sites, {len(keys)} Search Console accounts")
     if not sites:
-        log.error("%s", NO_SITES.replace("'deployed'", repr(client.deployed)))
+        log.error("%s", no_sites(client))
     elif not keys and any(site.gsc_account_id is not None for site in sites):
         log.error("%s", NO_ACCOUNTS)
     key = conflict_key_exists(client)
@@ -3983,6 +3989,12 @@ def status(cfg: Config, today: dt.date, site_name: str | None, as_json: bool) ->
     """Coverage per source, what the next night will heal, and the sites that need a person."""
     client = supabase_client(cfg)
     sites = deployed_sites(client)
+    if not sites:  # as `run` says it, with its exit status: an all-zero table would look healthy
+        why = no_sites(client)
+        log.error("%s", why)
+        if as_json:
+            say(json.dumps({"sites": 0, "problems": [why]}))
+        return ExitStatus.FAILED
     site = sites_with_domains(sites, [site_name])[0] if site_name else None
     window_end = today - dt.timedelta(days=DEFAULT_LAG_DAYS + DEFAULT_LOOKBACK_DAYS - 1)
     coverage = Coverage.of(cfg, today, window_end, site.id if site else None)
@@ -4004,7 +4016,7 @@ def status(cfg: Config, today: dt.date, site_name: str | None, as_json: bool) ->
     }
     expiring = gsc_oldest_day(today) + dt.timedelta(days=30)
     plan = heal_plan(found, askable, coverage.window_from, expiring, cfg)
-    report = status_report(cfg, coverage, cells, found, plan, attention, expiring)
+    report = {"sites": len(sites), **status_report(cfg, coverage, cells, found, plan, attention, expiring)}
     if as_json:
         say(json.dumps(report, default=str))
     else:
@@ -4070,7 +4082,7 @@ def fix_for(need: dict) -> str:
     if "property" in detail:
         return "add the domain's property to the account in Search Console, or set sites.gsc_account_id to the account that has it"
     account = re.match(r"account (\d+)", detail)
-    return f"python aggregator.py authorize --account {account.group(1)}" if account else "see the run's log"
+    return f"{this_command()} authorize --account {account.group(1)}" if account else "see the run's log"
 
 
 def status_lines(report: dict) -> list[str]:
@@ -4078,7 +4090,7 @@ def status_lines(report: dict) -> list[str]:
     lines = [
         f"Coverage of the deployed sites, site-days (heal window: the {window['days']} days "
         f"{window['from']} to {window['to']}; overall: back to each site's first day):",
-        STATUS_FORMAT.format("", "stored", "provisional", "missing", "not available", "oldest hole"),
+        STATUS_FORMAT.format("", "stored", "provisional", "missing", "not available", "oldest not final"),
     ]
     for source, name in SOURCE_NAMES.items():
         cells = report["coverage"][source]
@@ -4088,7 +4100,7 @@ def status_lines(report: dict) -> list[str]:
                 STATUS_FORMAT.format(
                     f"{name}, {'heal window' if scope == 'window' else 'overall'}",
                     *(f"{counts.get(k, 0):,}" for k in ("stored", "provisional", "missing", "not_available")),
-                    str(cells["oldest_hole"] or "-") if scope == "overall" else "",
+                    oldest_not_final(cells) if scope == "overall" else "",
                 )
             )
     night = report["next_night"]
@@ -4111,14 +4123,21 @@ def status_lines(report: dict) -> list[str]:
     needs = report["needs_a_person"]
     lines.append(f"Sites that need a person: {len(needs) or 'none'}")
     for need in needs:
+        # a source that cannot be asked was stored with the run's own sentence, its fix included
+        fix = "" if need["kind"] == "unavailable" else f". Fix: {need['fix']}"
         lines.append(
-            f"  site {need['site_id']} ({need['domain']}), {SOURCE_NAMES[need['source']]}: {need['detail']}. "
-            f"Fix: {need['fix']}"
+            f"  site {need['site_id']} ({need['domain']}), {SOURCE_NAMES[need['source']]}: {need['detail']}{fix}"
         )
     return lines
 
 
 STATUS_FORMAT = "  {:<30} {:>12} {:>12} {:>10} {:>14}  {}"
+
+
+def oldest_not_final(cells: dict) -> str:
+    """The oldest day of a source without a final value (missing or provisional), where one is."""
+    counts = cells.get("overall", {})
+    return str(cells["oldest_hole"]) if counts.get("missing") or counts.get("provisional") else "-"
 
 
 # ---------------------------------------------------------------------------
@@ -4154,7 +4173,7 @@ def list_accounts(cfg: Config) -> int:
         label = account.get("label") or account.get("email") or "-"
         say(ACCOUNT_FORMAT.format(str(account_id), kind, label, sites_per_account[account_id], state))
     if not accounts:
-        say("No account yet: add one with `aggregator.py authorize`")
+        say(f"No account yet: add one with `{program()} authorize`")
     return ExitStatus.OK
 
 
@@ -4290,7 +4309,7 @@ def keeps_the_sites(
 def account_exists(client: Supabase, account_id: str) -> bool:
     """Whether --account names a gsc_accounts row; said before the browser round trip, not after."""
     if not re.fullmatch(r"[0-9]{1,18}", account_id):
-        log.error("--account %s: an account id is a number; `aggregator.py accounts` lists them", account_id)
+        log.error("--account %s: an account id is a number; `%s accounts` lists them", account_id, program())
         return False
     try:
         found = with_retries(
@@ -4558,7 +4577,7 @@ class OneLineParser(argparse.ArgumentParser):
         owner = self.owners.get(given[0].split("=")[0]) if message.startswith("unrecognized") else None
         if owner:
             message = (
-                f"{given[0].split('=')[0]} is for the {owner} command: aggregator.py {owner} {given[0]} ..."
+                f"{given[0].split('=')[0]} is for the {owner} command: {program()} {owner} {given[0]} ..."
             )
         raise UsageError(f"{message} (see --help)")
 
@@ -4672,12 +4691,12 @@ def account_id_option(text: str) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; its `command` is the Command to run, with only its own options."""
     parser = OneLineParser(
-        prog="aggregator.py",
+        prog=program(),
         allow_abbrev=False,
         description="Store Matomo and Search Console numbers for every deployed site, one row per site and day.",
         epilog="Exit status: 0 ok, 1 nothing could be done, 2 usage error, 3 some values missing (a later "
         "run fetches them), 4 a person must fix something. "
-        "`aggregator.py COMMAND --help` tells more.",
+        f"`{program()} COMMAND --help` tells more.",
     )
     add_common_options(parser, None)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -4753,7 +4772,7 @@ def main(argv: list[str] | None = None) -> int:
         command.before(args, session)
         take_over_the_process(args, session)
     except UsageError as error:
-        print(f"aggregator.py: error: {error}", file=sys.stderr)
+        print(f"{program()}: error: {error}", file=sys.stderr)
         return ExitStatus.USAGE
     cfg, status = None, int(ExitStatus.FAILED)
     try:
@@ -4766,7 +4785,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", error)
         status = command.cannot_start(args)
     except UsageError as error:
-        print(f"aggregator.py: error: {error}", file=sys.stderr)
+        print(f"{program()}: error: {error}", file=sys.stderr)
         return ExitStatus.USAGE
     except KeyboardInterrupt:
         log.error("Interrupted; %s", command.interrupted)
@@ -4841,6 +4860,13 @@ def ping(cfg: Config, what: str, body: str = "") -> None:
         ).raise_for_status()
     except requests.RequestException as error:
         log.warning("HEALTHCHECK_URL could not be pinged (%s); the run is not affected", redacted(str(error)))
+
+
+def program() -> str:
+    """The name the job was started as, for its usage lines and advice: aggregator.py, or the
+    console script analytics-aggregator (pipx, pip install)."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name in ("aggregator.py", "analytics-aggregator") else "aggregator.py"
 
 
 def this_command() -> str:

@@ -167,13 +167,18 @@ def test_pip_install_gives_the_analytics_aggregator_command(tmp_path):
     )
     assert pip.returncode == 0, pip.stderr[-2000:]
 
-    done = subprocess.run(
-        [str(target / "bin" / "analytics-aggregator"), "--version"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(target)},
-    )
+    def installed(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(target / "bin" / "analytics-aggregator"), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(target)},
+        )
+
+    done, wrong = installed("--version"), installed("--date", "")
 
     assert done.returncode == 0, done.stderr
-    assert re.fullmatch(r"aggregator\.py \d+\.\d+\.\d+\n", done.stdout)
+    assert re.fullmatch(r"analytics-aggregator \d+\.\d+\.\d+\n", done.stdout)  # the name it was started as
+    assert wrong.returncode == 2 and wrong.stderr.startswith("analytics-aggregator: error: "), wrong.stderr
+    assert "aggregator.py" not in wrong.stderr
     assert os.access(ROOT / "aggregator.py", os.X_OK)  # ./aggregator.py runs too

@@ -155,7 +155,7 @@ def test_an_env_file_readable_by_others_is_warned_about(fleet, tmp_path, run_agg
 
 
 def test_accounts_and_status_need_only_supabase(config, fleet, run_aggregator):
-    fleet.account()
+    fleet.site("shop.example.com", fleet.account())  # status of an empty fleet is an error
     for name in ("MATOMO_URL", "MATOMO_TOKEN_AUTH", "GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET"):
         del config[name]
 

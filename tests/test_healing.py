@@ -220,10 +220,10 @@ def test_status_shows_each_kind_of_cell_and_each_site_that_needs_a_person(
         (tracking_gone.id, "matomo", "tracking"),
         (cliff.id, "matomo", "cliff"),
     }
-    assert (
-        needs[(reauthorize.id, "gsc", "unavailable")]["fix"]
-        == f"python aggregator.py authorize --account {revoked.id}"
+    assert needs[(reauthorize.id, "gsc", "unavailable")]["fix"].endswith(
+        f"aggregator.py authorize --account {revoked.id}"
     )
+    assert report["sites"] == 5
     assert "add the domain's property" in needs[(no_property.id, "gsc", "unavailable")]["fix"]
     assert "visits down from 700 to 35" in needs[(cliff.id, "matomo", "cliff")]["detail"]
     shop_cells = json.loads(one.stdout)["coverage"]
@@ -243,8 +243,24 @@ def test_status_shows_each_kind_of_cell_and_each_site_that_needs_a_person(
         report["next_night"]["gsc"]["queries"] == 3
     )  # shop, gone and cliff; not the two that cannot be asked
     assert lines_with("Sites that need a person: 4", shown.stdout)
-    assert lines_with(f"site {reauthorize.id} (blog.example.org), Search Console", shown.stdout)
+    (blog,) = lines_with(f"site {reauthorize.id} (blog.example.org), Search Console", shown.stdout)
+    assert blog.count("authorize --account") == 1 and "Fix:" not in blog  # the fix said once
+    (docs,) = lines_with(f"site {no_property.id} (docs.example.io)", shown.stdout)
+    assert docs.count("add the") == 1
     assert lines_with("Matomo, heal window", shown.stdout) and lines_with("Next night heals", shown.stdout)
+
+
+def test_status_of_an_empty_fleet_says_why_as_run_does(fleet, config, run_aggregator):
+    fleet.site("shop.example.com")
+    config["DEPLOYED_STATUS"] = "live"  # matches no row
+
+    run, shown, as_json = run_aggregator(), run_aggregator("status"), run_aggregator("status", "--json")
+
+    assert run.returncode == shown.returncode == as_json.returncode == 1
+    (said,) = lines_with("Supabase returned no deployed site", run.stderr)
+    assert "'live'" in said and lines_with(said.split(" ERROR ")[1], shown.stderr)
+    assert "Sites that need a person" not in shown.stdout
+    assert json.loads(as_json.stdout)["sites"] == 0
 
 
 def test_where_the_visitor_log_is_off_a_zero_is_final_once_its_day_has_settled(

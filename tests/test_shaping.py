@@ -213,3 +213,9 @@ def test_the_window_lets_a_unit_in_only_with_room_and_none_once_a_part_of_the_fl
     window.close()  # a part of the flow failed: its units would never leave
     assert waiting.result(timeout=5) is False
     assert window.enter(1, deadline) is False
+
+
+def test_status_dates_only_a_source_with_days_not_final():
+    cells = {"oldest_hole": "2026-01-01"}
+    assert ag.oldest_not_final({**cells, "overall": {"missing": 0, "provisional": 0}}) == "-"
+    assert ag.oldest_not_final({**cells, "overall": {"missing": 0, "provisional": 2}}) == "2026-01-01"
