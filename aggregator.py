@@ -133,8 +133,6 @@ class ExitStatus(enum.IntEnum):
 # few: the nightly run refreshes a short window that ends two days ago.
 DEFAULT_LAG_DAYS = 2
 DEFAULT_LOOKBACK_DAYS = 3
-# ... and finalises it within this many days (Pacific): an older day is final whatever an answer says.
-GSC_USUAL_LAG_DAYS = 4
 # Search Console keeps about 16 months (~486 days). Older days answer "no rows", which must
 # not be stored as 0 over numbers fetched back then: stay a little inside the limit.
 GSC_RETENTION_DAYS = 480
@@ -2167,20 +2165,18 @@ def metrics_by_day(answer: Any, days: list[dt.date], newest_final: dt.date) -> d
 
     Search Console omits days without data (and omits `rows` entirely when nothing at all),
     so a day Google calls final that has no row had no search traffic: 0. A day from
-    metadata.firstIncompleteDate on (or newer than `newest_final`) is provisional: its rows are
-    kept, flagged, and a missing row there means "not known yet", so the day gets no value.
-    Without metadata only a day older than Google's usual lag is known final: a missing row for a
-    younger one proves nothing, and must not lower a stored value to 0.
+    metadata.firstIncompleteDate on (or newer than `newest_final`, the clock's word) is
+    provisional: its rows are kept, flagged, and a missing row there means "not known yet", so the
+    day gets no value. Google sends that metadata only when the range holds incomplete days:
+    without it, every day of the range is final. (An answer that disagrees with a stored final
+    count is the table's to judge: store_analytics keeps the count.)
     """
     if not isinstance(answer, dict):
         raise ValueError(f"unexpected answer {str(answer)[:80]!r}")
     first_incomplete = (answer.get("metadata") or {}).get("firstIncompleteDate")
     if first_incomplete:
         newest_final = min(newest_final, dt.date.fromisoformat(first_incomplete) - dt.timedelta(days=1))
-        empty_is_zero_until = newest_final
-    else:
-        empty_is_zero_until = newest_final - dt.timedelta(days=GSC_USUAL_LAG_DAYS - DEFAULT_LAG_DAYS + 1)
-    metrics = {day: NO_SEARCH_TRAFFIC for day in days if day <= empty_is_zero_until}
+    metrics = {day: NO_SEARCH_TRAFFIC for day in days if day <= newest_final}
     wanted = {day.isoformat(): day for day in days}
     for row in answer.get("rows", []):
         day = wanted.get(row["keys"][0])

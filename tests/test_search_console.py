@@ -142,14 +142,31 @@ def test_yesterday_can_be_asked_for_and_is_flagged_provisional(fleet, db, google
 def test_an_answer_without_metadata_never_lowers_a_final_value_to_zero(fleet, db, google, run_aggregator):
     site = fleet.site("example.com", fleet.account())
     fleet.store(site, DUE, gsc_clicks=7, gsc_impressions=70, gsc_final=True)  # an earlier night's
-    google.omit_metadata = True  # and no row for DUE: nothing says DUE is final and empty
-    old = DAY - dt.timedelta(days=4)  # older than Google's usual lag: final whatever the answer says
+    google.omit_metadata = True  # and no row for DUE: the answer says DUE is final and empty
+    old = DAY - dt.timedelta(days=4)
 
     result = run_aggregator("--from", old.isoformat(), "--to", DAY.isoformat())
 
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert gsc_state(db, site, DUE) == (7, 70, True)
+    assert result.returncode == 3, result.stderr[-3000:]  # the answer disagrees with a stored final
+    assert gsc_state(db, site, DUE) == (7, 70, True)  # the table's rule keeps it, and says so
+    assert lines_with("Search Console answered 0 where positive counts were stored", result.stderr)
     assert gsc_state(db, site, old) == (0, 0, True)
+
+
+def test_a_range_google_answers_as_all_final_stores_its_empty_days_as_final_zeros(
+    fleet, db, google, run_aggregator
+):
+    site = fleet.site("example.com", fleet.account())
+    before = DUE - dt.timedelta(days=1)
+    fleet.store(site, before, gsc_clicks=3, gsc_impressions=30, gsc_final=False)  # provisional, then
+    account_of(google, site).final_through = DAY  # Google finalised the whole window: no metadata
+    # and, final, no row for either day: they had no search traffic
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert gsc_state(db, site, before) == (0, 0, True)  # not 3 provisional clicks for 3 more nights
+    assert gsc_state(db, site, DUE) == (0, 0, True)  # not NULL
 
 
 def test_a_final_zero_never_replaces_a_stored_final_count_unless_the_run_says_so(

@@ -100,9 +100,12 @@ def test_days_from_the_first_incomplete_one_are_provisional_and_never_zero():
     # The clock wins over an answer that calls every day final
     every_day_final = {"metadata": {"firstIncompleteDate": "2026-11-09"}}
     assert ag.metrics_by_day(every_day_final, [D1, D2, D3], newest_final=D1) == {D1: ag.NO_SEARCH_TRAFFIC}
-    # Without metadata, no row for a day within Google's usual lag proves nothing: no value
-    assert ag.metrics_by_day({}, [D1, D2, D3], newest_final=D3) == {}
-    assert ag.metrics_by_day({}, [D1], newest_final=D1 + dt.timedelta(days=3)) == {D1: ag.NO_SEARCH_TRAFFIC}
+    # Without metadata every day of the range is final (Google sends it only for incomplete days),
+    # as far as the clock allows
+    assert ag.metrics_by_day({}, [D1, D2, D3], newest_final=D3) == dict.fromkeys(
+        [D1, D2, D3], ag.NO_SEARCH_TRAFFIC
+    )
+    assert ag.metrics_by_day({}, [D1, D2, D3], newest_final=D1) == {D1: ag.NO_SEARCH_TRAFFIC}
 
 
 def test_rows_carry_only_the_columns_whose_source_answered():

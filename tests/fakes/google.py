@@ -80,8 +80,9 @@ class FakeGoogle(FakeServer):
         self.api_disabled: set[str] = set()  # Cloud projects without the Search Console API enabled
         # Some token endpoints (proxies, older OAuth servers) echo the request in their error.
         self.echo_input = False
-        # Answers without metadata.firstIncompleteDate even where days are not final: nothing in
-        # the documentation promises it, so a client may not take its absence for "all final".
+        # Answers without metadata.firstIncompleteDate even where days are not final: Google
+        # documents that it sends it whenever the range holds incomplete days, but an answer that
+        # disagrees with itself must still never lower a stored final count.
         self.omit_metadata = False
         self.clock_offset = 0.0  # seconds Google's clock is ahead of this machine's (NTP broken here)
         # authorization code -> the refresh token it grants (and the Google account's email, and
