@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,7 @@ def main() -> int:
             print(
                 f"\nexit status {done.returncode} (4: a person must act: new.example.net has no Search Console property)\n"
             )
+            stored = conn.execute("select count(*) from daily_analytics").fetchone()[0]
             cursor = conn.execute(
                 "select a.date, s.domain, a.matomo_visits, a.gsc_clicks, a.gsc_impressions, "
                 "round(a.gsc_ctr::numeric, 3), a.gsc_position from daily_analytics a "
@@ -86,6 +88,12 @@ def main() -> int:
             for row in rows:
                 print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
             print("\nAn empty cell was not fetched (no value yet), never a 0.")
+            if done.returncode != 4 or not stored:  # not what the demo says: say so, to the shell too
+                print(
+                    f"demo: the run did not end as it should (exit {done.returncode}, {stored} rows)",
+                    file=sys.stderr,
+                )
+                return 1
             if keep:
                 sandbox(settings, google)
     finally:
@@ -98,8 +106,14 @@ def main() -> int:
 SANDBOX_CODE = "4/0sandbox-code-to-paste"
 
 
+def stopped(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # a closed terminal or a `kill` stops the sandbox as Ctrl-C does
+
+
 def sandbox(settings: dict[str, str], google: FakeGoogle) -> None:
-    """Leaves the stand-ins up, with their settings in sandbox.env, until Ctrl-C."""
+    """Leaves the stand-ins up, with their settings in sandbox.env, until Ctrl-C or SIGTERM."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stopped)
     env_file = write_env_file(ROOT / "sandbox.env", settings)
     google.codes[SANDBOX_CODE] = ("1//0sandbox-refresh-token", "sandbox@example.com")
     run = f"{sys.executable} {ROOT / 'aggregator.py'} --env-file {env_file}"

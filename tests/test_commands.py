@@ -518,7 +518,8 @@ def test_the_demo_runs_the_real_aggregator_and_prints_the_table(database):
     ]
 
 
-def test_the_demo_keeps_a_sandbox_where_the_commands_run_until_ctrl_c(database):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_the_demo_keeps_a_sandbox_where_the_commands_run_until_ctrl_c(stop, database):
     demo = subprocess.Popen(
         [sys.executable, str(Path(__file__).parent / "demo.py"), "--keep"],
         stdout=subprocess.PIPE,
@@ -544,7 +545,7 @@ def test_the_demo_keeps_a_sandbox_where_the_commands_run_until_ctrl_c(database):
         assert status.returncode == 0 and "Sites that need a person: 1" in status.stdout, status.stderr
         assert accounts.returncode == 0 and "refresh token" in accounts.stdout
     finally:
-        demo.send_signal(signal.SIGINT)
-        demo.communicate(timeout=30)
+        demo.send_signal(stop)
+        demo.communicate(timeout=120)
 
     assert not (ROOT / "sandbox.env").exists()

@@ -124,7 +124,7 @@ def test_a_retry_after_of_an_hour_is_capped(fleet, db, matomo, config, run_aggre
     started = time.monotonic()
     result = run_aggregator()
 
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < 60  # far from the hour, with room for a busy machine
     assert result.returncode == 0, result.stderr[-3000:]
     assert stored(db)[site.id]["matomo_visits"] == 5
 
@@ -146,8 +146,8 @@ def test_a_bulk_request_too_slow_for_the_timeout_is_split(fleet, db, matomo, con
     sites = [fleet.site(f"s{n}.example.com") for n in range(4)]
     for n, site in enumerate(sites):
         fleet.visits(site, n + 1)
-    matomo.site_day_cost = 0.03  # 4 sites x 10 days: 1.2 s in one request, 0.6 s for two sites
-    config.update(HTTP_TIMEOUT="1")
+    matomo.site_day_cost = 0.1  # 4 sites x 10 days: 4 s in one request, 2 s for two sites
+    config.update(HTTP_TIMEOUT="3")  # a second of room for a busy machine
 
     result = run_aggregator("--from", (DAY - dt.timedelta(days=9)).isoformat(), "--to", DAY.isoformat())
 
@@ -214,7 +214,7 @@ def test_a_hung_matomo_times_out_and_the_rest_is_stored(fleet, db, matomo, confi
     started = time.monotonic()
     result = run_aggregator()
 
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 60  # never answers: any bound shows the timeout
     assert result.returncode == 3
     assert result.summary.endswith("Fetched Matomo data for 0. Fetched GSC data for 1. Stored 3 records.")
     assert (stored(db)[site.id]["matomo_visits"], stored(db)[site.id]["gsc_clicks"]) == (21, 2)
@@ -224,13 +224,13 @@ def test_a_trickling_matomo_is_cut_off_by_the_wall_clock(fleet, db, matomo, conf
     site = fleet.site("example.com", fleet.account())
     fleet.store(site, matomo_visits=21)
     fleet.search(site, 2, 20)
-    matomo.inject("/index.php", trickle=0.2, times=99)  # a 300-byte answer takes a minute
+    matomo.inject("/index.php", trickle=1.0, times=99)  # a 300-byte answer takes five minutes
     config.update(HTTP_TIMEOUT="1")
 
     started = time.monotonic()
     result = run_aggregator()
 
-    assert time.monotonic() - started < 8
+    assert time.monotonic() - started < 60
     assert result.returncode == 3
     assert (stored(db)[site.id]["matomo_visits"], stored(db)[site.id]["gsc_clicks"]) == (21, 2)
 

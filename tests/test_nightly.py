@@ -363,7 +363,7 @@ def test_a_signal_stops_fetching_stores_what_was_fetched_and_counts_it_truly(
         assert time.monotonic() < deadline and process.poll() is None, "the first slice was never stored"
         time.sleep(0.05)
     process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=60)
+    stdout, stderr = process.communicate(timeout=120)
 
     assert process.returncode == status, stderr[-3000:]
     in_table = db.execute("select count(*) from daily_analytics").fetchone()[0]
@@ -392,7 +392,7 @@ def test_sigterm_mid_backfill_stores_exactly_what_both_sources_gave_and_counts_i
         assert time.monotonic() < deadline and process.poll() is None, "nothing was ever stored"
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=120)
 
     assert process.returncode == 143, stderr[-3000:]
     rows, matomo_sites, gsc_sites = db.execute(

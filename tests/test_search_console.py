@@ -212,7 +212,7 @@ def test_a_quota_burst_is_one_pause_and_the_account_resumes_when_it_ends(
     result = run_aggregator()
 
     assert result.returncode == 0, result.stderr[-3000:]
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 60  # one pause, not 60 + 120 s of them
     assert clicks_on(db, sites) == list(range(1, 41))
     assert len(lines_with("pausing its queries", result.stderr)) <= 1
 
@@ -224,14 +224,14 @@ def test_a_paused_account_holds_no_thread_another_account_needs(fleet, db, googl
     searched(fleet, waiting + going)
     google.latency = 0.05
     google.exhaust(fleet.google_account(paused), 3)
-    config.update(GSC_QUOTA_PAUSE="5", GSC_WORKERS="4", GSC_ACCOUNT_WORKERS="2")
+    config.update(GSC_QUOTA_PAUSE="8", GSC_WORKERS="4", GSC_ACCOUNT_WORKERS="2")
 
     result = run_aggregator()
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert clicks_on(db, going) == list(range(31, 41))
     first_query = min(queries_of(google, waiting + going))
-    assert max(queries_of(google, going)) - first_query < 2
+    assert max(queries_of(google, going)) - first_query < 4  # not after the paused account's 8 s
     assert clicks_on(db, waiting) == list(range(1, 31))
 
 
@@ -344,7 +344,7 @@ def test_pacing_to_the_quota_ends_at_the_run_deadline(fleet, db, google, config,
     started = time.monotonic()
     result = run_aggregator()
 
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 60  # not the two minutes the quota asks for
     assert result.returncode == 3
     assert [row["matomo_visits"] for row in stored(db).values()] == [2, 2, 2]
 
@@ -477,7 +477,7 @@ def test_a_hung_search_console_ends_at_the_run_deadline(fleet, db, google, confi
     started = time.monotonic()
     result = run_aggregator()
 
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 60
     assert result.returncode == 3
     assert (
         result.summary
@@ -491,13 +491,13 @@ def test_a_trickling_search_console_is_cut_off_by_the_wall_clock(fleet, db, goog
     site = fleet.site("example.com", fleet.account())
     fleet.store(site, gsc_clicks=4, gsc_impressions=40)
     fleet.visits(site, 3)
-    google.inject("/searchAnalytics/query", trickle=0.2, times=99)
+    google.inject("/searchAnalytics/query", trickle=1.0, times=99)  # minutes for one answer
     config.update(HTTP_TIMEOUT="1", HTTP_RETRIES="1")
 
     started = time.monotonic()
     result = run_aggregator()
 
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 60
     assert result.returncode == 3
     assert (stored(db)[site.id]["matomo_visits"], stored(db)[site.id]["gsc_clicks"]) == (3, 4)
 

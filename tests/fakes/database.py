@@ -15,7 +15,9 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 # What Supabase sets up before any migration: its API roles and their default grants. Roles and
 # role memberships belong to the whole server, not to one database: test processes side by side
-# (pytest-xdist) create them under one advisory lock, or both see none and both create it.
+# (pytest-xdist) create them under one advisory lock, or both see none and both create it. A role
+# of the same name that another project made is made what Supabase has: only service_role
+# bypasses row level security.
 SUPABASE_ROLES = """
 do $$ begin
   perform pg_advisory_xact_lock(7243011);
@@ -27,6 +29,13 @@ do $$ begin
   end if;
   if not exists (select from pg_roles where rolname = 'service_role') then
     create role service_role nologin bypassrls;
+  end if;
+  if not (select rolbypassrls from pg_roles where rolname = 'service_role') then
+    alter role service_role bypassrls;
+  end if;
+  if exists (select from pg_roles where rolname in ('anon', 'authenticated') and rolbypassrls) then
+    alter role anon nobypassrls;
+    alter role authenticated nobypassrls;
   end if;
   if not pg_has_role(current_user, 'service_role', 'member')
      or not pg_has_role(current_user, 'anon', 'member')
