@@ -144,6 +144,25 @@ SiteId = int  # sites.id, a bigint
 AccountId = int  # gsc_accounts.id, a bigint
 
 
+class MatomoMetric(NamedTuple):
+    column: str  # in daily_analytics
+    field: str  # in VisitsSummary.get's answer
+
+
+# The numbers of Matomo's answer that are stored, the day's visits first: adding one is a line
+# here and a column in a migration (store_analytics keeps it with matomo_final; docs/development.md).
+# A field absent from an answer (an install may not count unique visitors) is stored as NULL.
+MATOMO_METRICS = (
+    MatomoMetric("matomo_visits", "nb_visits"),
+    MatomoMetric("matomo_unique_visitors", "nb_uniq_visitors"),
+    MatomoMetric("matomo_actions", "nb_actions"),
+    MatomoMetric("matomo_bounces", "bounce_count"),
+    MatomoMetric("matomo_visit_seconds", "sum_visit_length"),
+)
+NO_VISIT = tuple(0 for _ in MATOMO_METRICS)  # an empty day: [] in the answer
+MATOMO_COLUMNS = tuple(m.column for m in MATOMO_METRICS)
+
+
 # ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
@@ -1091,7 +1110,8 @@ SCHEMA = {
     "site_sources(site_id,source,source_key,available_from,history_from,unavailable,checked_at) "
     "site_sources_known() analytics_holes() analytics_coverage() analytics_attention()",
     "20261201000100_views.sql": "aggregator_runs(kind,arguments) analytics_daily analytics_weekly analytics_monthly",
-    "20261206000000_store_analytics.sql": "store_analytics() schema_missing()",
+    "20261206000000_matomo_metrics.sql": f"daily_analytics({','.join(MATOMO_COLUMNS[1:])})",
+    "20261206000100_store_analytics.sql": "store_analytics() schema_missing()",
 }
 
 
@@ -1471,25 +1491,46 @@ def database_trouble(matomo: MatomoClient) -> str | None:
     return None if isinstance(answer, list) else f"{method} (an unexpected answer)"
 
 
-def visits_by_day(slot: Any, days: list[dt.date]) -> dict[dt.date, int]:
-    """Visits per day from one VisitsSummary.get answer; raises ValueError for an error slot."""
+class MatomoDay(NamedTuple):  # a tuple: a year of 10,000 sites makes 3.65 million of them
+    """A site's day in Matomo: its numbers in MATOMO_METRICS' order (None: not in the answer), and
+    whether they are final. A 0 its raw log has not confirmed is not: a day the archiver has not
+    processed answers exactly like a day without visits (matomo_final = false; the next nights
+    fetch it again)."""
+
+    numbers: tuple
+    final: bool = True
+
+    @property
+    def visits(self) -> int:
+        return self.numbers[0]
+
+
+MatomoAnswer = dict[int, dict[dt.date, MatomoDay]]  # Matomo id -> day -> its numbers
+
+
+def matomo_days(slot: Any, days: list[dt.date]) -> dict[dt.date, MatomoDay]:
+    """Each day's numbers from one VisitsSummary.get answer; raises ValueError for an error slot."""
     if isinstance(slot, dict) and slot.get("result") == "error":
         raise ValueError(slot.get("message", "error"))
     if len(days) == 1:
         slot = {days[0].isoformat(): slot}
     if not isinstance(slot, dict):
         raise ValueError(f"unexpected answer {str(slot)[:80]!r}")
-    visits = {}
+    found = {}
     for day in days:
         value = slot.get(day.isoformat())
         # An empty day is [] (or an object of zeros), never a missing key.
         if value == []:
-            visits[day] = 0
+            found[day] = MatomoDay(NO_VISIT)
         elif isinstance(value, dict) and isinstance(value.get("nb_visits"), int):
-            visits[day] = value["nb_visits"]
+            found[day] = MatomoDay(tuple(number_or_none(value.get(m.field)) for m in MATOMO_METRICS))
         else:
             raise ValueError(f"no visits for {day} in the answer")
-    return visits
+    return found
+
+
+def number_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def sites_per_request(bulk_size: int, days: int) -> int:
@@ -1500,7 +1541,7 @@ def sites_per_request(bulk_size: int, days: int) -> int:
 
 def get_matomo_data(
     matomo: MatomoClient, site_ids: Iterable[int], days: list[dt.date], settled: dt.date | None
-) -> dict[int, dict[dt.date, int]]:
+) -> MatomoAnswer:
     """{matomo site id: {day: visits}} for every site Matomo answered for, a few requests at a time.
 
     A site that is missing from the result has no value: it must not be stored as 0. The first
@@ -1520,10 +1561,10 @@ def get_matomo_data(
 
 def batch_visits(
     matomo: MatomoClient, ids: list[int], days: list[dt.date], settled: dt.date | None
-) -> dict[int, dict[dt.date, int]]:
+) -> MatomoAnswer:
     """One batch's visits, asked in one thread: what Matomo answered, what the install lost while
     it was down asked again once it answers, and each 0 the raw log does not confirm made
-    Unconfirmed (with `settled` None, --accept-zero-visits, every 0 is taken)."""
+    not final (with `settled` None, --accept-zero-visits, every 0 is taken)."""
     matomo.state.lost().clear()
     found = visits_for_batch(matomo, ids, days)
     found.update(visits_lost_while_down(matomo, days))
@@ -1532,9 +1573,7 @@ def batch_visits(
     return found
 
 
-def visits_for_batch(
-    matomo: MatomoClient, ids: list[int], days: list[dt.date]
-) -> dict[int, dict[dt.date, int]]:
+def visits_for_batch(matomo: MatomoClient, ids: list[int], days: list[dt.date]) -> MatomoAnswer:
     """The visits of one batch of sites; whatever fails, nothing but what Matomo answered."""
     if matomo.broken.happened:
         return {}
@@ -1546,9 +1585,7 @@ def visits_for_batch(
     return visits_asked(matomo, ids, days, probed=False)
 
 
-def visits_asked(
-    matomo: MatomoClient, ids: list[int], days: list[dt.date], probed: bool
-) -> dict[int, dict[dt.date, int]]:
+def visits_asked(matomo: MatomoClient, ids: list[int], days: list[dt.date], probed: bool) -> MatomoAnswer:
     """One bulk request for these sites and days, and what its failure calls for."""
     try:
         slots = post_bulk_request(matomo, matomo_queries(ids, days))
@@ -1560,16 +1597,22 @@ def visits_asked(
 
 
 def matomo_queries(ids: list[int], days: list[dt.date]) -> list[str]:
-    # showColumns: only the one metric we store (a year of 10,000 sites: 108 MB of JSON, not 742).
-    query = urlencode({"date": matomo_date_param(days), "period": "day", "showColumns": "nb_visits"})
+    # showColumns: only the metrics we store (the rates and the rest are Matomo's to derive).
+    query = urlencode(
+        {
+            "date": matomo_date_param(days),
+            "period": "day",
+            "showColumns": ",".join(m.field for m in MATOMO_METRICS),
+        }
+    )
     return [f"method=VisitsSummary.get&idSite={i}&{query}" for i in ids]
 
 
-def visits_of_answer(ids: list[int], days: list[dt.date], slots: list) -> dict[int, dict[dt.date, int]]:
+def visits_of_answer(ids: list[int], days: list[dt.date], slots: list) -> MatomoAnswer:
     result = {}
     for site_id, slot in zip(ids, slots):
         try:
-            result[site_id] = visits_by_day(slot, days)
+            result[site_id] = matomo_days(slot, days)
         except ValueError as error:
             site_warnings.add(str(error), f"Matomo site id {site_id}")
     return result
@@ -1577,7 +1620,7 @@ def visits_of_answer(ids: list[int], days: list[dt.date], slots: list) -> dict[i
 
 def visits_after(
     matomo: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError, probed: bool
-) -> dict[int, dict[dt.date, int]]:
+) -> MatomoAnswer:
     """What a failed request calls for: less per request (a bulk limit, too much work), a look at
     the whole install (once per batch), or halves that find the one site whose PHP error sank it."""
     if isinstance(error, MatomoConfigError):
@@ -1606,7 +1649,7 @@ def visits_after(
 
 def visits_in_halves(
     matomo: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError
-) -> dict[int, dict[dt.date, int]]:
+) -> MatomoAnswer:
     """A request fails whole for one site's PHP error or for dropped POST variables: halves find
     the culprits and cost only them (at most 1 + 4 x log2(sites) requests for two). Both halves
     failing as the whole did proves nothing (each may hold one); the install is down only when a
@@ -1634,7 +1677,7 @@ def visits_in_halves(
 
 def visits_in_parts(
     matomo: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError
-) -> dict[int, dict[dt.date, int]]:
+) -> MatomoAnswer:
     """Too much work for one request (a proxy's 504, a read timeout): PHP is still working on the
     abandoned request, so the same one is never sent again; fewer sites, then fewer days, are."""
     if len(ids) > 1:
@@ -1655,21 +1698,21 @@ def visits_in_parts(
     return {}
 
 
-def merged(answers: Iterable[dict[int, dict[dt.date, int]]]) -> dict[int, dict[dt.date, int]]:
-    result: dict[int, dict[dt.date, int]] = {}
+def merged(answers: Iterable[MatomoAnswer]) -> MatomoAnswer:
+    result: MatomoAnswer = {}
     for answer in answers:
         result.update(answer)
     return result
 
 
-def matomo_broken(matomo: MatomoClient, why: str) -> dict[int, dict[dt.date, int]]:
+def matomo_broken(matomo: MatomoClient, why: str) -> MatomoAnswer:
     """The token or the URL is wrong: said once, and no further request is sent."""
     if matomo.broken.first(why):
         log.error("%s", why)
     return {}
 
 
-def install_down(matomo: MatomoClient, ids: list[int], why: str) -> dict[int, dict[dt.date, int]]:
+def install_down(matomo: MatomoClient, ids: list[int], why: str) -> MatomoAnswer:
     """The whole install fails alike (its database down, PHP restarting): one error line, and the
     batch is asked again if the install answers within MATOMO_RECOVERY_PAUSES."""
     with matomo.state.lock:
@@ -1685,7 +1728,7 @@ def install_down(matomo: MatomoClient, ids: list[int], why: str) -> dict[int, di
     return {}
 
 
-def visits_lost_while_down(matomo: MatomoClient, days: list[dt.date]) -> dict[int, dict[dt.date, int]]:
+def visits_lost_while_down(matomo: MatomoClient, days: list[dt.date]) -> MatomoAnswer:
     """The batches this thread lost while the whole install failed alike, asked again once it
     answers its API (a restart takes seconds); none if it stays down."""
     lost = list(matomo.state.lost())
@@ -1751,22 +1794,16 @@ def matomo_data_by_site(
     matomo: MatomoClient, ids: Mapping[SiteId, int], days: list[dt.date], settled: dt.date | None
 ) -> dict[SiteId, dict]:
     """{site id: {day: visits}} for the sites Matomo answered for; each 0 its raw log does not
-    confirm is Unconfirmed (with `settled` None, --accept-zero-visits, every 0 is taken)."""
+    confirm is not final (with `settled` None, --accept-zero-visits, every 0 is taken)."""
     by_matomo_id = get_matomo_data(matomo, ids.values(), days, settled)
     return {site_id: by_matomo_id[m] for site_id, m in ids.items() if m in by_matomo_id}
 
 
-class Unconfirmed(int):
-    """A Matomo 0 that its raw log has not confirmed: a day the archiver has not processed
-    answers exactly like a day without visits. Stored as provisional (matomo_final = false), and
-    fetched again by the next nights until it is confirmed or replaced by the true count."""
-
-
-def zero_runs(by_day: Mapping[dt.date, int]) -> list[list[dt.date]]:
+def zero_runs(by_day: Mapping[dt.date, MatomoDay]) -> list[list[dt.date]]:
     """The runs of consecutive days with 0 visits: one look at the raw log covers a run."""
     runs: list[list[dt.date]] = []
     for day in sorted(by_day):
-        if by_day[day] != 0:
+        if by_day[day].visits != 0:
             continue
         if runs and runs[-1][-1] == day - dt.timedelta(days=1):
             runs[-1].append(day)
@@ -1813,10 +1850,8 @@ def bulk_answers(matomo: MatomoClient, queries: list[str], what: str, workers: i
         return [slot for answers in pool.map(ask, batches) for slot in answers]
 
 
-def with_zeros_confirmed(
-    matomo: MatomoClient, visits: dict[int, dict[dt.date, int]], settled: dt.date
-) -> dict[int, dict[dt.date, int]]:
-    """The visits, each 0 that is not confirmed made Unconfirmed. A 0 is confirmed when Matomo's
+def with_zeros_confirmed(matomo: MatomoClient, visits: MatomoAnswer, settled: dt.date) -> MatomoAnswer:
+    """The visits, each 0 that is not confirmed made not final. A 0 is confirmed when Matomo's
     raw log (the Live API) has no visit in its run of zero days; where the visitor log is off,
     when the day is older than `settled`. Asked in the batch's own thread, one request at a time:
     the batches beside it hold the other MATOMO_WORKERS."""
@@ -1837,7 +1872,7 @@ def with_zeros_confirmed(
         elif isinstance(slot, list):
             behind.append(m)
         for day in run:
-            visits[m][day] = Unconfirmed(0)
+            visits[m][day] = visits[m][day]._replace(final=False)
     for m in sorted(set(behind)):
         site_warnings.add(
             "Matomo answered 0 visits where its raw log has visits: those days are not archived yet "
@@ -1872,11 +1907,11 @@ def matomo_creation_days(matomo: MatomoClient, ids: Iterable[int]) -> dict[int, 
 def confirmed_visits(
     matomo: MatomoClient,
     ids: Mapping[SiteId, int],
-    answered: dict[int, dict[dt.date, int]],
+    answered: MatomoAnswer,
     settled: dt.date | None,
 ) -> dict[SiteId, dict]:
     """What Matomo `answered` for some sites ({Matomo id: {day: visits}}) by site id, each 0 its
-    raw log does not confirm made Unconfirmed. Asked beside the next bulk requests, not in their way."""
+    raw log does not confirm made not final. Asked beside the next bulk requests, not in their way."""
     if settled is not None:
         answered = with_zeros_confirmed(matomo, answered, settled)
     return {site_id: answered[m] for site_id, m in ids.items() if m in answered}
@@ -2674,7 +2709,7 @@ def say_what_gsc_gave_up(state: GscRound) -> None:
 def analytics_rows(
     sites: Iterable[Site],
     days: list[dt.date],
-    visits: Mapping[SiteId, Mapping[dt.date, int]],
+    visits: Mapping[SiteId, Mapping[dt.date, MatomoDay]],
     gsc: Mapping[SiteId, Mapping[dt.date, GscMetrics]],
 ) -> list[dict]:
     """One row per site and day that has at least one fetched value.
@@ -2689,9 +2724,10 @@ def analytics_rows(
         site_gsc = gsc.get(site.id, {})
         for day, iso in dated:
             row: dict[str, Any] = {"date": iso, "site_id": site.id}
-            if day in site_visits:
-                row["matomo_visits"] = site_visits[day]
-                row["matomo_final"] = type(site_visits[day]) is not Unconfirmed
+            matomo_day = site_visits.get(day)
+            if matomo_day is not None:
+                row.update(zip(MATOMO_COLUMNS, matomo_day.numbers))
+                row["matomo_final"] = matomo_day.final
             m = site_gsc.get(day)
             if m is not None:
                 row["gsc_clicks"], row["gsc_impressions"], row["gsc_ctr"], row["gsc_position"] = m[:4]
@@ -3732,7 +3768,7 @@ ROW_COLUMNS = (
     "date",
     "site_id",
     "domain",
-    "matomo_visits",
+    *MATOMO_COLUMNS,
     "matomo_final",
     "gsc_clicks",
     "gsc_impressions",
@@ -3740,7 +3776,8 @@ ROW_COLUMNS = (
     "gsc_position",
     "gsc_final",
 )
-ROW_FORMAT = "{:<10}  {:>8}  {:<28}  {:>13}  {:>12}  {:>10}  {:>15}  {:>8}  {:>12}  {:>9}"
+# Each column as wide as its name (the date, the id and the domain as wide as their values).
+ROW_FORMAT = "{:<10}  {:>8}  {:<28}  " + "  ".join(f"{{:>{len(c)}}}" for c in ROW_COLUMNS[3:])
 
 
 class DryRunTable:

@@ -397,7 +397,32 @@ def test_matomos_bulk_request_limit_is_learned_once_for_the_run(fleet, db, matom
     assert matomo.counts["over limit"] <= 2
 
 
-def test_a_year_long_backfill_keeps_each_bulk_request_small_and_asks_only_for_visits(
+def test_every_number_matomo_answers_is_stored_from_the_same_request(fleet, db, matomo, run_aggregator):
+    counted, uncounted = fleet.site("counted.example.com"), fleet.site("uncounted.example.com")
+    fleet.visits(counted, 10)
+    fleet.visits(uncounted, 4)
+    fleet.store(uncounted, matomo_visits=3, matomo_unique_visitors=3, matomo_final=True)
+
+    result = run_aggregator("--date", DAY.isoformat())
+    first = matomo.report_requests()
+    matomo.unique_visitors_off = True  # the install stops counting unique visitors
+    again = run_aggregator("--date", DAY.isoformat())
+
+    assert result.returncode == again.returncode == 0, result.stderr[-3000:] + again.stderr[-3000:]
+    assert len(first) == 1  # one bulk request, as for the visits alone
+    columns = "matomo_visits, matomo_unique_visitors, matomo_actions, matomo_bounces, matomo_visit_seconds"
+    rows = db.execute(f"select site_id, {columns} from daily_analytics order by site_id").fetchall()
+    # the stand-in's summary: unique = visits, actions 3 x visits, bounces half, a minute a visit
+    assert rows == [(counted.id, 10, 10, 30, 5, 600), (uncounted.id, 4, 4, 12, 2, 240)]
+    fleet.visits(counted, 11)
+    db.execute("update daily_analytics set matomo_unique_visitors = null where site_id = %s", [counted.id])
+    assert run_aggregator("--date", DAY.isoformat()).returncode == 0
+    rows = db.execute(f"select site_id, {columns} from daily_analytics order by site_id").fetchall()
+    # an answer without the field: NULL where none was stored, never 0; a stored count kept
+    assert rows == [(counted.id, 11, None, 33, 5, 660), (uncounted.id, 4, 4, 12, 2, 240)]
+
+
+def test_a_year_long_backfill_keeps_each_bulk_request_small_and_asks_only_for_what_is_stored(
     fleet, db, matomo, run_aggregator
 ):
     sites = [fleet.site(f"s{n}.example.com") for n in range(12)]
@@ -412,7 +437,8 @@ def test_a_year_long_backfill_keeps_each_bulk_request_small_and_asks_only_for_vi
         sum(365 for name in request.form if name.startswith("urls[")) for request in matomo.report_requests()
     ]
     assert max(per_request) <= 3000 and len(per_request) == 2
-    assert {sub.get("showColumns") for sub in matomo_sub_queries(matomo)} == {"nb_visits"}
+    stored_fields = "nb_visits,nb_uniq_visitors,nb_actions,bounce_count,sum_visit_length"
+    assert {sub.get("showColumns") for sub in matomo_sub_queries(matomo)} == {stored_fields}
 
 
 def test_a_long_backfill_asks_matomo_in_full_requests_only(fleet, db, config, matomo, run_aggregator):
@@ -440,7 +466,7 @@ def test_a_zero_from_a_day_matomo_has_not_archived_never_lowers_a_stored_count(
     fleet, db, matomo, gateway, run_aggregator
 ):
     busy, new = fleet.site("busy.example.com"), fleet.site("new.example.com")
-    fleet.store(busy, matomo_visits=40)
+    fleet.store(busy, matomo_visits=40, matomo_actions=120)
     fleet.visits(busy, 41)
     matomo.not_archived.add(DAY.isoformat())  # core:archive has not run for DAY yet
 
@@ -448,6 +474,8 @@ def test_a_zero_from_a_day_matomo_has_not_archived_never_lowers_a_stored_count(
 
     assert result.returncode == 3, result.stderr
     assert stored(db)[busy.id]["matomo_visits"] == 40
+    busy_actions = "select matomo_actions from daily_analytics where site_id = %s and date = %s"
+    assert db.execute(busy_actions, [busy.id, DAY]).fetchone() == (120,)  # the day's numbers kept together
     assert stored(db)[new.id]["matomo_visits"] == 0  # nothing stored before: a 0 lowers nothing
     warnings = lines_with(f"Site {busy.id}", result.stderr)
     assert len(warnings) == 1 and DAY.isoformat() in warnings[0] and "archiv" in warnings[0]

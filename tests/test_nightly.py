@@ -324,6 +324,10 @@ def test_dry_run_prints_the_rows_and_writes_nothing(fleet, db, gateway, run_aggr
         "site_id",
         "domain",
         "matomo_visits",
+        "matomo_unique_visitors",
+        "matomo_actions",
+        "matomo_bounces",
+        "matomo_visit_seconds",
         "matomo_final",
         "gsc_clicks",
         "gsc_impressions",
@@ -331,9 +335,20 @@ def test_dry_run_prints_the_rows_and_writes_nothing(fleet, db, gateway, run_aggr
         "gsc_position",
         "gsc_final",
     ]
-    shown = [DAY.isoformat(), str(shop.id), "shop.example.com", "12", "True", "3", "40", "0.0750", "2.5000"]
+    matomo_numbers = ["12", "12", "36", "6", "720", "True"]  # the stand-in's visits, unique, actions...
+    shown = [
+        DAY.isoformat(),
+        str(shop.id),
+        "shop.example.com",
+        *matomo_numbers,
+        "3",
+        "40",
+        "0.0750",
+        "2.5000",
+    ]
     assert lines[1].split() == [*shown, "False"]  # DAY is not final in Search Console yet
-    assert lines[2].split() == [DAY.isoformat(), str(blog.id), "blog.example.com", "4", "True", *["-"] * 5]
+    blog_numbers = ["4", "4", "12", "2", "240", "True"]
+    assert lines[2].split() == [DAY.isoformat(), str(blog.id), "blog.example.com", *blog_numbers, *["-"] * 5]
     assert len({len(line) for line in lines}) == 1  # aligned
     assert stored(db) == {}
     # a write is a POST or PATCH to a table (a POST to /rpc/ calls a read-only function)

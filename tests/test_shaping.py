@@ -53,17 +53,32 @@ def test_property_for_domain_prefers_the_domain_property_then_https_then_http():
     assert ag.verified_properties({}) == {}
 
 
-def test_visits_by_day_reads_every_matomo_shape():
-    zero = {"nb_visits": 0, "bounce_rate": "0%"}
-    assert ag.visits_by_day({"nb_visits": 5, "bounce_rate": "50%"}, [D1]) == {D1: 5}
-    assert ag.visits_by_day(zero, [D1]) == {D1: 0}
-    assert ag.visits_by_day([], [D1]) == {D1: 0}
-    ranged = {"2026-11-01": {"nb_visits": 2}, "2026-11-02": [], "2026-11-03": {"nb_visits": 0}}
-    assert ag.visits_by_day(ranged, [D1, D2, D3]) == {D1: 2, D2: 0, D3: 0}
+def visits(*numbers):
+    return ag.MatomoDay(numbers)
+
+
+def test_matomo_days_reads_every_matomo_shape():
+    full = {
+        "nb_uniq_visitors": 4,
+        "nb_visits": 5,
+        "nb_actions": 9,
+        "bounce_count": 2,
+        "sum_visit_length": 300,
+    }
+    assert ag.matomo_days({**full, "bounce_rate": "40%"}, [D1]) == {D1: visits(5, 4, 9, 2, 300)}
+    zero = {"nb_visits": 0, "nb_actions": 0, "bounce_count": 0, "sum_visit_length": 0, "bounce_rate": "0%"}
+    assert ag.matomo_days(zero, [D1]) == {D1: visits(0, None, 0, 0, 0)}  # no unique visitors: not 0
+    assert ag.matomo_days([], [D1]) == {D1: visits(0, 0, 0, 0, 0)}  # a day without visits
+    ranged = {"2026-11-01": {"nb_visits": 2}, "2026-11-02": [], "2026-11-03": full}
+    assert ag.matomo_days(ranged, [D1, D2, D3]) == {
+        D1: visits(2, None, None, None, None),
+        D2: visits(0, 0, 0, 0, 0),
+        D3: visits(5, 4, 9, 2, 300),
+    }
     with pytest.raises(ValueError, match="website id"):
-        ag.visits_by_day({"result": "error", "message": "website id was set to '99'"}, [D1])
+        ag.matomo_days({"result": "error", "message": "website id was set to '99'"}, [D1])
     with pytest.raises(ValueError):
-        ag.visits_by_day({"2026-11-01": []}, [D1, D2])  # a day missing from the answer is no value
+        ag.matomo_days({"2026-11-01": []}, [D1, D2])  # a day missing from the answer is no value
 
 
 def test_metrics_by_day_treats_absent_rows_on_final_days_as_no_traffic():
@@ -110,14 +125,18 @@ def test_days_from_the_first_incomplete_one_are_provisional_and_never_zero():
 
 def test_rows_carry_only_the_columns_whose_source_answered():
     sites = [ag.Site(1, "a.com", 1, 1), ag.Site(2, "b.com", 2, 1), ag.Site(3, "c.com", 3, 1)]
-    visits = {1: {D1: 5}, 2: {D1: ag.Unconfirmed(0)}}
+    by_site = {1: {D1: visits(5, 4, 9, 2, 300)}, 2: {D1: ag.MatomoDay((0, None, 0, 0, 0), final=False)}}
     gsc = {1: {D1: ag.GscMetrics(1, 10, 0.1, 2.0)}, 3: {D1: ag.NO_SEARCH_TRAFFIC}}
-    rows = ag.analytics_rows(sites, [D1], visits, gsc)
+    rows = ag.analytics_rows(sites, [D1], by_site, gsc)
     assert rows == [
         {
             "date": "2026-11-01",
             "site_id": 1,
             "matomo_visits": 5,
+            "matomo_unique_visitors": 4,
+            "matomo_actions": 9,
+            "matomo_bounces": 2,
+            "matomo_visit_seconds": 300,
             "matomo_final": True,
             "gsc_clicks": 1,
             "gsc_impressions": 10,
@@ -125,7 +144,16 @@ def test_rows_carry_only_the_columns_whose_source_answered():
             "gsc_position": 2.0,
             "gsc_final": True,
         },
-        {"date": "2026-11-01", "site_id": 2, "matomo_visits": 0, "matomo_final": False},
+        {
+            "date": "2026-11-01",
+            "site_id": 2,
+            "matomo_visits": 0,
+            "matomo_unique_visitors": None,
+            "matomo_actions": 0,
+            "matomo_bounces": 0,
+            "matomo_visit_seconds": 0,
+            "matomo_final": False,
+        },
         {
             "date": "2026-11-01",
             "site_id": 3,

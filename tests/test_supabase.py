@@ -328,7 +328,7 @@ def test_a_missing_unique_constraint_names_the_migration(
         (
             "alter function store_analytics rename to store_analytics_gone;"
             "alter function schema_missing rename to schema_missing_gone",
-            "20261206000000_store_analytics.sql",
+            "20261206000100_store_analytics.sql",
             "schema_missing()",
         ),
     ],

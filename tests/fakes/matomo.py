@@ -94,6 +94,9 @@ class FakeMatomo(FakeServer):
         self.created: dict[int, str] = {}
         # The visitor log (Live API) switched off in the general settings: its sub-requests fail.
         self.visitor_log_off = False
+        # enable_processing_unique_visitors_day = 0 in config.ini.php: answers lack nb_uniq_visitors
+        # (plugins/VisitsSummary/API.php asks for it only where SettingsPiwik says it is counted).
+        self.unique_visitors_off = False
 
     def php_workers(self, workers: int | None) -> None:
         self.php = threading.Semaphore(workers) if workers else contextlib.nullcontext()
@@ -203,6 +206,10 @@ class FakeMatomo(FakeServer):
         if sub["method"] != "VisitsSummary.get" or sub.get("period") != "day":
             return {"result": "error", "message": f"The method '{sub['method']}' is not played here"}
         columns = tuple(c for c in sub.get("showColumns", "").split(",") if c)
+        if self.unique_visitors_off:
+            columns = tuple(
+                c for c in columns or visits_summary(0) if c not in ("nb_uniq_visitors", "nb_users")
+            )
         days = days_of(sub["date"])
         visits = {day: 0 if day in self.not_archived else self.visits_on(site, day) for day in days}
         if "," not in sub["date"]:

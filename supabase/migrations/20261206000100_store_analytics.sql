@@ -2,8 +2,9 @@
 -- table in one place. The job sends its rows in chunks through PostgREST's rpc
 -- (POST /rest/v1/rpc/store_analytics); rows of any shape go in one call.
 --
--- The rules, per source (Matomo: matomo_*; Search Console: gsc_*). A source's values travel with
--- its final flag (matomo_final, gsc_final): a row without the flag carries nothing of that source.
+-- The rules, per source (Matomo: matomo_*; Search Console: gsc_*), for every column of the source
+-- together (a new metric: a line in each of the three lists below). A source's values travel
+-- with its final flag (matomo_final, gsc_final): a row without the flag carries nothing of it.
 --   1. A source that gave nothing keeps the stored values.
 --   2. A final value is never replaced by a provisional one.
 --   3. A 0 never replaces a stored final positive count of the same source (Matomo answers a day
@@ -84,12 +85,17 @@ begin
         written as (
             insert into public.daily_analytics as d (
                 date, site_id,
-                matomo_visits, matomo_final,
+                matomo_visits, matomo_unique_visitors, matomo_actions, matomo_bounces, matomo_visit_seconds,
+                matomo_final,
                 gsc_clicks, gsc_impressions, gsc_ctr, gsc_position, gsc_final
             )
             select
                 g.date, g.site_id,
                 case when t.matomo then g.matomo_visits end,
+                case when t.matomo then g.matomo_unique_visitors end,
+                case when t.matomo then g.matomo_actions end,
+                case when t.matomo then g.matomo_bounces end,
+                case when t.matomo then g.matomo_visit_seconds end,
                 case when t.matomo then g.matomo_final end,
                 case when t.gsc then g.gsc_clicks end,
                 case when t.gsc then g.gsc_impressions end,
@@ -102,6 +108,12 @@ begin
             on conflict (date, site_id) do update set
                 -- a NULL final flag: the source's values were not taken (rules 1 to 4)
                 matomo_visits = case when excluded.matomo_final is null then d.matomo_visits else excluded.matomo_visits end,
+                -- a number Matomo's answer lacked (NULL: an install may not count unique
+                -- visitors) keeps the stored one: nothing never replaces a number
+                matomo_unique_visitors = coalesce(excluded.matomo_unique_visitors, d.matomo_unique_visitors),
+                matomo_actions = coalesce(excluded.matomo_actions, d.matomo_actions),
+                matomo_bounces = coalesce(excluded.matomo_bounces, d.matomo_bounces),
+                matomo_visit_seconds = coalesce(excluded.matomo_visit_seconds, d.matomo_visit_seconds),
                 matomo_final = coalesce(excluded.matomo_final, d.matomo_final),
                 gsc_clicks = case when excluded.gsc_final is null then d.gsc_clicks else excluded.gsc_clicks end,
                 gsc_impressions = case when excluded.gsc_final is null then d.gsc_impressions else excluded.gsc_impressions end,
