@@ -246,15 +246,11 @@ def default_env_file() -> Path:
     return beside if beside.exists() or (beside.parent / "requirements.txt").exists() else Path.cwd() / ".env"
 
 
-def load_config(
-    env_file: Path,
-    environ: Mapping[str, str] = os.environ,
-    required: Iterable[str] = ("MATOMO_URL", "MATOMO_TOKEN_AUTH"),
-) -> Config:
+def load_config(env_file: Path, required: Iterable[str] = ("MATOMO_URL", "MATOMO_TOKEN_AUTH")) -> Config:
     """Read .env (variables already in the environment win) and validate everything at once;
     `required` names what the command needs besides the Supabase pair. The environment itself
     is left as it was: .env's values go to Config only."""
-    env = {name: value.strip() for name, value in {**settings_in(env_file), **environ}.items()}
+    env = {name: value.strip() for name, value in {**settings_in(env_file), **os.environ}.items()}
     needed = [f.name.upper() for f in fields(Config) if f.default is MISSING] + list(required)
     if env.get("GOOGLE_CLIENT_ID") or env.get("GOOGLE_CLIENT_SECRET"):
         needed += ["GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET"]  # half a client is a mistake
@@ -264,7 +260,7 @@ def load_config(
             f"Missing configuration: {', '.join(missing)}. "
             f"Set them in {env_file} (see .env.example) or in the environment."
         )
-    return Config(**config_values(env, set(environ), env_file))
+    return Config(**config_values(env, set(os.environ), env_file))
 
 
 def settings_in(env_file: Path) -> dict[str, str]:
@@ -858,6 +854,14 @@ class Supabase:
     def table(self, name: str) -> Any:
         return self.client.table(name)
 
+    def execute(self, request: Any) -> Any:
+        """A postgrest-py request's answer, transient failures retried (with_retries)."""
+        return with_retries(request.execute, self.attempts)
+
+    def rpc(self, name: str, arguments: Mapping[str, Any]) -> Any:
+        """A migration's function's answer (POST /rest/v1/rpc/NAME), retried alike."""
+        return self.execute(self.client.rpc(name, dict(arguments))).data
+
 
 def fetch_all(
     client: Supabase,
@@ -886,7 +890,7 @@ def fetch_all(
             query = query.gt(order, rows[-1][order])
         start = 0 if by_key else len(rows)
         try:
-            answer = with_retries(query.range(start, start + PAGE_SIZE - 1).execute, client.attempts)
+            answer = client.execute(query.range(start, start + PAGE_SIZE - 1))
         except (APIError, httpx.HTTPError) as error:
             if isinstance(error, APIError) and error.code == "PGRST103":
                 return rows
@@ -995,7 +999,7 @@ def oldest_provisional_day(client: Supabase, today: dt.date) -> dt.date | None:
         .limit(1)
     )
     try:
-        rows = rows_of(with_retries(query.execute, client.attempts).data, "daily_analytics")
+        rows = rows_of(client.execute(query).data, "daily_analytics")
     except (APIError, httpx.HTTPError) as error:
         raise SupabaseError(describe_supabase_error(error, "reading daily_analytics")) from None
     return dt.date.fromisoformat(rows[0]["date"]) if rows else None
@@ -1006,7 +1010,7 @@ def store_learned_sources(client: Supabase, rows: list[dict]) -> None:
         request = client.table("site_sources").upsert(
             chunk, on_conflict="site_id,source", returning=ReturnMethod.minimal
         )
-        with_retries(request.execute, client.attempts)
+        client.execute(request)
 
 
 @dataclass(frozen=True)
@@ -1062,14 +1066,14 @@ class Coverage:
 def call_function(client: Supabase, name: str, arguments: Mapping[str, Any], kind: type) -> Any:
     """A migration's SQL function's JSON answer, of the type expected."""
     try:
-        answer = with_retries(client.client.rpc(name, dict(arguments)).execute, client.attempts)
+        answer = client.rpc(name, arguments)
     except (APIError, httpx.HTTPError) as error:
         raise SupabaseError(describe_supabase_error(error, f"calling {name}")) from None
-    if not isinstance(answer.data, kind):
+    if not isinstance(answer, kind):
         raise SupabaseError(
             f"{name} did not answer a JSON {kind.__name__}: SUPABASE_URL must be the project's API URL"
         )
-    return answer.data
+    return answer
 
 
 def learned_sources(client: Supabase) -> dict[tuple[SiteId, str], dict]:
@@ -1133,9 +1137,8 @@ def missing_schema(client: Supabase) -> str | None:
         for name, asked in schema_objects(listed).items()
     ]
     objects = [each for _, _, asked in wanted for each in asked]
-    request = client.client.rpc("schema_missing", {"p_objects": objects})
     try:
-        answer = with_retries(request.execute, client.attempts).data
+        answer = client.rpc("schema_missing", {"p_objects": objects})
     except (APIError, httpx.HTTPError) as error:
         if supabase_error_kind(error) != "schema":
             raise SupabaseError(describe_supabase_error(error, "reading the schema")) from None
@@ -1218,8 +1221,8 @@ def describe_supabase_error(error: Exception, doing: str) -> str:
     return f"Supabase error while {doing}: {message} (code {code}): {fix}"
 
 
-def with_retries(call: Callable[[], T], attempts: int, delay: float = 0.5) -> T:
-    """Run call(), retrying transient Supabase failures with exponential backoff.
+def with_retries(call: Callable[[], T], attempts: int) -> T:
+    """Run call(), retrying transient Supabase failures with exponential backoff (0.5, 1, 2 s).
 
     postgrest-py retries only GET requests; an upsert is idempotent, so it is safe to retry.
     """
@@ -1230,7 +1233,7 @@ def with_retries(call: Callable[[], T], attempts: int, delay: float = 0.5) -> T:
             if attempt + 1 == attempts or supabase_error_kind(error) != "transient":
                 raise
             log.info("Supabase: transient error (%s), retrying", describe_supabase_error(error, "talking"))
-            time.sleep(delay * 2**attempt)
+            time.sleep(0.5 * 2**attempt)
     raise AssertionError("unreachable")
 
 
@@ -2112,10 +2115,6 @@ def error_reasons(error: HttpError) -> set[str]:
         return set()
 
 
-class QuotaExhausted(Exception):
-    """The account's quota did not clear before RUN_DEADLINE (or after every pause)."""
-
-
 @dataclass(frozen=True)
 class GscAccount:
     id: AccountId
@@ -2367,8 +2366,8 @@ def connected_accounts(
     sites: list[Site],
     keys: Mapping[AccountId, AccountKey],
     pool: Executor,
+    states: dict,
     every_account: bool = False,
-    states: dict | None = None,
 ) -> dict[AccountId, GscAccount]:
     """Every account that deployed sites use (or every account there is), connected in parallel.
     Each failure is one warning; `states` gets "connected" or the reason for each account."""
@@ -2395,8 +2394,7 @@ def connected_accounts(
     connected, said = {}, set()
     for account_id, future in futures.items():
         account = future.result()
-        if states is not None:
-            states[account_id] = "connected" if isinstance(account, GscAccount) else account
+        states[account_id] = "connected" if isinstance(account, GscAccount) else account
         if isinstance(account, GscAccount):
             connected[account_id] = account
         elif isinstance(account, SharedProblem):
@@ -2845,9 +2843,7 @@ def store_chunk(
         return Merged(failed=len(chunk))
     arguments = {"p_rows": chunk, "p_accept_zeros": accept_zeros, "p_dry_run": dry_run}
     try:
-        answer: Any = with_retries(
-            client.client.rpc("store_analytics", arguments).execute, client.attempts
-        ).data
+        answer = client.rpc("store_analytics", arguments)
     except (APIError, httpx.HTTPError) as error:
         kind, code = supabase_error_kind(error), str(getattr(error, "code", "") or "")
         if kind == "other" and code == whole_failed_with and code not in ROW_ERRORS:
@@ -3068,11 +3064,11 @@ class Outcome:
         ]
         return {"wanted": count.wanted, "fetched": count.fetched, "missing_sites": missing}
 
-    def report(self, days: list[dt.date], status: int, seconds: float, problems: list[str]) -> dict:
+    def report(self, status: int, seconds: float) -> dict:
         """The run for monitoring (--json) and for aggregator_runs."""
         return {
-            "from": days[0].isoformat(),
-            "to": days[-1].isoformat(),
+            "from": self.days[0].isoformat(),
+            "to": self.days[-1].isoformat(),
             "sites": self.sites,
             "matomo": {**self.source_report("matomo"), "zeros_not_stored": self.zeros_kept["matomo"]},
             "gsc": {
@@ -3084,7 +3080,7 @@ class Outcome:
             "records": {"stored": self.stored, "not_stored": self.not_stored},
             "needs_a_person": [{"problem": why, "sites": sorted(ids)} for why, ids in self.person.items()],
             "sites_by_problem": self.sites_by_problem,
-            "problems": problems,
+            "problems": problems.lines,
             "seconds": round(seconds, 3),
             "exit_status": status,
         }
@@ -3165,7 +3161,7 @@ def search_console_targets(
 ) -> dict[SiteId, tuple[GscAccount, str]]:
     """{site id: (account, property)} of every site Search Console is asked for: each account
     connected, its properties listed; `skipped` gets why the others of a connected account are not."""
-    accounts = connected_accounts(cfg, sites, keys, pool, states=outcome.gsc_accounts)
+    accounts = connected_accounts(cfg, sites, keys, pool, outcome.gsc_accounts)
     targets = query_targets(sites, accounts, skipped)
     progress.fetched("gsc", outcome.gsc.wanted - len(targets))  # nothing to ask for these
     return targets
@@ -3963,7 +3959,7 @@ def search_console_for_check(
         client_for_check(cfg)  # no account to try it with: ask the token endpoint directly
     states: dict[AccountId, str] = {}
     with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as pool:
-        accounts = connected_accounts(cfg, sites, keys, pool, every_account=True, states=states)
+        accounts = connected_accounts(cfg, sites, keys, pool, states, every_account=True)
     for account_id, state in states.items():
         shown = f"{credential_kind(keys[account_id])}; {'' if state == 'connected' else 'not '}connected"
         found["lines"].append(f"Search Console account {account_id}: {shown}")
@@ -4222,7 +4218,7 @@ def last_account_states(client: Supabase) -> dict[str, str]:
         .limit(RUNS_LOOKED_AT)
     )
     try:
-        runs = rows_of(with_retries(query.execute, client.attempts).data, "aggregator_runs")
+        runs = rows_of(client.execute(query).data, "aggregator_runs")
     except (APIError, httpx.HTTPError) as error:
         raise SupabaseError(describe_supabase_error(error, "reading aggregator_runs")) from None
     states: dict[str, str] = {}
@@ -4345,9 +4341,7 @@ def account_exists(client: Supabase, account_id: str) -> bool:
         log.error("--account %s: an account id is a number; `%s accounts` lists them", account_id, program())
         return False
     try:
-        found = with_retries(
-            client.table("gsc_accounts").select("id").eq("id", account_id).execute, client.attempts
-        ).data
+        found = client.execute(client.table("gsc_accounts").select("id").eq("id", account_id)).data
     except (APIError, httpx.HTTPError) as error:
         log.error("%s", describe_supabase_error(error, "reading gsc_accounts"))
         return False
@@ -4407,7 +4401,7 @@ def stored_account_row(client: Supabase, account_id: str | None, row: dict, othe
     try:
         if account_id:
             update = table.update({**row, other_credential: None}).eq("id", account_id)
-            done = with_retries(update.execute, client.attempts).data
+            done = client.execute(update).data
         else:
             done = table.insert(row).execute().data
     except (APIError, httpx.HTTPError) as error:
@@ -4533,6 +4527,11 @@ def days_asked(args: argparse.Namespace, session: Session) -> None:
     session.outcome.days = target_days(session.today, args.date, args.start, args.end, args.lookback)
 
 
+def is_backfill(args: argparse.Namespace) -> bool:
+    """Whether the run was given its days (--date, --from): a backfill does not heal."""
+    return bool(args.date or args.start)
+
+
 def run_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
     if not args.dry_run:
         ping(cfg, "start")
@@ -4541,7 +4540,7 @@ def run_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
         session.today,
         tuple(args.site),
         args.dry_run,
-        nightly=not (args.date or args.start),
+        nightly=not is_backfill(args),
         accept_zero_visits=args.accept_zero_visits,
     )
     return run(cfg, asked, session.deadline, session.outcome).exit_status()
@@ -4842,7 +4841,7 @@ def finished(args: argparse.Namespace, session: Session, cfg: Config | None, sta
     if cfg and not args.dry_run:
         status = recorded(cfg, args, outcome, status, seconds)
     if args.json:
-        say(json.dumps(outcome.report(outcome.days, status, seconds, problems.lines), default=str))
+        say(json.dumps(outcome.report(status, seconds), default=str))
     verdict = f"Exit status {status} after {time.monotonic() - session.started:.1f} s.{what_to_do(outcome)}"
     log.log(logging.INFO if status == ExitStatus.OK else logging.WARNING, "%s", verdict)
     if cfg and not args.dry_run:
@@ -4853,11 +4852,9 @@ def finished(args: argparse.Namespace, session: Session, cfg: Config | None, sta
 def recorded(cfg: Config, args: argparse.Namespace, outcome: Outcome, status: int, seconds: float) -> int:
     """Records the run in aggregator_runs; the exit status, made partial (or a person's to fix)
     when no record could be written: dashboards and `accounts` would miss the run."""
-    kind = "one site" if args.site else "backfill" if args.date or args.start else "nightly"
+    kind = "one site" if args.site else "backfill" if is_backfill(args) else "nightly"
     started_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
-    failed = record_run(
-        cfg, started_at, status, outcome.report(outcome.days, status, seconds, problems.lines), kind
-    )
+    failed = record_run(cfg, started_at, status, outcome.report(status, seconds), kind)
     if failed and status in (ExitStatus.OK, ExitStatus.PARTIAL):
         if failed in ("key", "schema", "everywhere"):
             outcome.must_act(f"aggregator_runs cannot be written: apply {MIGRATION}")
