@@ -16,20 +16,22 @@ by itself; 4 a person must fix something (named in the last line).
 Contents, in the order the file reads; each section gives the next what it names
 (network: whether its functions talk to a service):
 
+  (top)              ExitStatus; MATOMO_METRICS, the numbers of Matomo's answer   no network
+                     that are stored
   Configuration      Config from .env and the environment, checked at once      no network
   Logging            the one secret filter on every line; progress; warnings     no network
                      grouped per cause
   Small tools        Deadline, the wall clock on every socket, Once, chunks      no network
   Dates              the days a run asks for                                      no network
-  Supabase           the deployed sites, the accounts, stored counts, holes;      network
-                     the retry every write shares
+  Supabase           the deployed sites, the accounts, the holes; SCHEMA and      network
+                     the one check of it; the retry every call shares
   Matomo             visits per site and day through bulk requests; zeros         network
                      confirmed in the raw log; an install that is down
   Search Console     each account connected, its properties; one query per        network
                      site, streamed within each account's quota
-  Shaping rows       rows from answers; the heal plan; zeros that would lower      no network
-                     a stored count (pure functions)
-  Storing            upserts in full chunks of one shape                          network
+  Shaping rows       rows from answers; the heal plan (pure functions)             no network
+  Storing            chunks of rows to store_analytics, where the table's rules   network
+                     live (a source that gave nothing, final values, zeros)
   The run            run(): the fleet, a flow of units through both sources to    network
                      the upserts, then the holes of earlier nights; Outcome
   What a run leaves  the dry-run table, the aggregator_runs row                   network
@@ -42,6 +44,24 @@ log handlers; socket.socket and SSLContext.sslsocket_class replaced by the wall-
 OAUTHLIB_RELAX_TOKEN_SCOPE in the environment (for authorize); for `run`, the SIGINT and
 SIGTERM handlers. Nothing else changes the process (.env's values go to Config, not to
 os.environ), so main(argv) can run twice in one process.
+
+Where a change goes (docs/development.md says more):
+
+  a Matomo metric     a line in MATOMO_METRICS; a migration adding its column (and its SCHEMA
+                      entry); its column in store_analytics' three lists; the views; tests in
+                      test_matomo (stored), test_reading (views), test_nightly (dry run)
+  a Search Console    GscMetrics and metrics_by_day(); analytics_rows(); the same migration,
+  metric              store_analytics and view steps; test_search_console
+  a rule of the table store_analytics in a new migration (create or replace); never a copy in
+                      Python; tests through a run (test_supabase, test_matomo, ...)
+  a source            a section beside Matomo's; SOURCES; analytics_rows(); Unit and Flow (one
+                      more answer a unit waits for); its columns and final flag in a migration
+                      and in store_analytics; its SourceCount in Outcome; test_<source>.py
+  a command           a handler and a Command in COMMANDS; its options in add_other_options();
+                      test_commands
+  a fault             classified once where it enters (MatomoError's kind, supabase_error_kind,
+                      the Google error reasons); what a person must do made there; a stand-in
+                      that misbehaves so, a test, a row of docs/faults.md
 """
 
 from __future__ import annotations
@@ -2236,16 +2256,36 @@ def http_error_reason(error: HttpError) -> str:
     return reason
 
 
-class SharedProblem(str):
-    """Why an account cannot be used that every account of its OAuth client or Cloud project
-    meets alike: the fix is one setting, said once."""
+class Reason(str):
+    """Why an account cannot be used, decided where the fault is met: the sentence a person reads
+    (the str itself), whether a person must act (else the next nights retry by themselves), and
+    whether every account of its OAuth client or Cloud project meets it alike (one setting to
+    fix, said once). Exit statuses and needs_a_person come from these flags, never from words."""
+
+    person: bool
+    shared: bool
+
+    def __new__(cls, said: str, person: bool = True, shared: bool = False) -> Reason:
+        reason = super().__new__(cls, said)
+        reason.person, reason.shared = person, shared
+        return reason
 
 
-def api_disabled(project: str) -> SharedProblem:
+def needs_person(state: object) -> bool:
+    """Whether an account's state (a Reason, or 'connected') needs a person."""
+    return isinstance(state, Reason) and state.person
+
+
+def is_shared(state: object) -> bool:
+    return isinstance(state, Reason) and state.shared
+
+
+def api_disabled(project: str) -> Reason:
     """Every call fails while the Search Console API is off in the Cloud project the calls count against."""
-    return SharedProblem(
+    return Reason(
         f"The Search Console API is not enabled in the Google Cloud {project}: enable it (Google Cloud "
-        "console > APIs & Services > Library > Google Search Console API)"
+        "console > APIs & Services > Library > Google Search Console API)",
+        shared=True,
     )
 
 
@@ -2257,23 +2297,25 @@ def quota_project(key: AccountKey) -> str:
     return "project of GOOGLE_CLIENT_ID"
 
 
-def refresh_error_reason(error: RefreshError, account_id: AccountId | str, key: AccountKey) -> str:
-    """What a refused token refresh means for this account, and the fix."""
+def refresh_error_reason(error: RefreshError, account_id: AccountId | str, key: AccountKey) -> Reason:
+    """What a refused token refresh means for this account, and the fix. Google's OAuth error
+    codes (invalid_grant, unauthorized_client, ...) are read once, here."""
     said = refresh_error_text(error)
     email = service_account_email(key)
     if email:
-        return f"Google refused service account {email}: {service_account_fix(said, account_id)} ({said})"
+        fix = service_account_fix(said, account_id)
+        return Reason(f"Google refused service account {email}: {fix} ({said})", person=fix.person)
     if "invalid_grant" in said:
-        return (
+        return Reason(
             "the refresh token has expired or been revoked: re-authorize this account "
             f"({program()} authorize --account {account_id}) ({said})"
         )
     if "unauthorized_client" in said:
-        return (
+        return Reason(
             "the refresh token was issued to another OAuth client: re-authorize this account with this "
             f"GOOGLE_CLIENT_ID ({program()} authorize --account {account_id}) ({said})"
         )
-    return f"the Google token endpoint failed; re-run these dates once it answers ({said})"
+    return Reason(f"{TOKEN_ENDPOINT_DOWN} ({said})", person=False)
 
 
 def refresh_error_text(error: RefreshError) -> str:
@@ -2281,49 +2323,54 @@ def refresh_error_text(error: RefreshError) -> str:
     return str(error.args[0]) if error.args else str(error)
 
 
-def service_account_fix(said: str, account_id: AccountId | str) -> str:
+def service_account_fix(said: str, account_id: AccountId | str) -> Reason:
     """The fix for each way Google's token endpoint refuses a service account's signed assertion."""
     if "Robot is disabled" in said:
-        return "the service account is disabled: enable it (Google Cloud console > IAM > Service accounts)"
+        return Reason(
+            "the service account is disabled: enable it (Google Cloud console > IAM > Service accounts)"
+        )
     if "short-lived token" in said or "reasonable timeframe" in said:
-        return "this machine's clock is off, so Google takes the signed request for a stale one: fix the clock (NTP)"
+        return Reason(
+            "this machine's clock is off, so Google takes the signed request for a stale one: fix the clock (NTP)"
+        )
     if "deleted_client" in said:
-        return (
+        return Reason(
             "the service account was deleted: create a new service account, add it as a user of each "
             f"property, and store its key with {program()} authorize --service-account KEY.json --account {account_id}"
         )
     if "invalid_grant" in said:
-        return (
+        return Reason(
             "its key was deleted or is not this account's (Invalid JWT Signature): create a new JSON key (Google "
             f"Cloud console > IAM > Service accounts > Keys) and store it with {program()} authorize "
             f"--service-account KEY.json --account {account_id}"
         )
-    return "the Google token endpoint failed; re-run these dates once it answers"
+    return Reason(TOKEN_ENDPOINT_DOWN, person=False)
 
 
-CLIENT_REFUSED = SharedProblem(
+TOKEN_ENDPOINT_DOWN = "the Google token endpoint failed; re-run these dates once it answers"
+CLIENT_REFUSED = Reason(
     "Google refused the OAuth client (invalid_client): GOOGLE_CLIENT_ID or GOOGLE_CLIENT_SECRET is wrong; "
-    "copy both from Google Cloud console > APIs & Services > Credentials"
+    "copy both from Google Cloud console > APIs & Services > Credentials",
+    shared=True,
 )
-
-
-NO_CLIENT = SharedProblem(
+NO_CLIENT = Reason(
     "GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET are not set: an account with a refresh token needs the OAuth "
     "client that issued it; copy both from Google Cloud console > APIs & Services > Credentials into .env "
-    "(accounts with a service-account key need none)"
+    "(accounts with a service-account key need none)",
+    shared=True,
 )
 
 
 def connect_account(
     cfg: Config, account_id: AccountId, key: AccountKey, project: QuotaWindow
-) -> GscAccount | str:
+) -> GscAccount | Reason:
     """An account ready to query (token refreshed, properties listed), or why it is not."""
     if isinstance(key, str) and not (cfg.google_client_id and cfg.google_client_secret):
         return NO_CLIENT
     try:
         credentials = google_credentials(cfg, key)
     except ValueError as error:  # a key google-auth cannot read: nothing was sent anywhere
-        return (
+        return Reason(
             f"its service-account key cannot be used ({str(error).split('. ')[0]}): store the key file "
             f"again with {program()} authorize --service-account KEY.json --account {account_id}"
         )
@@ -2339,9 +2386,11 @@ def connect_account(
     except HttpError as error:
         if is_api_disabled(error):
             return api_disabled(quota_project(key))
-        return f"cannot list properties: HTTP {error.status_code}: {http_error_reason(error)}"
+        return Reason(
+            f"cannot list properties: HTTP {error.status_code}: {http_error_reason(error)}", person=False
+        )
     except Exception as error:  # noqa: BLE001 - one account must never sink the run
-        return str(error)
+        return Reason(str(error), person=False)
     return GscAccount(
         account_id,
         service_account_email(key),
@@ -2397,7 +2446,7 @@ def connected_accounts(
         states[account_id] = "connected" if isinstance(account, GscAccount) else account
         if isinstance(account, GscAccount):
             connected[account_id] = account
-        elif isinstance(account, SharedProblem):
+        elif is_shared(account):
             if account not in said:
                 said.add(account)
                 log.error("%s. No Search Console data from these accounts this run", account)
@@ -2685,7 +2734,7 @@ def say_what_gsc_gave_up(state: GscRound) -> None:
     """One line per reason (and per account, unless the reason is the whole project's) for the
     sites left without a Search Console value."""
     for why, by_account in state.given_up.items():
-        if isinstance(why, SharedProblem):
+        if is_shared(why):
             site_ids = [site_id for ids in by_account.values() for site_id in ids]
             log.error("%s: no GSC data for %d sites (ids %s)", why, len(site_ids), id_list(site_ids))
             continue
@@ -3420,8 +3469,8 @@ def what_needs_a_person(
     if matomo.broken.happened:
         outcome.must_act(matomo.broken.why, [site.id for site in sites if site.id in matomo_ids])
     for account_id, state in outcome.gsc_accounts.items():
-        if state != "connected" and account_needs_person(state):
-            why = state if isinstance(state, SharedProblem) else f"GSC account {account_id}: {state}"
+        if needs_person(state):
+            why = state if is_shared(state) else f"GSC account {account_id}: {state}"
             outcome.must_act(why, [site.id for site in sites if site.gsc_account_id == account_id])
     for site_id, why in skipped.items():
         outcome.must_act(f"{site_label(site_id, outcome.domains.get(site_id))}: {why}", [site_id])
@@ -3563,17 +3612,9 @@ def gsc_unavailable(
 ) -> str | None:
     """Why Search Console cannot be asked for a site tonight (a person must act), or None."""
     state = account_states.get(site.gsc_account_id) if site.gsc_account_id is not None else None
-    if state and state != "connected" and account_needs_person(state):
+    if needs_person(state):
         return f"account {site.gsc_account_id}: {state}"
     return skipped.get(site.id)
-
-
-def account_needs_person(state: str) -> bool:
-    """Whether an account's failure to connect needs a person (a credential, the client, the API
-    switched off), not only another night (the token endpoint down, a timeout)."""
-    return isinstance(state, SharedProblem) or any(
-        fix in state for fix in ("authorize", "enable it", "fix the clock", "cannot be used")
-    )
 
 
 def heal(

@@ -250,3 +250,11 @@ def test_status_dates_only_a_source_with_days_not_final():
     cells = {"oldest_hole": "2026-01-01"}
     assert ag.oldest_not_final({**cells, "overall": {"missing": 0, "provisional": 0}}) == "-"
     assert ag.oldest_not_final({**cells, "overall": {"missing": 0, "provisional": 2}}) == "2026-01-01"
+
+
+def test_whether_a_person_must_act_is_the_reasons_value_not_its_words():
+    worded_like_a_fix = ag.Reason("re-authorize when it answers (authorize, enable it)", person=False)
+    plain = ag.Reason("the token was revoked")
+    assert not ag.needs_person(worded_like_a_fix) and ag.needs_person(plain)
+    assert not ag.needs_person("connected") and not ag.is_shared(plain)
+    assert ag.is_shared(ag.NO_CLIENT) and ag.needs_person(ag.NO_CLIENT)

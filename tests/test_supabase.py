@@ -390,6 +390,7 @@ def test_the_bootstrap_makes_a_service_role_another_project_made_bypass_row_leve
     # Roles belong to the whole server: another project's tests may have made service_role without
     # BYPASSRLS. One transaction, so that no test beside this one ever sees the role changed.
     with psycopg.connect(server_url(), autocommit=True) as admin, admin.transaction():
+        admin.execute("select pg_advisory_xact_lock(7243011)")  # the bootstrap's own lock
         admin.execute("alter role service_role nobypassrls")
         admin.execute("alter role anon bypassrls")
         admin.execute(SUPABASE_ROLES)
