@@ -181,6 +181,7 @@ MATOMO_METRICS = (
 )
 NO_VISIT = tuple(0 for _ in MATOMO_METRICS)  # an empty day: [] in the answer
 MATOMO_COLUMNS = tuple(m.column for m in MATOMO_METRICS)
+MATOMO_FIELDS = tuple(m.field for m in MATOMO_METRICS)
 
 
 # ---------------------------------------------------------------------------
@@ -1546,14 +1547,12 @@ def matomo_days(slot: Any, days: list[dt.date]) -> dict[dt.date, MatomoDay]:
         if value == []:
             found[day] = MatomoDay(NO_VISIT)
         elif isinstance(value, dict) and isinstance(value.get("nb_visits"), int):
-            found[day] = MatomoDay(tuple(number_or_none(value.get(m.field)) for m in MATOMO_METRICS))
+            # a year of 10,000 sites passes here 3.65 million times: one C-level map a day (a
+            # field that is not a whole number is refused by the table's column, for its row only)
+            found[day] = MatomoDay(tuple(map(value.get, MATOMO_FIELDS)))
         else:
             raise ValueError(f"no visits for {day} in the answer")
     return found
-
-
-def number_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def sites_per_request(bulk_size: int, days: int) -> int:
@@ -1625,7 +1624,7 @@ def matomo_queries(ids: list[int], days: list[dt.date]) -> list[str]:
         {
             "date": matomo_date_param(days),
             "period": "day",
-            "showColumns": ",".join(m.field for m in MATOMO_METRICS),
+            "showColumns": ",".join(MATOMO_FIELDS),
         }
     )
     return [f"method=VisitsSummary.get&idSite={i}&{query}" for i in ids]
@@ -3175,22 +3174,14 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         matomo, matomo_ids = matomo_client(cfg, deadline), matomo_ids_by_site(sites)
         targets = search_console_targets(cfg, sites, keys, gsc_pool, outcome, skipped) if gsc_days else {}
         known = sources_known(learned, cfg, asked, sites, matomo, matomo_ids, skipped, outcome.gsc_accounts)
-        remembered = bool(known and not asked.dry_run and remember_sources(client, known, hopeless))
+        remembered = known is not None and not asked.dry_run and remember_sources(client, known, hopeless)
         # The holes end before tonight's days: they are read while the night is fetched.
         coverage = Coverage.of(cfg, asked.today, days[0])
         reader = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         holes_read = (
             reader.submit(holes, client, coverage) if remembered and heals_tonight(cfg, asked) else None
         )
-        fetchers = Fetchers(
-            cfg,
-            matomo,
-            matomo_ids,
-            settled(cfg, asked),
-            targets,
-            gsc_pool,
-            deadline,
-        )
+        fetchers = Fetchers(cfg, matomo, matomo_ids, settled(cfg, asked), targets, gsc_pool, deadline)
         fetch_and_store(fetchers, sites, days, gsc_days, store, outcome, progress.fetched)
         if holes_read:
             heal(holes_read, fetchers, asked, sites, coverage, store.add, outcome)
@@ -3478,14 +3469,6 @@ def what_needs_a_person(
         outcome.must_act(hopeless.why)
 
 
-@dataclass(frozen=True)
-class SourcesKnown:
-    """What the run knows of each site's sources beyond the sites table."""
-
-    created: dict[SiteId, dt.date]  # the day each site was created in Matomo
-    rows: list[dict]  # what is new since the last run, to be stored in site_sources
-
-
 def sources_known(
     learned: dict[tuple[SiteId, str], dict] | SupabaseError,
     cfg: Config,
@@ -3495,35 +3478,26 @@ def sources_known(
     matomo_ids: Mapping[SiteId, int],
     skipped: Mapping[SiteId, str],
     account_states: Mapping[AccountId, str],
-) -> SourcesKnown | None:
-    """What earlier runs learnt of the sites' sources (site_sources), brought up to date: the
-    creation day of each site new to Matomo (or with another Matomo id: asked only when Matomo
-    is healed, the one use of older days), and why Search Console cannot be asked for a site
-    tonight. None if site_sources could not be read: nothing is healed."""
+) -> list[dict] | None:
+    """The site_sources rows this run learnt anew (stored before the night's rows: store_analytics
+    reads each site's creation day there): the creation day of each site new to Matomo (or with
+    another Matomo id: asked only when Matomo is healed, the one use of older days), and why
+    Search Console cannot be asked for a site tonight. None if site_sources could not be read:
+    nothing is healed."""
     if isinstance(learned, SupabaseError):
         log.error("%s; the holes of earlier nights are not healed this run", learned)
         return None
     rows = matomo_rows(sites, matomo, matomo_ids, learned) if cfg.heal_matomo_site_days else []
     rows += gsc_rows(sites, skipped, account_states, learned, asked.today)
-    for row in rows:
-        learned[(row["site_id"], row["source"])] = row
-    created = {
-        site_id: dt.date.fromisoformat(str(row["available_from"]))
-        for (site_id, source), row in learned.items()
-        if source == "matomo"
-        and row["available_from"]
-        and site_id in matomo_ids
-        and row["source_key"] == str(matomo_ids[site_id])
-    }
-    return SourcesKnown(created, rows)
+    return rows
 
 
-def remember_sources(client: Supabase, known: SourcesKnown, hopeless: Once) -> bool:
+def remember_sources(client: Supabase, known: list[dict], hopeless: Once) -> bool:
     """Stores what the run learnt of the sites' sources, before the night's rows (a site's
     history is for a site without values); False if it could not: then nothing is healed. An
     error every write would meet is the run's (`hopeless`): said once, and no row is sent."""
     try:
-        store_learned_sources(client, known.rows)
+        store_learned_sources(client, known)
     except (APIError, httpx.HTTPError) as error:
         if supabase_error_kind(error) in ("key", "schema", "everywhere"):
             said = describe_supabase_error(error, "storing site_sources")
