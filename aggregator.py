@@ -1267,7 +1267,8 @@ class MatomoError(Exception):
     """A Matomo request failed. `kind` says how, which decides what to do next:
     'slow' (a proxy's 504, a read timeout: too much work for one request, ask for less),
     'limit' (API_bulk_request_limit: too many sub-requests), 'down' (a 5xx, no connection: the
-    install or its proxy), 'html' (a page that is not the API), 'error' (Matomo's own error)."""
+    install or its proxy), 'html' (a page that is not the API), 'error' (Matomo's own error),
+    'stopped' (the deadline or a signal came first: the request was never sent)."""
 
     def __init__(self, message: str, kind: str = "error") -> None:
         super().__init__(message)
@@ -1439,7 +1440,10 @@ def page_text(page: str, limit: int = 160) -> str:
 
 
 def post_bulk_request(matomo: MatomoClient, sub_queries: list[str]) -> list:
-    """One API.getBulkRequest; returns its answer slots, one per sub-query."""
+    """One API.getBulkRequest; returns its answer slots, one per sub-query. None starts once
+    the deadline has passed (a signal included): not the halves of a failed one either."""
+    if matomo.deadline.passed():
+        raise MatomoError(matomo.deadline.why, "stopped")
     try:
         answer = call_matomo(
             matomo, "API.getBulkRequest", {f"urls[{n}]": q for n, q in enumerate(sub_queries)}
@@ -1600,11 +1604,15 @@ def visits_for_batch(matomo: MatomoClient, ids: list[int], days: list[dt.date]) 
     if matomo.broken.happened:
         return {}
     if matomo.deadline.passed():
-        log.warning("%s: no Matomo values for %d sites (ids %s)", matomo.deadline.why, len(ids), id_list(ids))
-        return {}
+        return not_asked(matomo, ids)
     if len(ids) > matomo.state.cap:  # the install's bulk request limit, learned earlier in the run
         return merged(visits_for_batch(matomo, part, days) for part in chunks(ids, matomo.state.cap))
     return visits_asked(matomo, ids, days, probed=False)
+
+
+def not_asked(matomo: MatomoClient, ids: list[int]) -> MatomoAnswer:
+    log.warning("%s: no Matomo values for %d sites (ids %s)", matomo.deadline.why, len(ids), id_list(ids))
+    return {}
 
 
 def visits_asked(matomo: MatomoClient, ids: list[int], days: list[dt.date], probed: bool) -> MatomoAnswer:
@@ -1647,6 +1655,8 @@ def visits_after(
     the whole install (once per batch), or halves that find the one site whose PHP error sank it."""
     if isinstance(error, MatomoConfigError):
         return matomo_broken(matomo, str(error))
+    if error.kind == "stopped" or matomo.deadline.passed():
+        return not_asked(matomo, ids)
     if error.kind == "limit" and len(ids) > 1:
         matomo.state.learn_cap(len(ids), error)
         return visits_for_batch(matomo, ids, days)
