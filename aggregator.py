@@ -1003,29 +1003,6 @@ def secrets_of(keys: Iterable[AccountKey]) -> list[str]:
     return secrets
 
 
-# Provisional Search Console values are fetched again by the nightly run until they are final;
-# Google finalises a day within a few days, so two weeks back is plenty.
-PROVISIONAL_HORIZON_DAYS = 14
-
-
-def oldest_provisional_day(client: Supabase, today: dt.date) -> dt.date | None:
-    """The oldest day of the last two weeks that holds a provisional Search Console value."""
-    since = today - dt.timedelta(days=PROVISIONAL_HORIZON_DAYS)
-    query = (
-        client.table("daily_analytics")
-        .select("date")
-        .eq("gsc_final", "false")
-        .gte("date", since.isoformat())
-        .order("date")
-        .limit(1)
-    )
-    try:
-        rows = rows_of(client.execute(query).data, "daily_analytics")
-    except (APIError, httpx.HTTPError) as error:
-        raise SupabaseError(describe_supabase_error(error, "reading daily_analytics")) from None
-    return dt.date.fromisoformat(rows[0]["date"]) if rows else None
-
-
 def store_learned_sources(client: Supabase, rows: list[dict]) -> None:
     for chunk in chunks(rows, PAGE_SIZE):
         request = client.table("site_sources").upsert(
@@ -1042,6 +1019,7 @@ class Hole:
     source: str
     first: dt.date
     last: dt.date
+    provisional: bool = False  # a stored value of it is not final yet: healed ahead of the others
 
     @property
     def size(self) -> int:
@@ -1106,7 +1084,8 @@ def learned_sources(client: Supabase) -> dict[tuple[SiteId, str], dict]:
 
 
 def holes(client: Supabase, coverage: Coverage) -> list[Hole]:
-    """Every hole of the deployed sites, as the database computes them (analytics_holes)."""
+    """Every hole of the deployed sites, as the database computes them (analytics_holes; before
+    migration 20261206000200 it does not say which are provisional: they heal in date order)."""
     found = call_function(client, "analytics_holes", coverage.arguments(), list)
     if not all(isinstance(hole, dict) for hole in found):
         raise SupabaseError("analytics_holes answered something else than holes: apply " + MIGRATION)
@@ -1116,6 +1095,7 @@ def holes(client: Supabase, coverage: Coverage) -> list[Hole]:
             hole["source"],
             dt.date.fromisoformat(hole["from"]),
             dt.date.fromisoformat(hole["to"]),
+            hole.get("provisional") is True,
         )
         for hole in found
     ]
@@ -2829,13 +2809,15 @@ def heal_plan(
     cfg: Config,
 ) -> HealPlan:
     """Tonight's share of the holes, within the budgets: Search Console days about to pass its
-    retention first, then the heal window's holes before older history, oldest first; what does
-    not fit is left for the next nights, in the same order."""
+    retention first, then provisional values (each asked again for its own site: no night is
+    widened for the fleet), then the heal window's holes before older history, oldest first;
+    what does not fit is left for the next nights, in the same order."""
     plan = HealPlan()
     ordered = sorted(
         (hole for hole in found if hole.site_id in askable.get(hole.source, ())),
         key=lambda hole: (
             not (hole.source == "gsc" and hole.first < expiring_before),
+            not hole.provisional,
             hole.last < window_from,
             hole.first,
             hole.site_id,
@@ -3735,16 +3717,14 @@ def healed(rows: list[dict], source: str, store: Callable[[list[dict]], None], o
 def fleet_to_fetch(
     client: Supabase, asked: Asked
 ) -> tuple[list[Site], dict[AccountId, AccountKey], list[dt.date], dict | SupabaseError]:
-    """The deployed sites to fetch, every account's credential, the days (those asked for,
-    reaching back, in the nightly run, to the oldest day still provisional), and what earlier
-    runs learnt of the sites' sources (or why it could not be read), read side by side."""
-    with ThreadPoolExecutor(max_workers=3) as side:
+    """The deployed sites to fetch, every account's credential, the days asked for (each site's
+    older provisional values are the heal plan's), and what earlier runs learnt of the sites'
+    sources (or why it could not be read), read side by side."""
+    with ThreadPoolExecutor(max_workers=2) as side:
         sites_read = side.submit(deployed_sites, client)
-        provisional_read = side.submit(oldest_provisional_day, client, asked.today) if asked.nightly else None
         learned_read = side.submit(learned_sources, client)
         keys = account_keys(client)
         sites = sites_read.result()
-        provisional_since = provisional_read.result() if provisional_read else None
         learned: dict | SupabaseError
         try:
             learned = learned_read.result()
@@ -3756,9 +3736,6 @@ def fleet_to_fetch(
     if not keys and any(site.gsc_account_id is not None for site in sites):
         log.error("%s", NO_ACCOUNTS)
     days = asked.days
-    if provisional_since and provisional_since < days[0]:
-        log.info("Search Console values from %s on are provisional: fetching them again", provisional_since)
-        days = days_between(provisional_since, days[-1])
     if asked.only_domains:
         sites = sites_with_domains(sites, asked.only_domains)
     log.info("Aggregating %s to %s for %d deployed sites", days[0], days[-1], len(sites))

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -526,10 +527,11 @@ def test_the_demo_keeps_a_sandbox_where_the_commands_run_until_ctrl_c_or_a_kill(
 
 
 def sandbox_tried_then_stopped(stop: int) -> None:
+    errors = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the demo runs
     demo = subprocess.Popen(
         [sys.executable, str(Path(__file__).parent / "demo.py"), "--keep"],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=errors,
         text=True,
     )
     try:
@@ -552,4 +554,10 @@ def sandbox_tried_then_stopped(stop: int) -> None:
         assert accounts.returncode == 0 and "refresh token" in accounts.stdout
     finally:
         demo.send_signal(stop)
-        demo.communicate(timeout=120)
+        try:
+            demo.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            errors.seek(0)
+            said = f"{demo.communicate()[0][-2000:]} {errors.read()[-3000:]}"
+            raise AssertionError(f"the demo did not stop on {signal.Signals(stop).name}: {said}") from None

@@ -182,6 +182,53 @@ def test_a_budget_smaller_than_the_holes_heals_the_oldest_first_and_the_rest_nex
     assert all(table(db, site)[day][:2] == (10, True) for site in sites for day in hole)
 
 
+def test_a_provisional_cell_is_asked_again_for_its_site_ahead_of_older_holes_and_widens_no_night(
+    healing, fleet, db, matomo, google, run_aggregator
+):
+    healing["HEAL_MATOMO_SITE_DAYS"] = "4"
+    account = fleet.account()
+    sites = [fleet.site(f"s{n}.example.com", account) for n in range(8)]
+    window = days_back(30)
+    late, unconfirmed = days_back(9, 9)[0], days_back(4, 4)[0]
+    hole = days_back(25, 22)  # an ordinary hole, older: it waits for the next night
+    for site in sites:
+        traffic(fleet, site, [*window, WINDOW_START, DAY - dt.timedelta(days=1), DAY])
+        keep(fleet, site, [day for day in window if day not in (late, unconfirmed, *hole)])
+        keep(fleet, site, [late, unconfirmed] if site is not sites[0] else [unconfirmed], gsc=True)
+    keep(fleet, sites[0], hole)
+    for site in sites[1:]:
+        keep(fleet, site, hole)
+    fleet.store(
+        sites[0], late, matomo_visits=10, matomo_final=True, gsc_clicks=1, gsc_impressions=9, gsc_final=False
+    )
+    db.execute(  # a Matomo 0 its raw log did not confirm (the archiver was behind)
+        "update daily_analytics set matomo_visits = 0, matomo_final = false where site_id = %s and date = %s",
+        [sites[1].id, unconfirmed],
+    )
+    db.execute("delete from daily_analytics where site_id = %s and date = any(%s)", [sites[2].id, hole])
+
+    night = run_aggregator()
+
+    assert night.returncode == 0, night.stderr
+    assert table(db, sites[0])[late][2:] == (3, True)  # Search Console's final numbers
+    assert table(db, sites[1])[unconfirmed][:2] == (10, True)  # healed ahead of the older hole
+    # The budget's rest (3 site-days) went to the older hole; its last day waits for the next night.
+    assert [day for day in hole if table(db, sites[2]).get(day, (None,))[0] is not None] == hole[:3]
+    # Matomo: every site's own three days, the one provisional cell, and the budget's rest (3 of
+    # the hole's days): no night widened for all eight sites.
+    assert matomo.site_days_worked <= 8 * 3 + 4
+    # Search Console: one query a site for its own days, one for each site with a hole (the
+    # provisional day asked alone, the older hole), none wider.
+    queries = sorted(
+        (r.json()["startDate"], r.json()["endDate"])
+        for r in google.requests
+        if r.path.endswith("/searchAnalytics/query")
+    )
+    own = ((DAY - dt.timedelta(days=2)).isoformat(), DAY.isoformat())
+    healed = [(late.isoformat(), late.isoformat()), (hole[0].isoformat(), hole[-1].isoformat())]
+    assert queries == sorted([own] * 8 + healed)
+
+
 def test_status_shows_each_kind_of_cell_and_each_site_that_needs_a_person(
     healing, fleet, db, matomo, run_aggregator
 ):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from aggregator import days_between
 from conftest import (
     DAY,
     GOOGLE_FINAL_DAY,
@@ -112,16 +113,25 @@ def test_a_final_value_is_never_replaced_by_a_provisional_one(fleet, db, google,
     assert stored(db)[site.id]["matomo_visits"] == 6  # the rest of the row is still updated
 
 
-def test_provisional_days_are_fetched_again_whatever_the_lookback(fleet, db, google, run_aggregator):
-    site = fleet.site("example.com", fleet.account())
+def test_provisional_days_are_fetched_again_whatever_the_lookback(fleet, db, google, config, run_aggregator):
+    config["HEAL_GSC_QUERIES"] = "10"  # the nightly run heals them, one query for their site
+    site, other = fleet.site("example.com", fleet.account()), fleet.site("other.example.com", fleet.account())
     week_ago = DAY - dt.timedelta(days=5)
-    fleet.store(site, day=week_ago, gsc_clicks=1, gsc_impressions=10, gsc_final=False)
+    for each in (site, other):
+        for day in days_between(DAY - dt.timedelta(days=40), DAY - dt.timedelta(days=1)):
+            fleet.store(
+                each, day=day, gsc_clicks=2, gsc_impressions=20, gsc_final=each is other or day != week_ago
+            )
+    db.execute("update daily_analytics set gsc_clicks = 1 where gsc_final = false")
     fleet.search(site, 4, 44, day=week_ago)  # final by now
 
     assert run_aggregator("--lookback", "1").returncode == 0
     assert gsc_state(db, site, week_ago) == (4, 44, True)
-    query = next(r for r in google.requests if r.path.endswith("/searchAnalytics/query"))
-    assert (query.json()["startDate"], query.json()["endDate"]) == (week_ago.isoformat(), DAY.isoformat())
+    queries = [r.json() for r in google.requests if r.path.endswith("/searchAnalytics/query")]
+    # The night asks each site for its own day; the provisional day, its site alone.
+    assert sorted((q["startDate"], q["endDate"]) for q in queries) == sorted(
+        [(week_ago.isoformat(), week_ago.isoformat())] + [(DAY.isoformat(), DAY.isoformat())] * 2
+    )
 
 
 def test_yesterday_can_be_asked_for_and_is_flagged_provisional(fleet, db, google, run_aggregator):
