@@ -1824,15 +1824,17 @@ def zero_runs(by_day: Mapping[dt.date, MatomoDay]) -> list[list[dt.date]]:
     return runs
 
 
-def raw_log_query(matomo_id: int, days: list[dt.date]) -> str:
-    """Live.getLastVisitsDetails for these days: its first visit, without its actions; [] if none."""
+def raw_log_query(matomo_id: int, days: list[dt.date], limit: int) -> str:
+    """Live.getLastVisitsDetails for these days: its first `limit` visits, their ids only (the
+    API's showColumns), without their actions; [] if none."""
     period = "day" if len(days) == 1 else "range"
     return "method=Live.getLastVisitsDetails&" + urlencode(
         {
             "idSite": matomo_id,
             "period": period,
             "date": matomo_date_param(days),
-            "filter_limit": 1,
+            "filter_limit": limit,
+            "showColumns": "idVisit",
             "doNotFetchActions": 1,
         }
     )
@@ -1862,29 +1864,54 @@ def bulk_answers(matomo: MatomoClient, queries: list[str], what: str, workers: i
         return [slot for answers in pool.map(ask, batches) for slot in answers]
 
 
+# A site's zeros are confirmed with one look at its raw log over all of them when the archives
+# count fewer visits than this between them (a sparse site: a year in one sub-request; the visits
+# come as their ids only, a few bytes each); a busier site's raw log is looked at once per run of
+# zero days.
+RAW_LOG_VISITS_PER_LOOK = 1000
+
+
+def zero_looks(m: int, by_day: Mapping[dt.date, MatomoDay]) -> list[tuple[int, list[dt.date], int]]:
+    """The raw-log looks that confirm a site's zeros, each (Matomo id, days, filter_limit): one
+    over every zero day and the days between, listing one visit more than the archives count
+    there (so that any visit on a zero day shows as one too many); else one per run."""
+    runs = zero_runs(by_day)
+    if len(runs) > 1:
+        span = days_between(runs[0][0], runs[-1][-1])
+        counted = sum(by_day[day].visits or 0 for day in span if day in by_day)
+        if counted < RAW_LOG_VISITS_PER_LOOK:
+            return [(m, span, counted + 1)]
+    return [(m, run, 1) for run in runs]
+
+
 def with_zeros_confirmed(matomo: MatomoClient, visits: MatomoAnswer, settled: dt.date) -> MatomoAnswer:
     """The visits, each 0 that is not confirmed made not final. A 0 is confirmed when Matomo's
-    raw log (the Live API) has no visit in its run of zero days; where the visitor log is off,
+    raw log (the Live API) has no visit in its run of zero days (or, looked at over a site's
+    span of zeros, no more visits than the archives count there); where the visitor log is off,
     when the day is older than `settled`. Asked in the batch's own thread, one request at a time:
     the batches beside it hold the other MATOMO_WORKERS."""
-    asks = [(m, run) for m, by_day in visits.items() for run in zero_runs(by_day)]
-    if not asks:
-        return visits
+    looks = [look for m, by_day in visits.items() for look in zero_looks(m, by_day)]
     behind: list[int] = []
     log_off = None
-    queries = [raw_log_query(m, run) for m, run in asks]
-    for (m, run), slot in zip(
-        asks, bulk_answers(matomo, queries, "the visitor log (to confirm zeros)", workers=1)
-    ):
-        if slot == []:
-            continue  # no visit in the raw log: the zeros are true
-        if isinstance(slot, dict) and slot.get("result") == "error":
-            log_off = log_off or html.unescape(str(slot.get("message", "")))
-            run = [day for day in run if day >= settled]
-        elif isinstance(slot, list):
-            behind.append(m)
-        for day in run:
-            visits[m][day] = visits[m][day]._replace(final=False)
+    while looks:
+        queries = [raw_log_query(m, days, limit) for m, days, limit in looks]
+        answers = bulk_answers(matomo, queries, "the visitor log (to confirm zeros)", workers=1)
+        again = []
+        for (m, days, limit), slot in zip(looks, answers):
+            zeros = [day for day in days if visits[m][day].visits == 0]
+            if isinstance(slot, list) and len(slot) < limit:
+                continue  # no visit beyond what the archives count: the zeros are true
+            if isinstance(slot, list) and limit > 1:
+                again += [(m, run, 1) for run in zero_runs({day: visits[m][day] for day in zeros})]
+                continue  # a visit too many somewhere: each run of zeros is looked at alone
+            if isinstance(slot, dict) and slot.get("result") == "error":
+                log_off = log_off or html.unescape(str(slot.get("message", "")))
+                zeros = [day for day in zeros if day >= settled]
+            elif isinstance(slot, list):
+                behind.append(m)
+            for day in zeros:
+                visits[m][day] = visits[m][day]._replace(final=False)
+        looks = again
     for m in sorted(set(behind)):
         site_warnings.add(
             "Matomo answered 0 visits where its raw log has visits: those days are not archived yet "

@@ -486,3 +486,45 @@ def test_a_zero_from_a_day_matomo_has_not_archived_never_lowers_a_stored_count(
     accepted = run_aggregator("--accept-zero-visits")
     assert accepted.returncode == 0, accepted.stderr
     assert stored(db)[busy.id]["matomo_visits"] == 0
+
+
+def raw_log_looks(matomo) -> int:
+    """Sub-requests of Matomo's bulk requests that asked the raw log (Live) for some days."""
+    return sum(r.body.decode().count("Live.getLastVisitsDetails") for r in matomo.requests)
+
+
+def test_a_sparse_sites_year_costs_two_sub_requests_and_a_day_not_archived_is_still_found(
+    fleet, db, matomo, run_aggregator
+):
+    quiet, lagging = fleet.site("quiet.example.com"), fleet.site("lagging.example.com")
+    year = [DAY - dt.timedelta(days=n) for n in range(364, -1, -1)]
+    for n, day in enumerate(year):
+        fleet.visits(quiet, n % 2, day=day)  # a visit every other day: 183 runs of one zero day
+        fleet.visits(lagging, n % 2, day=day)
+    late = year[100]  # a zero for Matomo's archives, a visit in its raw log: not archived yet
+    fleet.visits(lagging, 1, day=late)
+    matomo.not_archived.add(late.isoformat())
+
+    result = run_aggregator("--from", year[0].isoformat(), "--to", DAY.isoformat(), "--site", quiet.domain)
+
+    assert result.returncode == 0, result.stderr
+    finals = db.execute(
+        "select matomo_visits, matomo_final, count(*) from daily_analytics group by 1, 2 order by 1"
+    ).fetchall()
+    assert finals == [(0, True, 183), (1, True, 182)]
+    # The report and one look at the raw log for the whole year (it has exactly the visits the
+    # archives count), not one per run of zero days.
+    assert len(matomo.report_requests()) == 1 and raw_log_looks(matomo) == 1
+
+    result = run_aggregator("--from", year[0].isoformat(), "--to", DAY.isoformat(), "--site", lagging.domain)
+
+    assert result.returncode == 0, result.stderr
+    rows = {
+        day: (visits, final)
+        for day, visits, final in db.execute(
+            "select date, matomo_visits, matomo_final from daily_analytics where site_id = %s", [lagging.id]
+        )
+    }
+    assert rows[late] == (0, False)  # found although the year's look had more visits than counted
+    assert sorted(set(rows.values())) == [(0, False), (0, True), (1, True)]
+    assert sum(1 for value in rows.values() if value == (0, True)) == 182

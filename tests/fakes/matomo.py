@@ -252,20 +252,20 @@ class FakeMatomo(FakeServer):
                 "message": f"The period '{period}' is not played here with date {date}",
             }
         limit = int(sub.get("filter_limit", 100))
+        shown = [c for c in sub.get("showColumns", "").split(",") if c]  # the API's ColumnDelete
         visits = []
         for day in reversed(days_of(date)):
             for n in range(self.visits_on(site, day)):
                 if len(visits) == limit:
                     return visits
-                visits.append(
-                    {
-                        "idSite": str(site),
-                        "idVisit": str(n + 1),
-                        "serverDate": day,
-                        "visitorType": "new",
-                        "actionDetails": [] if sub.get("doNotFetchActions") else [{"type": "action"}],
-                    }
-                )
+                visit = {
+                    "idSite": str(site),
+                    "idVisit": str(n + 1),
+                    "serverDate": day,
+                    "visitorType": "new",
+                    "actionDetails": [] if sub.get("doNotFetchActions") else [{"type": "action"}],
+                }
+                visits.append({k: v for k, v in visit.items() if k in shown} if shown else visit)
         return visits
 
 
