@@ -334,6 +334,11 @@ def main() -> int:
         help="the stand-ins answer HTTP/1.0 and close every connection (a new one per request)",
     )
     parser.add_argument(
+        "--full-answers",
+        action="store_true",
+        help="Matomo's stand-in answers every VisitsSummary object whole, whatever showColumns asks",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], help="a setting for the run's .env, e.g. --set GSC_WORKERS=64"
     )
     options = parser.parse_args()
@@ -357,6 +362,7 @@ def main() -> int:
                     server.latency, server.keep_requests = latency, False
                     server.http10 = options.http10 if s.http10 is None else s.http10
                 matomo.site_day_cost, gateway.row_cost = s.site_day_cost, s.row_cost
+                matomo.full_answers = options.full_answers
                 matomo.php_workers(s.php_workers)
                 seed(conn, google, matomo, s)
                 settings = {**stand_in_settings(gateway, matomo, google), "RUN_DEADLINE": "3600"}
