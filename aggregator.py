@@ -1078,7 +1078,7 @@ def call_function(client: Supabase, name: str, arguments: Mapping[str, Any], kin
 def learned_sources(client: Supabase) -> dict[tuple[SiteId, str], dict]:
     """{(site id, source): its site_sources row}: what earlier runs learnt of each site's sources."""
     found = call_function(client, "site_sources_known", {}, list)
-    columns = ("site_id", "source", "source_key", "available_from", "unavailable")
+    columns = ("site_id", "source", "source_key", "available_from", "unavailable", "fix")
     rows = [dict(zip(columns, row)) for row in found if isinstance(row, list) and len(row) == len(columns)]
     return {(row["site_id"], row["source"]): row for row in rows}
 
@@ -1117,6 +1117,7 @@ SCHEMA = {
     "20261201000100_views.sql": "aggregator_runs(kind,arguments) analytics_daily analytics_weekly analytics_monthly",
     "20261206000000_matomo_metrics.sql": f"daily_analytics({','.join(MATOMO_COLUMNS[1:])})",
     "20261206000100_store_analytics.sql": "store_analytics() schema_missing()",
+    "20261206000300_fixes.sql": "site_sources(fix)",
 }
 
 
@@ -1928,10 +1929,17 @@ def with_zeros_confirmed(matomo: MatomoClient, visits: MatomoAnswer, settled: dt
     return visits
 
 
-def matomo_creation_days(matomo: MatomoClient, ids: Iterable[int]) -> dict[int, dt.date | str]:
+# What fixes a Matomo id its install does not know (or the token may not view).
+UNKNOWN_MATOMO_ID_FIX = (
+    "correct sites.matomo_site_id, or add the site in Matomo (or give view access to it to the user of "
+    "MATOMO_TOKEN_AUTH)"
+)
+
+
+def matomo_creation_days(matomo: MatomoClient, ids: Iterable[int]) -> dict[int, dt.date | Reason]:
     """{Matomo id: the day the site was created in Matomo (ts_created, UTC), or why Matomo could
     not say (an unknown id)}; ids whose request failed are left out, to be asked another night."""
-    found: dict[int, dt.date | str] = {}
+    found: dict[int, dt.date | Reason] = {}
     ordered = sorted(set(ids))
     queries = [f"method=SitesManager.getSiteFromId&idSite={m}" for m in ordered]
     for m, slot in zip(ordered, bulk_answers(matomo, queries, "the sites' creation day")):
@@ -1939,7 +1947,7 @@ def matomo_creation_days(matomo: MatomoClient, ids: Iterable[int]) -> dict[int, 
         if isinstance(created, str) and re.match(r"\d{4}-\d{2}-\d{2}", created):
             found[m] = dt.date.fromisoformat(created[:10])
         elif isinstance(slot, dict) and slot.get("result") == "error":
-            found[m] = f"Matomo: {html.unescape(str(slot.get('message', '')))}"
+            found[m] = Reason(f"Matomo: {html.unescape(str(slot.get('message', '')))}", UNKNOWN_MATOMO_ID_FIX)
     return found
 
 
@@ -2273,18 +2281,30 @@ def http_error_reason(error: HttpError) -> str:
 
 
 class Reason(str):
-    """Why an account cannot be used, decided where the fault is met: the sentence a person reads
-    (the str itself), whether a person must act (else the next nights retry by themselves), and
-    whether every account of its OAuth client or Cloud project meets it alike (one setting to
-    fix, said once). Exit statuses and needs_a_person come from these flags, never from words."""
+    """Why an account or a site's source cannot be used, decided where the fault is met: the
+    sentence a person reads (the str itself: what, then the fix, then what the service said),
+    the fix alone (stored in site_sources.fix: status prints it), whether a person must act
+    (else the next nights retry by themselves), and whether every account of its OAuth client or
+    Cloud project meets it alike (one setting to fix, said once). Exit statuses, needs_a_person
+    and the fix printed come from these values, never from words."""
 
+    what: str
+    fix: str
+    said: str
     person: bool
     shared: bool
 
-    def __new__(cls, said: str, person: bool = True, shared: bool = False) -> Reason:
-        reason = super().__new__(cls, said)
-        reason.person, reason.shared = person, shared
+    def __new__(
+        cls, what: str, fix: str = "", person: bool = True, shared: bool = False, said: str = ""
+    ) -> Reason:
+        text = f"{what}: {fix}" if fix else what
+        reason = super().__new__(cls, f"{text} ({said})" if said else text)
+        reason.what, reason.fix, reason.said, reason.person, reason.shared = what, fix, said, person, shared
         return reason
+
+    def of(self, whom: str) -> Reason:
+        """The same reason, said of `whom` (an account, a service account)."""
+        return Reason(f"{whom}: {self.what}", self.fix, self.person, self.shared, self.said)
 
 
 def needs_person(state: object) -> bool:
@@ -2299,8 +2319,8 @@ def is_shared(state: object) -> bool:
 def api_disabled(project: str) -> Reason:
     """Every call fails while the Search Console API is off in the Cloud project the calls count against."""
     return Reason(
-        f"The Search Console API is not enabled in the Google Cloud {project}: enable it (Google Cloud "
-        "console > APIs & Services > Library > Google Search Console API)",
+        f"The Search Console API is not enabled in the Google Cloud {project}",
+        "enable it (Google Cloud console > APIs & Services > Library > Google Search Console API)",
         shared=True,
     )
 
@@ -2319,19 +2339,20 @@ def refresh_error_reason(error: RefreshError, account_id: AccountId | str, key: 
     said = refresh_error_text(error)
     email = service_account_email(key)
     if email:
-        fix = service_account_fix(said, account_id)
-        return Reason(f"Google refused service account {email}: {fix} ({said})", person=fix.person)
-    if "invalid_grant" in said:
-        return Reason(
-            "the refresh token has expired or been revoked: re-authorize this account "
-            f"({program()} authorize --account {account_id}) ({said})"
+        why = service_account_fix(said, account_id).of(f"Google refused service account {email}")
+    elif "invalid_grant" in said:
+        why = Reason(
+            "the refresh token has expired or been revoked",
+            f"re-authorize this account ({program()} authorize --account {account_id})",
         )
-    if "unauthorized_client" in said:
-        return Reason(
-            "the refresh token was issued to another OAuth client: re-authorize this account with this "
-            f"GOOGLE_CLIENT_ID ({program()} authorize --account {account_id}) ({said})"
+    elif "unauthorized_client" in said:
+        why = Reason(
+            "the refresh token was issued to another OAuth client",
+            f"re-authorize this account with this GOOGLE_CLIENT_ID ({program()} authorize --account {account_id})",
         )
-    return Reason(f"{TOKEN_ENDPOINT_DOWN} ({said})", person=False)
+    else:
+        why = TOKEN_ENDPOINT_DOWN
+    return Reason(why.what, why.fix, why.person, said=said)
 
 
 def refresh_error_text(error: RefreshError) -> str:
@@ -2343,36 +2364,41 @@ def service_account_fix(said: str, account_id: AccountId | str) -> Reason:
     """The fix for each way Google's token endpoint refuses a service account's signed assertion."""
     if "Robot is disabled" in said:
         return Reason(
-            "the service account is disabled: enable it (Google Cloud console > IAM > Service accounts)"
+            "the service account is disabled", "enable it (Google Cloud console > IAM > Service accounts)"
         )
     if "short-lived token" in said or "reasonable timeframe" in said:
         return Reason(
-            "this machine's clock is off, so Google takes the signed request for a stale one: fix the clock (NTP)"
+            "this machine's clock is off, so Google takes the signed request for a stale one",
+            "fix the clock (NTP)",
         )
     if "deleted_client" in said:
         return Reason(
-            "the service account was deleted: create a new service account, add it as a user of each "
-            f"property, and store its key with {program()} authorize --service-account KEY.json --account {account_id}"
+            "the service account was deleted",
+            "create a new service account, add it as a user of each property, and store its key with "
+            f"{program()} authorize --service-account KEY.json --account {account_id}",
         )
     if "invalid_grant" in said:
         return Reason(
-            "its key was deleted or is not this account's (Invalid JWT Signature): create a new JSON key (Google "
-            f"Cloud console > IAM > Service accounts > Keys) and store it with {program()} authorize "
-            f"--service-account KEY.json --account {account_id}"
+            "its key was deleted or is not this account's (Invalid JWT Signature)",
+            "create a new JSON key (Google Cloud console > IAM > Service accounts > Keys) and store it with "
+            f"{program()} authorize --service-account KEY.json --account {account_id}",
         )
-    return Reason(TOKEN_ENDPOINT_DOWN, person=False)
+    return TOKEN_ENDPOINT_DOWN
 
 
-TOKEN_ENDPOINT_DOWN = "the Google token endpoint failed; re-run these dates once it answers"
+TOKEN_ENDPOINT_DOWN = Reason(
+    "the Google token endpoint failed", "re-run these dates once it answers", person=False
+)
 CLIENT_REFUSED = Reason(
-    "Google refused the OAuth client (invalid_client): GOOGLE_CLIENT_ID or GOOGLE_CLIENT_SECRET is wrong; "
-    "copy both from Google Cloud console > APIs & Services > Credentials",
+    "Google refused the OAuth client (invalid_client)",
+    "GOOGLE_CLIENT_ID or GOOGLE_CLIENT_SECRET is wrong; copy both from Google Cloud console > APIs & Services > "
+    "Credentials",
     shared=True,
 )
 NO_CLIENT = Reason(
-    "GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET are not set: an account with a refresh token needs the OAuth "
-    "client that issued it; copy both from Google Cloud console > APIs & Services > Credentials into .env "
-    "(accounts with a service-account key need none)",
+    "GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET are not set",
+    "an account with a refresh token needs the OAuth client that issued it; copy both from Google Cloud console > "
+    "APIs & Services > Credentials into .env (accounts with a service-account key need none)",
     shared=True,
 )
 
@@ -2387,8 +2413,8 @@ def connect_account(
         credentials = google_credentials(cfg, key)
     except ValueError as error:  # a key google-auth cannot read: nothing was sent anywhere
         return Reason(
-            f"its service-account key cannot be used ({str(error).split('. ')[0]}): store the key file "
-            f"again with {program()} authorize --service-account KEY.json --account {account_id}"
+            f"its service-account key cannot be used ({str(error).split('. ')[0]})",
+            f"store the key file again with {program()} authorize --service-account KEY.json --account {account_id}",
         )
     try:
         service = get_google_client(cfg, credentials)
@@ -2473,7 +2499,9 @@ def connected_accounts(
 
 
 def query_targets(
-    sites: Iterable[Site], accounts: Mapping[AccountId, GscAccount], skipped: dict[SiteId, str] | None = None
+    sites: Iterable[Site],
+    accounts: Mapping[AccountId, GscAccount],
+    skipped: dict[SiteId, Reason] | None = None,
 ) -> dict[SiteId, tuple[GscAccount, str]]:
     """{site id: (account, property)} for the sites whose account holds a property for their domain;
     `skipped` gets why each other site of a connected account is not asked (a person must act).
@@ -2490,16 +2518,18 @@ def query_targets(
         domain = normalised_domain(site.domain)
         site_url = property_for_domain(domain, account.properties) if domain else None
         if domain is None:
-            skipped[site.id] = "its domain is not a bare domain like example.com: correct sites.domain"
+            skipped[site.id] = Reason(
+                "its domain is not a bare domain like example.com", "correct sites.domain"
+            )
             log.warning(
                 "Site %s: domain %r is not a bare domain like example.com; GSC skipped", site.id, site.domain
             )
         elif site_url is None:
             skipped[site.id] = no_property(site, account, domain)
         elif property_key(site_url) in owner_of:
-            skipped[site.id] = (
-                f"site {owner_of[property_key(site_url)]} has the same domain ({domain}) and gets its numbers: "
-                "set status_deployment of the duplicate to something other than deployed"
+            skipped[site.id] = Reason(
+                f"site {owner_of[property_key(site_url)]} has the same domain ({domain}) and gets its numbers",
+                "set status_deployment of the duplicate to something other than deployed",
             )
             log.warning(
                 "%s: site %s has the same domain (%s): only site %s gets its Search Console numbers; "
@@ -2515,7 +2545,7 @@ def query_targets(
     return targets
 
 
-def no_property(site: Site, account: GscAccount, domain: str) -> str:
+def no_property(site: Site, account: GscAccount, domain: str) -> Reason:
     """Why a site of a connected account is not asked (said as a warning too)."""
     log.warning(
         "%s: account %s has no verified Search Console property for %s "
@@ -2528,9 +2558,9 @@ def no_property(site: Site, account: GscAccount, domain: str) -> str:
         if account.service_account
         else "",
     )
-    return (
-        f"account {account.id} has no Search Console property for {domain}: add the property to the "
-        "account, or set sites.gsc_account_id to the account that has it"
+    return Reason(
+        f"account {account.id} has no Search Console property for {domain}",
+        "add the property to the account, or set sites.gsc_account_id to the account that has it",
     )
 
 
@@ -3145,7 +3175,10 @@ class Outcome:
                 "accounts": {str(account_id): state for account_id, state in self.gsc_accounts.items()},
             },
             "records": {"stored": self.stored, "not_stored": self.not_stored},
-            "needs_a_person": [{"problem": why, "sites": sorted(ids)} for why, ids in self.person.items()],
+            "needs_a_person": [
+                {"problem": why, "fix": getattr(why, "fix", None) or None, "sites": sorted(ids)}
+                for why, ids in self.person.items()
+            ],
             "sites_by_problem": self.sites_by_problem,
             "problems": problems.lines,
             "seconds": round(seconds, 3),
@@ -3177,7 +3210,7 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         outcome.must_act(lacks)
         return outcome
     sites, keys, days, learned = fleet_to_fetch(client, asked)
-    skipped: dict[SiteId, str] = {}  # why Search Console is not asked for a site of a connected account
+    skipped: dict[SiteId, Reason] = {}  # why Search Console is not asked for a site of a connected account
     gsc_days = [day for day in days if day >= gsc_oldest_day(asked.today)]
     outcome.begin(sites, days, ["matomo", "gsc"] if gsc_days else ["matomo"])
     with contextlib.ExitStack() as stack:
@@ -3216,7 +3249,7 @@ def search_console_targets(
     keys: Mapping[AccountId, AccountKey],
     pool: Executor,
     outcome: Outcome,
-    skipped: dict[SiteId, str],
+    skipped: dict[SiteId, Reason],
 ) -> dict[SiteId, tuple[GscAccount, str]]:
     """{site id: (account, property)} of every site Search Console is asked for: each account
     connected, its properties listed; `skipped` gets why the others of a connected account are not."""
@@ -3472,7 +3505,7 @@ def what_needs_a_person(
     sites: list[Site],
     matomo: MatomoClient,
     matomo_ids: Mapping[SiteId, int],
-    skipped: Mapping[SiteId, str],
+    skipped: Mapping[SiteId, Reason],
     hopeless: Once,
 ) -> None:
     """The run's problems that another night cannot fix: each with the sites it costs."""
@@ -3480,10 +3513,10 @@ def what_needs_a_person(
         outcome.must_act(matomo.broken.why, [site.id for site in sites if site.id in matomo_ids])
     for account_id, state in outcome.gsc_accounts.items():
         if needs_person(state):
-            why = state if is_shared(state) else f"GSC account {account_id}: {state}"
+            why = state if is_shared(state) else state.of(f"GSC account {account_id}")
             outcome.must_act(why, [site.id for site in sites if site.gsc_account_id == account_id])
     for site_id, why in skipped.items():
-        outcome.must_act(f"{site_label(site_id, outcome.domains.get(site_id))}: {why}", [site_id])
+        outcome.must_act(why.of(site_label(site_id, outcome.domains.get(site_id))), [site_id])
     if hopeless.happened:
         outcome.must_act(hopeless.why)
 
@@ -3495,7 +3528,7 @@ def sources_known(
     sites: list[Site],
     matomo: MatomoClient,
     matomo_ids: Mapping[SiteId, int],
-    skipped: Mapping[SiteId, str],
+    skipped: Mapping[SiteId, Reason],
     account_states: Mapping[AccountId, str],
 ) -> list[dict] | None:
     """The site_sources rows this run learnt anew (stored before the night's rows: store_analytics
@@ -3563,6 +3596,7 @@ def matomo_rows(
                 "available_from": day.isoformat() if day else None,
                 "history_from": day.isoformat() if day else None,
                 "unavailable": None if day else said,
+                "fix": None if day or not isinstance(said, Reason) else said.fix,
                 "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             }
         )
@@ -3571,7 +3605,7 @@ def matomo_rows(
 
 def gsc_rows(
     sites: list[Site],
-    skipped: Mapping[SiteId, str],
+    skipped: Mapping[SiteId, Reason],
     account_states: Mapping[AccountId, str],
     learned: Mapping[tuple[SiteId, str], dict],
     today: dt.date,
@@ -3584,7 +3618,8 @@ def gsc_rows(
             continue
         was = learned.get((site.id, "gsc"))
         key, why = str(site.gsc_account_id), gsc_unavailable(site, skipped, account_states)
-        if was and was["source_key"] == key and was["unavailable"] == why:
+        fix = why.fix if why else None
+        if was and (was["source_key"], was["unavailable"], was["fix"]) == (key, why, fix):
             continue
         rows.append(
             {
@@ -3594,6 +3629,7 @@ def gsc_rows(
                 "available_from": None,
                 "history_from": gsc_oldest_day(today).isoformat(),
                 "unavailable": why,
+                "fix": fix,
                 "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             }
         )
@@ -3601,12 +3637,12 @@ def gsc_rows(
 
 
 def gsc_unavailable(
-    site: Site, skipped: Mapping[SiteId, str], account_states: Mapping[AccountId, str]
-) -> str | None:
+    site: Site, skipped: Mapping[SiteId, Reason], account_states: Mapping[AccountId, str]
+) -> Reason | None:
     """Why Search Console cannot be asked for a site tonight (a person must act), or None."""
     state = account_states.get(site.gsc_account_id) if site.gsc_account_id is not None else None
-    if needs_person(state):
-        return f"account {site.gsc_account_id}: {state}"
+    if isinstance(state, Reason) and state.person:
+        return state.of(f"account {site.gsc_account_id}")
     return skipped.get(site.id)
 
 
@@ -4124,23 +4160,12 @@ def status_report(
             },
         },
         "gsc_lost_within_30_days": {"site_days": lost_soon, "before": expiring},
-        "needs_a_person": [{**need, "fix": fix_for(need)} for need in attention],
+        # The fix, as the run that met the fault stored it (site_sources.fix), or as the
+        # database that found a cliff says it; none from a run before migration 20261206000300.
+        "needs_a_person": [
+            {**need, "fix": need.get("fix") or "see the last run's log"} for need in attention
+        ],
     }
-
-
-def fix_for(need: dict) -> str:
-    """What the operator does about a site that needs a person."""
-    detail = str(need.get("detail") or "")
-    if need["kind"] == "tracking":
-        return "check that the Matomo tracking code is still on the site's pages"
-    if need["kind"] == "cliff":
-        return "check the site (down, redirected, noindex, tracking removed)"
-    if need["source"] == "matomo":
-        return "correct sites.matomo_site_id, or add the site in Matomo"
-    if "property" in detail:
-        return "add the domain's property to the account in Search Console, or set sites.gsc_account_id to the account that has it"
-    account = re.match(r"account (\d+)", detail)
-    return f"{this_command()} authorize --account {account.group(1)}" if account else "see the run's log"
 
 
 def status_lines(report: dict) -> list[str]:

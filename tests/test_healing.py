@@ -267,11 +267,12 @@ def test_status_shows_each_kind_of_cell_and_each_site_that_needs_a_person(
         (tracking_gone.id, "matomo", "tracking"),
         (cliff.id, "matomo", "cliff"),
     }
-    assert needs[(reauthorize.id, "gsc", "unavailable")]["fix"].endswith(
+    assert (
         f"aggregator.py authorize --account {revoked.id}"
+        in needs[(reauthorize.id, "gsc", "unavailable")]["fix"]
     )
     assert report["sites"] == 5
-    assert "add the domain's property" in needs[(no_property.id, "gsc", "unavailable")]["fix"]
+    assert needs[(no_property.id, "gsc", "unavailable")]["fix"].startswith("add the property to the account")
     assert "visits down from 700 to 35" in needs[(cliff.id, "matomo", "cliff")]["detail"]
     shop_cells = json.loads(one.stdout)["coverage"]
     assert shop_cells["matomo"]["window"] == {
@@ -295,6 +296,27 @@ def test_status_shows_each_kind_of_cell_and_each_site_that_needs_a_person(
     (docs,) = lines_with(f"site {no_property.id} (docs.example.io)", shown.stdout)
     assert docs.count("add the") == 1
     assert lines_with("Matomo, heal window", shown.stdout) and lines_with("Next night heals", shown.stdout)
+
+
+def test_status_names_the_fix_each_fault_was_met_with(healing, fleet, db, run_aggregator):
+    wrong_key, good = fleet.service_account(wrong_key=True), fleet.account()
+    robot = fleet.site("robot.example.com", wrong_key)
+    path = fleet.site("shop.example.com/store", good, prop=None)  # not a bare domain
+    fleet.site("twin.example.com", good)
+    twin = fleet.site("twin.example.com", good)  # the same domain again: the first gets its numbers
+    unknown = fleet.site("ghost.example.com")
+    fleet.matomo.site_ids.discard(unknown.matomo_id)  # no such site in Matomo
+    assert run_aggregator().returncode == 4
+
+    report = json.loads(run_aggregator("status", "--json").stdout)
+
+    fixes = {need["site_id"]: need["fix"] for need in report["needs_a_person"]}
+    # Each fix as the fault was met (a service account's key is stored with --service-account),
+    # not guessed from the words of the stored reason.
+    assert fixes[robot.id].endswith(f"authorize --service-account KEY.json --account {wrong_key.id}")
+    assert fixes[path.id] == "correct sites.domain"
+    assert fixes[twin.id] == "set status_deployment of the duplicate to something other than deployed"
+    assert fixes[unknown.id].startswith("correct sites.matomo_site_id")
 
 
 def test_status_of_an_empty_fleet_says_why_as_run_does(fleet, config, run_aggregator):
