@@ -257,8 +257,10 @@ class Config:
         # A ping URL lets anyone report on the check: it is kept out of the log like a key, and
         # its path too (urllib3 logs the path of each request without the host).
         url = self.healthcheck_url.rstrip("/")
-        ping = (url, urlsplit(url).path) if url and len(urlsplit(url).path) >= 16 else (url,) if url else ()
-        return (self.supabase_service_role_key, self.matomo_token_auth, self.google_client_secret, *ping)
+        ping_url = (
+            (url, urlsplit(url).path) if url and len(urlsplit(url).path) >= 16 else (url,) if url else ()
+        )
+        return (self.supabase_service_role_key, self.matomo_token_auth, self.google_client_secret, *ping_url)
 
 
 def default_env_file() -> Path:
@@ -1602,7 +1604,7 @@ def visits_for_batch(matomo: MatomoClient, ids: list[int], days: list[dt.date]) 
     if matomo.deadline.passed():
         return not_asked(matomo, ids)
     if len(ids) > matomo.state.cap:  # the install's bulk request limit, learned earlier in the run
-        return merged(visits_for_batch(matomo, part, days) for part in chunks(ids, matomo.state.cap))
+        return merged_answers(visits_for_batch(matomo, part, days) for part in chunks(ids, matomo.state.cap))
     return visits_asked(matomo, ids, days, probed=False)
 
 
@@ -1697,7 +1699,7 @@ def visits_in_halves(
         trouble = database_trouble(matomo)
         if trouble:
             return install_down(matomo, ids, f"{error}, for every part of the request and to {trouble}")
-    return merged(
+    return merged_answers(
         answer if isinstance(answer, dict) else visits_after(matomo, half, days, answer, probed=True)
         for half, answer in zip(halves, answers)
     )
@@ -1710,7 +1712,7 @@ def visits_in_parts(
     abandoned request, so the same one is never sent again; fewer sites, then fewer days, are."""
     if len(ids) > 1:
         log.info("%s for %d sites; asking for them in two halves", error, len(ids))
-        return merged(
+        return merged_answers(
             visits_asked(matomo, half, days, probed=True)
             for half in (ids[: len(ids) // 2], ids[len(ids) // 2 :])
         )
@@ -1726,7 +1728,7 @@ def visits_in_parts(
     return {}
 
 
-def merged(answers: Iterable[MatomoAnswer]) -> MatomoAnswer:
+def merged_answers(answers: Iterable[MatomoAnswer]) -> MatomoAnswer:
     result: MatomoAnswer = {}
     for answer in answers:
         result.update(answer)
@@ -1767,7 +1769,7 @@ def visits_lost_while_down(matomo: MatomoClient, days: list[dt.date]) -> MatomoA
         if not install_answers_again(matomo):
             return {}
     log.info("Matomo answers again: asking for the %d sites it failed for", sum(map(len, lost)))
-    return merged(visits_for_batch(matomo, batch, days) for batch in lost)
+    return merged_answers(visits_for_batch(matomo, batch, days) for batch in lost)
 
 
 def install_answers_again(matomo: MatomoClient) -> bool:
@@ -1840,13 +1842,13 @@ def zero_runs(by_day: Mapping[dt.date, MatomoDay]) -> list[list[dt.date]]:
     return runs
 
 
-def raw_log_query(matomo_id: int, days: list[dt.date], limit: int) -> str:
+def raw_log_query(idsite: int, days: list[dt.date], limit: int) -> str:
     """Live.getLastVisitsDetails for these days: its first `limit` visits, their ids only (the
     API's showColumns), without their actions; [] if none."""
     period = "day" if len(days) == 1 else "range"
     return "method=Live.getLastVisitsDetails&" + urlencode(
         {
-            "idSite": matomo_id,
+            "idSite": idsite,
             "period": period,
             "date": matomo_date_param(days),
             "filter_limit": limit,
@@ -1897,7 +1899,7 @@ def zero_looks(m: int, by_day: Mapping[dt.date, MatomoDay]) -> list[tuple[int, l
         counted = sum(by_day[day].visits or 0 for day in span if day in by_day)
         if counted < RAW_LOG_VISITS_PER_LOOK:
             return [(m, span, counted + 1)]
-    return [(m, run, 1) for run in runs]
+    return [(m, zeros, 1) for zeros in runs]
 
 
 def with_zeros_confirmed(matomo: MatomoClient, visits: MatomoAnswer, settled: dt.date) -> MatomoAnswer:
@@ -1918,7 +1920,7 @@ def with_zeros_confirmed(matomo: MatomoClient, visits: MatomoAnswer, settled: dt
             if isinstance(slot, list) and len(slot) < limit:
                 continue  # no visit beyond what the archives count: the zeros are true
             if isinstance(slot, list) and limit > 1:
-                again += [(m, run, 1) for run in zero_runs({day: visits[m][day] for day in zeros})]
+                again += [(m, each, 1) for each in zero_runs({day: visits[m][day] for day in zeros})]
                 continue  # a visit too many somewhere: each run of zeros is looked at alone
             if isinstance(slot, dict) and slot.get("result") == "error":
                 log_off = log_off or html.unescape(str(slot.get("message", "")))
@@ -2623,7 +2625,7 @@ class GscRound:
     busy: Counter = field(default_factory=Counter)  # queries in flight per account
     given_up: dict[str, dict[AccountId, list[SiteId]]] = field(default_factory=lambda: defaultdict(dict))
 
-    def add(self, targets: Mapping[SiteId, tuple[GscAccount, str]]) -> None:
+    def queue(self, targets: Mapping[SiteId, tuple[GscAccount, str]]) -> None:
         for site_id, target in targets.items():
             self.targets[site_id] = target
             self.waiting.setdefault(target[0].id, deque()).append(site_id)
@@ -2715,7 +2717,7 @@ def take_targets(feed: queue.Queue, state: GscRound, timeout: float) -> bool:
     try:
         targets = feed.get(timeout=timeout) if timeout else feed.get_nowait()
         while targets is not None:
-            state.add(targets)
+            state.queue(targets)
             targets = feed.get_nowait()
         return False
     except queue.Empty:
@@ -3248,7 +3250,9 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         holes_read = (
             reader.submit(holes, client, coverage) if remembered and heals_tonight(cfg, asked) else None
         )
-        fetchers = Fetchers(cfg, matomo, matomo_ids, settled(cfg, asked), targets, gsc_pool, deadline)
+        fetchers = Fetchers(
+            cfg, matomo, matomo_ids, zeros_settled_before(cfg, asked), targets, gsc_pool, deadline
+        )
         fetch_and_store(fetchers, sites, days, gsc_days, store, outcome, progress.fetched)
         if holes_read:
             heal(holes_read, fetchers, asked, sites, coverage, store.add, outcome)
@@ -3438,7 +3442,7 @@ class Flow:
             if unit.matomo_ids:
                 asked.append(self.watched(pool.submit(self.ask_matomo, unit, first=not asked)))
             elif not unit.targets:
-                self.finish(unit)
+                self.store_unit(unit)
         return asked
 
     def ask_matomo(self, unit: Unit, first: bool) -> None:
@@ -3489,9 +3493,9 @@ class Flow:
             unit.waiting -= 1
             last = unit.waiting == 0
         if last:
-            self.finish(unit)
+            self.store_unit(unit)
 
-    def finish(self, unit: Unit) -> None:
+    def store_unit(self, unit: Unit) -> None:
         """The unit's rows, to the store; its place in the window, to the next."""
         outcome, days = self.outcome, self.days
         rows = analytics_rows(unit.sites, days, unit.visits, unit.gsc)
@@ -3509,7 +3513,7 @@ def heals_tonight(cfg: Config, asked: Asked) -> bool:
     return asked.nightly and bool(cfg.heal_matomo_site_days or cfg.heal_gsc_queries)
 
 
-def settled(cfg: Config, asked: Asked) -> dt.date | None:
+def zeros_settled_before(cfg: Config, asked: Asked) -> dt.date | None:
     """The day before which a Matomo 0 is final without its raw log's word (None: every 0 is
     taken, --accept-zero-visits)."""
     return None if asked.accept_zero_visits else asked.today - dt.timedelta(days=cfg.matomo_settle_days)
@@ -4094,7 +4098,7 @@ def conflict_key_exists(client: Supabase) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def status(cfg: Config, today: dt.date, site_name: str | None, as_json: bool) -> int:
+def fleet_status(cfg: Config, today: dt.date, site_name: str | None, as_json: bool) -> int:
     """Coverage per source, what the next night will heal, and the sites that need a person."""
     client = supabase_client(cfg)
     sites = deployed_sites(client)
@@ -4291,10 +4295,11 @@ def last_account_states(client: Supabase) -> dict[str, str]:
     except (APIError, httpx.HTTPError) as error:
         raise SupabaseError(describe_supabase_error(error, "reading aggregator_runs")) from None
     states: dict[str, str] = {}
-    for run in runs:
-        accounts = (run.get("summary") or {}).get("gsc", {}).get("accounts", {})
+    for recorded_run in runs:
+        accounts = (recorded_run.get("summary") or {}).get("gsc", {}).get("accounts", {})
+        when = str(recorded_run["finished_at"])[:16].replace("T", " ")
         for account_id, state in accounts.items():
-            states.setdefault(account_id, f"{state} ({str(run['finished_at'])[:16].replace('T', ' ')})")
+            states.setdefault(account_id, f"{state} ({when})")
     return states
 
 
@@ -4624,7 +4629,7 @@ def accounts_command(cfg: Config, args: argparse.Namespace, session: Session) ->
 
 
 def status_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
-    return status(cfg, session.today, args.site[-1] if args.site else None, args.json)
+    return fleet_status(cfg, session.today, args.site[-1] if args.site else None, args.json)
 
 
 def authorize_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
@@ -4725,19 +4730,19 @@ def add_common_options(parser: argparse.ArgumentParser, default: Any) -> None:
     )
 
 
-def add_run_options(run: argparse.ArgumentParser) -> None:
-    run.add_argument("--date", help="one day, e.g. 2026-11-20")
-    run.add_argument("--from", dest="start", help="first day of a backfill, e.g. 2026-10-01")
-    run.add_argument(
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--date", help="one day, e.g. 2026-11-20")
+    parser.add_argument("--from", dest="start", help="first day of a backfill, e.g. 2026-10-01")
+    parser.add_argument(
         "--to", dest="end", help="last day of a backfill, e.g. 2026-10-31 (default: today minus 2)"
     )
-    run.add_argument(
+    parser.add_argument(
         "--lookback",
         type=int,
         help=f"the nightly run refreshes this many days ending today minus 2, e.g. --lookback 7 "
         f"(default {DEFAULT_LOOKBACK_DAYS}: Search Console keeps revising its last days)",
     )
-    run.add_argument(
+    parser.add_argument(
         "--site",
         action="append",
         default=[],
@@ -4745,13 +4750,13 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
         help="only this site, by domain or sites.id, e.g. --site example.com (repeat for more); the others "
         "are not touched",
     )
-    run.add_argument(
+    parser.add_argument(
         "--accept-zero-visits",
         action="store_true",
         help="store Matomo's 0 visits even over a stored positive count (by default such a 0 is taken "
         "for a day Matomo has not archived yet, and the stored count is kept)",
     )
-    output = run.add_mutually_exclusive_group()
+    output = parser.add_mutually_exclusive_group()
     output.add_argument(
         "--dry-run",
         action="store_true",
