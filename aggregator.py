@@ -25,8 +25,9 @@ Contents, in the order the file reads; each section gives the next what it names
   Dates              the days a run asks for                                      no network
   Supabase           the deployed sites, the accounts, the holes; SCHEMA and      network
                      the one check of it; the retry every call shares
-  Matomo             visits per site and day through bulk requests; zeros         network
-                     confirmed in the raw log; an install that is down
+  Matomo             MatomoClient: its requests, the failure ladder (less per     network
+                     request, halves, an install that is down), zeros confirmed
+                     in the raw log; beside it the queries and the answers' parsing
   Search Console     each account connected, its properties; one query per        network
                      site, streamed within each account's quota
   Shaping rows       rows from answers; the heal plan (pure functions)             no network
@@ -39,10 +40,10 @@ Contents, in the order the file reads; each section gives the next what it names
   The command line   Command (one handler per command), the process, main()       no network
 
 Process-wide effects, all installed by take_over_the_process() at the start of main(): the
-singletons (secret_filter, problems, site_warnings, progress) emptied; gc.freeze(); the root
-log handlers; socket.socket and SSLContext.sslsocket_class replaced by the wall-clock sockets;
-OAUTHLIB_RELAX_TOKEN_SCOPE in the environment (for authorize); for `run`, the SIGINT and
-SIGTERM handlers. Nothing else changes the process (.env's values go to Config, not to
+singletons (secret_filter, problems, site_warnings, progress) emptied; gc.freeze() and fewer
+full collections (gc.set_threshold); the root log handlers; socket.socket and
+SSLContext.sslsocket_class replaced by the wall-clock sockets; OAUTHLIB_RELAX_TOKEN_SCOPE in the
+environment (for authorize); for `run`, the SIGINT and SIGTERM handlers. Nothing else changes the process (.env's values go to Config, not to
 os.environ), so main(argv) can run twice in one process.
 
 Where a change goes (docs/development.md says more):
@@ -1312,6 +1313,12 @@ class MatomoState:
 
 @dataclass(frozen=True)
 class MatomoClient:
+    """The run's Matomo: its settings, its HTTP session (urllib3's Retry for 429/502/503), what
+    the run learned of the install (MatomoState), and every request the run makes to it: the bulk
+    requests and the failure ladder that answers a failed one (a learned bulk limit, less work
+    per request, halves that find a site's PHP error, an install that is down and asked again),
+    the raw-log looks that confirm zeros, the sites' creation days."""
+
     session: requests.Session
     endpoint: str
     token: str
@@ -1324,6 +1331,414 @@ class MatomoClient:
     broken: Once = field(default_factory=Once)  # the URL or the token is wrong
     down_said: Once = field(default_factory=Once)
     log_off_said: Once = field(default_factory=Once)
+
+    def call(self, method: str, form: Mapping[str, str]) -> Any:
+        """One POST to Matomo's API: its JSON answer, or a MatomoError that says how it failed."""
+        # module and method stay in the query string so that an auth failure answers JSON;
+        # the token goes in the body: Matomo 5 "secure only" tokens are refused in URLs.
+        try:
+            response = self.session.post(
+                self.endpoint,
+                params={"module": "API", "method": method, "format": "json"},
+                data={"token_auth": self.token, **form},
+                timeout=self.timeout,
+            )
+        except requests.ReadTimeout:
+            raise MatomoError(
+                f"Matomo did not answer within HTTP_TIMEOUT ({self.timeout} s)", "slow"
+            ) from None
+        except requests.RequestException as error:
+            raise MatomoError(f"Matomo cannot be reached at MATOMO_URL: {error}", "down") from None
+        status = response.status_code
+        if status == 504:
+            raise MatomoError("a proxy in front of Matomo gave up waiting for it (HTTP 504)", "slow")
+        if "html" in response.headers.get("Content-Type", ""):
+            kind = "down" if status >= 500 or status == 429 else "html"
+            raise MatomoError(
+                f"Matomo answered HTTP {status} with an HTML page, not JSON ({page_text(response.text)})",
+                kind,
+            )
+        try:
+            answer = response.json()
+        except ValueError:
+            raise MatomoError(
+                f"Matomo answered HTTP {status} with malformed JSON", "down" if status >= 500 else "error"
+            ) from None
+        if isinstance(answer, dict) and answer.get("result") == "error":
+            message = html.unescape(str(answer.get("message", "")))
+            if "authenticate" in message:
+                raise MatomoConfigError(token_refused(message), "error")
+            raise MatomoError(
+                f"Matomo error (HTTP {status}): {message}", "refused" if status == 400 else "error"
+            )
+        if status >= 500:
+            raise MatomoError(f"Matomo answered HTTP {status} (retried {self.retries} times)", "down")
+        return answer
+
+    def post_bulk_request(self, sub_queries: list[str]) -> list:
+        """One API.getBulkRequest; returns its answer slots, one per sub-query. None starts once
+        the deadline has passed (a signal included): not the halves of a failed one either."""
+        if self.deadline.passed():
+            raise MatomoError(self.deadline.why, "stopped")
+        try:
+            answer = self.call("API.getBulkRequest", {f"urls[{n}]": q for n, q in enumerate(sub_queries)})
+        except MatomoError as error:
+            if error.kind == "refused" and len(sub_queries) > 1:  # Matomo 5.8's API_bulk_request_limit
+                raise MatomoError(
+                    f"Matomo refused {len(sub_queries)} sub-requests in one ({error})", "limit"
+                ) from None
+            raise
+        if not isinstance(answer, list):
+            raise MatomoError("Matomo answered HTTP 200 with an unexpected body")
+        if len(answer) != len(sub_queries):
+            raise MatomoError(
+                f"Matomo answered {len(answer)} results for {len(sub_queries)} queries "
+                "(PHP's max_input_vars may be below MATOMO_BULK_SIZE)"
+            )
+        return answer
+
+    def version(self) -> str:
+        """Matomo's version, or a MatomoError that names what to fix. The cheapest API call there
+        is: it tells whether MATOMO_URL and the token work at all."""
+        try:
+            answer = self.call("API.getMatomoVersion", {})
+        except MatomoConfigError:
+            raise
+        except MatomoError as error:
+            if error.kind == "html":
+                raise MatomoError(f"{error} to API.getMatomoVersion: {URL_HINT}", "html") from None
+            if error.kind in ("down", "slow"):
+                trouble = (
+                    "the install or a proxy in front of it is having trouble; try again in a few minutes"
+                )
+                raise MatomoError(f"{error} (API.getMatomoVersion): {trouble}", error.kind) from None
+            raise
+        return str(answer.get("value", "?")) if isinstance(answer, dict) else "?"
+
+    def install_trouble(self) -> str | None:
+        """None when the install answers its own API (so a failed request failed for what it asked);
+        else what it answers instead. A wrong URL needs proof: an HTML page that is not an error
+        status, twice; a 5xx or no connection is trouble that may pass, never a wrong URL."""
+        for attempt in range(2):
+            try:
+                self.version()
+                return None
+            except MatomoConfigError:
+                raise
+            except MatomoError as error:
+                if error.kind != "html" or attempt:
+                    return str(error)
+            self.deadline.wait(1)
+        raise AssertionError("unreachable")
+
+    def database_trouble(self) -> str | None:
+        """None when the install answers a call that needs its database and names none of the run's
+        sites (the ids the token may view); else what it answers instead. API.getMatomoVersion needs
+        no database: it may answer while MySQL is down."""
+        method = "SitesManager.getSitesIdWithAtLeastViewAccess"
+        try:
+            answer = self.call(method, {})
+        except MatomoConfigError:
+            raise
+        except MatomoError as error:
+            return f"{method} ({error})"
+        return None if isinstance(answer, list) else f"{method} (an unexpected answer)"
+
+    def get_data(
+        self: MatomoClient, site_ids: Iterable[int], days: list[dt.date], settled: dt.date | None
+    ) -> MatomoAnswer:
+        """{matomo site id: {day: visits}} for every site Matomo answered for, a few requests at a time.
+
+        A site that is missing from the result has no value: it must not be stored as 0. The first
+        request goes alone: what it learns (the install's bulk request limit, an install that is
+        down) is known before the others are sent.
+        """
+        batches = list(chunks(sorted(set(site_ids)), sites_per_request(self.bulk_size, len(days))))
+        if not batches:
+            return {}
+        result = self.batch_visits(batches[0], days, settled)
+        if len(batches) > 1:
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                for visits in pool.map(lambda batch: self.batch_visits(batch, days, settled), batches[1:]):
+                    result.update(visits)
+        return result
+
+    def batch_visits(
+        self: MatomoClient, ids: list[int], days: list[dt.date], settled: dt.date | None
+    ) -> MatomoAnswer:
+        """One batch's visits, asked in one thread: what Matomo answered, what the install lost while
+        it was down asked again once it answers, and each 0 the raw log does not confirm made
+        not final (with `settled` None, --accept-zero-visits, every 0 is taken)."""
+        self.state.lost().clear()
+        found = self.visits_for_batch(ids, days)
+        found.update(self.visits_lost_while_down(days))
+        if settled is not None:
+            found = self.with_zeros_confirmed(found, settled)
+        return found
+
+    def visits_for_batch(self, ids: list[int], days: list[dt.date]) -> MatomoAnswer:
+        """The visits of one batch of sites; whatever fails, nothing but what Matomo answered."""
+        if self.broken.happened:
+            return {}
+        if self.deadline.passed():
+            return self.stopped_before(ids)
+        if len(ids) > self.state.cap:  # the install's bulk request limit, learned earlier in the run
+            return merged_answers(self.visits_for_batch(part, days) for part in chunks(ids, self.state.cap))
+        return self.visits_asked(ids, days, probed=False)
+
+    def stopped_before(self, ids: list[int]) -> MatomoAnswer:
+        log.warning("%s: no Matomo values for %d sites (ids %s)", self.deadline.why, len(ids), id_list(ids))
+        return {}
+
+    def visits_asked(self, ids: list[int], days: list[dt.date], probed: bool) -> MatomoAnswer:
+        """One bulk request for these sites and days, and what its failure calls for."""
+        try:
+            slots = self.post_bulk_request(matomo_queries(ids, days))
+        except MatomoError as error:
+            return self.visits_after(ids, days, error, probed)
+        if self.state.down:  # it answers again: a later outage is waited for anew
+            self.state.down = self.state.gave_up_on = None
+        return visits_of_answer(ids, days, slots)
+
+    def visits_after(
+        self: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError, probed: bool
+    ) -> MatomoAnswer:
+        """What a failed request calls for: less per request (a bulk limit, too much work), a look at
+        the whole install (once per batch), or halves that find the one site whose PHP error sank it."""
+        if isinstance(error, MatomoConfigError):
+            return self.stop_asking(str(error))
+        if error.kind == "stopped" or self.deadline.passed():
+            return self.stopped_before(ids)
+        if error.kind == "limit" and len(ids) > 1:
+            self.state.learn_cap(len(ids), error)
+            return self.visits_for_batch(ids, days)
+        if error.kind == "slow":
+            return self.visits_in_parts(ids, days, error)
+        if not probed:
+            if self.state.down and str(error) in self.state.down:  # still down: no need to ask again
+                return self.install_down(ids, self.state.down)
+            try:
+                trouble = self.install_trouble()
+            except MatomoConfigError as refused:
+                return self.stop_asking(str(refused))
+            if trouble and URL_HINT in trouble:
+                return self.stop_asking(trouble)
+            if trouble:
+                return self.install_down(ids, f"{error}; to API.getMatomoVersion too")
+        if len(ids) == 1:
+            log.warning("Matomo site id %s: %s; no Matomo value for it", ids[0], error)
+            return {}
+        return self.visits_in_halves(ids, days, error)
+
+    def visits_in_halves(
+        self: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError
+    ) -> MatomoAnswer:
+        """A request fails whole for one site's PHP error or for dropped POST variables: halves find
+        the culprits and cost only them (at most 1 + 4 x log2(sites) requests for two). Both halves
+        failing as the whole did proves nothing (each may hold one); the install is down only when a
+        request that names no site fails too: then splitting further would only multiply requests."""
+        log.info("%s for %d sites; asking for them in two halves", error, len(ids))
+        halves = [ids[: len(ids) // 2], ids[len(ids) // 2 :]]
+        answers: list[dict | MatomoError] = []
+        for half in halves:
+            try:
+                answers.append(
+                    visits_of_answer(half, days, self.post_bulk_request(matomo_queries(half, days)))
+                )
+            except MatomoError as failed:
+                answers.append(failed)
+        if all(isinstance(answer, MatomoError) and answer.same_as(error) for answer in answers):
+            # Each half may hold one failing site: only a request that names none of them tells.
+            trouble = self.database_trouble()
+            if trouble:
+                return self.install_down(ids, f"{error}, for every part of the request and to {trouble}")
+        return merged_answers(
+            answer if isinstance(answer, dict) else self.visits_after(half, days, answer, probed=True)
+            for half, answer in zip(halves, answers)
+        )
+
+    def visits_in_parts(
+        self: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError
+    ) -> MatomoAnswer:
+        """Too much work for one request (a proxy's 504, a read timeout): PHP is still working on the
+        abandoned request, so the same one is never sent again; fewer sites, then fewer days, are."""
+        if len(ids) > 1:
+            log.info("%s for %d sites; asking for them in two halves", error, len(ids))
+            return merged_answers(
+                self.visits_asked(half, days, probed=True)
+                for half in (ids[: len(ids) // 2], ids[len(ids) // 2 :])
+            )
+        if len(days) > MATOMO_MIN_DAYS_PER_REQUEST:
+            log.info(
+                "%s for site id %s over %d days; asking for them in two halves", error, ids[0], len(days)
+            )
+            parts = [
+                self.visits_asked(ids, part, probed=True)
+                for part in (days[: len(days) // 2], days[len(days) // 2 :])
+            ]
+            found = {day: visits for part in parts for day, visits in part.get(ids[0], {}).items()}
+            return {ids[0]: found} if found else {}
+        log.warning(
+            "Matomo site id %s: %s even for %d days; no Matomo value for it", ids[0], error, len(days)
+        )
+        return {}
+
+    def stop_asking(self, why: str) -> MatomoAnswer:
+        """The token or the URL is wrong: said once, and no further request is sent."""
+        if self.broken.first(why):
+            log.error("%s", why)
+        return {}
+
+    def install_down(self, ids: list[int], why: str) -> MatomoAnswer:
+        """The whole install fails alike (its database down, PHP restarting): one error line, and the
+        batch is asked again if the install answers within MATOMO_RECOVERY_PAUSES."""
+        with self.state.lock:
+            self.state.down = why
+        self.state.lost().append(ids)
+        if self.down_said.first():
+            log.error(
+                "Matomo fails every request alike: %s. The install (or its database) is down or overloaded; "
+                "stored visits are kept, and what is missing is asked again if it answers within seconds "
+                "(else the next nights fetch it)",
+                why,
+            )
+        return {}
+
+    def visits_lost_while_down(self, days: list[dt.date]) -> MatomoAnswer:
+        """The batches this thread lost while the whole install failed alike, asked again once it
+        answers its API (a restart takes seconds); none if it stays down."""
+        lost = list(self.state.lost())
+        self.state.lost().clear()
+        if not lost:
+            return {}
+        with self.state.recovery:  # while one thread waits, the others wait for what it finds
+            if not self.install_answers_again():
+                return {}
+        log.info("Matomo answers again: asking for the %d sites it failed for", sum(map(len, lost)))
+        return merged_answers(self.visits_for_batch(batch, days) for batch in lost)
+
+    def install_answers_again(self) -> bool:
+        """Whether the install answers its API again, within MATOMO_RECOVERY_PAUSES. An outage that
+        outlasted them once is not waited for again: it would cost every later batch the pauses."""
+        down = self.state.down
+        if down is None:
+            return True  # another thread found it answering
+        if self.state.gave_up_on == down:
+            return False
+        for pause in MATOMO_RECOVERY_PAUSES:
+            if self.deadline.passed():
+                return False
+            self.deadline.wait(pause)
+            try:
+                if self.database_trouble() is None:
+                    self.state.down = None
+                    return True
+            except MatomoConfigError:
+                return False
+        self.state.gave_up_on = down
+        return False
+
+    def data_by_site(
+        self: MatomoClient, ids: Mapping[SiteId, int], days: list[dt.date], settled: dt.date | None
+    ) -> dict[SiteId, dict]:
+        """{site id: {day: visits}} for the sites Matomo answered for; each 0 its raw log does not
+        confirm is not final (with `settled` None, --accept-zero-visits, every 0 is taken)."""
+        by_matomo_id = self.get_data(ids.values(), days, settled)
+        return {site_id: by_matomo_id[m] for site_id, m in ids.items() if m in by_matomo_id}
+
+    def bulk_answers(self, queries: list[str], what: str, workers: int = 0) -> list[Any]:
+        """The answer slot of each sub-query, in bulk requests of the install's size, `workers` at a
+        time (MATOMO_WORKERS if 0); None where a request failed (said once per request, as `what`
+        could not be asked)."""
+
+        def ask(batch: list[str]) -> list[Any]:
+            if self.deadline.passed() or self.broken.happened:
+                return [None] * len(batch)
+            try:
+                return self.post_bulk_request(batch)
+            except MatomoError as error:
+                if error.kind == "limit" and len(batch) > 1:
+                    self.state.learn_cap(len(batch), error)
+                    return [slot for part in chunks(batch, self.state.cap) for slot in ask(part)]
+                log.info("Matomo: %s could not be asked for %d sites (%s)", what, len(batch), error)
+                return [None] * len(batch)
+
+        batches = chunks(queries, self.state.cap)
+        if workers == 1:
+            return [slot for batch in batches for slot in ask(batch)]
+        with ThreadPoolExecutor(max_workers=workers or self.workers) as pool:
+            return [slot for answers in pool.map(ask, batches) for slot in answers]
+
+    def with_zeros_confirmed(self, visits: MatomoAnswer, settled: dt.date) -> MatomoAnswer:
+        """The visits, each 0 that is not confirmed made not final. A 0 is confirmed when Matomo's
+        raw log (the Live API) has no visit in its run of zero days (or, looked at over a site's
+        span of zeros, no more visits than the archives count there); where the visitor log is off,
+        when the day is older than `settled`. Asked in the batch's own thread, one request at a time:
+        the batches beside it hold the other MATOMO_WORKERS."""
+        looks = [look for m, by_day in visits.items() for look in zero_looks(m, by_day)]
+        behind: list[int] = []
+        log_off = None
+        while looks:
+            queries = [raw_log_query(m, days, limit) for m, days, limit in looks]
+            answers = self.bulk_answers(queries, "the visitor log (to confirm zeros)", workers=1)
+            again = []
+            for (m, days, limit), slot in zip(looks, answers):
+                zeros = [day for day in days if visits[m][day].visits == 0]
+                if isinstance(slot, list) and len(slot) < limit:
+                    continue  # no visit beyond what the archives count: the zeros are true
+                if isinstance(slot, list) and limit > 1:
+                    again += [(m, each, 1) for each in zero_runs({day: visits[m][day] for day in zeros})]
+                    continue  # a visit too many somewhere: each run of zeros is looked at alone
+                if isinstance(slot, dict) and slot.get("result") == "error":
+                    log_off = log_off or html.unescape(str(slot.get("message", "")))
+                    zeros = [day for day in zeros if day >= settled]
+                elif isinstance(slot, list):
+                    behind.append(m)
+                for day in zeros:
+                    visits[m][day] = visits[m][day]._replace(final=False)
+            looks = again
+        for m in sorted(set(behind)):
+            site_warnings.add(
+                "Matomo answered 0 visits where its raw log has visits: those days are not archived yet "
+                "(core:archive is behind). Stored as provisional (matomo_final = false); the next nights "
+                "fetch them again",
+                f"Matomo site id {m}",
+            )
+        if log_off and self.log_off_said.first():
+            log.info(
+                "Matomo's visitor log cannot confirm zeros (%s): a 0 is final once its day is older than "
+                "MATOMO_SETTLE_DAYS",
+                log_off,
+            )
+        return visits
+
+    def creation_days(self, ids: Iterable[int]) -> dict[int, dt.date | Reason]:
+        """{Matomo id: the day the site was created in Matomo (ts_created, UTC), or why Matomo could
+        not say (an unknown id)}; ids whose request failed are left out, to be asked another night."""
+        found: dict[int, dt.date | Reason] = {}
+        ordered = sorted(set(ids))
+        queries = [f"method=SitesManager.getSiteFromId&idSite={m}" for m in ordered]
+        for m, slot in zip(ordered, self.bulk_answers(queries, "the sites' creation day")):
+            created = slot.get("ts_created") if isinstance(slot, dict) else None
+            if isinstance(created, str) and re.match(r"\d{4}-\d{2}-\d{2}", created):
+                found[m] = dt.date.fromisoformat(created[:10])
+            elif isinstance(slot, dict) and slot.get("result") == "error":
+                found[m] = Reason(
+                    f"Matomo: {html.unescape(str(slot.get('message', '')))}", UNKNOWN_MATOMO_ID_FIX
+                )
+        return found
+
+    def confirmed_visits(
+        self: MatomoClient,
+        ids: Mapping[SiteId, int],
+        answered: MatomoAnswer,
+        settled: dt.date | None,
+    ) -> dict[SiteId, dict]:
+        """What Matomo `answered` for some sites ({Matomo id: {day: visits}}) by site id, each 0 its
+        raw log does not confirm made not final. Asked beside the next bulk requests, not in their way."""
+        if settled is not None:
+            answered = self.with_zeros_confirmed(answered, settled)
+        return {site_id: answered[m] for site_id, m in ids.items() if m in answered}
 
 
 class CappedRetry(Retry):
@@ -1346,7 +1761,7 @@ def matomo_client(cfg: Config, deadline: Deadline) -> MatomoClient:
     # Reports are read-only, so a POST is as safe to retry as a GET. A 500 (PHP's fatal error
     # page), a proxy's 504 and a read timeout (too much work for one request; PHP goes on
     # working on it) would only fail again and add to the server's load: the request is split
-    # instead (visits_for_batch).
+    # instead (MatomoClient.visits_for_batch).
     retry = CappedRetry(
         total=cfg.http_retries,
         read=False,
@@ -1378,91 +1793,10 @@ def matomo_date_param(days: list[dt.date]) -> str:
     return days[0].isoformat() if len(days) == 1 else f"{days[0]},{days[-1]}"
 
 
-def call_matomo(matomo: MatomoClient, method: str, form: Mapping[str, str]) -> Any:
-    """One POST to Matomo's API: its JSON answer, or a MatomoError that says how it failed."""
-    # module and method stay in the query string so that an auth failure answers JSON;
-    # the token goes in the body: Matomo 5 "secure only" tokens are refused in URLs.
-    try:
-        response = matomo.session.post(
-            matomo.endpoint,
-            params={"module": "API", "method": method, "format": "json"},
-            data={"token_auth": matomo.token, **form},
-            timeout=matomo.timeout,
-        )
-    except requests.ReadTimeout:
-        raise MatomoError(f"Matomo did not answer within HTTP_TIMEOUT ({matomo.timeout} s)", "slow") from None
-    except requests.RequestException as error:
-        raise MatomoError(f"Matomo cannot be reached at MATOMO_URL: {error}", "down") from None
-    status = response.status_code
-    if status == 504:
-        raise MatomoError("a proxy in front of Matomo gave up waiting for it (HTTP 504)", "slow")
-    if "html" in response.headers.get("Content-Type", ""):
-        kind = "down" if status >= 500 or status == 429 else "html"
-        raise MatomoError(
-            f"Matomo answered HTTP {status} with an HTML page, not JSON ({page_text(response.text)})", kind
-        )
-    try:
-        answer = response.json()
-    except ValueError:
-        raise MatomoError(
-            f"Matomo answered HTTP {status} with malformed JSON", "down" if status >= 500 else "error"
-        ) from None
-    if isinstance(answer, dict) and answer.get("result") == "error":
-        message = html.unescape(str(answer.get("message", "")))
-        if "authenticate" in message:
-            raise MatomoConfigError(token_refused(message), "error")
-        raise MatomoError(f"Matomo error (HTTP {status}): {message}", "refused" if status == 400 else "error")
-    if status >= 500:
-        raise MatomoError(f"Matomo answered HTTP {status} (retried {matomo.retries} times)", "down")
-    return answer
-
-
 def page_text(page: str, limit: int = 160) -> str:
     """What an HTML error page says, in one short line: its title and text without the tags."""
     text = " ".join(html.unescape(re.sub(r"(?s)<(script|style).*?</\1>|<[^>]+>", " ", page)).split())
     return text[:limit] + ("..." if len(text) > limit else "")
-
-
-def post_bulk_request(matomo: MatomoClient, sub_queries: list[str]) -> list:
-    """One API.getBulkRequest; returns its answer slots, one per sub-query. None starts once
-    the deadline has passed (a signal included): not the halves of a failed one either."""
-    if matomo.deadline.passed():
-        raise MatomoError(matomo.deadline.why, "stopped")
-    try:
-        answer = call_matomo(
-            matomo, "API.getBulkRequest", {f"urls[{n}]": q for n, q in enumerate(sub_queries)}
-        )
-    except MatomoError as error:
-        if error.kind == "refused" and len(sub_queries) > 1:  # Matomo 5.8's API_bulk_request_limit
-            raise MatomoError(
-                f"Matomo refused {len(sub_queries)} sub-requests in one ({error})", "limit"
-            ) from None
-        raise
-    if not isinstance(answer, list):
-        raise MatomoError("Matomo answered HTTP 200 with an unexpected body")
-    if len(answer) != len(sub_queries):
-        raise MatomoError(
-            f"Matomo answered {len(answer)} results for {len(sub_queries)} queries "
-            "(PHP's max_input_vars may be below MATOMO_BULK_SIZE)"
-        )
-    return answer
-
-
-def matomo_version(matomo: MatomoClient) -> str:
-    """Matomo's version, or a MatomoError that names what to fix. The cheapest API call there
-    is: it tells whether MATOMO_URL and the token work at all."""
-    try:
-        answer = call_matomo(matomo, "API.getMatomoVersion", {})
-    except MatomoConfigError:
-        raise
-    except MatomoError as error:
-        if error.kind == "html":
-            raise MatomoError(f"{error} to API.getMatomoVersion: {URL_HINT}", "html") from None
-        if error.kind in ("down", "slow"):
-            trouble = "the install or a proxy in front of it is having trouble; try again in a few minutes"
-            raise MatomoError(f"{error} (API.getMatomoVersion): {trouble}", error.kind) from None
-        raise
-    return str(answer.get("value", "?")) if isinstance(answer, dict) else "?"
 
 
 def token_refused(message: str) -> str:
@@ -1470,37 +1804,6 @@ def token_refused(message: str) -> str:
         f"Matomo rejected MATOMO_TOKEN_AUTH ({message}): create a new token "
         "(Administration > Personal > Security) with view access to every site"
     )
-
-
-def install_trouble(matomo: MatomoClient) -> str | None:
-    """None when the install answers its own API (so a failed request failed for what it asked);
-    else what it answers instead. A wrong URL needs proof: an HTML page that is not an error
-    status, twice; a 5xx or no connection is trouble that may pass, never a wrong URL."""
-    for attempt in range(2):
-        try:
-            matomo_version(matomo)
-            return None
-        except MatomoConfigError:
-            raise
-        except MatomoError as error:
-            if error.kind != "html" or attempt:
-                return str(error)
-        matomo.deadline.wait(1)
-    raise AssertionError("unreachable")
-
-
-def database_trouble(matomo: MatomoClient) -> str | None:
-    """None when the install answers a call that needs its database and names none of the run's
-    sites (the ids the token may view); else what it answers instead. API.getMatomoVersion needs
-    no database: it may answer while MySQL is down."""
-    method = "SitesManager.getSitesIdWithAtLeastViewAccess"
-    try:
-        answer = call_matomo(matomo, method, {})
-    except MatomoConfigError:
-        raise
-    except MatomoError as error:
-        return f"{method} ({error})"
-    return None if isinstance(answer, list) else f"{method} (an unexpected answer)"
 
 
 class MatomoDay(NamedTuple):  # a tuple: a year of 10,000 sites makes 3.65 million of them
@@ -1563,67 +1866,6 @@ def sites_per_request(bulk_size: int, days: int) -> int:
     return max(1, min(bulk_size, MATOMO_SITE_DAYS_PER_REQUEST // days))
 
 
-def get_matomo_data(
-    matomo: MatomoClient, site_ids: Iterable[int], days: list[dt.date], settled: dt.date | None
-) -> MatomoAnswer:
-    """{matomo site id: {day: visits}} for every site Matomo answered for, a few requests at a time.
-
-    A site that is missing from the result has no value: it must not be stored as 0. The first
-    request goes alone: what it learns (the install's bulk request limit, an install that is
-    down) is known before the others are sent.
-    """
-    batches = list(chunks(sorted(set(site_ids)), sites_per_request(matomo.bulk_size, len(days))))
-    if not batches:
-        return {}
-    result = batch_visits(matomo, batches[0], days, settled)
-    if len(batches) > 1:
-        with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
-            for visits in pool.map(lambda batch: batch_visits(matomo, batch, days, settled), batches[1:]):
-                result.update(visits)
-    return result
-
-
-def batch_visits(
-    matomo: MatomoClient, ids: list[int], days: list[dt.date], settled: dt.date | None
-) -> MatomoAnswer:
-    """One batch's visits, asked in one thread: what Matomo answered, what the install lost while
-    it was down asked again once it answers, and each 0 the raw log does not confirm made
-    not final (with `settled` None, --accept-zero-visits, every 0 is taken)."""
-    matomo.state.lost().clear()
-    found = visits_for_batch(matomo, ids, days)
-    found.update(visits_lost_while_down(matomo, days))
-    if settled is not None:
-        found = with_zeros_confirmed(matomo, found, settled)
-    return found
-
-
-def visits_for_batch(matomo: MatomoClient, ids: list[int], days: list[dt.date]) -> MatomoAnswer:
-    """The visits of one batch of sites; whatever fails, nothing but what Matomo answered."""
-    if matomo.broken.happened:
-        return {}
-    if matomo.deadline.passed():
-        return not_asked(matomo, ids)
-    if len(ids) > matomo.state.cap:  # the install's bulk request limit, learned earlier in the run
-        return merged_answers(visits_for_batch(matomo, part, days) for part in chunks(ids, matomo.state.cap))
-    return visits_asked(matomo, ids, days, probed=False)
-
-
-def not_asked(matomo: MatomoClient, ids: list[int]) -> MatomoAnswer:
-    log.warning("%s: no Matomo values for %d sites (ids %s)", matomo.deadline.why, len(ids), id_list(ids))
-    return {}
-
-
-def visits_asked(matomo: MatomoClient, ids: list[int], days: list[dt.date], probed: bool) -> MatomoAnswer:
-    """One bulk request for these sites and days, and what its failure calls for."""
-    try:
-        slots = post_bulk_request(matomo, matomo_queries(ids, days))
-    except MatomoError as error:
-        return visits_after(matomo, ids, days, error, probed)
-    if matomo.state.down:  # it answers again: a later outage is waited for anew
-        matomo.state.down = matomo.state.gave_up_on = None
-    return visits_of_answer(ids, days, slots)
-
-
 def matomo_queries(ids: list[int], days: list[dt.date]) -> list[str]:
     # showColumns: only the metrics we store (the rates and the rest are Matomo's to derive).
     query = urlencode(
@@ -1646,152 +1888,11 @@ def visits_of_answer(ids: list[int], days: list[dt.date], slots: list) -> Matomo
     return result
 
 
-def visits_after(
-    matomo: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError, probed: bool
-) -> MatomoAnswer:
-    """What a failed request calls for: less per request (a bulk limit, too much work), a look at
-    the whole install (once per batch), or halves that find the one site whose PHP error sank it."""
-    if isinstance(error, MatomoConfigError):
-        return matomo_broken(matomo, str(error))
-    if error.kind == "stopped" or matomo.deadline.passed():
-        return not_asked(matomo, ids)
-    if error.kind == "limit" and len(ids) > 1:
-        matomo.state.learn_cap(len(ids), error)
-        return visits_for_batch(matomo, ids, days)
-    if error.kind == "slow":
-        return visits_in_parts(matomo, ids, days, error)
-    if not probed:
-        if matomo.state.down and str(error) in matomo.state.down:  # still down: no need to ask again
-            return install_down(matomo, ids, matomo.state.down)
-        try:
-            trouble = install_trouble(matomo)
-        except MatomoConfigError as refused:
-            return matomo_broken(matomo, str(refused))
-        if trouble and URL_HINT in trouble:
-            return matomo_broken(matomo, trouble)
-        if trouble:
-            return install_down(matomo, ids, f"{error}; to API.getMatomoVersion too")
-    if len(ids) == 1:
-        log.warning("Matomo site id %s: %s; no Matomo value for it", ids[0], error)
-        return {}
-    return visits_in_halves(matomo, ids, days, error)
-
-
-def visits_in_halves(
-    matomo: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError
-) -> MatomoAnswer:
-    """A request fails whole for one site's PHP error or for dropped POST variables: halves find
-    the culprits and cost only them (at most 1 + 4 x log2(sites) requests for two). Both halves
-    failing as the whole did proves nothing (each may hold one); the install is down only when a
-    request that names no site fails too: then splitting further would only multiply requests."""
-    log.info("%s for %d sites; asking for them in two halves", error, len(ids))
-    halves = [ids[: len(ids) // 2], ids[len(ids) // 2 :]]
-    answers: list[dict | MatomoError] = []
-    for half in halves:
-        try:
-            answers.append(
-                visits_of_answer(half, days, post_bulk_request(matomo, matomo_queries(half, days)))
-            )
-        except MatomoError as failed:
-            answers.append(failed)
-    if all(isinstance(answer, MatomoError) and answer.same_as(error) for answer in answers):
-        # Each half may hold one failing site: only a request that names none of them tells.
-        trouble = database_trouble(matomo)
-        if trouble:
-            return install_down(matomo, ids, f"{error}, for every part of the request and to {trouble}")
-    return merged_answers(
-        answer if isinstance(answer, dict) else visits_after(matomo, half, days, answer, probed=True)
-        for half, answer in zip(halves, answers)
-    )
-
-
-def visits_in_parts(
-    matomo: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError
-) -> MatomoAnswer:
-    """Too much work for one request (a proxy's 504, a read timeout): PHP is still working on the
-    abandoned request, so the same one is never sent again; fewer sites, then fewer days, are."""
-    if len(ids) > 1:
-        log.info("%s for %d sites; asking for them in two halves", error, len(ids))
-        return merged_answers(
-            visits_asked(matomo, half, days, probed=True)
-            for half in (ids[: len(ids) // 2], ids[len(ids) // 2 :])
-        )
-    if len(days) > MATOMO_MIN_DAYS_PER_REQUEST:
-        log.info("%s for site id %s over %d days; asking for them in two halves", error, ids[0], len(days))
-        parts = [
-            visits_asked(matomo, ids, part, probed=True)
-            for part in (days[: len(days) // 2], days[len(days) // 2 :])
-        ]
-        found = {day: visits for part in parts for day, visits in part.get(ids[0], {}).items()}
-        return {ids[0]: found} if found else {}
-    log.warning("Matomo site id %s: %s even for %d days; no Matomo value for it", ids[0], error, len(days))
-    return {}
-
-
 def merged_answers(answers: Iterable[MatomoAnswer]) -> MatomoAnswer:
     result: MatomoAnswer = {}
     for answer in answers:
         result.update(answer)
     return result
-
-
-def matomo_broken(matomo: MatomoClient, why: str) -> MatomoAnswer:
-    """The token or the URL is wrong: said once, and no further request is sent."""
-    if matomo.broken.first(why):
-        log.error("%s", why)
-    return {}
-
-
-def install_down(matomo: MatomoClient, ids: list[int], why: str) -> MatomoAnswer:
-    """The whole install fails alike (its database down, PHP restarting): one error line, and the
-    batch is asked again if the install answers within MATOMO_RECOVERY_PAUSES."""
-    with matomo.state.lock:
-        matomo.state.down = why
-    matomo.state.lost().append(ids)
-    if matomo.down_said.first():
-        log.error(
-            "Matomo fails every request alike: %s. The install (or its database) is down or overloaded; "
-            "stored visits are kept, and what is missing is asked again if it answers within seconds "
-            "(else the next nights fetch it)",
-            why,
-        )
-    return {}
-
-
-def visits_lost_while_down(matomo: MatomoClient, days: list[dt.date]) -> MatomoAnswer:
-    """The batches this thread lost while the whole install failed alike, asked again once it
-    answers its API (a restart takes seconds); none if it stays down."""
-    lost = list(matomo.state.lost())
-    matomo.state.lost().clear()
-    if not lost:
-        return {}
-    with matomo.state.recovery:  # while one thread waits, the others wait for what it finds
-        if not install_answers_again(matomo):
-            return {}
-    log.info("Matomo answers again: asking for the %d sites it failed for", sum(map(len, lost)))
-    return merged_answers(visits_for_batch(matomo, batch, days) for batch in lost)
-
-
-def install_answers_again(matomo: MatomoClient) -> bool:
-    """Whether the install answers its API again, within MATOMO_RECOVERY_PAUSES. An outage that
-    outlasted them once is not waited for again: it would cost every later batch the pauses."""
-    down = matomo.state.down
-    if down is None:
-        return True  # another thread found it answering
-    if matomo.state.gave_up_on == down:
-        return False
-    for pause in MATOMO_RECOVERY_PAUSES:
-        if matomo.deadline.passed():
-            return False
-        matomo.deadline.wait(pause)
-        try:
-            if database_trouble(matomo) is None:
-                matomo.state.down = None
-                return True
-        except MatomoConfigError:
-            return False
-    matomo.state.gave_up_on = down
-    return False
 
 
 def matomo_id(site: Site) -> int | None:
@@ -1818,15 +1919,6 @@ def matomo_ids_by_site(sites: Iterable[Site]) -> dict[SiteId, int]:
         else:
             ids[site.id] = found
     return ids
-
-
-def matomo_data_by_site(
-    matomo: MatomoClient, ids: Mapping[SiteId, int], days: list[dt.date], settled: dt.date | None
-) -> dict[SiteId, dict]:
-    """{site id: {day: visits}} for the sites Matomo answered for; each 0 its raw log does not
-    confirm is not final (with `settled` None, --accept-zero-visits, every 0 is taken)."""
-    by_matomo_id = get_matomo_data(matomo, ids.values(), days, settled)
-    return {site_id: by_matomo_id[m] for site_id, m in ids.items() if m in by_matomo_id}
 
 
 def zero_runs(by_day: Mapping[dt.date, MatomoDay]) -> list[list[dt.date]]:
@@ -1858,30 +1950,6 @@ def raw_log_query(idsite: int, days: list[dt.date], limit: int) -> str:
     )
 
 
-def bulk_answers(matomo: MatomoClient, queries: list[str], what: str, workers: int = 0) -> list[Any]:
-    """The answer slot of each sub-query, in bulk requests of the install's size, `workers` at a
-    time (MATOMO_WORKERS if 0); None where a request failed (said once per request, as `what`
-    could not be asked)."""
-
-    def ask(batch: list[str]) -> list[Any]:
-        if matomo.deadline.passed() or matomo.broken.happened:
-            return [None] * len(batch)
-        try:
-            return post_bulk_request(matomo, batch)
-        except MatomoError as error:
-            if error.kind == "limit" and len(batch) > 1:
-                matomo.state.learn_cap(len(batch), error)
-                return [slot for part in chunks(batch, matomo.state.cap) for slot in ask(part)]
-            log.info("Matomo: %s could not be asked for %d sites (%s)", what, len(batch), error)
-            return [None] * len(batch)
-
-    batches = chunks(queries, matomo.state.cap)
-    if workers == 1:
-        return [slot for batch in batches for slot in ask(batch)]
-    with ThreadPoolExecutor(max_workers=workers or matomo.workers) as pool:
-        return [slot for answers in pool.map(ask, batches) for slot in answers]
-
-
 # A site's zeros are confirmed with one look at its raw log over all of them when the archives
 # count fewer visits than this between them (a sparse site: a year in one sub-request; the visits
 # come as their ids only, a few bytes each); a busier site's raw log is looked at once per run of
@@ -1902,83 +1970,11 @@ def zero_looks(m: int, by_day: Mapping[dt.date, MatomoDay]) -> list[tuple[int, l
     return [(m, zeros, 1) for zeros in runs]
 
 
-def with_zeros_confirmed(matomo: MatomoClient, visits: MatomoAnswer, settled: dt.date) -> MatomoAnswer:
-    """The visits, each 0 that is not confirmed made not final. A 0 is confirmed when Matomo's
-    raw log (the Live API) has no visit in its run of zero days (or, looked at over a site's
-    span of zeros, no more visits than the archives count there); where the visitor log is off,
-    when the day is older than `settled`. Asked in the batch's own thread, one request at a time:
-    the batches beside it hold the other MATOMO_WORKERS."""
-    looks = [look for m, by_day in visits.items() for look in zero_looks(m, by_day)]
-    behind: list[int] = []
-    log_off = None
-    while looks:
-        queries = [raw_log_query(m, days, limit) for m, days, limit in looks]
-        answers = bulk_answers(matomo, queries, "the visitor log (to confirm zeros)", workers=1)
-        again = []
-        for (m, days, limit), slot in zip(looks, answers):
-            zeros = [day for day in days if visits[m][day].visits == 0]
-            if isinstance(slot, list) and len(slot) < limit:
-                continue  # no visit beyond what the archives count: the zeros are true
-            if isinstance(slot, list) and limit > 1:
-                again += [(m, each, 1) for each in zero_runs({day: visits[m][day] for day in zeros})]
-                continue  # a visit too many somewhere: each run of zeros is looked at alone
-            if isinstance(slot, dict) and slot.get("result") == "error":
-                log_off = log_off or html.unescape(str(slot.get("message", "")))
-                zeros = [day for day in zeros if day >= settled]
-            elif isinstance(slot, list):
-                behind.append(m)
-            for day in zeros:
-                visits[m][day] = visits[m][day]._replace(final=False)
-        looks = again
-    for m in sorted(set(behind)):
-        site_warnings.add(
-            "Matomo answered 0 visits where its raw log has visits: those days are not archived yet "
-            "(core:archive is behind). Stored as provisional (matomo_final = false); the next nights "
-            "fetch them again",
-            f"Matomo site id {m}",
-        )
-    if log_off and matomo.log_off_said.first():
-        log.info(
-            "Matomo's visitor log cannot confirm zeros (%s): a 0 is final once its day is older than "
-            "MATOMO_SETTLE_DAYS",
-            log_off,
-        )
-    return visits
-
-
 # What fixes a Matomo id its install does not know (or the token may not view).
 UNKNOWN_MATOMO_ID_FIX = (
     "correct sites.matomo_site_id, or add the site in Matomo (or give view access to it to the user of "
     "MATOMO_TOKEN_AUTH)"
 )
-
-
-def matomo_creation_days(matomo: MatomoClient, ids: Iterable[int]) -> dict[int, dt.date | Reason]:
-    """{Matomo id: the day the site was created in Matomo (ts_created, UTC), or why Matomo could
-    not say (an unknown id)}; ids whose request failed are left out, to be asked another night."""
-    found: dict[int, dt.date | Reason] = {}
-    ordered = sorted(set(ids))
-    queries = [f"method=SitesManager.getSiteFromId&idSite={m}" for m in ordered]
-    for m, slot in zip(ordered, bulk_answers(matomo, queries, "the sites' creation day")):
-        created = slot.get("ts_created") if isinstance(slot, dict) else None
-        if isinstance(created, str) and re.match(r"\d{4}-\d{2}-\d{2}", created):
-            found[m] = dt.date.fromisoformat(created[:10])
-        elif isinstance(slot, dict) and slot.get("result") == "error":
-            found[m] = Reason(f"Matomo: {html.unescape(str(slot.get('message', '')))}", UNKNOWN_MATOMO_ID_FIX)
-    return found
-
-
-def confirmed_visits(
-    matomo: MatomoClient,
-    ids: Mapping[SiteId, int],
-    answered: MatomoAnswer,
-    settled: dt.date | None,
-) -> dict[SiteId, dict]:
-    """What Matomo `answered` for some sites ({Matomo id: {day: visits}}) by site id, each 0 its
-    raw log does not confirm made not final. Asked beside the next bulk requests, not in their way."""
-    if settled is not None:
-        answered = with_zeros_confirmed(matomo, answered, settled)
-    return {site_id: answered[m] for site_id, m in ids.items() if m in answered}
 
 
 # ---------------------------------------------------------------------------
@@ -3455,7 +3451,7 @@ class Flow:
                 with self.lock:
                     self.not_asked += len(unit.matomo_ids)
             else:
-                answered = get_matomo_data(self.fetchers.matomo, unit.matomo_ids.values(), self.days, None)
+                answered = self.fetchers.matomo.get_data(unit.matomo_ids.values(), self.days, None)
         finally:
             self.first_asked.set()
             self.checked.append(self.watched(self.checks.submit(self.check_zeros, unit, answered)))
@@ -3464,7 +3460,7 @@ class Flow:
         visits: dict = {}
         try:
             f = self.fetchers
-            visits = confirmed_visits(f.matomo, unit.matomo_ids, answered, f.settled)
+            visits = f.matomo.confirmed_visits(unit.matomo_ids, answered, f.settled)
         finally:
             unit.visits = visits
             self.fetched("matomo", len(unit.matomo_ids))
@@ -3600,7 +3596,7 @@ def matomo_rows(
             or not learned[(site.id, "matomo")]["available_from"]
         )
     }
-    found = matomo_creation_days(matomo, new.values()) if new else {}
+    found = matomo.creation_days(new.values()) if new else {}
     rows = []
     for site_id, m in new.items():
         if m not in found:
@@ -3742,7 +3738,7 @@ def heal_matomo(
 
     def rows(days: list[dt.date], site_ids: list[SiteId]) -> list[dict]:
         ids = {site_id: fetchers.matomo_ids[site_id] for site_id in site_ids}
-        visits = matomo_data_by_site(fetchers.matomo, ids, days, fetchers.settled)
+        visits = fetchers.matomo.data_by_site(ids, days, fetchers.settled)
         return analytics_rows([by_id[site_id] for site_id in site_ids], days, visits, {})
 
     heal_by_span(plan.matomo, rows, "matomo", fetchers.deadline, store, outcome)
@@ -4024,13 +4020,13 @@ def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[AccountI
 def matomo_for_check(cfg: Config, sites: list[Site], today: dt.date, found: dict) -> None:
     matomo = matomo_client(cfg, Deadline.after(cfg.run_deadline))
     try:
-        version = matomo_version(matomo)
+        version = matomo.version()
     except MatomoError as error:
         log.error("%s", error)
         found["matomo"] = {"reachable": False}
         return
     ids = matomo_ids_by_site(sites)
-    visits = matomo_data_by_site(matomo, ids, [today - dt.timedelta(days=DEFAULT_LAG_DAYS)], None)
+    visits = matomo.data_by_site(ids, [today - dt.timedelta(days=DEFAULT_LAG_DAYS)], None)
     answered = f"answered for {len(visits)} of the {len(ids)} sites with a Matomo id"
     found["lines"].append(f"Matomo {version}: {answered}")
     found["matomo"] = {"reachable": True, "version": version, "sites": len(ids), "answered": len(visits)}
