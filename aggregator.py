@@ -23,8 +23,9 @@ Contents, in the order the file reads; each section gives the next what it names
                      grouped per cause
   Small tools        Deadline, the wall clock on every socket, Once, chunks      no network
   Dates              the days a run asks for                                      no network
-  Supabase           the deployed sites, the accounts, the holes; SCHEMA and      network
-                     the one check of it; the retry every call shares
+  Supabase           the class Supabase: the deployed sites, the accounts, the    network
+                     holes, the schema check (SCHEMA), the retry every call
+                     shares; store_chunk
   Matomo             MatomoClient: its requests, the failure ladder (less per     network
                      request, halves, an install that is down), zeros confirmed
                      in the raw log; beside it the queries and the answers' parsing
@@ -870,7 +871,10 @@ def supabase_client(cfg: Config) -> Supabase:
 
 @dataclass(frozen=True)
 class Supabase:
-    """The Supabase client, and how many times a call that fails transiently is made."""
+    """The run's Supabase: the client, how many times a call that fails transiently is made (the
+    one retry policy: execute, rpc), and every read and write the job makes there: the deployed
+    sites and the accounts, what earlier runs learnt of the sites' sources, the holes, the
+    schema check, the chunks of rows to store_analytics, the accounts' rows for authorize."""
 
     client: Client
     attempts: int
@@ -887,44 +891,275 @@ class Supabase:
         """A migration's function's answer (POST /rest/v1/rpc/NAME), retried alike."""
         return self.execute(self.client.rpc(name, dict(arguments))).data
 
+    def fetch_all(
+        self,
+        table: str,
+        columns: str,
+        narrow: Callable[[Any], Any] = lambda q: q,
+        order: str = "id",
+    ) -> list[dict]:
+        """Every row of a table that `narrow` (filters on a query) keeps, page by page.
 
-def fetch_all(
-    client: Supabase,
-    table: str,
-    columns: str,
-    narrow: Callable[[Any], Any] = lambda q: q,
-    order: str = "id",
-) -> list[dict]:
-    """Every row of a table that `narrow` (filters on a query) keeps, page by page.
-
-    Ordered by one column (which `columns` must hold), each page starts after the last row read
-    (keyset paging): a row deleted meanwhile shifts no other row into an earlier page. Ordered by
-    several, pages go by offset, and an offset that a deletion put past the end (416, PGRST103)
-    ends the read. Paging stops once the total PostgREST counts (Prefer: count=exact) is read, or
-    at an empty page, never at a short one: a project whose max-rows is below PAGE_SIZE answers
-    short pages all the way through. `order` must be unique per row.
-    """
-    rows: list[dict] = []
-    by_key = "," not in order
-    while True:
-        # The count spares the empty page that would otherwise end every read: a round trip.
-        query = narrow(client.table(table).select(columns, count=CountMethod.exact))
-        for column in order.split(","):
-            query = query.order(column)
-        if by_key and rows:
-            query = query.gt(order, rows[-1][order])
-        start = 0 if by_key else len(rows)
-        try:
-            answer = client.execute(query.range(start, start + PAGE_SIZE - 1))
-        except (APIError, httpx.HTTPError) as error:
-            if isinstance(error, APIError) and error.code == "PGRST103":
+        Ordered by one column (which `columns` must hold), each page starts after the last row read
+        (keyset paging): a row deleted meanwhile shifts no other row into an earlier page. Ordered by
+        several, pages go by offset, and an offset that a deletion put past the end (416, PGRST103)
+        ends the read. Paging stops once the total PostgREST counts (Prefer: count=exact) is read, or
+        at an empty page, never at a short one: a project whose max-rows is below PAGE_SIZE answers
+        short pages all the way through. `order` must be unique per row.
+        """
+        rows: list[dict] = []
+        by_key = "," not in order
+        while True:
+            # The count spares the empty page that would otherwise end every read: a round trip.
+            query = narrow(self.table(table).select(columns, count=CountMethod.exact))
+            for column in order.split(","):
+                query = query.order(column)
+            if by_key and rows:
+                query = query.gt(order, rows[-1][order])
+            start = 0 if by_key else len(rows)
+            try:
+                answer = self.execute(query.range(start, start + PAGE_SIZE - 1))
+            except (APIError, httpx.HTTPError) as error:
+                if isinstance(error, APIError) and error.code == "PGRST103":
+                    return rows
+                raise SupabaseError(describe_supabase_error(error, f"reading {table}")) from None
+            page = rows_of(answer.data, table)
+            rows.extend(page)
+            left = answer.count is not None and (len(page) if by_key else len(rows)) >= answer.count
+            if not page or left:
                 return rows
-            raise SupabaseError(describe_supabase_error(error, f"reading {table}")) from None
-        page = rows_of(answer.data, table)
-        rows.extend(page)
-        left = answer.count is not None and (len(page) if by_key else len(rows)) >= answer.count
-        if not page or left:
-            return rows
+
+    def no_sites(self) -> str:
+        return NO_SITES.replace("'deployed'", repr(self.deployed))
+
+    def deployed_sites(self) -> list[Site]:
+        rows = self.fetch_all(
+            "sites",
+            "id,domain,matomo_site_id,gsc_account_id",
+            lambda query: query.eq("status_deployment", self.deployed),
+        )
+        return [Site(r["id"], r["domain"], r["matomo_site_id"], r["gsc_account_id"]) for r in rows]
+
+    def account_keys(self) -> dict[AccountId, AccountKey]:
+        """{account id: its refresh token or service-account key} for every gsc_accounts row."""
+        rows = self.fetch_all("gsc_accounts", "id,oauth_refresh_token,service_account_key")
+        return {row["id"]: credential_of(row) for row in rows}
+
+    def store_learned_sources(self, rows: list[dict]) -> None:
+        for chunk in chunks(rows, PAGE_SIZE):
+            request = self.table("site_sources").upsert(
+                chunk, on_conflict="site_id,source", returning=ReturnMethod.minimal
+            )
+            self.execute(request)
+
+    def call_function(self, name: str, arguments: Mapping[str, Any], kind: type) -> Any:
+        """A migration's SQL function's JSON answer, of the type expected."""
+        try:
+            answer = self.rpc(name, arguments)
+        except (APIError, httpx.HTTPError) as error:
+            raise SupabaseError(describe_supabase_error(error, f"calling {name}")) from None
+        if not isinstance(answer, kind):
+            raise SupabaseError(
+                f"{name} did not answer a JSON {kind.__name__}: SUPABASE_URL must be the project's API URL"
+            )
+        return answer
+
+    def learned_sources(self) -> dict[tuple[SiteId, str], dict]:
+        """{(site id, source): its site_sources row}: what earlier runs learnt of each site's sources."""
+        found = self.call_function("site_sources_known", {}, list)
+        columns = ("site_id", "source", "source_key", "available_from", "unavailable", "fix")
+        rows = [
+            dict(zip(columns, row)) for row in found if isinstance(row, list) and len(row) == len(columns)
+        ]
+        return {(row["site_id"], row["source"]): row for row in rows}
+
+    def holes(self, coverage: Coverage) -> list[Hole]:
+        """Every hole of the deployed sites, as the database computes them (analytics_holes; before
+        migration 20261206000200 it does not say which are provisional: they heal in date order)."""
+        found = self.call_function("analytics_holes", coverage.arguments(), list)
+        if not all(isinstance(hole, dict) for hole in found):
+            raise SupabaseError("analytics_holes answered something else than holes: apply " + MIGRATION)
+        return [
+            Hole(
+                hole["site_id"],
+                hole["source"],
+                dt.date.fromisoformat(hole["from"]),
+                dt.date.fromisoformat(hole["to"]),
+                hole.get("provisional") is True,
+            )
+            for hole in found
+        ]
+
+    def missing_schema(self) -> str | None:
+        """None when every table, column, view and function a run uses is there (one request);
+        else one line naming what is missing and the migration to apply."""
+        wanted = [
+            (migration, name, asked)
+            for migration, listed in SCHEMA.items()
+            for name, asked in schema_objects(listed).items()
+        ]
+        objects = [each for _, _, asked in wanted for each in asked]
+        try:
+            answer = self.rpc("schema_missing", {"p_objects": objects})
+        except (APIError, httpx.HTTPError) as error:
+            if supabase_error_kind(error) != "schema":
+                raise SupabaseError(describe_supabase_error(error, "reading the schema")) from None
+            answer = ["schema_missing()"]  # the check itself is missing: the newest migration is
+        if not isinstance(answer, list):
+            raise SupabaseError(
+                "schema_missing did not answer a JSON list: SUPABASE_URL must be the project's API URL"
+            )
+        missing = set(answer)
+        if not missing:
+            return None
+        # a missing table is named, not each of its columns
+        names = dict.fromkeys(
+            name if name in missing else each
+            for _, name, asked in wanted
+            for each in asked
+            if each in missing
+        )
+        first = min(migration for migration, _, asked in wanted if missing & set(asked))
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        return (
+            f"the database lacks {', '.join(list(names)[:5])}{more}: apply every file of supabase/migrations/ "
+            f"from {first} on, in order (supabase db push)"
+        )
+
+    def store_chunk(
+        self,
+        chunk: list[dict],
+        hopeless: Once,
+        accept_zeros: bool,
+        dry_run: bool = False,
+        whole_failed_with: str | None = None,
+    ) -> Merged:
+        """Merges rows with what is stored, through the migration's store_analytics (where every rule
+        of the table lives). `hopeless` is the run's: once a fault every chunk would meet is found,
+        said once, no further chunk is tried."""
+        if hopeless.happened:
+            return Merged(failed=len(chunk))
+        arguments = {"p_rows": chunk, "p_accept_zeros": accept_zeros, "p_dry_run": dry_run}
+        try:
+            answer = self.rpc("store_analytics", arguments)
+        except (APIError, httpx.HTTPError) as error:
+            kind, code = supabase_error_kind(error), str(getattr(error, "code", "") or "")
+            if kind == "other" and code == whole_failed_with and code not in ROW_ERRORS:
+                kind = "everywhere"  # a half fails as the whole did: no row is to blame
+            if kind in ("too big", "other") and len(chunk) > 1:
+                # Too much work for the statement timeout, or one row sinks the chunk (its site
+                # deleted during the run: 23503): halves are stored, or find the row.
+                half = len(chunk) // 2
+                first = self.store_chunk(chunk[:half], hopeless, accept_zeros, dry_run, code)
+                return first + self.store_chunk(chunk[half:], hopeless, accept_zeros, dry_run, code)
+            said = describe_supabase_error(error, "storing rows")
+            if kind in ("key", "schema", "everywhere"):
+                if hopeless.first(said):
+                    log.error("%s; no further upsert is tried", said)
+                return Merged(failed=len(chunk))
+            what = (
+                f"site {chunk[0]['site_id']}, {chunk[0]['date']}"
+                if len(chunk) == 1
+                else f"{len(chunk)} records"
+            )
+            log.error("%s; %s not stored", said, what)
+            return Merged(failed=len(chunk))
+        if not (isinstance(answer, dict) and isinstance(answer.get("stored"), int)):
+            if hopeless.first():
+                log.error(
+                    "store_analytics did not answer its JSON object: SUPABASE_URL must be the project's API URL"
+                )
+            return Merged(failed=len(chunk))
+        return Merged(answer["stored"], answer["kept"], answer["rows"] or [])
+
+    def conflict_key_exists(self) -> bool:
+        """Whether rows can be stored on (date, site_id), found without writing anything: a dry run
+        of store_analytics with a row no site can own. Postgres resolves ON CONFLICT before it reads
+        a row: a missing key fails at once (42P10), a present one lets the row reach the foreign key."""
+        probe = {"date": "1970-01-01", "site_id": -1, "matomo_visits": 0, "matomo_final": True}
+        arguments = {"p_rows": [probe], "p_dry_run": True}
+        try:
+            self.client.rpc("store_analytics", arguments).execute()
+        except APIError as error:
+            if supabase_error_kind(error) == "schema":
+                log.error("%s", describe_supabase_error(error, "checking daily_analytics"))
+                return False
+            return True  # the row itself was refused (no site -1): the key is there
+        log.error(
+            "Supabase accepted a row for site -1: daily_analytics has no foreign key to sites; apply %s",
+            MIGRATION,
+        )
+        return False
+
+    def last_account_states(self) -> dict[str, str]:
+        """{account id: its state in the newest recorded run that used it, with that run's date}."""
+        query = (
+            self.table("aggregator_runs")
+            .select("finished_at,summary")
+            .order("finished_at", desc=True)
+            .limit(RUNS_LOOKED_AT)
+        )
+        try:
+            runs = rows_of(self.execute(query).data, "aggregator_runs")
+        except (APIError, httpx.HTTPError) as error:
+            raise SupabaseError(describe_supabase_error(error, "reading aggregator_runs")) from None
+        states: dict[str, str] = {}
+        for recorded_run in runs:
+            accounts = (recorded_run.get("summary") or {}).get("gsc", {}).get("accounts", {})
+            when = str(recorded_run["finished_at"])[:16].replace("T", " ")
+            for account_id, state in accounts.items():
+                states.setdefault(account_id, f"{state} ({when})")
+        return states
+
+    def account_exists(self, account_id: str) -> bool:
+        """Whether --account names a gsc_accounts row; said before the browser round trip, not after."""
+        if not re.fullmatch(r"[0-9]{1,18}", account_id):
+            log.error(
+                "--account %s: an account id is a number; `%s accounts` lists them", account_id, program()
+            )
+            return False
+        try:
+            found = self.execute(self.table("gsc_accounts").select("id").eq("id", account_id)).data
+        except (APIError, httpx.HTTPError) as error:
+            log.error("%s", describe_supabase_error(error, "reading gsc_accounts"))
+            return False
+        if not found:
+            log.error("There is no gsc_accounts row with id %s: omit --account to add a new one", account_id)
+        return bool(found)
+
+    def store_refresh_token(self, account_id: str | None, refresh_token: str, email: str | None) -> int:
+        row = {"oauth_refresh_token": refresh_token, **({"label": email} if email else {})}
+        done = self.stored_account_row(account_id, row, "service_account_key")
+        if done is None:
+            return ExitStatus.FAILED
+        who = f" (Google account {email}, now its label)" if email else ""
+        say(
+            f"Stored the refresh token in gsc_accounts row {done}{who}. Point sites at it with gsc_account_id."
+        )
+        return ExitStatus.OK
+
+    def stored_account_row(self, account_id: str | None, row: dict, other_credential: str) -> Any:
+        """The id of the gsc_accounts row that now holds `row` (a new one without account_id), or None
+        after an error. Replacing a credential clears the other kind: a row holds exactly one."""
+        table = self.table("gsc_accounts")
+        try:
+            if account_id:
+                update = table.update({**row, other_credential: None}).eq("id", account_id)
+                done = self.execute(update).data
+            else:
+                done = table.insert(row).execute().data
+        except (APIError, httpx.HTTPError) as error:
+            log.error("%s", describe_supabase_error(error, "storing the credential in gsc_accounts"))
+            return None
+        if not done:
+            log.error("gsc_accounts row %s is gone: run authorize again without --account", account_id)
+            return None
+        return done[0]["id"]
+
+    def row_of_service_account(self, email: str) -> str | None:
+        """The id of the gsc_accounts row that already holds a key of this service account, if any."""
+        rows = self.fetch_all("gsc_accounts", "id,email:service_account_key->>client_email")
+        return next((str(row["id"]) for row in rows if row.get("email") == email), None)
 
 
 # What an empty answer most likely means: row level security hides every row from any key but
@@ -935,10 +1170,6 @@ NO_SITES = (
     "SUPABASE_SERVICE_ROLE_KEY is probably the anon or publishable key, to which row level security shows "
     "no row: use the service_role key (Project Settings > API)"
 )
-
-
-def no_sites(client: Supabase) -> str:
-    return NO_SITES.replace("'deployed'", repr(client.deployed))
 
 
 NO_ACCOUNTS = (
@@ -958,24 +1189,8 @@ def rows_of(data: Any, table: str) -> list[dict]:
     )
 
 
-def deployed_sites(client: Supabase) -> list[Site]:
-    rows = fetch_all(
-        client,
-        "sites",
-        "id,domain,matomo_site_id,gsc_account_id",
-        lambda query: query.eq("status_deployment", client.deployed),
-    )
-    return [Site(r["id"], r["domain"], r["matomo_site_id"], r["gsc_account_id"]) for r in rows]
-
-
 # An account's credential: a refresh token (str) or a service account's JSON key (dict).
 AccountKey = Union[str, dict]
-
-
-def account_keys(client: Supabase) -> dict[AccountId, AccountKey]:
-    """{account id: its refresh token or service-account key} for every gsc_accounts row."""
-    rows = fetch_all(client, "gsc_accounts", "id,oauth_refresh_token,service_account_key")
-    return {row["id"]: credential_of(row) for row in rows}
 
 
 def credential_of(row: dict) -> AccountKey:
@@ -1005,14 +1220,6 @@ def secrets_of(keys: Iterable[AccountKey]) -> list[str]:
             lines = [line for line in pem.splitlines() if len(line) >= 16 and "PRIVATE KEY" not in line]
             secrets += [pem, json.dumps(pem)[1:-1], *lines, str(key.get("private_key_id", ""))]
     return secrets
-
-
-def store_learned_sources(client: Supabase, rows: list[dict]) -> None:
-    for chunk in chunks(rows, PAGE_SIZE):
-        request = client.table("site_sources").upsert(
-            chunk, on_conflict="site_id,source", returning=ReturnMethod.minimal
-        )
-        client.execute(request)
 
 
 @dataclass(frozen=True)
@@ -1066,45 +1273,6 @@ class Coverage:
         }
 
 
-def call_function(client: Supabase, name: str, arguments: Mapping[str, Any], kind: type) -> Any:
-    """A migration's SQL function's JSON answer, of the type expected."""
-    try:
-        answer = client.rpc(name, arguments)
-    except (APIError, httpx.HTTPError) as error:
-        raise SupabaseError(describe_supabase_error(error, f"calling {name}")) from None
-    if not isinstance(answer, kind):
-        raise SupabaseError(
-            f"{name} did not answer a JSON {kind.__name__}: SUPABASE_URL must be the project's API URL"
-        )
-    return answer
-
-
-def learned_sources(client: Supabase) -> dict[tuple[SiteId, str], dict]:
-    """{(site id, source): its site_sources row}: what earlier runs learnt of each site's sources."""
-    found = call_function(client, "site_sources_known", {}, list)
-    columns = ("site_id", "source", "source_key", "available_from", "unavailable", "fix")
-    rows = [dict(zip(columns, row)) for row in found if isinstance(row, list) and len(row) == len(columns)]
-    return {(row["site_id"], row["source"]): row for row in rows}
-
-
-def holes(client: Supabase, coverage: Coverage) -> list[Hole]:
-    """Every hole of the deployed sites, as the database computes them (analytics_holes; before
-    migration 20261206000200 it does not say which are provisional: they heal in date order)."""
-    found = call_function(client, "analytics_holes", coverage.arguments(), list)
-    if not all(isinstance(hole, dict) for hole in found):
-        raise SupabaseError("analytics_holes answered something else than holes: apply " + MIGRATION)
-    return [
-        Hole(
-            hole["site_id"],
-            hole["source"],
-            dt.date.fromisoformat(hole["from"]),
-            dt.date.fromisoformat(hole["to"]),
-            hole.get("provisional") is True,
-        )
-        for hole in found
-    ]
-
-
 # What a run uses of each migration: tables with the columns it reads or writes, views, and
 # functions(); checked in one request before the first fetch (missing_schema).
 SCHEMA = {
@@ -1132,40 +1300,6 @@ def schema_objects(listed: str) -> dict[str, list[str]]:
     for name, columns in re.findall(r"(\w+(?:\(\))?)(?:\(([^)]+)\))?", listed):
         found[name] = [name] + ([f"{name}.{column}" for column in columns.split(",")] if columns else [])
     return found
-
-
-def missing_schema(client: Supabase) -> str | None:
-    """None when every table, column, view and function a run uses is there (one request);
-    else one line naming what is missing and the migration to apply."""
-    wanted = [
-        (migration, name, asked)
-        for migration, listed in SCHEMA.items()
-        for name, asked in schema_objects(listed).items()
-    ]
-    objects = [each for _, _, asked in wanted for each in asked]
-    try:
-        answer = client.rpc("schema_missing", {"p_objects": objects})
-    except (APIError, httpx.HTTPError) as error:
-        if supabase_error_kind(error) != "schema":
-            raise SupabaseError(describe_supabase_error(error, "reading the schema")) from None
-        answer = ["schema_missing()"]  # the check itself is missing: the newest migration is
-    if not isinstance(answer, list):
-        raise SupabaseError(
-            "schema_missing did not answer a JSON list: SUPABASE_URL must be the project's API URL"
-        )
-    missing = set(answer)
-    if not missing:
-        return None
-    # a missing table is named, not each of its columns
-    names = dict.fromkeys(
-        name if name in missing else each for _, name, asked in wanted for each in asked if each in missing
-    )
-    first = min(migration for migration, _, asked in wanted if missing & set(asked))
-    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-    return (
-        f"the database lacks {', '.join(list(names)[:5])}{more}: apply every file of supabase/migrations/ "
-        f"from {first} on, in order (supabase db push)"
-    )
 
 
 SCHEMA_ERRORS = {"42P10", "PGRST202", "PGRST204", "PGRST205", "42P01", "42703", "42804", "42883"}
@@ -2938,52 +3072,6 @@ class Merged:
         )
 
 
-def store_chunk(
-    client: Supabase,
-    chunk: list[dict],
-    hopeless: Once,
-    accept_zeros: bool,
-    dry_run: bool = False,
-    whole_failed_with: str | None = None,
-) -> Merged:
-    """Merges rows with what is stored, through the migration's store_analytics (where every rule
-    of the table lives). `hopeless` is the run's: once a fault every chunk would meet is found,
-    said once, no further chunk is tried."""
-    if hopeless.happened:
-        return Merged(failed=len(chunk))
-    arguments = {"p_rows": chunk, "p_accept_zeros": accept_zeros, "p_dry_run": dry_run}
-    try:
-        answer = client.rpc("store_analytics", arguments)
-    except (APIError, httpx.HTTPError) as error:
-        kind, code = supabase_error_kind(error), str(getattr(error, "code", "") or "")
-        if kind == "other" and code == whole_failed_with and code not in ROW_ERRORS:
-            kind = "everywhere"  # a half fails as the whole did: no row is to blame
-        if kind in ("too big", "other") and len(chunk) > 1:
-            # Too much work for the statement timeout, or one row sinks the chunk (its site
-            # deleted during the run: 23503): halves are stored, or find the row.
-            half = len(chunk) // 2
-            return store_chunk(client, chunk[:half], hopeless, accept_zeros, dry_run, code) + store_chunk(
-                client, chunk[half:], hopeless, accept_zeros, dry_run, code
-            )
-        said = describe_supabase_error(error, "storing rows")
-        if kind in ("key", "schema", "everywhere"):
-            if hopeless.first(said):
-                log.error("%s; no further upsert is tried", said)
-            return Merged(failed=len(chunk))
-        what = (
-            f"site {chunk[0]['site_id']}, {chunk[0]['date']}" if len(chunk) == 1 else f"{len(chunk)} records"
-        )
-        log.error("%s; %s not stored", said, what)
-        return Merged(failed=len(chunk))
-    if not (isinstance(answer, dict) and isinstance(answer.get("stored"), int)):
-        if hopeless.first():
-            log.error(
-                "store_analytics did not answer its JSON object: SUPABASE_URL must be the project's API URL"
-            )
-        return Merged(failed=len(chunk))
-    return Merged(answer["stored"], answer["kept"], answer["rows"] or [])
-
-
 def say_kept_zeros(kept: list[dict], domains: Mapping[SiteId, str | None]) -> None:
     """One warning per cause for the zeros store_analytics kept out of the table."""
     by_site: dict[tuple[SiteId, str], list[dict]] = defaultdict(list)
@@ -3048,7 +3136,7 @@ class Upserts:
             self.sent = [each for each in self.sent if not each.done()] + [future]
 
     def store(self, chunk: list[dict]) -> None:
-        merged = store_chunk(self.client, chunk, self.hopeless, self.accept_zeros)
+        merged = self.client.store_chunk(chunk, self.hopeless, self.accept_zeros)
         say_kept_zeros(merged.kept, self.outcome.domains)
         self.outcome.count_stored(merged)
 
@@ -3217,7 +3305,7 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
     source and the upserts kept busy side by side (fetch_and_store); then, in the nightly run,
     heal the holes of earlier nights."""
     client = supabase_client(cfg)
-    lacks = missing_schema(client)
+    lacks = client.missing_schema()
     if lacks:  # nothing is fetched that could not be stored, nor a night ended 0 with its healing off
         log.error("%s", lacks)
         outcome.must_act(lacks)
@@ -3244,7 +3332,7 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         coverage = Coverage.of(cfg, asked.today, days[0])
         reader = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         holes_read = (
-            reader.submit(holes, client, coverage) if remembered and heals_tonight(cfg, asked) else None
+            reader.submit(client.holes, coverage) if remembered and heals_tonight(cfg, asked) else None
         )
         fetchers = Fetchers(
             cfg, matomo, matomo_ids, zeros_settled_before(cfg, asked), targets, gsc_pool, deadline
@@ -3564,7 +3652,7 @@ def remember_sources(client: Supabase, known: list[dict], hopeless: Once) -> boo
     history is for a site without values); False if it could not: then nothing is healed. An
     error every write would meet is the run's (`hopeless`): said once, and no row is sent."""
     try:
-        store_learned_sources(client, known)
+        client.store_learned_sources(known)
     except (APIError, httpx.HTTPError) as error:
         if supabase_error_kind(error) in ("key", "schema", "everywhere"):
             said = describe_supabase_error(error, "storing site_sources")
@@ -3799,9 +3887,9 @@ def fleet_to_fetch(
     older provisional values are the heal plan's), and what earlier runs learnt of the sites'
     sources (or why it could not be read), read side by side."""
     with ThreadPoolExecutor(max_workers=2) as side:
-        sites_read = side.submit(deployed_sites, client)
-        learned_read = side.submit(learned_sources, client)
-        keys = account_keys(client)
+        sites_read = side.submit(client.deployed_sites)
+        learned_read = side.submit(client.learned_sources)
+        keys = client.account_keys()
         sites = sites_read.result()
         learned: dict | SupabaseError
         try:
@@ -3810,7 +3898,7 @@ def fleet_to_fetch(
             learned = error
     secret_filter.add(*secrets_of(keys.values()))
     if not sites:
-        raise SupabaseError(no_sites(client))
+        raise SupabaseError(client.no_sites())
     if not keys and any(site.gsc_account_id is not None for site in sites):
         log.error("%s", NO_ACCOUNTS)
     days = asked.days
@@ -3876,7 +3964,7 @@ class DryRunTable:
     def add(self, rows: list[dict], index: int = 0) -> None:
         merged = Merged()
         for chunk in chunks(rows, self.size):
-            merged += store_chunk(self.client, chunk, self.hopeless, self.accept_zeros, dry_run=True)
+            merged += self.client.store_chunk(chunk, self.hopeless, self.accept_zeros, dry_run=True)
         say_kept_zeros(merged.kept, self.domains)
         place = {(row["date"], row["site_id"]): n for n, row in enumerate(rows)}
         with self.outcome.lock:
@@ -3976,20 +4064,20 @@ def print_check_report(found: dict, as_json: bool) -> int:
 def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[AccountId, AccountKey]]:
     try:
         client = supabase_client(cfg)
-        sites, keys = deployed_sites(client), account_keys(client)
+        sites, keys = client.deployed_sites(), client.account_keys()
     except SupabaseError as error:
         log.error("%s", error)
         found["supabase"] = {"reachable": False}
         return [], {}
     found["lines"].append(f"Supabase: {len(sites)} deployed sites, {len(keys)} Search Console accounts")
     if not sites:
-        log.error("%s", no_sites(client))
+        log.error("%s", client.no_sites())
     elif not keys and any(site.gsc_account_id is not None for site in sites):
         log.error("%s", NO_ACCOUNTS)
-    key = conflict_key_exists(client)
+    key = client.conflict_key_exists()
     if key:
         found["lines"].append("Supabase: daily_analytics has its (date, site_id) key")
-    lacks = missing_schema(client)
+    lacks = client.missing_schema()
     if lacks:
         log.error("%s", lacks)
     else:
@@ -4069,26 +4157,6 @@ def client_for_check(cfg: Config) -> None:
         log.error("Google's token endpoint (GOOGLE_TOKEN_URI) cannot be reached: %s", error)
 
 
-def conflict_key_exists(client: Supabase) -> bool:
-    """Whether rows can be stored on (date, site_id), found without writing anything: a dry run
-    of store_analytics with a row no site can own. Postgres resolves ON CONFLICT before it reads
-    a row: a missing key fails at once (42P10), a present one lets the row reach the foreign key."""
-    probe = {"date": "1970-01-01", "site_id": -1, "matomo_visits": 0, "matomo_final": True}
-    arguments = {"p_rows": [probe], "p_dry_run": True}
-    try:
-        client.client.rpc("store_analytics", arguments).execute()
-    except APIError as error:
-        if supabase_error_kind(error) == "schema":
-            log.error("%s", describe_supabase_error(error, "checking daily_analytics"))
-            return False
-        return True  # the row itself was refused (no site -1): the key is there
-    log.error(
-        "Supabase accepted a row for site -1: daily_analytics has no foreign key to sites; apply %s",
-        MIGRATION,
-    )
-    return False
-
-
 # ---------------------------------------------------------------------------
 # The fleet at a glance (status)
 # ---------------------------------------------------------------------------
@@ -4097,9 +4165,9 @@ def conflict_key_exists(client: Supabase) -> bool:
 def fleet_status(cfg: Config, today: dt.date, site_name: str | None, as_json: bool) -> int:
     """Coverage per source, what the next night will heal, and the sites that need a person."""
     client = supabase_client(cfg)
-    sites = deployed_sites(client)
+    sites = client.deployed_sites()
     if not sites:  # as `run` says it, with its exit status: an all-zero table would look healthy
-        why = no_sites(client)
+        why = client.no_sites()
         log.error("%s", why)
         if as_json:
             say(json.dumps({"sites": 0, "problems": [why]}))
@@ -4107,12 +4175,11 @@ def fleet_status(cfg: Config, today: dt.date, site_name: str | None, as_json: bo
     site = sites_with_domains(sites, [site_name])[0] if site_name else None
     window_end = today - dt.timedelta(days=DEFAULT_LAG_DAYS + DEFAULT_LOOKBACK_DAYS - 1)
     coverage = Coverage.of(cfg, today, window_end, site.id if site else None)
-    cells = call_function(client, "analytics_coverage", coverage.arguments(), dict)
-    found = holes(client, coverage)
+    cells = client.call_function("analytics_coverage", coverage.arguments(), dict)
+    found = client.holes(coverage)
     attention = [
         need
-        for need in call_function(
-            client,
+        for need in client.call_function(
             "analytics_attention",
             {"p_to": coverage.to.isoformat(), "p_deployed": client.deployed},
             list,
@@ -4251,16 +4318,14 @@ def list_accounts(cfg: Config) -> int:
     """One line per gsc_accounts row: id, label, deployed sites, how the last run went; never a token."""
     client = supabase_client(cfg)
     # The service account's email, not its key: no credential is read to list the accounts.
-    accounts = fetch_all(client, "gsc_accounts", "id,label,email:service_account_key->>client_email")
+    accounts = client.fetch_all("gsc_accounts", "id,label,email:service_account_key->>client_email")
     # A key pasted as JSON text has no client_email to select: which rows hold a key, read apart.
     with_keys = {
         row["id"]
-        for row in fetch_all(
-            client, "gsc_accounts", "id", lambda q: q.not_.is_("service_account_key", "null")
-        )
+        for row in client.fetch_all("gsc_accounts", "id", lambda q: q.not_.is_("service_account_key", "null"))
     }
-    sites_per_account = Counter(site.gsc_account_id for site in deployed_sites(client))
-    states = last_account_states(client)
+    sites_per_account = Counter(site.gsc_account_id for site in client.deployed_sites())
+    states = client.last_account_states()
     say(ACCOUNT_FORMAT.format("ID", "KIND", "LABEL", "SITES", "LAST RUN"))
     for account in accounts:
         account_id = account["id"]
@@ -4276,27 +4341,6 @@ def list_accounts(cfg: Config) -> int:
 
 
 ACCOUNT_FORMAT = "{:>6}  {:<15}  {:<40}  {:>5}  {}"
-
-
-def last_account_states(client: Supabase) -> dict[str, str]:
-    """{account id: its state in the newest recorded run that used it, with that run's date}."""
-    query = (
-        client.table("aggregator_runs")
-        .select("finished_at,summary")
-        .order("finished_at", desc=True)
-        .limit(RUNS_LOOKED_AT)
-    )
-    try:
-        runs = rows_of(client.execute(query).data, "aggregator_runs")
-    except (APIError, httpx.HTTPError) as error:
-        raise SupabaseError(describe_supabase_error(error, "reading aggregator_runs")) from None
-    states: dict[str, str] = {}
-    for recorded_run in runs:
-        accounts = (recorded_run.get("summary") or {}).get("gsc", {}).get("accounts", {})
-        when = str(recorded_run["finished_at"])[:16].replace("T", " ")
-        for account_id, state in accounts.items():
-            states.setdefault(account_id, f"{state} ({when})")
-    return states
 
 
 # ---------------------------------------------------------------------------
@@ -4322,7 +4366,7 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
     # OAUTHLIB_RELAX_TOKEN_SCOPE is set (take_over_the_process): the granted scopes are checked below.
 
     supabase = supabase_client(cfg)
-    if account_id and not account_exists(supabase, account_id):
+    if account_id and not supabase.account_exists(account_id):
         return ExitStatus.FAILED
     client = dict(client_id=cfg.google_client_id, client_secret=cfg.google_client_secret)
     client.update(auth_uri=GOOGLE_AUTH_URI, token_uri=cfg.google_token_uri)
@@ -4347,7 +4391,7 @@ def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = i
     if account_id and not keeps_the_sites(cfg, supabase, account_id, flow.credentials, email, ask):
         log.error("Nothing was stored: gsc_accounts row %s keeps its credential", account_id)
         return ExitStatus.FAILED
-    return store_refresh_token(supabase, account_id, refresh_token, email)
+    return supabase.store_refresh_token(account_id, refresh_token, email)
 
 
 def code_accepted(flow: Any, ask: Callable[[str], str]) -> bool:
@@ -4376,7 +4420,7 @@ def keeps_the_sites(
     """Whether the new login may replace row account_id's: it sees a property for each deployed
     site of that account, or the operator says to store it anyway (another Google login would
     silently cut those sites off their numbers)."""
-    sites = [site for site in deployed_sites(supabase) if str(site.gsc_account_id) == account_id]
+    sites = [site for site in supabase.deployed_sites() if str(site.gsc_account_id) == account_id]
     if not sites:
         return True
     try:
@@ -4403,21 +4447,6 @@ def keeps_the_sites(
         return ask("Store it anyway? [y/N] ").strip().lower() in ("y", "yes")
     except EOFError:  # no one to answer (stdin closed): the safe answer
         return False
-
-
-def account_exists(client: Supabase, account_id: str) -> bool:
-    """Whether --account names a gsc_accounts row; said before the browser round trip, not after."""
-    if not re.fullmatch(r"[0-9]{1,18}", account_id):
-        log.error("--account %s: an account id is a number; `%s accounts` lists them", account_id, program())
-        return False
-    try:
-        found = client.execute(client.table("gsc_accounts").select("id").eq("id", account_id)).data
-    except (APIError, httpx.HTTPError) as error:
-        log.error("%s", describe_supabase_error(error, "reading gsc_accounts"))
-        return False
-    if not found:
-        log.error("There is no gsc_accounts row with id %s: omit --account to add a new one", account_id)
-    return bool(found)
 
 
 def pasted_code(ask: Callable[[str], str]) -> str | None:
@@ -4452,43 +4481,12 @@ def email_of(id_token: str | None) -> str | None:
         return None
 
 
-def store_refresh_token(
-    client: Supabase, account_id: str | None, refresh_token: str, email: str | None
-) -> int:
-    row = {"oauth_refresh_token": refresh_token, **({"label": email} if email else {})}
-    done = stored_account_row(client, account_id, row, "service_account_key")
-    if done is None:
-        return ExitStatus.FAILED
-    who = f" (Google account {email}, now its label)" if email else ""
-    say(f"Stored the refresh token in gsc_accounts row {done}{who}. Point sites at it with gsc_account_id.")
-    return ExitStatus.OK
-
-
-def stored_account_row(client: Supabase, account_id: str | None, row: dict, other_credential: str) -> Any:
-    """The id of the gsc_accounts row that now holds `row` (a new one without account_id), or None
-    after an error. Replacing a credential clears the other kind: a row holds exactly one."""
-    table = client.table("gsc_accounts")
-    try:
-        if account_id:
-            update = table.update({**row, other_credential: None}).eq("id", account_id)
-            done = client.execute(update).data
-        else:
-            done = table.insert(row).execute().data
-    except (APIError, httpx.HTTPError) as error:
-        log.error("%s", describe_supabase_error(error, "storing the credential in gsc_accounts"))
-        return None
-    if not done:
-        log.error("gsc_accounts row %s is gone: run authorize again without --account", account_id)
-        return None
-    return done[0]["id"]
-
-
 def authorize_service_account(cfg: Config, key_file: Path, account_id: str | None) -> int:
     """Store a service account's JSON key once Google has accepted it; the key is never printed."""
     key = service_account_key(key_file)
     secret_filter.add(*secrets_of([key]))
     client = supabase_client(cfg)
-    if account_id and not account_exists(client, account_id):
+    if account_id and not client.account_exists(account_id):
         return ExitStatus.FAILED
     email = str(key["client_email"])
     try:  # a deleted or foreign key is refused now, not at 3 a.m.
@@ -4499,11 +4497,11 @@ def authorize_service_account(cfg: Config, key_file: Path, account_id: str | Non
     except Exception as error:  # noqa: BLE001 - unreachable, or a key cryptography cannot read
         log.error("The key of %s could not be tried with Google (%s); nothing was stored", email, error)
         return ExitStatus.FAILED
-    same = None if account_id else row_of_service_account(client, email)
+    same = None if account_id else client.row_of_service_account(email)
     if same is not None:  # a new key for the same robot (a rotation): its row, not a second one
         say(f"Service account {email} already has gsc_accounts row {same}: its key is replaced there.")
-    done = stored_account_row(
-        client, account_id or same, {"service_account_key": key, "label": email}, "oauth_refresh_token"
+    done = client.stored_account_row(
+        account_id or same, {"service_account_key": key, "label": email}, "oauth_refresh_token"
     )
     if done is None:
         return ExitStatus.FAILED
@@ -4516,12 +4514,6 @@ def authorize_service_account(cfg: Config, key_file: Path, account_id: str | Non
     )
     say(f"The key is stored: delete {key_file} from this disk.")
     return ExitStatus.OK
-
-
-def row_of_service_account(client: Supabase, email: str) -> str | None:
-    """The id of the gsc_accounts row that already holds a key of this service account, if any."""
-    rows = fetch_all(client, "gsc_accounts", "id,email:service_account_key->>client_email")
-    return next((str(row["id"]) for row in rows if row.get("email") == email), None)
 
 
 def service_account_key(key_file: Path) -> dict:
