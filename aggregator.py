@@ -44,8 +44,9 @@ Process-wide effects, all installed by take_over_the_process() at the start of m
 singletons (secret_filter, problems, site_warnings, progress) emptied; gc.freeze() and fewer
 full collections (gc.set_threshold); the root log handlers; socket.socket and
 SSLContext.sslsocket_class replaced by the wall-clock sockets; OAUTHLIB_RELAX_TOKEN_SCOPE in the
-environment (for authorize); for `run`, the SIGINT and SIGTERM handlers. Nothing else changes the process (.env's values go to Config, not to
-os.environ), so main(argv) can run twice in one process.
+environment (for authorize); for `run`, the SIGINT and SIGTERM handlers. Nothing else changes
+the process (.env's values go to Config, not to os.environ), so main(argv) can run twice in one
+process.
 
 Where a change goes (docs/development.md says more):
 
@@ -1578,9 +1579,7 @@ class MatomoClient:
             return f"{method} ({error})"
         return None if isinstance(answer, list) else f"{method} (an unexpected answer)"
 
-    def get_data(
-        self: MatomoClient, site_ids: Iterable[int], days: list[dt.date], settled: dt.date | None
-    ) -> MatomoAnswer:
+    def get_data(self, site_ids: Iterable[int], days: list[dt.date], settled: dt.date | None) -> MatomoAnswer:
         """{matomo site id: {day: visits}} for every site Matomo answered for, a few requests at a time.
 
         A site that is missing from the result has no value: it must not be stored as 0. The first
@@ -1597,9 +1596,7 @@ class MatomoClient:
                     result.update(visits)
         return result
 
-    def batch_visits(
-        self: MatomoClient, ids: list[int], days: list[dt.date], settled: dt.date | None
-    ) -> MatomoAnswer:
+    def batch_visits(self, ids: list[int], days: list[dt.date], settled: dt.date | None) -> MatomoAnswer:
         """One batch's visits, asked in one thread: what Matomo answered, what the install lost while
         it was down asked again once it answers, and each 0 the raw log does not confirm made
         not final (with `settled` None, --accept-zero-visits, every 0 is taken)."""
@@ -1635,7 +1632,7 @@ class MatomoClient:
         return visits_of_answer(ids, days, slots)
 
     def visits_after(
-        self: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError, probed: bool
+        self, ids: list[int], days: list[dt.date], error: MatomoError, probed: bool
     ) -> MatomoAnswer:
         """What a failed request calls for: less per request (a bulk limit, too much work), a look at
         the whole install (once per batch), or halves that find the one site whose PHP error sank it."""
@@ -1664,9 +1661,7 @@ class MatomoClient:
             return {}
         return self.visits_in_halves(ids, days, error)
 
-    def visits_in_halves(
-        self: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError
-    ) -> MatomoAnswer:
+    def visits_in_halves(self, ids: list[int], days: list[dt.date], error: MatomoError) -> MatomoAnswer:
         """A request fails whole for one site's PHP error or for dropped POST variables: halves find
         the culprits and cost only them (at most 1 + 4 x log2(sites) requests for two). Both halves
         failing as the whole did proves nothing (each may hold one); the install is down only when a
@@ -1691,9 +1686,7 @@ class MatomoClient:
             for half, answer in zip(halves, answers)
         )
 
-    def visits_in_parts(
-        self: MatomoClient, ids: list[int], days: list[dt.date], error: MatomoError
-    ) -> MatomoAnswer:
+    def visits_in_parts(self, ids: list[int], days: list[dt.date], error: MatomoError) -> MatomoAnswer:
         """Too much work for one request (a proxy's 504, a read timeout): PHP is still working on the
         abandoned request, so the same one is never sent again; fewer sites, then fewer days, are."""
         if len(ids) > 1:
@@ -1773,12 +1766,11 @@ class MatomoClient:
         return False
 
     def data_by_site(
-        self: MatomoClient, ids: Mapping[SiteId, int], days: list[dt.date], settled: dt.date | None
+        self, ids: Mapping[SiteId, int], days: list[dt.date], settled: dt.date | None
     ) -> dict[SiteId, dict]:
         """{site id: {day: visits}} for the sites Matomo answered for; each 0 its raw log does not
         confirm is not final (with `settled` None, --accept-zero-visits, every 0 is taken)."""
-        by_matomo_id = self.get_data(ids.values(), days, settled)
-        return {site_id: by_matomo_id[m] for site_id, m in ids.items() if m in by_matomo_id}
+        return by_site_id(ids, self.get_data(ids.values(), days, settled))
 
     def bulk_answers(self, queries: list[str], what: str, workers: int = 0) -> list[Any]:
         """The answer slot of each sub-query, in bulk requests of the install's size, `workers` at a
@@ -1863,7 +1855,7 @@ class MatomoClient:
         return found
 
     def confirmed_visits(
-        self: MatomoClient,
+        self,
         ids: Mapping[SiteId, int],
         answered: MatomoAnswer,
         settled: dt.date | None,
@@ -1872,7 +1864,7 @@ class MatomoClient:
         raw log does not confirm made not final. Asked beside the next bulk requests, not in their way."""
         if settled is not None:
             answered = self.with_zeros_confirmed(answered, settled)
-        return {site_id: answered[m] for site_id, m in ids.items() if m in answered}
+        return by_site_id(ids, answered)
 
 
 class CappedRetry(Retry):
@@ -1978,7 +1970,7 @@ def matomo_days(slot: Any, days: list[dt.date]) -> dict[dt.date, MatomoDay]:
         raise ValueError(f"unexpected answer {str(slot)[:80]!r}")
     found = {}
     # A year of 10,000 sites passes here 3.65 million times: each day's record is built at C
-    # level (tuple.__new__, not the NamedTuple's Python __new__), its numbers with one map.
+    # level (tuple.__new__, not the NamedTuple's Python __new__), its numbers with one itemgetter.
     record, empty = tuple.__new__, (NO_VISIT, True)
     for day in days:
         value = slot.get(day.isoformat())
@@ -2020,6 +2012,11 @@ def visits_of_answer(ids: list[int], days: list[dt.date], slots: list) -> Matomo
         except ValueError as error:
             site_warnings.add(str(error), f"Matomo site id {site_id}")
     return result
+
+
+def by_site_id(ids: Mapping[SiteId, int], answered: MatomoAnswer) -> dict[SiteId, dict]:
+    """What Matomo answered ({Matomo id: {day: ...}}) by site id, for the sites it answered for."""
+    return {site_id: answered[m] for site_id, m in ids.items() if m in answered}
 
 
 def merged_answers(answers: Iterable[MatomoAnswer]) -> MatomoAnswer:
@@ -2098,7 +2095,7 @@ def zero_looks(m: int, by_day: Mapping[dt.date, MatomoDay]) -> list[tuple[int, l
     runs = zero_runs(by_day)
     if len(runs) > 1:
         span = days_between(runs[0][0], runs[-1][-1])
-        counted = sum(by_day[day].visits or 0 for day in span if day in by_day)
+        counted = sum(by_day[day].visits for day in span if day in by_day)
         if counted < RAW_LOG_VISITS_PER_LOOK:
             return [(m, span, counted + 1)]
     return [(m, zeros, 1) for zeros in runs]
