@@ -35,7 +35,8 @@ Contents, in the order the file reads; each section gives the next what it names
   Storing            chunks of rows to store_analytics, where the table's rules   network
                      live (a source that gave nothing, final values, zeros)
   The run            run(): the fleet, a flow of units through both sources to    network
-                     the upserts, then the holes of earlier nights; Outcome
+                     the upserts, then the holes of earlier nights through the
+                     same flow; Outcome
   What a run leaves  the dry-run table, the aggregator_runs row                   network
   check, status, accounts, authorize: the other commands                          network
   The command line   Command (one handler per command), the process, main()       no network
@@ -78,6 +79,7 @@ import enum
 import functools
 import gc
 import html
+import itertools
 import json
 import logging
 import math
@@ -1421,16 +1423,10 @@ class MatomoState:
     down: str | None = None  # what every request answers while the whole install fails alike
     # The outage that outlasted MATOMO_RECOVERY_PAUSES: the batches it costs are not waited for again.
     gave_up_on: str | None = None
-    # The batches each thread lost while the install was down (a batch is asked in one thread).
-    lost_here: threading.local = field(default_factory=threading.local, repr=False)
+    first_sent: bool = False  # the run's first bulk request goes alone (bulk_visits)
+    first_answered: threading.Event = field(default_factory=threading.Event, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     recovery: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one wait at a time
-
-    def lost(self) -> list[list[int]]:
-        """This thread's batches lost while the install was down."""
-        if not hasattr(self.lost_here, "batches"):
-            self.lost_here.batches = []
-        return self.lost_here.batches
 
     def learn_cap(self, refused: int, error: MatomoError) -> None:
         with self.lock:
@@ -1579,33 +1575,20 @@ class MatomoClient:
             return f"{method} ({error})"
         return None if isinstance(answer, list) else f"{method} (an unexpected answer)"
 
-    def get_data(self, site_ids: Iterable[int], days: list[dt.date], settled: dt.date | None) -> MatomoAnswer:
-        """{matomo site id: {day: visits}} for every site Matomo answered for, a few requests at a time.
-
-        A site that is missing from the result has no value: it must not be stored as 0. The first
-        request goes alone: what it learns (the install's bulk request limit, an install that is
-        down) is known before the others are sent.
-        """
-        batches = list(chunks(sorted(set(site_ids)), sites_per_request(self.bulk_size, len(days))))
-        if not batches:
-            return {}
-        result = self.batch_visits(batches[0], days, settled)
-        if len(batches) > 1:
-            with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                for visits in pool.map(lambda batch: self.batch_visits(batch, days, settled), batches[1:]):
-                    result.update(visits)
-        return result
-
-    def batch_visits(self, ids: list[int], days: list[dt.date], settled: dt.date | None) -> MatomoAnswer:
-        """One batch's visits, asked in one thread: what Matomo answered, what the install lost while
-        it was down asked again once it answers, and each 0 the raw log does not confirm made
-        not final (with `settled` None, --accept-zero-visits, every 0 is taken)."""
-        self.state.lost().clear()
-        found = self.visits_for_batch(ids, days)
-        found.update(self.visits_lost_while_down(days))
-        if settled is not None:
-            found = self.with_zeros_confirmed(found, settled)
-        return found
+    def bulk_visits(self, site_ids: Iterable[int], days: list[dt.date]) -> MatomoAnswer:
+        """{matomo site id: {day: visits}} for the sites Matomo answered for (one bulk request's
+        worth), what the install lost while it was down asked again once it answers. A site missing
+        from the result has no value: it must not be stored as 0. The run's first request goes
+        alone: what it learns (the install's bulk request limit, an install that is down) is known
+        before the others are sent."""
+        with self.state.lock:
+            first, self.state.first_sent = not self.state.first_sent, True
+        if not first:
+            self.state.first_answered.wait()
+        try:
+            return self.visits_lost_while_down(self.visits_for_batch(sorted(set(site_ids)), days), days)
+        finally:
+            self.state.first_answered.set()
 
     def visits_for_batch(self, ids: list[int], days: list[dt.date]) -> MatomoAnswer:
         """The visits of one batch of sites; whatever fails, nothing but what Matomo answered."""
@@ -1703,6 +1686,8 @@ class MatomoClient:
                 self.visits_asked(ids, part, probed=True)
                 for part in (days[: len(days) // 2], days[len(days) // 2 :])
             ]
+            if any(part.get(ids[0]) is LOST_WHILE_DOWN for part in parts):
+                return {ids[0]: LOST_WHILE_DOWN}  # asked again whole once the install answers
             found = {day: visits for part in parts for day, visits in part.get(ids[0], {}).items()}
             return {ids[0]: found} if found else {}
         log.warning(
@@ -1721,7 +1706,6 @@ class MatomoClient:
         batch is asked again if the install answers within MATOMO_RECOVERY_PAUSES."""
         with self.state.lock:
             self.state.down = why
-        self.state.lost().append(ids)
         if self.down_said.first():
             log.error(
                 "Matomo fails every request alike: %s. The install (or its database) is down or overloaded; "
@@ -1729,20 +1713,21 @@ class MatomoClient:
                 "(else the next nights fetch it)",
                 why,
             )
-        return {}
+        return dict.fromkeys(ids, LOST_WHILE_DOWN)
 
-    def visits_lost_while_down(self, days: list[dt.date]) -> MatomoAnswer:
-        """The batches this thread lost while the whole install failed alike, asked again once it
-        answers its API (a restart takes seconds); none if it stays down."""
-        lost = list(self.state.lost())
-        self.state.lost().clear()
-        if not lost:
-            return {}
-        with self.state.recovery:  # while one thread waits, the others wait for what it finds
-            if not self.install_answers_again():
-                return {}
-        log.info("Matomo answers again: asking for the %d sites it failed for", sum(map(len, lost)))
-        return merged_answers(self.visits_for_batch(batch, days) for batch in lost)
+    def visits_lost_while_down(self, found: MatomoAnswer, days: list[dt.date]) -> MatomoAnswer:
+        """What Matomo answered, its sites lost while the whole install failed alike asked again
+        once it answers its API (a restart takes seconds); without them if it stays down."""
+        lost = [m for m, by_day in found.items() if by_day is LOST_WHILE_DOWN]
+        if lost:
+            found = {m: by_day for m, by_day in found.items() if by_day is not LOST_WHILE_DOWN}
+            with self.state.recovery:  # while one thread waits, the others wait for what it finds
+                answers_again = self.install_answers_again()
+            if answers_again:
+                log.info("Matomo answers again: asking for the %d sites it failed for", len(lost))
+                again = self.visits_for_batch(lost, days)
+                found.update((m, by_day) for m, by_day in again.items() if by_day is not LOST_WHILE_DOWN)
+        return found
 
     def install_answers_again(self) -> bool:
         """Whether the install answers its API again, within MATOMO_RECOVERY_PAUSES. An outage that
@@ -1764,13 +1749,6 @@ class MatomoClient:
                 return False
         self.state.gave_up_on = down
         return False
-
-    def data_by_site(
-        self, ids: Mapping[SiteId, int], days: list[dt.date], settled: dt.date | None
-    ) -> dict[SiteId, dict]:
-        """{site id: {day: visits}} for the sites Matomo answered for; each 0 its raw log does not
-        confirm is not final (with `settled` None, --accept-zero-visits, every 0 is taken)."""
-        return by_site_id(ids, self.get_data(ids.values(), days, settled))
 
     def bulk_answers(self, queries: list[str], what: str, workers: int = 0) -> list[Any]:
         """The answer slot of each sub-query, in bulk requests of the install's size, `workers` at a
@@ -1947,6 +1925,9 @@ class MatomoDay(NamedTuple):  # a tuple: a year of 10,000 sites makes 3.65 milli
 
 
 MatomoAnswer = dict[int, dict[dt.date, MatomoDay]]  # Matomo id -> day -> its numbers
+# A site's days in a batch lost while the whole install failed alike (MatomoClient.install_down):
+# asked again once it answers, never stored (compared by identity).
+LOST_WHILE_DOWN: dict[dt.date, MatomoDay] = {}
 
 
 def matomo_numbers(
@@ -2186,7 +2167,7 @@ class QuotaWindow:
     """At most `limit` queries in any rolling minute: one of Search Console's quotas.
 
     Pacing ourselves costs nothing under the quota and avoids a storm of 429s and backoffs above it.
-    Only the thread that hands out the queries (get_gsc_data) uses it: no lock.
+    Only the thread that hands out the queries (stream_gsc_data) uses it: no lock.
     """
 
     SECONDS = 60.5  # a little over a minute, so that the server's own window never counts limit + 1
@@ -2709,10 +2690,10 @@ def no_property(site: Site, account: GscAccount, domain: str) -> Reason:
 
 
 def query_property(
-    account: GscAccount, site_url: str, body: dict, days: list[dt.date], newest_final: dt.date, cfg: Config
+    account: GscAccount, site_url: str, days: list[dt.date], newest_final: dt.date, cfg: Config
 ) -> dict[dt.date, GscMetrics]:
-    """One searchanalytics.query for the whole range (get_gsc_data decides when it may go)."""
-    request = account.analytics.query(siteUrl=site_url, body=body)
+    """One searchanalytics.query for the whole range (stream_gsc_data decides when it may go)."""
+    request = account.analytics.query(siteUrl=site_url, body=search_query(days))
     answer = request.execute(
         http=http_for_this_thread(account.credentials, cfg.http_timeout), num_retries=cfg.http_retries
     )
@@ -2744,21 +2725,21 @@ class GscRound:
     """The queries of one stream: waiting per account, in flight, and what came of them. Every
     site added is answered exactly once, with its metrics or with None."""
 
-    days: list[dt.date]
     answered: GscAnswered
     targets: dict[SiteId, tuple[GscAccount, str]] = field(default_factory=dict)
+    days: dict[SiteId, list[dt.date]] = field(default_factory=dict)  # each site's query
     waiting: dict[AccountId, deque[SiteId]] = field(default_factory=dict)
     in_flight: dict[Future, tuple[SiteId, float]] = field(default_factory=dict)
     busy: Counter = field(default_factory=Counter)  # queries in flight per account
     given_up: dict[str, dict[AccountId, list[SiteId]]] = field(default_factory=lambda: defaultdict(dict))
 
-    def queue(self, targets: Mapping[SiteId, tuple[GscAccount, str]]) -> None:
+    def queue(self, targets: Mapping[SiteId, tuple[GscAccount, str]], days: list[dt.date]) -> None:
         for site_id, target in targets.items():
-            self.targets[site_id] = target
+            self.targets[site_id], self.days[site_id] = target, days
             self.waiting.setdefault(target[0].id, deque()).append(site_id)
 
     def answer(self, site_id: SiteId, metrics: dict | None) -> None:
-        del self.targets[site_id]
+        del self.targets[site_id], self.days[site_id]
         self.answered(site_id, metrics)
 
     def give_up(self, account_id: AccountId, why: str, site_ids: Iterable[SiteId] = ()) -> None:
@@ -2771,55 +2752,24 @@ class GscRound:
     def too_late(self, account: GscAccount, deadline: Deadline) -> None:
         """The account's waiting sites cannot be queried before the run must end."""
         paused = account.quota.pauses and not deadline.passed()
+        days = self.days[self.waiting[account.id][0]]
         self.give_up(
-            account.id,
-            account.quota.why_exhausted(self.days, "until RUN_DEADLINE") if paused else deadline.why,
+            account.id, account.quota.why_exhausted(days, "until RUN_DEADLINE") if paused else deadline.why
         )
 
 
-def get_gsc_data(
-    targets: Mapping[SiteId, tuple[GscAccount, str]],
-    days: list[dt.date],
-    cfg: Config,
-    pool: Executor,
-    deadline: Deadline,
-) -> dict[SiteId, dict[dt.date, GscMetrics]]:
-    """{site id: {day: metrics}} for each site whose property answered; one query per site."""
-    result: dict[SiteId, dict[dt.date, GscMetrics]] = {}
-    feed: queue.Queue = queue.Queue()
-    feed.put(targets)
-    feed.put(None)
-
-    def answered(site_id: SiteId, metrics: dict | None) -> None:
-        if metrics is not None:
-            result[site_id] = metrics
-
-    stream_gsc_data(feed, days, cfg, pool, deadline, answered)
-    return result
-
-
 def stream_gsc_data(
-    feed: queue.Queue,
-    days: list[dt.date],
-    cfg: Config,
-    pool: Executor,
-    deadline: Deadline,
-    answered: GscAnswered,
+    feed: queue.Queue, cfg: Config, pool: Executor, deadline: Deadline, answered: GscAnswered
 ) -> None:
-    """Asks Search Console for each site that comes through `feed` ({site id: (account, property
-    URL)} at a time, None at the end), one query per site, and calls `answered` for each as
-    soon as it is known, until the feed ends and every site is answered.
+    """Asks Search Console for each site that comes through `feed` (({site id: (account, property
+    URL)}, days) at a time, None at the end), one query per site over its days, and calls
+    `answered` for each as soon as it is known, until the feed ends and every site is answered.
 
     Each account's queries wait in a queue of their own and go to the pool only when its quota
     lets them: a paused or paced account holds no thread another account could use.
     """
-    if not days:  # every day asked for is older than Search Console keeps: no site comes
-        return
-    newest_final = newest_final_day(search_console_today())
-    query = functools.partial(
-        query_property, body=search_query(days), days=days, newest_final=newest_final, cfg=cfg
-    )
-    state, more = GscRound(days, answered), True
+    query = functools.partial(query_property, newest_final=newest_final_day(search_console_today()), cfg=cfg)
+    state, more = GscRound(answered), True
     while more or state.waiting or state.in_flight:
         if more:
             # Nothing to do but wait for more: a short wait, so that the deadline is seen soon.
@@ -2844,7 +2794,7 @@ def take_targets(feed: queue.Queue, state: GscRound, timeout: float) -> bool:
     try:
         targets = feed.get(timeout=timeout) if timeout else feed.get_nowait()
         while targets is not None:
-            state.queue(targets)
+            state.queue(*targets)
             targets = feed.get_nowait()
         return False
     except queue.Empty:
@@ -2871,7 +2821,10 @@ def send_queries(state: GscRound, query: Callable, cfg: Config, pool: Executor, 
                 if not sites_waiting:
                     del state.waiting[account_id]
                 account.quota.sent(now)
-                state.in_flight[pool.submit(query, *state.targets[site_id])] = (site_id, now)
+                state.in_flight[pool.submit(query, *state.targets[site_id], state.days[site_id])] = (
+                    site_id,
+                    now,
+                )
                 state.busy[account_id] += 1
                 sent = True
     return next_turn
@@ -2907,7 +2860,7 @@ def quota_met(state: GscRound, site_id: SiteId, sent_at: float, error: HttpError
     account = state.targets[site_id][0]
     pause = account.quota.exhausted(sent_at, time.monotonic(), error_reasons(error))
     if pause is None:
-        why = account.quota.why_exhausted(state.days, f"after {QUOTA_PAUSES} pauses")
+        why = account.quota.why_exhausted(state.days[site_id], f"after {QUOTA_PAUSES} pauses")
         state.give_up(account.id, why, [site_id])
         return
     state.waiting.setdefault(account.id, deque()).appendleft(site_id)
@@ -3334,9 +3287,11 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         fetchers = Fetchers(
             cfg, matomo, matomo_ids, zeros_settled_before(cfg, asked), targets, gsc_pool, deadline
         )
-        fetch_and_store(fetchers, sites, days, gsc_days, store, outcome, progress.fetched)
+        fetch_and_store(
+            fetchers, night_units(fetchers, sites, days, gsc_days), store, outcome, progress.fetched
+        )
         if holes_read:
-            heal(holes_read, fetchers, asked, sites, coverage, store.add, outcome)
+            heal(holes_read, fetchers, asked, sites, coverage, store, outcome)
         store.finish()
         what_needs_a_person(outcome, sites, matomo, matomo_ids, skipped, hopeless)
     say_provisional(outcome, asked)
@@ -3396,11 +3351,64 @@ class Unit:
 
     index: int  # its place in the fleet
     sites: list[Site]
+    days: list[dt.date]  # Matomo's, and the rows'
     matomo_ids: dict[SiteId, int]
     targets: dict[SiteId, tuple[GscAccount, str]]
+    gsc_days: list[dt.date]
+    holes: Mapping[SiteId, set[dt.date]] | None = None  # healing: only these days of its query are stored
     waiting: int = 0  # answers still to come: Matomo's (one for the unit), one per Search Console query
     visits: dict = field(default_factory=dict)
     gsc: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:  # its site-days, in the window
+        return len(self.sites) * len(self.days)
+
+
+def night_units(
+    fetchers: Fetchers, sites: list[Site], days: list[dt.date], gsc_days: list[dt.date]
+) -> list[Unit]:
+    """The fleet's days asked, in units of one Matomo bulk request."""
+    f, per_request = fetchers, sites_per_request(fetchers.cfg.matomo_bulk_size, len(days))
+    return [
+        Unit(
+            n,
+            part,
+            days,
+            {s.id: f.matomo_ids[s.id] for s in part if s.id in f.matomo_ids},
+            {s.id: f.targets[s.id] for s in part if s.id in f.targets and gsc_days},
+            gsc_days,
+        )
+        for n, part in enumerate(chunks(sites, per_request))
+    ]
+
+
+def heal_units(fetchers: Fetchers, plan: HealPlan, by_id: Mapping[SiteId, Site]) -> list[Unit]:
+    """The heal plan, in units of the same size as the night's, oldest first, Matomo's and Search
+    Console's in turn so that both are busy: Matomo by day range (one bulk request serves many
+    sites), Search Console one query per site over the span of its holes, sites of a span together."""
+    f = fetchers
+    gsc_spans: dict[tuple[dt.date, dt.date], list[SiteId]] = defaultdict(list)
+    for site_id, holes in plan.gsc.items():
+        gsc_spans[(min(holes), max(holes))].append(site_id)
+
+    def units_of(spans: Mapping[tuple[dt.date, dt.date], list[SiteId]], source: str) -> list[Unit]:
+        units = []
+        for (first, last), site_ids in sorted(spans.items()):
+            days = days_between(first, last)
+            for part in chunks(site_ids, sites_per_request(f.cfg.matomo_bulk_size, len(days))):
+                sites = [by_id[site_id] for site_id in part]
+                if source == "matomo":
+                    units.append(Unit(0, sites, days, {s: f.matomo_ids[s] for s in part}, {}, []))
+                else:
+                    units.append(Unit(0, sites, days, {}, {s: f.targets[s] for s in part}, days, plan.gsc))
+        return units
+
+    pairs = itertools.zip_longest(units_of(plan.matomo, "matomo"), units_of(gsc_spans, "gsc"))
+    units = [unit for pair in pairs for unit in pair if unit]
+    for n, unit in enumerate(units):
+        unit.index = n
+    return units
 
 
 class Window:
@@ -3433,40 +3441,26 @@ class Window:
 
 def fetch_and_store(
     fetchers: Fetchers,
-    sites: list[Site],
-    days: list[dt.date],
-    gsc_days: list[dt.date],
+    units: list[Unit],
     store: Upserts | DryRunTable,
     outcome: Outcome,
-    fetched: Callable[[str, int], None],
+    fetched: Callable[[str, int], None] | None,
 ) -> None:
-    """Every site's days from both sources, stored (`fetched` hears of each source's sites as
-    they are answered). The fleet goes in units of one Matomo bulk
-    request; Matomo's requests flow through its workers back to back, Search Console's queries
-    through theirs, and a unit is shaped and stored as soon as both have answered for it, so
-    that the run takes as long as its slowest service, not as the sum of their waits."""
-    per_request = sites_per_request(fetchers.cfg.matomo_bulk_size, len(days))
-    units = [
-        Unit(
-            n,
-            part,
-            {s.id: fetchers.matomo_ids[s.id] for s in part if s.id in fetchers.matomo_ids},
-            {s.id: fetchers.targets[s.id] for s in part if s.id in fetchers.targets and gsc_days},
-        )
-        for n, part in enumerate(chunks(sites, per_request))
-    ]
+    """Every unit's days from both sources, stored: the night's (`fetched` hears of each source's
+    sites as they are answered), or healing's (None). Matomo's requests flow through its workers
+    back to back, Search Console's queries through theirs, and a unit is shaped and stored as
+    soon as both have answered for it, so that the run takes as long as its slowest service,
+    not as the sum of their waits."""
     feed: queue.Queue = queue.Queue()  # each unit's Search Console queries, None at the end
     # One thread hands Search Console's queries out, MATOMO_WORKERS ask Matomo for the visits,
     # and twice as many check the zeros of what it answered (the raw log, the stored counts).
     with ThreadPoolExecutor(max_workers=2 * fetchers.matomo.workers) as checks:
-        flow = Flow(fetchers, days, store, outcome, fetched, checks)
+        flow = Flow(fetchers, store, outcome, fetched, checks)
         with ThreadPoolExecutor(max_workers=1 + fetchers.matomo.workers) as pool:
             f = fetchers
             streams = [
                 flow.watched(
-                    pool.submit(
-                        stream_gsc_data, feed, gsc_days, f.cfg, f.gsc_pool, f.deadline, flow.gsc_answered
-                    )
+                    pool.submit(stream_gsc_data, feed, f.cfg, f.gsc_pool, f.deadline, flow.gsc_answered)
                 )
             ]
             try:
@@ -3488,57 +3482,66 @@ class Flow:
     def __init__(
         self,
         fetchers: Fetchers,
-        days: list[dt.date],
         store: Upserts | DryRunTable,
         outcome: Outcome,
-        fetched: Callable[[str, int], None],
+        fetched: Callable[[str, int], None] | None,
         checks: Executor,
     ) -> None:
         self.checks, self.checked = checks, deque[Future]()
-        self.fetchers, self.days, self.store, self.outcome = fetchers, days, store, outcome
-        self.fetched = fetched
+        self.fetchers, self.store, self.outcome = fetchers, store, outcome
+        self.healing = fetched is None  # what it stores is counted as healed, not as the night's
+        self.fetched = fetched or (lambda source, sites: None)
         self.window = Window(SITE_DAYS_IN_FLIGHT)
         self.by_site: dict[SiteId, Unit] = {}  # the unit of each site Search Console is asked for
         self.lock = threading.Lock()
-        self.first_asked = threading.Event()
         self.not_asked = 0  # sites Matomo was not asked for: the run was stopped first
 
     def dispatch(self, units: list[Unit], pool: Executor, feed: queue.Queue) -> list[Future]:
         """Lets the units in, as far as the window allows, until the run must stop; returns the
-        Matomo requests. The first one goes alone: what it learns (the install's bulk request
-        limit, an install that is down) is known before the others are sent."""
+        Matomo requests."""
         asked: list[Future] = []
         for n, unit in enumerate(units):
-            if not self.window.enter(len(unit.sites) * len(self.days), self.fetchers.deadline):
-                left = [site for rest in units[n:] for site in rest.sites]
-                if not self.window.closed:  # else the failure itself is said
-                    log.warning("%s: %d sites were not fetched", self.fetchers.deadline.why, len(left))
-                self.outcome.give_up(left, self.outcome.sources_asked)
+            if not self.window.enter(unit.size, self.fetchers.deadline):
+                self.stopped(units[n:])
                 break
             unit.waiting = (1 if unit.matomo_ids else 0) + len(unit.targets)
             with self.lock:
                 self.by_site.update(dict.fromkeys(unit.targets, unit))
             if unit.targets:
-                feed.put(unit.targets)
+                feed.put((unit.targets, unit.gsc_days))
             if unit.matomo_ids:
-                asked.append(self.watched(pool.submit(self.ask_matomo, unit, first=not asked)))
+                asked.append(self.watched(pool.submit(self.ask_matomo, unit)))
             elif not unit.targets:
                 self.store_unit(unit)
         return asked
 
-    def ask_matomo(self, unit: Unit, first: bool) -> None:
+    def stopped(self, units: list[Unit]) -> None:
+        """The units the run stopped before asking for: missing tonight (healing's are left for
+        the next nights)."""
+        left = [site for rest in units for site in rest.sites]
+        if self.window.closed:  # the failure itself is said
+            pass
+        elif self.healing:
+            log.warning(
+                "%s: the holes of %d sites are left for the next nights",
+                self.fetchers.deadline.why,
+                len(left),
+            )
+        else:
+            log.warning("%s: %d sites were not fetched", self.fetchers.deadline.why, len(left))
+        if not self.healing:
+            self.outcome.give_up(left, self.outcome.sources_asked)
+
+    def ask_matomo(self, unit: Unit) -> None:
         """The unit's bulk request; its zeros are checked beside the next ones (check_zeros)."""
         answered: dict = {}
         try:
-            if not first:
-                self.first_asked.wait()
             if self.fetchers.deadline.passed():
                 with self.lock:
                     self.not_asked += len(unit.matomo_ids)
             else:
-                answered = self.fetchers.matomo.get_data(unit.matomo_ids.values(), self.days, None)
+                answered = self.fetchers.matomo.bulk_visits(unit.matomo_ids.values(), unit.days)
         finally:
-            self.first_asked.set()
             self.checked.append(self.watched(self.checks.submit(self.check_zeros, unit, answered)))
 
     def check_zeros(self, unit: Unit, answered: dict) -> None:
@@ -3578,14 +3581,21 @@ class Flow:
 
     def store_unit(self, unit: Unit) -> None:
         """The unit's rows, to the store; its place in the window, to the next."""
-        outcome, days = self.outcome, self.days
-        rows = analytics_rows(unit.sites, days, unit.visits, unit.gsc)
-        answers = {"matomo": unit.visits, "gsc": unit.gsc}
+        outcome = self.outcome
+        gsc = only_days(unit.gsc, unit.holes) if unit.holes is not None else unit.gsc
+        rows = analytics_rows(unit.sites, unit.days, unit.visits, gsc)
+        answers = {"matomo": unit.visits, "gsc": gsc}
         with outcome.lock:
-            outcome.count_fetched(unit.sites, {source: answers[source] for source in outcome.sources_asked})
-            outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
+            if self.healing:
+                for source, column in VALUE_COLUMN.items():
+                    outcome.healed[source] += sum(1 for row in rows if column in row)
+            else:
+                outcome.count_fetched(
+                    unit.sites, {source: answers[source] for source in outcome.sources_asked}
+                )
+                outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
         unit.visits, unit.gsc = {}, {}  # the fleet's list of units outlives them
-        self.window.leave(len(unit.sites) * len(days))
+        self.window.leave(unit.size)
         self.store.add(rows, unit.index)
 
 
@@ -3752,11 +3762,12 @@ def heal(
     asked: Asked,
     sites: list[Site],
     coverage: Coverage,
-    store: Callable[[list[dict]], None],
+    store: Upserts | DryRunTable,
     outcome: Outcome,
 ) -> None:
     """The nightly run's second part: the holes of earlier nights (and new sites' history), oldest
-    first within the budgets, each source asked only for its own holes."""
+    first within the budgets, each source asked only for its own holes, through the same flow
+    as the night's days."""
     cfg = fetchers.cfg
     try:
         found = holes_read.result()
@@ -3771,11 +3782,9 @@ def heal(
     expiring = gsc_oldest_day(asked.today) + dt.timedelta(days=30)
     plan = heal_plan(found, askable, coverage.window_from, expiring, cfg)
     say_heal_plan(plan, [hole for hole in found if hole.site_id in askable[hole.source]], expiring)
-    by_id = {site.id: site for site in sites}
-    with ThreadPoolExecutor(max_workers=1) as side:  # Matomo beside Search Console
-        matomo_done = side.submit(heal_matomo, fetchers, plan, by_id, store, outcome)
-        heal_gsc(fetchers, plan, by_id, store, outcome)
-        matomo_done.result()
+    fetch_and_store(
+        fetchers, heal_units(fetchers, plan, {site.id: site for site in sites}), store, outcome, None
+    )
     if outcome.healed:
         log.info(
             "Healed %d Matomo and %d Search Console site-days of earlier nights",
@@ -3810,71 +3819,6 @@ def say_heal_plan(plan: HealPlan, found: list[Hole], expiring: dt.date) -> None:
             len(old),
             id_list(old),
         )
-
-
-def heal_matomo(
-    fetchers: Fetchers,
-    plan: HealPlan,
-    by_id: Mapping[SiteId, Site],
-    store: Callable[[list[dict]], None],
-    outcome: Outcome,
-) -> None:
-    """Matomo's share of the holes: one range at a time, its sites in bulk requests."""
-
-    def rows(days: list[dt.date], site_ids: list[SiteId]) -> list[dict]:
-        ids = {site_id: fetchers.matomo_ids[site_id] for site_id in site_ids}
-        visits = fetchers.matomo.data_by_site(ids, days, fetchers.settled)
-        return analytics_rows([by_id[site_id] for site_id in site_ids], days, visits, {})
-
-    heal_by_span(plan.matomo, rows, "matomo", fetchers.deadline, store, outcome)
-
-
-def heal_gsc(
-    fetchers: Fetchers,
-    plan: HealPlan,
-    by_id: Mapping[SiteId, Site],
-    store: Callable[[list[dict]], None],
-    outcome: Outcome,
-) -> None:
-    """Search Console's share: one query per site over the span of its holes, sites with the same
-    span together; only the hole days are stored."""
-    by_span: dict[tuple[dt.date, dt.date], list[SiteId]] = defaultdict(list)
-    for site_id, days in plan.gsc.items():
-        by_span[(min(days), max(days))].append(site_id)
-
-    def rows(days: list[dt.date], site_ids: list[SiteId]) -> list[dict]:
-        targets = {site_id: fetchers.targets[site_id] for site_id in site_ids}
-        found = get_gsc_data(targets, days, fetchers.cfg, fetchers.gsc_pool, fetchers.deadline)
-        return analytics_rows([by_id[site_id] for site_id in site_ids], days, {}, only_days(found, plan.gsc))
-
-    heal_by_span(by_span, rows, "gsc", fetchers.deadline, store, outcome)
-
-
-def heal_by_span(
-    spans: Mapping[tuple[dt.date, dt.date], list[SiteId]],
-    rows: Callable[[list[dt.date], list[SiteId]], list[dict]],
-    source: str,
-    deadline: Deadline,
-    store: Callable[[list[dict]], None],
-    outcome: Outcome,
-) -> None:
-    """Fetches and stores a source's holes span by span, oldest first, until the deadline."""
-    for (first, last), site_ids in sorted(spans.items()):
-        if deadline.passed():
-            log.warning(
-                "%s: %s holes from %s on are left for the next nights",
-                deadline.why,
-                SOURCE_NAMES[source],
-                first,
-            )
-            return
-        healed(rows(days_between(first, last), site_ids), source, store, outcome)
-
-
-def healed(rows: list[dict], source: str, store: Callable[[list[dict]], None], outcome: Outcome) -> None:
-    with outcome.lock:
-        outcome.healed[source] += sum(1 for row in rows if VALUE_COLUMN[source] in row)
-    store(rows)
 
 
 def fleet_to_fetch(
@@ -4110,8 +4054,10 @@ def matomo_for_check(cfg: Config, sites: list[Site], today: dt.date, found: dict
         log.error("%s", error)
         found["matomo"] = {"reachable": False}
         return
-    ids = matomo_ids_by_site(sites)
-    visits = matomo.data_by_site(ids, [today - dt.timedelta(days=DEFAULT_LAG_DAYS)], None)
+    ids, days = matomo_ids_by_site(sites), [today - dt.timedelta(days=DEFAULT_LAG_DAYS)]
+    with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
+        parts = chunks(sorted(set(ids.values())), matomo.bulk_size)
+        visits = by_site_id(ids, merged_answers(pool.map(lambda part: matomo.bulk_visits(part, days), parts)))
     answered = f"answered for {len(visits)} of the {len(ids)} sites with a Matomo id"
     found["lines"].append(f"Matomo {version}: {answered}")
     found["matomo"] = {"reachable": True, "version": version, "sites": len(ids), "answered": len(visits)}

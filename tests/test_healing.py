@@ -182,6 +182,52 @@ def test_a_budget_smaller_than_the_holes_heals_the_oldest_first_and_the_rest_nex
     assert all(table(db, site)[day][:2] == (10, True) for site in sites for day in hole)
 
 
+def test_healing_keeps_every_worker_busy_as_the_night_does_not_one_hole_after_another(
+    healing, fleet, db, matomo, google, run_aggregator
+):
+    account = fleet.account()
+    sites = [fleet.site(f"s{n}.example.com", account) for n in range(9)]
+    window = days_back(30)
+    holes = {site.id: days_back(3 + 2 * n, 3 + 2 * n)[0] for n, site in enumerate(sites)}
+    for site in sites:
+        traffic(fleet, site, [*window, WINDOW_START, DAY - dt.timedelta(days=1), DAY])
+        keep(fleet, site, [day for day in window if day != holes[site.id]])
+    # Each hole is its own day range: its own Matomo request and Search Console query, each
+    # answered after a second, as a busy PHP worker or a slow API would.
+    asked_for_a_hole = {f"date%3D{day}%26" for day in holes.values()}
+    matomo.inject(
+        lambda r: any(d in r.body.decode() for d in asked_for_a_hole), status=200, delay=1.0, times=99
+    )
+    google.inject(
+        lambda r: (
+            r.path.endswith("/query") and r.json()["startDate"] in {d.isoformat() for d in holes.values()}
+        ),
+        status=200,
+        delay=1.0,
+        times=99,
+    )
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr
+    assert all(table(db, site)[day] == (10, True, 3, True) for site in sites for day in [holes[site.id]])
+    assert lines_with("Healed 9 Matomo and 9 Search Console site-days", result.stderr)
+    heal_requests = [
+        r for r in matomo.report_requests() if any(d in r.body.decode() for d in asked_for_a_hole)
+    ]
+    heal_queries = [
+        r
+        for r in google.requests
+        if r.path.endswith("/query") and r.json()["startDate"] in {d.isoformat() for d in holes.values()}
+    ]
+    for requests, workers in ((heal_requests, 3), (heal_queries, 9)):
+        first = min(r.received for r in requests)
+        # MATOMO_WORKERS (3) requests, and every query, in flight at once; one after another, none.
+        assert sum(1 for r in requests if r.received < first + 0.9) >= workers, [
+            r.received - first for r in requests
+        ]
+
+
 def test_a_provisional_cell_is_asked_again_for_its_site_ahead_of_older_holes_and_widens_no_night(
     healing, fleet, db, matomo, google, run_aggregator
 ):
