@@ -29,8 +29,9 @@ Contents, in the order the file reads; each section gives the next what it names
   Matomo             MatomoClient: its requests, the failure ladder (less per     network
                      request, halves, an install that is down), zeros confirmed
                      in the raw log; beside it the queries and the answers' parsing
-  Search Console     each account connected, its properties; one query per        network
-                     site, streamed within each account's quota
+  Search Console     SearchConsole: each account connected, its properties;      network
+                     one query per site, streamed within each account's quota
+                     (GscRound); beside it the answers' parsing and the Reasons
   Shaping rows       rows from answers; the heal plan (pure functions)             no network
   Storing            chunks of rows to store_analytics, where the table's rules   network
                      live (a source that gave nothing, final values, zeros)
@@ -2121,53 +2122,15 @@ def newest_final_day(pacific_today: dt.date) -> dt.date:
     return pacific_today - dt.timedelta(days=DEFAULT_LAG_DAYS)
 
 
-def google_credentials(cfg: Config, key: AccountKey) -> Any:
-    """Credentials that refresh themselves: a user's (refresh token) or a service account's (JSON
-    key, signed JWT-bearer grant). Either way a malformed key raises ValueError, without the key."""
-    if isinstance(key, dict):
-        # Imported here: only service accounts need it (and cryptography with it).
-        from google.oauth2 import service_account
-
-        info = {**key, "token_uri": cfg.google_token_uri}
-        return service_account.Credentials.from_service_account_info(info, scopes=[GSC_SCOPE])
-    return Credentials(
-        token=None,
-        refresh_token=key,
-        client_id=cfg.google_client_id,
-        client_secret=cfg.google_client_secret,
-        token_uri=cfg.google_token_uri,
-        scopes=[GSC_SCOPE],
-    )
-
-
-def refresh_now(cfg: Config, credentials: Any) -> None:
-    """Asks the token endpoint for an access token now (the run's clients do it on first use)."""
-    credentials.refresh(google_auth_httplib2.Request(httplib2.Http(timeout=cfg.http_timeout)))
-
-
 def service_account_email(key: AccountKey) -> str | None:
     return str(key.get("client_email")) if isinstance(key, dict) else None
-
-
-def get_google_client(cfg: Config, credentials: Credentials) -> Any:
-    """A Search Console service for one account; building it makes no network call."""
-    # Our own Http carries the timeout; the token refresh goes through it as well.
-    http = google_auth_httplib2.AuthorizedHttp(credentials, http=httplib2.Http(timeout=cfg.http_timeout))
-    return build(
-        "searchconsole",
-        "v1",
-        http=http,
-        client_options={"api_endpoint": cfg.gsc_api_endpoint},
-        cache_discovery=False,
-        static_discovery=True,
-    )
 
 
 class QuotaWindow:
     """At most `limit` queries in any rolling minute: one of Search Console's quotas.
 
     Pacing ourselves costs nothing under the quota and avoids a storm of 429s and backoffs above it.
-    Only the thread that hands out the queries (stream_gsc_data) uses it: no lock.
+    Only the thread that hands out the queries (SearchConsole.stream) uses it: no lock.
     """
 
     SECONDS = 60.5  # a little over a minute, so that the server's own window never counts limit + 1
@@ -2293,20 +2256,6 @@ class GscAccount:
     analytics: Any  # the service's searchanalytics() resource, shared by all threads
     properties: dict[str, str]
     quota: AccountQuota
-
-
-_this_thread = threading.local()
-
-
-def http_for_this_thread(credentials: Credentials, timeout: int) -> google_auth_httplib2.AuthorizedHttp:
-    """An authorized Http whose connections belong to the calling thread.
-
-    httplib2.Http is not thread-safe (google-api-python-client's docs/thread_safety.md): each
-    thread keeps one, shared by the accounts it serves; the credentials are shared by all threads.
-    """
-    if not hasattr(_this_thread, "http"):
-        _this_thread.http = httplib2.Http(timeout=timeout)
-    return google_auth_httplib2.AuthorizedHttp(credentials, http=_this_thread.http)
 
 
 def verified_properties(site_list_answer: dict) -> dict[str, str]:
@@ -2528,178 +2477,6 @@ NO_CLIENT = Reason(
 )
 
 
-def connect_account(
-    cfg: Config, account_id: AccountId, key: AccountKey, project: QuotaWindow
-) -> GscAccount | Reason:
-    """An account ready to query (token refreshed, properties listed), or why it is not."""
-    if isinstance(key, str) and not (cfg.google_client_id and cfg.google_client_secret):
-        return NO_CLIENT
-    try:
-        credentials = google_credentials(cfg, key)
-    except ValueError as error:  # a key google-auth cannot read: nothing was sent anywhere
-        return Reason(
-            f"its service-account key cannot be used ({str(error).split('. ')[0]})",
-            f"store the key file again with {program()} authorize --service-account KEY.json --account {account_id}",
-        )
-    try:
-        service = get_google_client(cfg, credentials)
-        listing = service.sites().list().execute(num_retries=cfg.http_retries)
-        if not isinstance(listing, dict):
-            raise ValueError("unexpected answer to sites.list; check GSC_API_ENDPOINT")
-    except RefreshError as error:
-        if "invalid_client" in str(error) and not isinstance(key, dict):
-            return CLIENT_REFUSED
-        return refresh_error_reason(error, account_id, key)
-    except HttpError as error:
-        if is_api_disabled(error):
-            return api_disabled(quota_project(key))
-        return Reason(
-            f"cannot list properties: HTTP {error.status_code}: {http_error_reason(error)}", person=False
-        )
-    except Exception as error:  # noqa: BLE001 - one account must never sink the run
-        return Reason(str(error), person=False)
-    return GscAccount(
-        account_id,
-        service_account_email(key),
-        credentials,
-        quota_project(key),
-        service.searchanalytics(),
-        verified_properties(listing),
-        AccountQuota(cfg.gsc_qpm, project, cfg.gsc_quota_pause),
-    )
-
-
-def sites_by_account(sites: Iterable[Site]) -> dict[AccountId, list[Site]]:
-    grouped: dict[AccountId, list[Site]] = defaultdict(list)
-    for site in sites:
-        if site.gsc_account_id is not None:
-            grouped[site.gsc_account_id].append(site)
-    return dict(grouped)
-
-
-def connected_accounts(
-    cfg: Config,
-    sites: list[Site],
-    keys: Mapping[AccountId, AccountKey],
-    pool: Executor,
-    states: dict,
-    every_account: bool = False,
-) -> dict[AccountId, GscAccount]:
-    """Every account that deployed sites use (or every account there is), connected in parallel.
-    Each failure is one warning; `states` gets "connected" or the reason for each account."""
-    by_account = sites_by_account(sites)
-    if every_account:
-        by_account = {account_id: [] for account_id in keys} | by_account
-    for account_id in by_account.keys() - keys.keys():
-        for site in by_account[account_id]:
-            log.warning(
-                "%s: gsc_account_id %s matches no row of gsc_accounts; GSC skipped", site.label, account_id
-            )
-    projects: dict[str, QuotaWindow] = {}
-    futures = {
-        account_id: pool.submit(
-            connect_account,
-            cfg,
-            account_id,
-            keys[account_id],
-            projects.setdefault(quota_project(keys[account_id]), QuotaWindow(cfg.gsc_project_qpm)),
-        )
-        for account_id in by_account
-        if account_id in keys
-    }
-    connected, said = {}, set()
-    for account_id, future in futures.items():
-        account = future.result()
-        states[account_id] = "connected" if isinstance(account, GscAccount) else account
-        if isinstance(account, GscAccount):
-            connected[account_id] = account
-        elif is_shared(account):
-            if account not in said:
-                said.add(account)
-                log.error("%s. No Search Console data from these accounts this run", account)
-        else:
-            sites_of = len(by_account[account_id])
-            log.warning("GSC account %s: %s; no GSC data for its %d sites", account_id, account, sites_of)
-    return connected
-
-
-def query_targets(
-    sites: Iterable[Site],
-    accounts: Mapping[AccountId, GscAccount],
-    skipped: dict[SiteId, Reason] | None = None,
-) -> dict[SiteId, tuple[GscAccount, str]]:
-    """{site id: (account, property)} for the sites whose account holds a property for their domain;
-    `skipped` gets why each other site of a connected account is not asked (a person must act).
-
-    Two deployed sites with one domain would both get its numbers: the first (lowest id) does.
-    """
-    skipped = {} if skipped is None else skipped
-    targets: dict[SiteId, tuple[GscAccount, str]] = {}
-    owner_of: dict[str, SiteId] = {}
-    for site in sorted(sites, key=lambda s: s.id):
-        account = accounts.get(site.gsc_account_id) if site.gsc_account_id is not None else None
-        if account is None:
-            continue  # no account, or one that failed: already logged
-        domain = normalised_domain(site.domain)
-        site_url = property_for_domain(domain, account.properties) if domain else None
-        if domain is None:
-            skipped[site.id] = Reason(
-                "its domain is not a bare domain like example.com", "correct sites.domain"
-            )
-            log.warning(
-                "Site %s: domain %r is not a bare domain like example.com; GSC skipped", site.id, site.domain
-            )
-        elif site_url is None:
-            skipped[site.id] = no_property(site, account, domain)
-        elif property_key(site_url) in owner_of:
-            skipped[site.id] = Reason(
-                f"site {owner_of[property_key(site_url)]} has the same domain ({domain}) and gets its numbers",
-                "set status_deployment of the duplicate to something other than deployed",
-            )
-            log.warning(
-                "%s: site %s has the same domain (%s): only site %s gets its Search Console numbers; "
-                "set status_deployment of the duplicate to something other than deployed",
-                site.label,
-                owner_of[property_key(site_url)],
-                domain,
-                owner_of[property_key(site_url)],
-            )
-        else:
-            owner_of[property_key(site_url)] = site.id
-            targets[site.id] = (account, site_url)
-    return targets
-
-
-def no_property(site: Site, account: GscAccount, domain: str) -> Reason:
-    """Why a site of a connected account is not asked (said as a warning too)."""
-    log.warning(
-        "%s: account %s has no verified Search Console property for %s "
-        "(looked for sc-domain:%s and https/http URL prefixes)%s",
-        site.label,
-        account.id,
-        domain,
-        domain,
-        f"; add {account.service_account} as a user of the property in Search Console"
-        if account.service_account
-        else "",
-    )
-    return Reason(
-        f"account {account.id} has no Search Console property for {domain}",
-        "add the property to the account, or set sites.gsc_account_id to the account that has it",
-    )
-
-
-def query_property(
-    account: GscAccount, site_url: str, days: list[dt.date], newest_final: dt.date, cfg: Config
-) -> dict[dt.date, GscMetrics]:
-    """One searchanalytics.query for the whole range (stream_gsc_data decides when it may go)."""
-    request = account.analytics.query(siteUrl=site_url, body=search_query(days))
-    answer = request.execute(
-        http=http_for_this_thread(account.credentials, cfg.http_timeout), num_retries=cfg.http_retries
-    )
-    return metrics_by_day(answer, days, newest_final)
-
-
 def search_query(days: list[dt.date]) -> dict:
     """The searchAnalytics.query body for a range of days."""
     # One query covers the whole range: it can hold 25,000 rows, far beyond GSC's 16 months.
@@ -2725,6 +2502,7 @@ class GscRound:
     """The queries of one stream: waiting per account, in flight, and what came of them. Every
     site added is answered exactly once, with its metrics or with None."""
 
+    console: SearchConsole
     answered: GscAnswered
     targets: dict[SiteId, tuple[GscAccount, str]] = field(default_factory=dict)
     days: dict[SiteId, list[dt.date]] = field(default_factory=dict)  # each site's query
@@ -2733,7 +2511,7 @@ class GscRound:
     busy: Counter = field(default_factory=Counter)  # queries in flight per account
     given_up: dict[str, dict[AccountId, list[SiteId]]] = field(default_factory=lambda: defaultdict(dict))
 
-    def queue(self, targets: Mapping[SiteId, tuple[GscAccount, str]], days: list[dt.date]) -> None:
+    def add_targets(self, targets: Mapping[SiteId, tuple[GscAccount, str]], days: list[dt.date]) -> None:
         for site_id, target in targets.items():
             self.targets[site_id], self.days[site_id] = target, days
             self.waiting.setdefault(target[0].id, deque()).append(site_id)
@@ -2757,138 +2535,356 @@ class GscRound:
             account.id, account.quota.why_exhausted(days, "until RUN_DEADLINE") if paused else deadline.why
         )
 
+    def take_targets(self, feed: queue.Queue, timeout: float) -> bool:
+        """Adds every site waiting in the feed to the round (waiting up to `timeout` for the first);
+        False once the feed has ended."""
+        try:
+            targets = feed.get(timeout=timeout) if timeout else feed.get_nowait()
+            while targets is not None:
+                self.add_targets(*targets)
+                targets = feed.get_nowait()
+            return False
+        except queue.Empty:
+            return True
 
-def stream_gsc_data(
-    feed: queue.Queue, cfg: Config, pool: Executor, deadline: Deadline, answered: GscAnswered
-) -> None:
-    """Asks Search Console for each site that comes through `feed` (({site id: (account, property
-    URL)}, days) at a time, None at the end), one query per site over its days, and calls
-    `answered` for each as soon as it is known, until the feed ends and every site is answered.
+    def send(self, query: Callable) -> float:
+        """Hands every query that may go now to the pool, one account after another so that the
+        threads spread over accounts; returns when the next waiting one may go."""
+        console = self.console
+        assert console.pool is not None
+        next_turn, sent = math.inf, True
+        while sent and len(self.in_flight) < console.cfg.gsc_workers:
+            sent, now = False, time.monotonic()
+            for account_id, sites_waiting in list(self.waiting.items()):
+                account = self.targets[sites_waiting[0]][0]
+                if self.busy[account_id] >= account.quota.in_flight_allowed(console.cfg.gsc_account_workers):
+                    continue
+                turn = account.quota.next_turn(now)
+                if turn >= console.deadline.at:
+                    self.too_late(account, console.deadline)
+                elif turn > now:
+                    next_turn = min(next_turn, turn)
+                elif len(self.in_flight) < console.cfg.gsc_workers:
+                    site_id = sites_waiting.popleft()
+                    if not sites_waiting:
+                        del self.waiting[account_id]
+                    account.quota.sent(now)
+                    future = console.pool.submit(query, *self.targets[site_id], self.days[site_id])
+                    self.in_flight[future] = (site_id, now)
+                    self.busy[account_id] += 1
+                    sent = True
+        return next_turn
 
-    Each account's queries wait in a queue of their own and go to the pool only when its quota
-    lets them: a paused or paced account holds no thread another account could use.
-    """
-    query = functools.partial(query_property, newest_final=newest_final_day(search_console_today()), cfg=cfg)
-    state, more = GscRound(answered), True
-    while more or state.waiting or state.in_flight:
-        if more:
-            # Nothing to do but wait for more: a short wait, so that the deadline is seen soon.
-            more = take_targets(feed, state, 0.5 if not (state.waiting or state.in_flight) else 0)
-        if deadline.passed():
-            for sites_waiting in list(state.waiting.values()):
-                state.too_late(state.targets[sites_waiting[0]][0], deadline)
-        next_turn = send_queries(state, query, cfg, pool, deadline)
-        wait_for = max(0.0, min(next_turn - time.monotonic(), 0.05 if more else 0.5))
-        if state.in_flight:
-            done, _ = futures_wait(state.in_flight, timeout=wait_for, return_when=FIRST_COMPLETED)
-            for future in done:
-                take_answer(state, future)
-        elif state.waiting:
-            deadline.wait(wait_for)
-    say_what_gsc_gave_up(state)
+    def take_answer(self, future: Future) -> None:
+        """Files one finished query: its numbers, a quota error (the site waits again), or a warning."""
+        site_id, sent_at = self.in_flight.pop(future)
+        account, site_url = self.targets[site_id]
+        self.busy[account.id] -= 1
+        try:
+            metrics = future.result()
+        except HttpError as error:
+            if is_quota_error(error):
+                self.quota_met(site_id, sent_at, error)
+            elif is_api_disabled(error):
+                self.give_up(account.id, api_disabled(account.project), [site_id])
+            else:
+                log.warning("GSC %s: HTTP %s: %s", site_url, error.status_code, http_error_reason(error))
+                self.answer(site_id, None)
+            return
+        except Exception as error:  # noqa: BLE001 - a cut-off answer, a dropped refresh: this site only
+            log.warning("GSC %s: %s: %s", site_url, type(error).__name__, error)
+            self.answer(site_id, None)
+            return
+        account.quota.succeeded(sent_at)
+        self.answer(site_id, metrics)
 
+    def quota_met(self, site_id: SiteId, sent_at: float, error: HttpError) -> None:
+        """The site's query met a used-up quota: it waits at the head of its account's queue, and the
+        account pauses, once per burst of such errors."""
+        account = self.targets[site_id][0]
+        pause = account.quota.exhausted(sent_at, time.monotonic(), error_reasons(error))
+        if pause is None:
+            why = account.quota.why_exhausted(self.days[site_id], f"after {QUOTA_PAUSES} pauses")
+            self.give_up(account.id, why, [site_id])
+            return
+        self.waiting.setdefault(account.id, deque()).appendleft(site_id)
+        if pause:
+            log.info(
+                "GSC account %s: Search Console quota exceeded (%s); pausing its queries for %.0f s",
+                account.id,
+                error.reason,
+                pause,
+            )
 
-def take_targets(feed: queue.Queue, state: GscRound, timeout: float) -> bool:
-    """Adds every site waiting in the feed to the round (waiting up to `timeout` for the first);
-    False once the feed has ended."""
-    try:
-        targets = feed.get(timeout=timeout) if timeout else feed.get_nowait()
-        while targets is not None:
-            state.queue(*targets)
-            targets = feed.get_nowait()
-        return False
-    except queue.Empty:
-        return True
-
-
-def send_queries(state: GscRound, query: Callable, cfg: Config, pool: Executor, deadline: Deadline) -> float:
-    """Hands every query that may go now to the pool, one account after another so that the
-    threads spread over accounts; returns when the next waiting one may go."""
-    next_turn, sent = math.inf, True
-    while sent and len(state.in_flight) < cfg.gsc_workers:
-        sent, now = False, time.monotonic()
-        for account_id, sites_waiting in list(state.waiting.items()):
-            account = state.targets[sites_waiting[0]][0]
-            if state.busy[account_id] >= account.quota.in_flight_allowed(cfg.gsc_account_workers):
+    def say_given_up(self) -> None:
+        """One line per reason (and per account, unless the reason is the whole project's) for the
+        sites left without a Search Console value."""
+        for why, by_account in self.given_up.items():
+            if is_shared(why):
+                site_ids = [site_id for ids in by_account.values() for site_id in ids]
+                log.error("%s: no GSC data for %d sites (ids %s)", why, len(site_ids), id_list(site_ids))
                 continue
-            turn = account.quota.next_turn(now)
-            if turn >= deadline.at:
-                state.too_late(account, deadline)
-            elif turn > now:
-                next_turn = min(next_turn, turn)
-            elif len(state.in_flight) < cfg.gsc_workers:
-                site_id = sites_waiting.popleft()
-                if not sites_waiting:
-                    del state.waiting[account_id]
-                account.quota.sent(now)
-                state.in_flight[pool.submit(query, *state.targets[site_id], state.days[site_id])] = (
-                    site_id,
-                    now,
+            for account_id, site_ids in by_account.items():
+                log.warning(
+                    "GSC account %s: %s: no GSC data for %d sites (ids %s)",
+                    account_id,
+                    why,
+                    len(site_ids),
+                    id_list(site_ids),
                 )
-                state.busy[account_id] += 1
-                sent = True
-    return next_turn
 
 
-def take_answer(state: GscRound, future: Future) -> None:
-    """Files one finished query: its numbers, a quota error (the site waits again), or a warning."""
-    site_id, sent_at = state.in_flight.pop(future)
-    account, site_url = state.targets[site_id]
-    state.busy[account.id] -= 1
-    try:
-        metrics = future.result()
-    except HttpError as error:
-        if is_quota_error(error):
-            quota_met(state, site_id, sent_at, error)
-        elif is_api_disabled(error):
-            state.give_up(account.id, api_disabled(account.project), [site_id])
-        else:
-            log.warning("GSC %s: HTTP %s: %s", site_url, error.status_code, http_error_reason(error))
-            state.answer(site_id, None)
-        return
-    except Exception as error:  # noqa: BLE001 - a cut-off answer, a dropped refresh: this site only
-        log.warning("GSC %s: %s: %s", site_url, type(error).__name__, error)
-        state.answer(site_id, None)
-        return
-    account.quota.succeeded(sent_at)
-    state.answer(site_id, metrics)
+class SearchConsole:
+    """The run's Search Console: its settings; the accounts (connected in parallel, each with its
+    credentials, its properties and its quota, and its Cloud project's quota shared with the
+    project's other accounts); the sites it is asked for (`targets`) and why the others of a
+    connected account are not (`skipped`); and the stream of queries, each account's within its
+    quota. `states` gets "connected" or the Reason for each account."""
 
+    def __init__(
+        self,
+        cfg: Config,
+        pool: Executor | None = None,
+        deadline: Deadline | None = None,
+        states: dict[AccountId, str] | None = None,
+    ) -> None:
+        self.cfg, self.pool = cfg, pool
+        self.deadline = deadline or Deadline.after(cfg.run_deadline)
+        self.states: dict[AccountId, str] = {} if states is None else states
+        self.accounts: dict[AccountId, GscAccount] = {}
+        self.targets: dict[SiteId, tuple[GscAccount, str]] = {}
+        self.skipped: dict[SiteId, Reason] = {}
+        # httplib2.Http is not thread-safe (google-api-python-client's docs/thread_safety.md):
+        # each thread keeps one, shared by the accounts it serves.
+        self.this_thread = threading.local()
 
-def quota_met(state: GscRound, site_id: SiteId, sent_at: float, error: HttpError) -> None:
-    """The site's query met a used-up quota: it waits at the head of its account's queue, and the
-    account pauses, once per burst of such errors."""
-    account = state.targets[site_id][0]
-    pause = account.quota.exhausted(sent_at, time.monotonic(), error_reasons(error))
-    if pause is None:
-        why = account.quota.why_exhausted(state.days[site_id], f"after {QUOTA_PAUSES} pauses")
-        state.give_up(account.id, why, [site_id])
-        return
-    state.waiting.setdefault(account.id, deque()).appendleft(site_id)
-    if pause:
-        log.info(
-            "GSC account %s: Search Console quota exceeded (%s); pausing its queries for %.0f s",
-            account.id,
-            error.reason,
-            pause,
+    def credentials(self, key: AccountKey) -> Any:
+        """Credentials that refresh themselves: a user's (refresh token) or a service account's
+        (JSON key, signed JWT-bearer grant). Either way a malformed key raises ValueError, without
+        the key."""
+        cfg = self.cfg
+        if isinstance(key, dict):
+            # Imported here: only service accounts need it (and cryptography with it).
+            from google.oauth2 import service_account
+
+            info = {**key, "token_uri": cfg.google_token_uri}
+            return service_account.Credentials.from_service_account_info(info, scopes=[GSC_SCOPE])
+        return Credentials(
+            token=None,
+            refresh_token=key,
+            client_id=cfg.google_client_id,
+            client_secret=cfg.google_client_secret,
+            token_uri=cfg.google_token_uri,
+            scopes=[GSC_SCOPE],
         )
 
+    def refresh_now(self, credentials: Any) -> None:
+        """Asks the token endpoint for an access token now (the run's clients do it on first use)."""
+        credentials.refresh(google_auth_httplib2.Request(httplib2.Http(timeout=self.cfg.http_timeout)))
 
-def say_what_gsc_gave_up(state: GscRound) -> None:
-    """One line per reason (and per account, unless the reason is the whole project's) for the
-    sites left without a Search Console value."""
-    for why, by_account in state.given_up.items():
-        if is_shared(why):
-            site_ids = [site_id for ids in by_account.values() for site_id in ids]
-            log.error("%s: no GSC data for %d sites (ids %s)", why, len(site_ids), id_list(site_ids))
-            continue
-        for account_id, site_ids in by_account.items():
-            log.warning(
-                "GSC account %s: %s: no GSC data for %d sites (ids %s)",
-                account_id,
-                why,
-                len(site_ids),
-                id_list(site_ids),
+    def service(self, credentials: Credentials) -> Any:
+        """A Search Console service for one account; building it makes no network call."""
+        # Our own Http carries the timeout; the token refresh goes through it as well.
+        http = google_auth_httplib2.AuthorizedHttp(
+            credentials, http=httplib2.Http(timeout=self.cfg.http_timeout)
+        )
+        return build(
+            "searchconsole",
+            "v1",
+            http=http,
+            client_options={"api_endpoint": self.cfg.gsc_api_endpoint},
+            cache_discovery=False,
+            static_discovery=True,
+        )
+
+    def http(self, credentials: Credentials) -> google_auth_httplib2.AuthorizedHttp:
+        """An authorized Http whose connections belong to the calling thread; the credentials are
+        shared by all threads."""
+        if not hasattr(self.this_thread, "http"):
+            self.this_thread.http = httplib2.Http(timeout=self.cfg.http_timeout)
+        return google_auth_httplib2.AuthorizedHttp(credentials, http=self.this_thread.http)
+
+    def connect_account(
+        self, account_id: AccountId, key: AccountKey, project: QuotaWindow
+    ) -> GscAccount | Reason:
+        """An account ready to query (token refreshed, properties listed), or why it is not."""
+        cfg = self.cfg
+        if isinstance(key, str) and not (cfg.google_client_id and cfg.google_client_secret):
+            return NO_CLIENT
+        try:
+            credentials = self.credentials(key)
+        except ValueError as error:  # a key google-auth cannot read: nothing was sent anywhere
+            return Reason(
+                f"its service-account key cannot be used ({str(error).split('. ')[0]})",
+                f"store the key file again with {program()} authorize --service-account KEY.json --account {account_id}",
             )
+        try:
+            service = self.service(credentials)
+            listing = service.sites().list().execute(num_retries=cfg.http_retries)
+            if not isinstance(listing, dict):
+                raise ValueError("unexpected answer to sites.list; check GSC_API_ENDPOINT")
+        except RefreshError as error:
+            if "invalid_client" in str(error) and not isinstance(key, dict):
+                return CLIENT_REFUSED
+            return refresh_error_reason(error, account_id, key)
+        except HttpError as error:
+            if is_api_disabled(error):
+                return api_disabled(quota_project(key))
+            return Reason(
+                f"cannot list properties: HTTP {error.status_code}: {http_error_reason(error)}", person=False
+            )
+        except Exception as error:  # noqa: BLE001 - one account must never sink the run
+            return Reason(str(error), person=False)
+        return GscAccount(
+            account_id,
+            service_account_email(key),
+            credentials,
+            quota_project(key),
+            service.searchanalytics(),
+            verified_properties(listing),
+            AccountQuota(cfg.gsc_qpm, project, cfg.gsc_quota_pause),
+        )
+
+    def connect(
+        self, sites: list[Site], keys: Mapping[AccountId, AccountKey], every_account: bool = False
+    ) -> None:
+        """Every account that deployed sites use (or every account there is), connected in parallel.
+        Each failure is one warning."""
+        cfg, pool = self.cfg, self.pool
+        assert pool is not None
+        by_account: dict[AccountId, list[Site]] = defaultdict(list)
+        for site in sites:
+            if site.gsc_account_id is not None:
+                by_account[site.gsc_account_id].append(site)
+        if every_account:
+            by_account = {account_id: [] for account_id in keys} | by_account
+        for account_id in by_account.keys() - keys.keys():
+            for site in by_account[account_id]:
+                log.warning(
+                    "%s: gsc_account_id %s matches no row of gsc_accounts; GSC skipped",
+                    site.label,
+                    account_id,
+                )
+        projects: dict[str, QuotaWindow] = {}
+        futures = {
+            account_id: pool.submit(
+                self.connect_account,
+                account_id,
+                keys[account_id],
+                projects.setdefault(quota_project(keys[account_id]), QuotaWindow(cfg.gsc_project_qpm)),
+            )
+            for account_id in by_account
+            if account_id in keys
+        }
+        said = set()
+        for account_id, future in futures.items():
+            account = future.result()
+            self.states[account_id] = "connected" if isinstance(account, GscAccount) else account
+            if isinstance(account, GscAccount):
+                self.accounts[account_id] = account
+            elif is_shared(account):
+                if account not in said:
+                    said.add(account)
+                    log.error("%s. No Search Console data from these accounts this run", account)
+            else:
+                sites_of = len(by_account[account_id])
+                log.warning("GSC account %s: %s; no GSC data for its %d sites", account_id, account, sites_of)
+
+    def match(self, sites: Iterable[Site]) -> None:
+        """`targets`: {site id: (account, property)} for the sites whose account holds a property for
+        their domain; `skipped`: why each other site of a connected account is not asked (a person must act).
+
+        Two deployed sites with one domain would both get its numbers: the first (lowest id) does.
+        """
+        skipped, targets = self.skipped, self.targets
+        owner_of: dict[str, SiteId] = {}
+        for site in sorted(sites, key=lambda s: s.id):
+            account = self.accounts.get(site.gsc_account_id) if site.gsc_account_id is not None else None
+            if account is None:
+                continue  # no account, or one that failed: already logged
+            domain = normalised_domain(site.domain)
+            site_url = property_for_domain(domain, account.properties) if domain else None
+            if domain is None:
+                skipped[site.id] = Reason(
+                    "its domain is not a bare domain like example.com", "correct sites.domain"
+                )
+                log.warning(
+                    "Site %s: domain %r is not a bare domain like example.com; GSC skipped",
+                    site.id,
+                    site.domain,
+                )
+            elif site_url is None:
+                skipped[site.id] = self.no_property(site, account, domain)
+            elif property_key(site_url) in owner_of:
+                skipped[site.id] = Reason(
+                    f"site {owner_of[property_key(site_url)]} has the same domain ({domain}) and gets its numbers",
+                    "set status_deployment of the duplicate to something other than deployed",
+                )
+                log.warning(
+                    "%s: site %s has the same domain (%s): only site %s gets its Search Console numbers; "
+                    "set status_deployment of the duplicate to something other than deployed",
+                    site.label,
+                    owner_of[property_key(site_url)],
+                    domain,
+                    owner_of[property_key(site_url)],
+                )
+            else:
+                owner_of[property_key(site_url)] = site.id
+                targets[site.id] = (account, site_url)
+
+    def no_property(self, site: Site, account: GscAccount, domain: str) -> Reason:
+        """Why a site of a connected account is not asked (said as a warning too)."""
+        log.warning(
+            "%s: account %s has no verified Search Console property for %s "
+            "(looked for sc-domain:%s and https/http URL prefixes)%s",
+            site.label,
+            account.id,
+            domain,
+            domain,
+            f"; add {account.service_account} as a user of the property in Search Console"
+            if account.service_account
+            else "",
+        )
+        return Reason(
+            f"account {account.id} has no Search Console property for {domain}",
+            "add the property to the account, or set sites.gsc_account_id to the account that has it",
+        )
+
+    def query(
+        self, account: GscAccount, site_url: str, days: list[dt.date], newest_final: dt.date
+    ) -> dict[dt.date, GscMetrics]:
+        """One searchanalytics.query for the whole range (stream decides when it may go)."""
+        request = account.analytics.query(siteUrl=site_url, body=search_query(days))
+        answer = request.execute(http=self.http(account.credentials), num_retries=self.cfg.http_retries)
+        return metrics_by_day(answer, days, newest_final)
+
+    def stream(self, feed: queue.Queue, answered: GscAnswered) -> None:
+        """Asks Search Console for each site that comes through `feed` (({site id: (account, property
+        URL)}, days) at a time, None at the end), one query per site over its days, and calls
+        `answered` for each as soon as it is known, until the feed ends and every site is answered.
+
+        Each account's queries wait in a queue of their own and go to the pool only when its quota
+        lets them: a paused or paced account holds no thread another account could use.
+        """
+        deadline = self.deadline
+        query = functools.partial(self.query, newest_final=newest_final_day(search_console_today()))
+        state, more = GscRound(self, answered), True
+        while more or state.waiting or state.in_flight:
+            if more:
+                # Nothing to do but wait for more: a short wait, so that the deadline is seen soon.
+                more = state.take_targets(feed, 0.5 if not (state.waiting or state.in_flight) else 0)
+            if deadline.passed():
+                for sites_waiting in list(state.waiting.values()):
+                    state.too_late(state.targets[sites_waiting[0]][0], deadline)
+            next_turn = state.send(query)
+            wait_for = max(0.0, min(next_turn - time.monotonic(), 0.05 if more else 0.5))
+            if state.in_flight:
+                done, _ = futures_wait(state.in_flight, timeout=wait_for, return_when=FIRST_COMPLETED)
+                for future in done:
+                    state.take_answer(future)
+            elif state.waiting:
+                deadline.wait(wait_for)
+        state.say_given_up()
 
 
 # ---------------------------------------------------------------------------
@@ -3261,7 +3257,6 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         outcome.must_act(lacks)
         return outcome
     sites, keys, days, learned = fleet_to_fetch(client, asked)
-    skipped: dict[SiteId, Reason] = {}  # why Search Console is not asked for a site of a connected account
     gsc_days = [day for day in days if day >= gsc_oldest_day(asked.today)]
     outcome.begin(sites, days, ["matomo", "gsc"] if gsc_days else ["matomo"])
     with contextlib.ExitStack() as stack:
@@ -3275,8 +3270,14 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             else Upserts(client, cfg, upserts, hopeless, outcome, asked.accept_zero_visits)
         )
         matomo, matomo_ids = matomo_client(cfg, deadline), matomo_ids_by_site(sites)
-        targets = search_console_targets(cfg, sites, keys, gsc_pool, outcome, skipped) if gsc_days else {}
-        known = sources_known(learned, cfg, asked, sites, matomo, matomo_ids, skipped, outcome.gsc_accounts)
+        gsc = SearchConsole(cfg, gsc_pool, deadline, outcome.gsc_accounts)
+        if gsc_days:
+            gsc.connect(sites, keys)
+            gsc.match(sites)
+            progress.fetched("gsc", outcome.gsc.wanted - len(gsc.targets))  # nothing to ask for these
+        known = sources_known(
+            learned, cfg, asked, sites, matomo, matomo_ids, gsc.skipped, outcome.gsc_accounts
+        )
         remembered = known is not None and not asked.dry_run and remember_sources(client, known, hopeless)
         # The holes end before tonight's days: they are read while the night is fetched.
         coverage = Coverage.of(cfg, asked.today, days[0])
@@ -3284,34 +3285,16 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         holes_read = (
             reader.submit(client.holes, coverage) if remembered and heals_tonight(cfg, asked) else None
         )
-        fetchers = Fetchers(
-            cfg, matomo, matomo_ids, zeros_settled_before(cfg, asked), targets, gsc_pool, deadline
-        )
+        fetchers = Fetchers(cfg, matomo, matomo_ids, zeros_settled_before(cfg, asked), gsc, deadline)
         fetch_and_store(
             fetchers, night_units(fetchers, sites, days, gsc_days), store, outcome, progress.fetched
         )
         if holes_read:
             heal(holes_read, fetchers, asked, sites, coverage, store, outcome)
         store.finish()
-        what_needs_a_person(outcome, sites, matomo, matomo_ids, skipped, hopeless)
+        what_needs_a_person(outcome, sites, matomo, matomo_ids, gsc.skipped, hopeless)
     say_provisional(outcome, asked)
     return outcome
-
-
-def search_console_targets(
-    cfg: Config,
-    sites: list[Site],
-    keys: Mapping[AccountId, AccountKey],
-    pool: Executor,
-    outcome: Outcome,
-    skipped: dict[SiteId, Reason],
-) -> dict[SiteId, tuple[GscAccount, str]]:
-    """{site id: (account, property)} of every site Search Console is asked for: each account
-    connected, its properties listed; `skipped` gets why the others of a connected account are not."""
-    accounts = connected_accounts(cfg, sites, keys, pool, outcome.gsc_accounts)
-    targets = query_targets(sites, accounts, skipped)
-    progress.fetched("gsc", outcome.gsc.wanted - len(targets))  # nothing to ask for these
-    return targets
 
 
 def say_provisional(outcome: Outcome, asked: Asked) -> None:
@@ -3332,8 +3315,7 @@ class Fetchers:
     matomo: MatomoClient
     matomo_ids: Mapping[SiteId, int]
     settled: dt.date | None  # Matomo zeros of days before it are final without the raw log's word
-    targets: Mapping[SiteId, tuple[GscAccount, str]]
-    gsc_pool: Executor
+    gsc: SearchConsole
     deadline: Deadline
 
 
@@ -3376,7 +3358,7 @@ def night_units(
             part,
             days,
             {s.id: f.matomo_ids[s.id] for s in part if s.id in f.matomo_ids},
-            {s.id: f.targets[s.id] for s in part if s.id in f.targets and gsc_days},
+            {s.id: f.gsc.targets[s.id] for s in part if s.id in f.gsc.targets and gsc_days},
             gsc_days,
         )
         for n, part in enumerate(chunks(sites, per_request))
@@ -3401,7 +3383,9 @@ def heal_units(fetchers: Fetchers, plan: HealPlan, by_id: Mapping[SiteId, Site])
                 if source == "matomo":
                     units.append(Unit(0, sites, days, {s: f.matomo_ids[s] for s in part}, {}, []))
                 else:
-                    units.append(Unit(0, sites, days, {}, {s: f.targets[s] for s in part}, days, plan.gsc))
+                    units.append(
+                        Unit(0, sites, days, {}, {s: f.gsc.targets[s] for s in part}, days, plan.gsc)
+                    )
         return units
 
     pairs = itertools.zip_longest(units_of(plan.matomo, "matomo"), units_of(gsc_spans, "gsc"))
@@ -3458,11 +3442,7 @@ def fetch_and_store(
         flow = Flow(fetchers, store, outcome, fetched, checks)
         with ThreadPoolExecutor(max_workers=1 + fetchers.matomo.workers) as pool:
             f = fetchers
-            streams = [
-                flow.watched(
-                    pool.submit(stream_gsc_data, feed, f.cfg, f.gsc_pool, f.deadline, flow.gsc_answered)
-                )
-            ]
+            streams = [flow.watched(pool.submit(f.gsc.stream, feed, flow.gsc_answered))]
             try:
                 streams += flow.dispatch(units, pool, feed)
             finally:
@@ -3777,7 +3757,7 @@ def heal(
     wanted = {site.id for site in sites}
     askable = {
         "matomo": set(fetchers.matomo_ids) & wanted if cfg.heal_matomo_site_days else set(),
-        "gsc": set(fetchers.targets) & wanted if cfg.heal_gsc_queries else set(),
+        "gsc": set(fetchers.gsc.targets) & wanted if cfg.heal_gsc_queries else set(),
     }
     expiring = gsc_oldest_day(asked.today) + dt.timedelta(days=30)
     plan = heal_plan(found, askable, coverage.window_from, expiring, cfg)
@@ -4068,16 +4048,18 @@ def search_console_for_check(
 ) -> None:
     if not keys and cfg.google_client_id:
         client_for_check(cfg)  # no account to try it with: ask the token endpoint directly
-    states: dict[AccountId, str] = {}
     with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as pool:
-        accounts = connected_accounts(cfg, sites, keys, pool, states, every_account=True)
-    for account_id, state in states.items():
+        console = SearchConsole(cfg, pool)
+        console.connect(sites, keys, every_account=True)
+    for account_id, state in console.states.items():
         shown = f"{credential_kind(keys[account_id])}; {'' if state == 'connected' else 'not '}connected"
         found["lines"].append(f"Search Console account {account_id}: {shown}")
-    targets = query_targets(sites, accounts)
-    matched = f"{len(targets)} sites matched to a property"
-    found["lines"].append(f"Search Console: {len(accounts)} of {len(keys)} accounts connected; {matched}")
-    found["search_console"] = {"accounts": len(keys), "connected": len(accounts), "sites": len(targets)}
+    console.match(sites)
+    connected, matched = len(console.accounts), len(console.targets)
+    found["lines"].append(
+        f"Search Console: {connected} of {len(keys)} accounts connected; {matched} sites matched to a property"
+    )
+    found["search_console"] = {"accounts": len(keys), "connected": connected, "sites": matched}
 
 
 def credential_kind(key: AccountKey) -> str:
@@ -4088,9 +4070,9 @@ def credential_kind(key: AccountKey) -> str:
 def client_for_check(cfg: Config) -> None:
     """Logs an error if Google refuses GOOGLE_CLIENT_ID/SECRET, found with a refresh token that
     cannot exist: Google checks the client first (invalid_client) and only then the token."""
-    credentials = google_credentials(cfg, "aggregator-check-not-a-token")
+    console = SearchConsole(cfg)
     try:
-        refresh_now(cfg, credentials)
+        console.refresh_now(console.credentials("aggregator-check-not-a-token"))
     except RefreshError as error:
         if "invalid_client" in str(error):
             log.error("%s", CLIENT_REFUSED)
@@ -4367,7 +4349,7 @@ def keeps_the_sites(
     if not sites:
         return True
     try:
-        listing = get_google_client(cfg, credentials).sites().list().execute(num_retries=cfg.http_retries)
+        listing = SearchConsole(cfg).service(credentials).sites().list().execute(num_retries=cfg.http_retries)
         properties = verified_properties(listing if isinstance(listing, dict) else {})
     except Exception as error:  # noqa: BLE001 - the check is a courtesy: the operator decides
         say(f"Which properties this login sees could not be checked ({type(error).__name__}).")
@@ -4433,7 +4415,8 @@ def authorize_service_account(cfg: Config, key_file: Path, account_id: str | Non
         return ExitStatus.FAILED
     email = str(key["client_email"])
     try:  # a deleted or foreign key is refused now, not at 3 a.m.
-        refresh_now(cfg, google_credentials(cfg, key))
+        console = SearchConsole(cfg)
+        console.refresh_now(console.credentials(key))
     except RefreshError as error:
         log.error("%s; nothing was stored", refresh_error_reason(error, account_id or "ID", key))
         return ExitStatus.FAILED
