@@ -268,73 +268,97 @@ class Config:
         )
         return (self.supabase_service_role_key, self.matomo_token_auth, self.google_client_secret, *ping_url)
 
-
-def default_env_file() -> Path:
-    """.env beside the script; for the installed command (whose script lives among the packages),
-    .env in the directory it runs in."""
-    beside = Path(__file__).resolve().parent / ".env"
-    return beside if beside.exists() or (beside.parent / "requirements.txt").exists() else Path.cwd() / ".env"
-
-
-def load_config(env_file: Path, required: Iterable[str] = ("MATOMO_URL", "MATOMO_TOKEN_AUTH")) -> Config:
-    """Read .env (variables already in the environment win) and validate everything at once;
-    `required` names what the command needs besides the Supabase pair. The environment itself
-    is left as it was: .env's values go to Config only."""
-    env = {name: value.strip() for name, value in {**settings_in(env_file), **os.environ}.items()}
-    needed = [f.name.upper() for f in fields(Config) if f.default is MISSING] + list(required)
-    if env.get("GOOGLE_CLIENT_ID") or env.get("GOOGLE_CLIENT_SECRET"):
-        needed += ["GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET"]  # half a client is a mistake
-    missing = list(dict.fromkeys(name for name in needed if not env.get(name)))
-    if missing:
-        raise ConfigError(
-            f"Missing configuration: {', '.join(missing)}. "
-            f"Set them in {env_file} (see .env.example) or in the environment."
+    @staticmethod
+    def default_env_file() -> Path:
+        """.env beside the script; for the installed command (whose script lives among the packages),
+        .env in the directory it runs in."""
+        beside = Path(__file__).resolve().parent / ".env"
+        return (
+            beside
+            if beside.exists() or (beside.parent / "requirements.txt").exists()
+            else Path.cwd() / ".env"
         )
-    return Config(**config_values(env, set(os.environ), env_file))
 
-
-def settings_in(env_file: Path) -> dict[str, str]:
-    """The settings .env holds (none if there is no .env); a warning for a name that is not one."""
-    if not env_file.exists():
-        return {}
-    warn_if_readable_by_others(env_file)
-    try:
-        found = dotenv_values(env_file, encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{env_file} is not UTF-8 text: save it as UTF-8 and run again") from None
-    except OSError as error:
-        raise ConfigError(f"cannot read {env_file} ({error.strerror}): check its owner and mode") from None
-    warn_of_unknown_settings(env_file, found)
-    return {name: value for name, value in found.items() if value is not None}
-
-
-def config_values(env: Mapping[str, str], exported: set[str], env_file: Path) -> dict[str, Any]:
-    """Each setting given, checked; a ConfigError naming every problem at once."""
-    # No message echoes a value: a key pasted into the wrong variable would be printed.
-    values: dict[str, Any] = {}
-    problems: list[str] = []
-    for f in fields(Config):
-        name, raw, rule = f.name.upper(), env.get(f.name.upper()), f.metadata
-        if not raw:
-            continue
-        if "at_least" in rule and not (re.fullmatch(r"[0-9]{1,9}", raw) and int(raw) >= rule["at_least"]):
-            problems.append(f"{name} must be a whole number of at least {rule['at_least']}")
-        elif rule.get("at_most") and int(raw) > rule["at_most"]:
-            problems.append(f"{name} must be at most {rule['at_most']} ({rule['why']})")
-        elif PLACEHOLDER.search(raw):
-            where = (
-                "the environment (it wins over .env): unset it or export"
-                if name in exported
-                else f"{env_file}: put"
+    @classmethod
+    def load(cls, env_file: Path, required: Iterable[str] = ("MATOMO_URL", "MATOMO_TOKEN_AUTH")) -> Config:
+        """Read .env (variables already in the environment win) and validate everything at once;
+        `required` names what the command needs besides the Supabase pair. The environment itself
+        is left as it was: .env's values go to Config only."""
+        env = {name: value.strip() for name, value in {**cls.settings_in(env_file), **os.environ}.items()}
+        needed = [f.name.upper() for f in fields(cls) if f.default is MISSING] + list(required)
+        if env.get("GOOGLE_CLIENT_ID") or env.get("GOOGLE_CLIENT_SECRET"):
+            needed += ["GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET"]  # half a client is a mistake
+        missing = list(dict.fromkeys(name for name in needed if not env.get(name)))
+        if missing:
+            raise ConfigError(
+                f"Missing configuration: {', '.join(missing)}. "
+                f"Set them in {env_file} (see .env.example) or in the environment."
             )
-            problems.append(f"{name} still holds the placeholder of .env.example in {where} your own value")
-        elif rule.get("url") and not is_http_url(raw):
-            problems.append(f"{name} must be an http(s) URL, like https://example.com/")
-        else:
-            values[f.name] = int(raw) if "at_least" in rule else raw
-    if problems:
-        raise ConfigError("Bad configuration: " + "; ".join(problems) + ".")
-    return values
+        return cls(**cls.values_of(env, set(os.environ), env_file))
+
+    @staticmethod
+    def settings_in(env_file: Path) -> dict[str, str]:
+        """The settings .env holds (none if there is no .env); a warning for a name that is not one."""
+        if not env_file.exists():
+            return {}
+        Config.warn_if_readable_by_others(env_file)
+        try:
+            found = dotenv_values(env_file, encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{env_file} is not UTF-8 text: save it as UTF-8 and run again") from None
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read {env_file} ({error.strerror}): check its owner and mode"
+            ) from None
+        Config.warn_of_unknown_settings(env_file, found)
+        return {name: value for name, value in found.items() if value is not None}
+
+    @staticmethod
+    def values_of(env: Mapping[str, str], exported: set[str], env_file: Path) -> dict[str, Any]:
+        """Each setting given, checked; a ConfigError naming every problem at once."""
+        # No message echoes a value: a key pasted into the wrong variable would be printed.
+        values: dict[str, Any] = {}
+        errors: list[str] = []
+        for f in fields(Config):
+            name, raw, rule = f.name.upper(), env.get(f.name.upper()), f.metadata
+            if not raw:
+                continue
+            if "at_least" in rule and not (re.fullmatch(r"[0-9]{1,9}", raw) and int(raw) >= rule["at_least"]):
+                errors.append(f"{name} must be a whole number of at least {rule['at_least']}")
+            elif rule.get("at_most") and int(raw) > rule["at_most"]:
+                errors.append(f"{name} must be at most {rule['at_most']} ({rule['why']})")
+            elif PLACEHOLDER.search(raw):
+                where = (
+                    "the environment (it wins over .env): unset it or export"
+                    if name in exported
+                    else f"{env_file}: put"
+                )
+                errors.append(f"{name} still holds the placeholder of .env.example in {where} your own value")
+            elif rule.get("url") and not is_http_url(raw):
+                errors.append(f"{name} must be an http(s) URL, like https://example.com/")
+            else:
+                values[f.name] = int(raw) if "at_least" in rule else raw
+        if errors:
+            raise ConfigError("Bad configuration: " + "; ".join(errors) + ".")
+        return values
+
+    @staticmethod
+    def warn_of_unknown_settings(env_file: Path, names: Iterable[str]) -> None:
+        """A typo (GSC_QMP for GSC_QPM) would otherwise leave the default in force without a word."""
+        known = [f.name.upper() for f in fields(Config)]
+        for name in names:
+            alias = SETTING_ALIASES.get(name.upper())
+            guess = [alias] if alias else difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
+            if name not in known and (guess or name.upper().startswith(SETTING_PREFIXES)):
+                hint = f"did you mean {guess[0]}? " if guess else ""
+                log.warning(
+                    "%s in %s is not a setting of aggregator.py (%sit is ignored)", name, env_file, hint
+                )
+
+    @staticmethod
+    def warn_if_readable_by_others(env_file: Path) -> None:
+        if env_file.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("%s is readable by other users; run: chmod 600 %s", env_file, env_file)
 
 
 # What .env.example holds where the operator's own values go.
@@ -366,25 +390,9 @@ SETTING_ALIASES = {
 }
 
 
-def warn_of_unknown_settings(env_file: Path, names: Iterable[str]) -> None:
-    """A typo (GSC_QMP for GSC_QPM) would otherwise leave the default in force without a word."""
-    known = [f.name.upper() for f in fields(Config)]
-    for name in names:
-        alias = SETTING_ALIASES.get(name.upper())
-        guess = [alias] if alias else difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
-        if name not in known and (guess or name.upper().startswith(SETTING_PREFIXES)):
-            hint = f"did you mean {guess[0]}? " if guess else ""
-            log.warning("%s in %s is not a setting of aggregator.py (%sit is ignored)", name, env_file, hint)
-
-
 def is_http_url(value: str) -> bool:
     parts = urlsplit(value)
     return parts.scheme in ("http", "https") and bool(parts.netloc)
-
-
-def warn_if_readable_by_others(env_file: Path) -> None:
-    if env_file.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("%s is readable by other users; run: chmod 600 %s", env_file, env_file)
 
 
 # ---------------------------------------------------------------------------
@@ -856,21 +864,6 @@ PAGE_SIZE = 1000
 
 
 # One client per run: building one costs start-up time that every read would pay again.
-@functools.cache
-def supabase_client(cfg: Config) -> Supabase:
-    # One HTTP client for every part of supabase-py: each would otherwise build its own, loading
-    # the certificate bundle again (25 ms of CPU each), and the PostgREST part, built on first
-    # use, would be built once per thread that reads first. Its settings are those supabase-py
-    # gives its own.
-    http = httpx.Client(timeout=cfg.http_timeout, follow_redirects=True, http2=True)
-    options = ClientOptions(httpx_client=http, auto_refresh_token=False, persist_session=False)
-    # postgrest-py 2.2x+ retries GETs by itself (1, 2, 4 s) under our with_retries: one policy,
-    # ours, covers reads and writes alike (older releases have neither the option nor the retry).
-    if hasattr(options, "postgrest_client_retry"):
-        options.postgrest_client_retry = False
-    client = create_client(cfg.supabase_url, cfg.supabase_service_role_key, options)
-    client.postgrest  # noqa: B018 - built now, before the threads that read in parallel
-    return Supabase(client, cfg.http_retries + 1, cfg.deployed_status)
 
 
 @dataclass(frozen=True)
@@ -883,6 +876,24 @@ class Supabase:
     client: Client
     attempts: int
     deployed: str = "deployed"  # DEPLOYED_STATUS
+
+    @classmethod
+    @functools.cache
+    def of(cls, cfg: Config) -> Supabase:
+        """The run's Supabase, from the configuration."""
+        # One HTTP client for every part of supabase-py: each would otherwise build its own, loading
+        # the certificate bundle again (25 ms of CPU each), and the PostgREST part, built on first
+        # use, would be built once per thread that reads first. Its settings are those supabase-py
+        # gives its own.
+        http = httpx.Client(timeout=cfg.http_timeout, follow_redirects=True, http2=True)
+        options = ClientOptions(httpx_client=http, auto_refresh_token=False, persist_session=False)
+        # postgrest-py 2.2x+ retries GETs by itself (1, 2, 4 s) under our with_retries: one policy,
+        # ours, covers reads and writes alike (older releases have neither the option nor the retry).
+        if hasattr(options, "postgrest_client_retry"):
+            options.postgrest_client_retry = False
+        client = create_client(cfg.supabase_url, cfg.supabase_service_role_key, options)
+        client.postgrest  # noqa: B018 - built now, before the threads that read in parallel
+        return cls(client, cfg.http_retries + 1, cfg.deployed_status)
 
     def table(self, name: str) -> Any:
         return self.client.table(name)
@@ -1464,6 +1475,39 @@ class MatomoClient:
     down_said: Once = field(default_factory=Once)
     log_off_said: Once = field(default_factory=Once)
 
+    @classmethod
+    def of(cls, cfg: Config, deadline: Deadline) -> MatomoClient:
+        """The run's Matomo, from the configuration."""
+        # Reports are read-only, so a POST is as safe to retry as a GET. A 500 (PHP's fatal error
+        # page), a proxy's 504 and a read timeout (too much work for one request; PHP goes on
+        # working on it) would only fail again and add to the server's load: the request is split
+        # instead (MatomoClient.visits_for_batch).
+        retry = CappedRetry(
+            total=cfg.http_retries,
+            read=False,
+            backoff_factor=0.5,
+            status_forcelist=(429, 502, 503),
+            allowed_methods=None,
+            raise_on_status=False,
+        )
+        retry.cap = min(30.0, cfg.http_timeout)  # never wait longer than a request may take
+        session = requests.Session()
+        session.mount("http://", HTTPAdapter(max_retries=retry))
+        session.mount("https://", HTTPAdapter(max_retries=retry))
+        base = cfg.matomo_url.rstrip("/")
+        endpoint = base if base.endswith("index.php") else base + "/index.php"
+        return cls(
+            session,
+            endpoint,
+            cfg.matomo_token_auth,
+            cfg.http_timeout,
+            cfg.http_retries,
+            cfg.matomo_bulk_size,
+            cfg.matomo_workers,
+            deadline,
+            MatomoState(cfg.matomo_bulk_size),
+        )
+
     def call(self, method: str, form: Mapping[str, str]) -> Any:
         """One POST to Matomo's API: its JSON answer, or a MatomoError that says how it failed."""
         # module and method stay in the query string so that an auth failure answers JSON;
@@ -1860,38 +1904,6 @@ class CappedRetry(Retry):
         retry = super().new(**kwargs)
         retry.cap = self.cap
         return retry
-
-
-def matomo_client(cfg: Config, deadline: Deadline) -> MatomoClient:
-    # Reports are read-only, so a POST is as safe to retry as a GET. A 500 (PHP's fatal error
-    # page), a proxy's 504 and a read timeout (too much work for one request; PHP goes on
-    # working on it) would only fail again and add to the server's load: the request is split
-    # instead (MatomoClient.visits_for_batch).
-    retry = CappedRetry(
-        total=cfg.http_retries,
-        read=False,
-        backoff_factor=0.5,
-        status_forcelist=(429, 502, 503),
-        allowed_methods=None,
-        raise_on_status=False,
-    )
-    retry.cap = min(30.0, cfg.http_timeout)  # never wait longer than a request may take
-    session = requests.Session()
-    session.mount("http://", HTTPAdapter(max_retries=retry))
-    session.mount("https://", HTTPAdapter(max_retries=retry))
-    base = cfg.matomo_url.rstrip("/")
-    endpoint = base if base.endswith("index.php") else base + "/index.php"
-    return MatomoClient(
-        session,
-        endpoint,
-        cfg.matomo_token_auth,
-        cfg.http_timeout,
-        cfg.http_retries,
-        cfg.matomo_bulk_size,
-        cfg.matomo_workers,
-        deadline,
-        MatomoState(cfg.matomo_bulk_size),
-    )
 
 
 def matomo_date_param(days: list[dt.date]) -> str:
@@ -2376,7 +2388,7 @@ class Reason(str):
         reason.what, reason.fix, reason.said, reason.person, reason.shared = what, fix, said, person, shared
         return reason
 
-    def of(self, whom: str) -> Reason:
+    def about(self, whom: str) -> Reason:
         """The same reason, said of `whom` (an account, a service account)."""
         return Reason(f"{whom}: {self.what}", self.fix, self.person, self.shared, self.said)
 
@@ -2413,7 +2425,7 @@ def refresh_error_reason(error: RefreshError, account_id: AccountId | str, key: 
     said = refresh_error_text(error)
     email = service_account_email(key)
     if email:
-        why = service_account_fix(said, account_id).of(f"Google refused service account {email}")
+        why = service_account_fix(said, account_id).about(f"Google refused service account {email}")
     elif "invalid_grant" in said:
         why = Reason(
             "the refresh token has expired or been revoked",
@@ -2547,7 +2559,7 @@ class GscRound:
         except queue.Empty:
             return True
 
-    def send(self, query: Callable) -> float:
+    def send_queries(self, query: Callable) -> float:
         """Hands every query that may go now to the pool, one account after another so that the
         threads spread over accounts; returns when the next waiting one may go."""
         console = self.console
@@ -2876,7 +2888,7 @@ class SearchConsole:
             if deadline.passed():
                 for sites_waiting in list(state.waiting.values()):
                     state.too_late(state.targets[sites_waiting[0]][0], deadline)
-            next_turn = state.send(query)
+            next_turn = state.send_queries(query)
             wait_for = max(0.0, min(next_turn - time.monotonic(), 0.05 if more else 0.5))
             if state.in_flight:
                 done, _ = futures_wait(state.in_flight, timeout=wait_for, return_when=FIRST_COMPLETED)
@@ -2941,7 +2953,7 @@ class HealPlan:
     left: Counter = field(default_factory=Counter)  # site-days per source
     oldest_left: dict[str, dt.date] = field(default_factory=dict)
 
-    def leave(self, source: str, first: dt.date, days: int) -> None:
+    def leave_for_later(self, source: str, first: dt.date, days: int) -> None:
         self.left[source] += days
         self.oldest_left[source] = min(first, self.oldest_left.get(source, first))
 
@@ -2949,6 +2961,33 @@ class HealPlan:
         if source == "matomo":
             return sum(((last - first).days + 1) * len(ids) for (first, last), ids in self.matomo.items())
         return sum(len(days) for days in self.gsc.values())
+
+    def say(self, found: list[Hole], expiring: dt.date) -> None:
+        matomo, gsc = self.site_days("matomo"), self.site_days("gsc")
+        if matomo or gsc:
+            log.info(
+                "Healing: %d Matomo site-days (%d sites) and %d Search Console site-days (%d sites) of earlier nights",
+                matomo,
+                len({s for ids in self.matomo.values() for s in ids}),
+                gsc,
+                len(self.gsc),
+            )
+        for source, days in self.left.items():
+            log.info(
+                "%s: %d site-days of holes are left for the next nights (oldest %s); the budget is HEAL_%s",
+                SOURCE_NAMES[source],
+                days,
+                self.oldest_left[source],
+                "MATOMO_SITE_DAYS" if source == "matomo" else "GSC_QUERIES",
+            )
+        old = sorted({h.site_id for h in found if h.source == "gsc" and h.first < expiring})
+        if old:
+            log.warning(
+                "Search Console: %d sites have days missing that Google drops within 30 days (sites %s): "
+                "asked first; if they stay missing, they are lost",
+                len(old),
+                id_list(old),
+            )
 
 
 def heal_plan(
@@ -2980,7 +3019,7 @@ def heal_plan(
             plan.matomo[(hole.first, hole.first + dt.timedelta(days=take - 1))].append(hole.site_id)
             budget -= take
         if take < hole.size:
-            plan.leave("matomo", hole.first + dt.timedelta(days=take), hole.size - take)
+            plan.leave_for_later("matomo", hole.first + dt.timedelta(days=take), hole.size - take)
     by_site: dict[SiteId, list[Hole]] = defaultdict(list)
     for hole in (h for h in ordered if h.source == "gsc"):
         by_site[hole.site_id].append(hole)
@@ -2989,7 +3028,7 @@ def heal_plan(
             plan.gsc[site_id] = {day for hole in site_holes for day in days_between(hole.first, hole.last)}
         else:
             for hole in site_holes:
-                plan.leave("gsc", hole.first, hole.size)
+                plan.leave_for_later("gsc", hole.first, hole.size)
     return plan
 
 
@@ -3232,6 +3271,15 @@ class Outcome:
             "exit_status": status,
         }
 
+    def say_provisional(self, dry_run: bool) -> None:
+        if self.gsc_provisional:
+            log.info(
+                "Search Console: %d values are provisional (the day is not final yet): %s with "
+                "gsc_final = false; the nightly run replaces them with the final numbers",
+                self.gsc_provisional,
+                "would be stored" if dry_run else "stored",
+            )
+
 
 @dataclass(frozen=True)
 class Asked:
@@ -3244,13 +3292,22 @@ class Asked:
     nightly: bool = False
     accept_zero_visits: bool = False
 
+    def heals_tonight(self, cfg: Config) -> bool:
+        """Whether this run heals earlier nights' holes: the nightly run does, within its budgets."""
+        return self.nightly and bool(cfg.heal_matomo_site_days or cfg.heal_gsc_queries)
+
+    def zeros_settled_before(self, cfg: Config) -> dt.date | None:
+        """The day before which a Matomo 0 is final without its raw log's word (None: every 0 is
+        taken, --accept-zero-visits)."""
+        return None if self.accept_zero_visits else self.today - dt.timedelta(days=cfg.matomo_settle_days)
+
 
 def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outcome:
     """The job, in the seed's five steps: read the deployed sites and the accounts; get Matomo's
     visits and Search Console's numbers, shape one row per site and day, and upsert them, each
     source and the upserts kept busy side by side (fetch_and_store); then, in the nightly run,
     heal the holes of earlier nights."""
-    client = supabase_client(cfg)
+    client = Supabase.of(cfg)
     lacks = client.missing_schema()
     if lacks:  # nothing is fetched that could not be stored, nor a night ended 0 with its healing off
         log.error("%s", lacks)
@@ -3269,7 +3326,7 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             if asked.dry_run
             else Upserts(client, cfg, upserts, hopeless, outcome, asked.accept_zero_visits)
         )
-        matomo, matomo_ids = matomo_client(cfg, deadline), matomo_ids_by_site(sites)
+        matomo, matomo_ids = MatomoClient.of(cfg, deadline), matomo_ids_by_site(sites)
         gsc = SearchConsole(cfg, gsc_pool, deadline, outcome.gsc_accounts)
         if gsc_days:
             gsc.connect(sites, keys)
@@ -3283,9 +3340,9 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         coverage = Coverage.of(cfg, asked.today, days[0])
         reader = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         holes_read = (
-            reader.submit(client.holes, coverage) if remembered and heals_tonight(cfg, asked) else None
+            reader.submit(client.holes, coverage) if remembered and asked.heals_tonight(cfg) else None
         )
-        fetchers = Fetchers(cfg, matomo, matomo_ids, zeros_settled_before(cfg, asked), gsc, deadline)
+        fetchers = Fetchers(cfg, matomo, matomo_ids, asked.zeros_settled_before(cfg), gsc, deadline)
         fetch_and_store(
             fetchers, night_units(fetchers, sites, days, gsc_days), store, outcome, progress.fetched
         )
@@ -3293,18 +3350,8 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             heal(holes_read, fetchers, asked, sites, coverage, store, outcome)
         store.finish()
         what_needs_a_person(outcome, sites, matomo, matomo_ids, gsc.skipped, hopeless)
-    say_provisional(outcome, asked)
+    outcome.say_provisional(asked.dry_run)
     return outcome
-
-
-def say_provisional(outcome: Outcome, asked: Asked) -> None:
-    if outcome.gsc_provisional:
-        log.info(
-            "Search Console: %d values are provisional (the day is not final yet): %s with "
-            "gsc_final = false; the nightly run replaces them with the final numbers",
-            outcome.gsc_provisional,
-            "would be stored" if asked.dry_run else "stored",
-        )
 
 
 @dataclass(frozen=True)
@@ -3343,7 +3390,7 @@ class Unit:
     gsc: dict = field(default_factory=dict)
 
     @property
-    def size(self) -> int:  # its site-days, in the window
+    def site_days(self) -> int:  # its place in the window
         return len(self.sites) * len(self.days)
 
 
@@ -3481,7 +3528,7 @@ class Flow:
         Matomo requests."""
         asked: list[Future] = []
         for n, unit in enumerate(units):
-            if not self.window.enter(unit.size, self.fetchers.deadline):
+            if not self.window.enter(unit.site_days, self.fetchers.deadline):
                 self.stopped(units[n:])
                 break
             unit.waiting = (1 if unit.matomo_ids else 0) + len(unit.targets)
@@ -3575,19 +3622,8 @@ class Flow:
                 )
                 outcome.gsc_provisional += sum(1 for row in rows if row.get("gsc_final") is False)
         unit.visits, unit.gsc = {}, {}  # the fleet's list of units outlives them
-        self.window.leave(unit.size)
+        self.window.leave(unit.site_days)
         self.store.add(rows, unit.index)
-
-
-def heals_tonight(cfg: Config, asked: Asked) -> bool:
-    """Whether this run heals earlier nights' holes: the nightly run does, within its budgets."""
-    return asked.nightly and bool(cfg.heal_matomo_site_days or cfg.heal_gsc_queries)
-
-
-def zeros_settled_before(cfg: Config, asked: Asked) -> dt.date | None:
-    """The day before which a Matomo 0 is final without its raw log's word (None: every 0 is
-    taken, --accept-zero-visits)."""
-    return None if asked.accept_zero_visits else asked.today - dt.timedelta(days=cfg.matomo_settle_days)
 
 
 def what_needs_a_person(
@@ -3603,10 +3639,10 @@ def what_needs_a_person(
         outcome.must_act(matomo.broken.why, [site.id for site in sites if site.id in matomo_ids])
     for account_id, state in outcome.gsc_accounts.items():
         if needs_person(state):
-            why = state if is_shared(state) else state.of(f"GSC account {account_id}")
+            why = state if is_shared(state) else state.about(f"GSC account {account_id}")
             outcome.must_act(why, [site.id for site in sites if site.gsc_account_id == account_id])
     for site_id, why in skipped.items():
-        outcome.must_act(why.of(site_label(site_id, outcome.domains.get(site_id))), [site_id])
+        outcome.must_act(why.about(site_label(site_id, outcome.domains.get(site_id))), [site_id])
     if hopeless.happened:
         outcome.must_act(hopeless.why)
 
@@ -3732,7 +3768,7 @@ def gsc_unavailable(
     """Why Search Console cannot be asked for a site tonight (a person must act), or None."""
     state = account_states.get(site.gsc_account_id) if site.gsc_account_id is not None else None
     if isinstance(state, Reason) and state.person:
-        return state.of(f"account {site.gsc_account_id}")
+        return state.about(f"account {site.gsc_account_id}")
     return skipped.get(site.id)
 
 
@@ -3761,7 +3797,7 @@ def heal(
     }
     expiring = gsc_oldest_day(asked.today) + dt.timedelta(days=30)
     plan = heal_plan(found, askable, coverage.window_from, expiring, cfg)
-    say_heal_plan(plan, [hole for hole in found if hole.site_id in askable[hole.source]], expiring)
+    plan.say([hole for hole in found if hole.site_id in askable[hole.source]], expiring)
     fetch_and_store(
         fetchers, heal_units(fetchers, plan, {site.id: site for site in sites}), store, outcome, None
     )
@@ -3770,34 +3806,6 @@ def heal(
             "Healed %d Matomo and %d Search Console site-days of earlier nights",
             outcome.healed["matomo"],
             outcome.healed["gsc"],
-        )
-
-
-def say_heal_plan(plan: HealPlan, found: list[Hole], expiring: dt.date) -> None:
-    matomo, gsc = plan.site_days("matomo"), plan.site_days("gsc")
-    if matomo or gsc:
-        log.info(
-            "Healing: %d Matomo site-days (%d sites) and %d Search Console site-days (%d sites) of earlier nights",
-            matomo,
-            len({s for ids in plan.matomo.values() for s in ids}),
-            gsc,
-            len(plan.gsc),
-        )
-    for source, days in plan.left.items():
-        log.info(
-            "%s: %d site-days of holes are left for the next nights (oldest %s); the budget is HEAL_%s",
-            SOURCE_NAMES[source],
-            days,
-            plan.oldest_left[source],
-            "MATOMO_SITE_DAYS" if source == "matomo" else "GSC_QUERIES",
-        )
-    old = sorted({h.site_id for h in found if h.source == "gsc" and h.first < expiring})
-    if old:
-        log.warning(
-            "Search Console: %d sites have days missing that Google drops within 30 days (sites %s): "
-            "asked first; if they stay missing, they are lost",
-            len(old),
-            id_list(old),
         )
 
 
@@ -3895,28 +3903,28 @@ class DryRunTable:
                 merged.rows, key=lambda row: place.get((row["date"], row["site_id"]), 0)
             )
             while self.next in self.waiting:
-                print_rows(self.waiting.pop(self.next), self.domains)
+                self.print_rows(self.waiting.pop(self.next), self.domains)
                 self.next += 1
 
     def finish(self) -> None:
         with self.lock:
             for index in sorted(self.waiting):
-                print_rows(self.waiting.pop(index), self.domains)
+                self.print_rows(self.waiting.pop(index), self.domains)
 
-
-def print_rows(rows: list[dict], domains: Mapping[SiteId, str | None]) -> None:
-    """The rows as an aligned table; '-' is a column without a value."""
-    lines = []
-    for row in rows:
-        cells = [row.get(column) for column in ROW_COLUMNS]
-        cells[2] = domains.get(row["site_id"])
-        lines.append(
-            ROW_FORMAT.format(
-                *("-" if c is None else f"{c:.4f}" if isinstance(c, float) else str(c) for c in cells)
+    @staticmethod
+    def print_rows(rows: list[dict], domains: Mapping[SiteId, str | None]) -> None:
+        """The rows as an aligned table; '-' is a column without a value."""
+        lines = []
+        for row in rows:
+            cells = [row.get(column) for column in ROW_COLUMNS]
+            cells[2] = domains.get(row["site_id"])
+            lines.append(
+                ROW_FORMAT.format(
+                    *("-" if c is None else f"{c:.4f}" if isinstance(c, float) else str(c) for c in cells)
+                )
             )
-        )
-    if lines:
-        say(*lines)
+        if lines:
+            say(*lines)
 
 
 def record_run(
@@ -3940,7 +3948,7 @@ def record_run(
     }
     try:  # a row that leaves the process: through the secret filter, like everything else
         row = redacted(row)
-        supabase_client(cfg).table("aggregator_runs").insert(row, returning=ReturnMethod.minimal).execute()
+        Supabase.of(cfg).table("aggregator_runs").insert(row, returning=ReturnMethod.minimal).execute()
     except (APIError, httpx.HTTPError) as error:
         log.warning("%s; this run is not recorded", describe_supabase_error(error, "recording the run"))
         return supabase_error_kind(error)
@@ -3952,19 +3960,126 @@ def record_run(
 # ---------------------------------------------------------------------------
 
 
-def check(cfg: Config, today: dt.date, as_json: bool) -> int:
-    """What each service answered, then one line per problem with its fix; nothing is written.
+class Check:
+    """`check`: what each service answers, then one line per problem with its fix; nothing is
+    written. Every service is checked whatever another answered: Supabase down must not hide a
+    wrong Matomo token or Google secret."""
 
-    Every service is checked whatever another answered: Supabase down must not hide a wrong
-    Matomo token or Google secret.
-    """
-    found: dict[str, Any] = {"lines": [], "notes": []}  # what is printed before the problems
-    sites, keys = fleet_for_check(cfg, found)
-    secret_filter.add(*secrets_of(keys.values()))
-    matomo_for_check(cfg, sites, today, found)
-    search_console_for_check(cfg, sites, keys, found)
-    site_warnings.flush()
-    return print_check_report(found, as_json)
+    def __init__(self, cfg: Config, today: dt.date) -> None:
+        self.cfg, self.today = cfg, today
+        self.found: dict[str, Any] = {
+            "lines": [],
+            "notes": [],
+        }  # "lines", "notes": printed before the problems
+
+    def run(self, as_json: bool) -> int:
+        sites, keys = self.supabase()
+        secret_filter.add(*secrets_of(keys.values()))
+        self.matomo(sites)
+        self.search_console(sites, keys)
+        site_warnings.flush()
+        return print_check_report(self.found, as_json)
+
+    def supabase(self) -> tuple[list[Site], dict[AccountId, AccountKey]]:
+        cfg, found = self.cfg, self.found
+        try:
+            client = Supabase.of(cfg)
+            sites, keys = client.deployed_sites(), client.account_keys()
+        except SupabaseError as error:
+            log.error("%s", error)
+            found["supabase"] = {"reachable": False}
+            return [], {}
+        found["lines"].append(f"Supabase: {len(sites)} deployed sites, {len(keys)} Search Console accounts")
+        if not sites:
+            log.error("%s", client.no_sites())
+        elif not keys and any(site.gsc_account_id is not None for site in sites):
+            log.error("%s", NO_ACCOUNTS)
+        key = client.conflict_key_exists()
+        if key:
+            found["lines"].append("Supabase: daily_analytics has its (date, site_id) key")
+        lacks = client.missing_schema()
+        if lacks:
+            log.error("%s", lacks)
+        else:
+            found["lines"].append("Supabase: every table, column and function the run uses is there")
+        schema = lacks is None
+        found["supabase"] = {
+            "reachable": True,
+            "sites": len(sites),
+            "accounts": len(keys),
+            "key": key,
+            "schema": schema,
+        }
+        if sites and all(site.matomo_site_id is None and site.gsc_account_id is None for site in sites):
+            log.error(
+                "No deployed site has a matomo_site_id or a gsc_account_id: a run would fetch nothing. Set them "
+                "in the sites table (matomo_site_id: the site's id in Matomo; gsc_account_id: a gsc_accounts id)"
+            )
+        for site in sites:
+            missing = [name for name in ("matomo_site_id", "gsc_account_id") if getattr(site, name) is None]
+            if missing:
+                found["notes"].append(
+                    f"Note: site {site.id} ({site.domain}) has no {' and '.join(missing)}: "
+                    "that source is not fetched for it",
+                )
+        return sites, keys
+
+    def matomo(self, sites: list[Site]) -> None:
+        cfg, found = self.cfg, self.found
+        matomo = MatomoClient.of(cfg, Deadline.after(cfg.run_deadline))
+        try:
+            version = matomo.version()
+        except MatomoError as error:
+            log.error("%s", error)
+            found["matomo"] = {"reachable": False}
+            return
+        ids, days = matomo_ids_by_site(sites), [self.today - dt.timedelta(days=DEFAULT_LAG_DAYS)]
+        with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
+            parts = chunks(sorted(set(ids.values())), matomo.bulk_size)
+            visits = by_site_id(
+                ids, merged_answers(pool.map(lambda part: matomo.bulk_visits(part, days), parts))
+            )
+        answered = f"answered for {len(visits)} of the {len(ids)} sites with a Matomo id"
+        found["lines"].append(f"Matomo {version}: {answered}")
+        found["matomo"] = {"reachable": True, "version": version, "sites": len(ids), "answered": len(visits)}
+
+    def search_console(self, sites: list[Site], keys: Mapping[AccountId, AccountKey]) -> None:
+        cfg, found = self.cfg, self.found
+        if not keys and cfg.google_client_id:
+            self.google_client()  # no account to try it with: ask the token endpoint directly
+        with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as pool:
+            console = SearchConsole(cfg, pool)
+            console.connect(sites, keys, every_account=True)
+        for account_id, state in console.states.items():
+            shown = (
+                f"{self.credential_kind(keys[account_id])}; {'' if state == 'connected' else 'not '}connected"
+            )
+            found["lines"].append(f"Search Console account {account_id}: {shown}")
+        console.match(sites)
+        connected, matched = len(console.accounts), len(console.targets)
+        found["lines"].append(
+            f"Search Console: {connected} of {len(keys)} accounts connected; {matched} sites matched to a property"
+        )
+        found["search_console"] = {"accounts": len(keys), "connected": connected, "sites": matched}
+
+    @staticmethod
+    def credential_kind(key: AccountKey) -> str:
+        email = service_account_email(key)
+        return f"service account {email}" if email else "refresh token"
+
+    def google_client(self) -> None:
+        """Logs an error if Google refuses GOOGLE_CLIENT_ID/SECRET, found with a refresh token that
+        cannot exist: Google checks the client first (invalid_client) and only then the token."""
+        console = SearchConsole(self.cfg)
+        try:
+            console.refresh_now(console.credentials("aggregator-check-not-a-token"))
+        except RefreshError as error:
+            if "invalid_client" in str(error):
+                log.error("%s", CLIENT_REFUSED)
+            elif "invalid_grant" not in str(error):
+                log.error("Google's token endpoint (GOOGLE_TOKEN_URI) failed: %s", error)
+        except Exception as error:  # noqa: BLE001 - unreachable, or not a token endpoint at all
+            log.error("Google's token endpoint (GOOGLE_TOKEN_URI) cannot be reached: %s", error)
 
 
 def print_check_report(found: dict, as_json: bool) -> int:
@@ -3982,252 +4097,169 @@ def print_check_report(found: dict, as_json: bool) -> int:
     return status
 
 
-def fleet_for_check(cfg: Config, found: dict) -> tuple[list[Site], dict[AccountId, AccountKey]]:
-    try:
-        client = supabase_client(cfg)
-        sites, keys = client.deployed_sites(), client.account_keys()
-    except SupabaseError as error:
-        log.error("%s", error)
-        found["supabase"] = {"reachable": False}
-        return [], {}
-    found["lines"].append(f"Supabase: {len(sites)} deployed sites, {len(keys)} Search Console accounts")
-    if not sites:
-        log.error("%s", client.no_sites())
-    elif not keys and any(site.gsc_account_id is not None for site in sites):
-        log.error("%s", NO_ACCOUNTS)
-    key = client.conflict_key_exists()
-    if key:
-        found["lines"].append("Supabase: daily_analytics has its (date, site_id) key")
-    lacks = client.missing_schema()
-    if lacks:
-        log.error("%s", lacks)
-    else:
-        found["lines"].append("Supabase: every table, column and function the run uses is there")
-    schema = lacks is None
-    found["supabase"] = {
-        "reachable": True,
-        "sites": len(sites),
-        "accounts": len(keys),
-        "key": key,
-        "schema": schema,
-    }
-    if sites and all(site.matomo_site_id is None and site.gsc_account_id is None for site in sites):
-        log.error(
-            "No deployed site has a matomo_site_id or a gsc_account_id: a run would fetch nothing. Set them "
-            "in the sites table (matomo_site_id: the site's id in Matomo; gsc_account_id: a gsc_accounts id)"
-        )
-    for site in sites:
-        missing = [name for name in ("matomo_site_id", "gsc_account_id") if getattr(site, name) is None]
-        if missing:
-            found["notes"].append(
-                f"Note: site {site.id} ({site.domain}) has no {' and '.join(missing)}: "
-                "that source is not fetched for it",
-            )
-    return sites, keys
-
-
-def matomo_for_check(cfg: Config, sites: list[Site], today: dt.date, found: dict) -> None:
-    matomo = matomo_client(cfg, Deadline.after(cfg.run_deadline))
-    try:
-        version = matomo.version()
-    except MatomoError as error:
-        log.error("%s", error)
-        found["matomo"] = {"reachable": False}
-        return
-    ids, days = matomo_ids_by_site(sites), [today - dt.timedelta(days=DEFAULT_LAG_DAYS)]
-    with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
-        parts = chunks(sorted(set(ids.values())), matomo.bulk_size)
-        visits = by_site_id(ids, merged_answers(pool.map(lambda part: matomo.bulk_visits(part, days), parts)))
-    answered = f"answered for {len(visits)} of the {len(ids)} sites with a Matomo id"
-    found["lines"].append(f"Matomo {version}: {answered}")
-    found["matomo"] = {"reachable": True, "version": version, "sites": len(ids), "answered": len(visits)}
-
-
-def search_console_for_check(
-    cfg: Config, sites: list[Site], keys: Mapping[AccountId, AccountKey], found: dict
-) -> None:
-    if not keys and cfg.google_client_id:
-        client_for_check(cfg)  # no account to try it with: ask the token endpoint directly
-    with ThreadPoolExecutor(max_workers=cfg.gsc_workers) as pool:
-        console = SearchConsole(cfg, pool)
-        console.connect(sites, keys, every_account=True)
-    for account_id, state in console.states.items():
-        shown = f"{credential_kind(keys[account_id])}; {'' if state == 'connected' else 'not '}connected"
-        found["lines"].append(f"Search Console account {account_id}: {shown}")
-    console.match(sites)
-    connected, matched = len(console.accounts), len(console.targets)
-    found["lines"].append(
-        f"Search Console: {connected} of {len(keys)} accounts connected; {matched} sites matched to a property"
-    )
-    found["search_console"] = {"accounts": len(keys), "connected": connected, "sites": matched}
-
-
-def credential_kind(key: AccountKey) -> str:
-    email = service_account_email(key)
-    return f"service account {email}" if email else "refresh token"
-
-
-def client_for_check(cfg: Config) -> None:
-    """Logs an error if Google refuses GOOGLE_CLIENT_ID/SECRET, found with a refresh token that
-    cannot exist: Google checks the client first (invalid_client) and only then the token."""
-    console = SearchConsole(cfg)
-    try:
-        console.refresh_now(console.credentials("aggregator-check-not-a-token"))
-    except RefreshError as error:
-        if "invalid_client" in str(error):
-            log.error("%s", CLIENT_REFUSED)
-        elif "invalid_grant" not in str(error):
-            log.error("Google's token endpoint (GOOGLE_TOKEN_URI) failed: %s", error)
-    except Exception as error:  # noqa: BLE001 - unreachable, or not a token endpoint at all
-        log.error("Google's token endpoint (GOOGLE_TOKEN_URI) cannot be reached: %s", error)
-
-
 # ---------------------------------------------------------------------------
 # The fleet at a glance (status)
 # ---------------------------------------------------------------------------
 
 
-def fleet_status(cfg: Config, today: dt.date, site_name: str | None, as_json: bool) -> int:
-    """Coverage per source, what the next night will heal, and the sites that need a person."""
-    client = supabase_client(cfg)
-    sites = client.deployed_sites()
-    if not sites:  # as `run` says it, with its exit status: an all-zero table would look healthy
-        why = client.no_sites()
-        log.error("%s", why)
-        if as_json:
-            say(json.dumps({"sites": 0, "problems": [why]}))
-        return ExitStatus.FAILED
-    site = sites_with_domains(sites, [site_name])[0] if site_name else None
-    window_end = today - dt.timedelta(days=DEFAULT_LAG_DAYS + DEFAULT_LOOKBACK_DAYS - 1)
-    coverage = Coverage.of(cfg, today, window_end, site.id if site else None)
-    cells = client.call_function("analytics_coverage", coverage.arguments(), dict)
-    found = client.holes(coverage)
-    attention = [
-        need
-        for need in client.call_function(
-            "analytics_attention",
-            {"p_to": coverage.to.isoformat(), "p_deployed": client.deployed},
-            list,
-        )
-        if site is None or need.get("site_id") == site.id
-    ]
-    askable = {
-        source: {h.site_id for h in found if h.source == source} - unavailable_sites(attention, source)
-        for source in SOURCES
-    }
-    expiring = gsc_oldest_day(today) + dt.timedelta(days=30)
-    plan = heal_plan(found, askable, coverage.window_from, expiring, cfg)
-    report = {"sites": len(sites), **status_report(cfg, coverage, cells, found, plan, attention, expiring)}
-    if as_json:
-        say(json.dumps(report, default=str))
-    else:
-        say(*status_lines(report))
-    return ExitStatus.OK
-
-
-def unavailable_sites(attention: list[dict], source: str) -> set[SiteId]:
-    return {
-        need["site_id"] for need in attention if need["kind"] == "unavailable" and need["source"] == source
-    }
-
-
-def status_report(
-    cfg: Config,
-    coverage: Coverage,
-    cells: dict,
-    found: list[Hole],
-    plan: HealPlan,
-    attention: list[dict],
-    expiring: dt.date,
-) -> dict:
-    """The status as one JSON object (status --json); status_lines prints it."""
-    oldest = {source: min((h.first for h in found if h.source == source), default=None) for source in SOURCES}
-    lost_soon = sum(
-        (min(h.last, expiring - dt.timedelta(days=1)) - h.first).days + 1
-        for h in found
-        if h.source == "gsc" and h.first < expiring
-    )
-    matomo_requests = sum(
-        math.ceil(len(ids) / sites_per_request(cfg.matomo_bulk_size, (last - first).days + 1))
-        for (first, last), ids in plan.matomo.items()
-    )
-    return {
-        "window": {"from": coverage.window_from, "to": coverage.to, "days": cfg.heal_days},
-        "coverage": {source: {**cells.get(source, {}), "oldest_hole": oldest[source]} for source in SOURCES},
-        "next_night": {
-            "matomo": {"site_days": plan.site_days("matomo"), "requests": matomo_requests},
-            "gsc": {
-                "site_days": plan.site_days("gsc"),
-                "queries": len(plan.gsc),
-                "minutes_at_quota": round(len(plan.gsc) / min(cfg.gsc_qpm, cfg.gsc_project_qpm), 1),
-            },
-            "left": {
-                source: {"site_days": days, "oldest": plan.oldest_left[source]}
-                for source, days in plan.left.items()
-            },
-        },
-        "gsc_lost_within_30_days": {"site_days": lost_soon, "before": expiring},
-        # The fix, as the run that met the fault stored it (site_sources.fix), or as the
-        # database that found a cliff says it; none from a run before migration 20261206000300.
-        "needs_a_person": [
-            {**need, "fix": need.get("fix") or "see the last run's log"} for need in attention
-        ],
-    }
-
-
-def status_lines(report: dict) -> list[str]:
-    window = report["window"]
-    lines = [
-        f"Coverage of the deployed sites, site-days (heal window: the {window['days']} days "
-        f"{window['from']} to {window['to']}; overall: back to each site's first day):",
-        STATUS_FORMAT.format("", "stored", "provisional", "missing", "not available", "oldest not final"),
-    ]
-    for source, name in SOURCE_NAMES.items():
-        cells = report["coverage"][source]
-        for scope in ("window", "overall"):
-            counts = cells.get(scope, {})
-            lines.append(
-                STATUS_FORMAT.format(
-                    f"{name}, {'heal window' if scope == 'window' else 'overall'}",
-                    *(f"{counts.get(k, 0):,}" for k in ("stored", "provisional", "missing", "not_available")),
-                    oldest_not_final(cells) if scope == "overall" else "",
-                )
-            )
-    night = report["next_night"]
-    minutes = night["gsc"]["minutes_at_quota"]
-    lines.append(
-        f"Next night heals {night['matomo']['site_days']:,} Matomo site-days ({night['matomo']['requests']} bulk "
-        f"requests) and {night['gsc']['site_days']:,} Search Console site-days ({night['gsc']['queries']} queries, "
-        f"{'under a minute' if minutes < 1 else f'about {minutes:.0f} min'} at GSC_QPM)"
-    )
-    for source, left in night["left"].items():
-        lines.append(
-            f"  {SOURCE_NAMES[source]}: {left['site_days']:,} site-days left for later nights (oldest {left['oldest']})"
-        )
-    lost = report["gsc_lost_within_30_days"]
-    if lost["site_days"]:
-        lines.append(
-            f"Search Console: {lost['site_days']:,} missing site-days pass its 16-month limit before "
-            f"{lost['before']}: the next nights ask for them first"
-        )
-    needs = report["needs_a_person"]
-    lines.append(f"Sites that need a person: {len(needs) or 'none'}")
-    for need in needs:
-        # a source that cannot be asked was stored with the run's own sentence, its fix included
-        fix = "" if need["kind"] == "unavailable" else f". Fix: {need['fix']}"
-        lines.append(
-            f"  site {need['site_id']} ({need['domain']}), {SOURCE_NAMES[need['source']]}: {need['detail']}{fix}"
-        )
-    return lines
-
-
 STATUS_FORMAT = "  {:<30} {:>12} {:>12} {:>10} {:>14}  {}"
 
 
-def oldest_not_final(cells: dict) -> str:
-    """The oldest day of a source without a final value (missing or provisional), where one is."""
-    counts = cells.get("overall", {})
-    return str(cells["oldest_hole"]) if counts.get("missing") or counts.get("provisional") else "-"
+class FleetStatus:
+    """`status`: coverage per source, what the next night will heal, and the sites that need a
+    person, as lines or as one JSON object; nothing is fetched from Matomo or Google."""
+
+    def __init__(self, cfg: Config, today: dt.date) -> None:
+        self.cfg, self.today = cfg, today
+
+    def run(self, site_name: str | None, as_json: bool) -> int:
+        """Coverage per source, what the next night will heal, and the sites that need a person."""
+        cfg, today = self.cfg, self.today
+        client = Supabase.of(cfg)
+        sites = client.deployed_sites()
+        if not sites:  # as `run` says it, with its exit status: an all-zero table would look healthy
+            why = client.no_sites()
+            log.error("%s", why)
+            if as_json:
+                say(json.dumps({"sites": 0, "problems": [why]}))
+            return ExitStatus.FAILED
+        site = sites_with_domains(sites, [site_name])[0] if site_name else None
+        window_end = today - dt.timedelta(days=DEFAULT_LAG_DAYS + DEFAULT_LOOKBACK_DAYS - 1)
+        coverage = Coverage.of(cfg, today, window_end, site.id if site else None)
+        cells = client.call_function("analytics_coverage", coverage.arguments(), dict)
+        found = client.holes(coverage)
+        attention = [
+            need
+            for need in client.call_function(
+                "analytics_attention",
+                {"p_to": coverage.to.isoformat(), "p_deployed": client.deployed},
+                list,
+            )
+            if site is None or need.get("site_id") == site.id
+        ]
+        askable = {
+            source: {h.site_id for h in found if h.source == source}
+            - self.unavailable_sites(attention, source)
+            for source in SOURCES
+        }
+        expiring = gsc_oldest_day(today) + dt.timedelta(days=30)
+        plan = heal_plan(found, askable, coverage.window_from, expiring, cfg)
+        report = {"sites": len(sites), **self.report(coverage, cells, found, plan, attention, expiring)}
+        if as_json:
+            say(json.dumps(report, default=str))
+        else:
+            say(*self.lines(report))
+        return ExitStatus.OK
+
+    @staticmethod
+    def unavailable_sites(attention: list[dict], source: str) -> set[SiteId]:
+        return {
+            need["site_id"]
+            for need in attention
+            if need["kind"] == "unavailable" and need["source"] == source
+        }
+
+    def report(
+        self,
+        coverage: Coverage,
+        cells: dict,
+        found: list[Hole],
+        plan: HealPlan,
+        attention: list[dict],
+        expiring: dt.date,
+    ) -> dict:
+        """The status as one JSON object (status --json); lines() prints it."""
+        cfg = self.cfg
+        oldest = {
+            source: min((h.first for h in found if h.source == source), default=None) for source in SOURCES
+        }
+        lost_soon = sum(
+            (min(h.last, expiring - dt.timedelta(days=1)) - h.first).days + 1
+            for h in found
+            if h.source == "gsc" and h.first < expiring
+        )
+        matomo_requests = sum(
+            math.ceil(len(ids) / sites_per_request(cfg.matomo_bulk_size, (last - first).days + 1))
+            for (first, last), ids in plan.matomo.items()
+        )
+        return {
+            "window": {"from": coverage.window_from, "to": coverage.to, "days": cfg.heal_days},
+            "coverage": {
+                source: {**cells.get(source, {}), "oldest_hole": oldest[source]} for source in SOURCES
+            },
+            "next_night": {
+                "matomo": {"site_days": plan.site_days("matomo"), "requests": matomo_requests},
+                "gsc": {
+                    "site_days": plan.site_days("gsc"),
+                    "queries": len(plan.gsc),
+                    "minutes_at_quota": round(len(plan.gsc) / min(cfg.gsc_qpm, cfg.gsc_project_qpm), 1),
+                },
+                "left": {
+                    source: {"site_days": days, "oldest": plan.oldest_left[source]}
+                    for source, days in plan.left.items()
+                },
+            },
+            "gsc_lost_within_30_days": {"site_days": lost_soon, "before": expiring},
+            # The fix, as the run that met the fault stored it (site_sources.fix), or as the
+            # database that found a cliff says it; none from a run before migration 20261206000300.
+            "needs_a_person": [
+                {**need, "fix": need.get("fix") or "see the last run's log"} for need in attention
+            ],
+        }
+
+    def lines(self, report: dict) -> list[str]:
+        window = report["window"]
+        lines = [
+            f"Coverage of the deployed sites, site-days (heal window: the {window['days']} days "
+            f"{window['from']} to {window['to']}; overall: back to each site's first day):",
+            STATUS_FORMAT.format("", "stored", "provisional", "missing", "not available", "oldest not final"),
+        ]
+        for source, name in SOURCE_NAMES.items():
+            cells = report["coverage"][source]
+            for scope in ("window", "overall"):
+                counts = cells.get(scope, {})
+                lines.append(
+                    STATUS_FORMAT.format(
+                        f"{name}, {'heal window' if scope == 'window' else 'overall'}",
+                        *(
+                            f"{counts.get(k, 0):,}"
+                            for k in ("stored", "provisional", "missing", "not_available")
+                        ),
+                        self.oldest_not_final(cells) if scope == "overall" else "",
+                    )
+                )
+        night = report["next_night"]
+        minutes = night["gsc"]["minutes_at_quota"]
+        lines.append(
+            f"Next night heals {night['matomo']['site_days']:,} Matomo site-days ({night['matomo']['requests']} bulk "
+            f"requests) and {night['gsc']['site_days']:,} Search Console site-days ({night['gsc']['queries']} queries, "
+            f"{'under a minute' if minutes < 1 else f'about {minutes:.0f} min'} at GSC_QPM)"
+        )
+        for source, left in night["left"].items():
+            lines.append(
+                f"  {SOURCE_NAMES[source]}: {left['site_days']:,} site-days left for later nights (oldest {left['oldest']})"
+            )
+        lost = report["gsc_lost_within_30_days"]
+        if lost["site_days"]:
+            lines.append(
+                f"Search Console: {lost['site_days']:,} missing site-days pass its 16-month limit before "
+                f"{lost['before']}: the next nights ask for them first"
+            )
+        needs = report["needs_a_person"]
+        lines.append(f"Sites that need a person: {len(needs) or 'none'}")
+        for need in needs:
+            # a source that cannot be asked was stored with the run's own sentence, its fix included
+            fix = "" if need["kind"] == "unavailable" else f". Fix: {need['fix']}"
+            lines.append(
+                f"  site {need['site_id']} ({need['domain']}), {SOURCE_NAMES[need['source']]}: {need['detail']}{fix}"
+            )
+        return lines
+
+    @staticmethod
+    def oldest_not_final(cells: dict) -> str:
+        """The oldest day of a source without a final value (missing or provisional), where one is."""
+        counts = cells.get("overall", {})
+        return str(cells["oldest_hole"]) if counts.get("missing") or counts.get("provisional") else "-"
 
 
 # ---------------------------------------------------------------------------
@@ -4241,7 +4273,7 @@ RUNS_LOOKED_AT = 20
 
 def list_accounts(cfg: Config) -> int:
     """One line per gsc_accounts row: id, label, deployed sites, how the last run went; never a token."""
-    client = supabase_client(cfg)
+    client = Supabase.of(cfg)
     # The service account's email, not its key: no credential is read to list the accounts.
     accounts = client.fetch_all("gsc_accounts", "id,label,email:service_account_key->>client_email")
     # A key pasted as JSON text has no client_email to select: which rows hold a key, read apart.
@@ -4284,184 +4316,197 @@ AUTHORIZE_SCOPES = ["openid", "https://www.googleapis.com/auth/userinfo.email", 
 CODE_ATTEMPTS = 3
 
 
-def authorize(cfg: Config, account_id: str | None, ask: Callable[[str], str] = input) -> int:
-    """Run Google's installed-app flow and store the refresh token; the token is never printed."""
-    # Imported here: only this command needs it, and the nightly run starts faster without it.
-    from google_auth_oauthlib.flow import Flow
-    # OAUTHLIB_RELAX_TOKEN_SCOPE is set (take_over_the_process): the granted scopes are checked below.
+class Authorize:
+    """`authorize`: a Google account's refresh token (Google's installed-app flow, a browser round
+    trip) or a service account's JSON key, tried with Google and stored in gsc_accounts (in
+    `account_id`'s row, or a new one); never printed."""
 
-    supabase = supabase_client(cfg)
-    if account_id and not supabase.account_exists(account_id):
-        return ExitStatus.FAILED
-    client = dict(client_id=cfg.google_client_id, client_secret=cfg.google_client_secret)
-    client.update(auth_uri=GOOGLE_AUTH_URI, token_uri=cfg.google_token_uri)
-    flow = Flow.from_client_config({"installed": client}, scopes=AUTHORIZE_SCOPES, redirect_uri=REDIRECT_URI)
-    url, _ = flow.authorization_url(access_type="offline", prompt="consent")
-    say("Open this address in a browser signed in to the Google account, and allow access:")
-    say(f"\n    {url}\n")
-    say("The browser then goes to a page on localhost that does not load: copy that page's address.")
-    if not code_accepted(flow, ask):
-        return ExitStatus.FAILED
-    refresh_token = flow.credentials.refresh_token
-    if not refresh_token:
-        log.error("Google sent no refresh token: remove this app's access in the Google account, then retry")
-        return ExitStatus.FAILED
-    if GSC_SCOPE not in str(flow.oauth2session.token.get("scope", GSC_SCOPE)):
-        log.error(
-            "Search Console access was not granted (it can be unticked on Google's consent screen); "
-            "nothing was stored. Run authorize again and leave every permission ticked"
+    def __init__(self, cfg: Config, account_id: str | None, ask: Callable[[str], str] = input) -> None:
+        self.cfg, self.account_id, self.ask = cfg, account_id, ask
+
+    def refresh_token(self) -> int:
+        """Run Google's installed-app flow and store the refresh token; the token is never printed."""
+        cfg, account_id = self.cfg, self.account_id
+        # Imported here: only this command needs it, and the nightly run starts faster without it.
+        from google_auth_oauthlib.flow import Flow as InstalledAppFlow
+        # OAUTHLIB_RELAX_TOKEN_SCOPE is set (take_over_the_process): the granted scopes are checked below.
+
+        supabase = Supabase.of(cfg)
+        if account_id and not supabase.account_exists(account_id):
+            return ExitStatus.FAILED
+        client = dict(client_id=cfg.google_client_id, client_secret=cfg.google_client_secret)
+        client.update(auth_uri=GOOGLE_AUTH_URI, token_uri=cfg.google_token_uri)
+        flow = InstalledAppFlow.from_client_config(
+            {"installed": client}, scopes=AUTHORIZE_SCOPES, redirect_uri=REDIRECT_URI
         )
-        return ExitStatus.FAILED
-    email = email_of(flow.oauth2session.token.get("id_token"))
-    if account_id and not keeps_the_sites(cfg, supabase, account_id, flow.credentials, email, ask):
-        log.error("Nothing was stored: gsc_accounts row %s keeps its credential", account_id)
-        return ExitStatus.FAILED
-    return supabase.store_refresh_token(account_id, refresh_token, email)
-
-
-def code_accepted(flow: Any, ask: Callable[[str], str]) -> bool:
-    """Whether Google took a pasted code (CODE_ATTEMPTS of them) for the flow's tokens."""
-    for attempt in range(CODE_ATTEMPTS):
-        code = pasted_code(ask)
-        if code is None:
-            return False
-        try:
-            flow.fetch_token(code=code)
-            return True
-        except Exception as error:  # noqa: BLE001 - oauthlib raises many kinds; each is one line here
+        url, _ = flow.authorization_url(access_type="offline", prompt="consent")
+        say("Open this address in a browser signed in to the Google account, and allow access:")
+        say(f"\n    {url}\n")
+        say("The browser then goes to a page on localhost that does not load: copy that page's address.")
+        if not self.code_accepted(flow):
+            return ExitStatus.FAILED
+        refresh_token = flow.credentials.refresh_token
+        if not refresh_token:
             log.error(
-                "Google refused the code (%s): codes work once and expire in minutes; %s",
-                error,
-                "open the address again and paste the new one"
-                if attempt + 1 < CODE_ATTEMPTS
-                else "run authorize again",
+                "Google sent no refresh token: remove this app's access in the Google account, then retry"
             )
-    return False
+            return ExitStatus.FAILED
+        if GSC_SCOPE not in str(flow.oauth2session.token.get("scope", GSC_SCOPE)):
+            log.error(
+                "Search Console access was not granted (it can be unticked on Google's consent screen); "
+                "nothing was stored. Run authorize again and leave every permission ticked"
+            )
+            return ExitStatus.FAILED
+        email = self.email_of(flow.oauth2session.token.get("id_token"))
+        if account_id and not self.keeps_the_sites(supabase, flow.credentials, email):
+            log.error("Nothing was stored: gsc_accounts row %s keeps its credential", account_id)
+            return ExitStatus.FAILED
+        return supabase.store_refresh_token(account_id, refresh_token, email)
 
-
-def keeps_the_sites(
-    cfg: Config, supabase: Supabase, account_id: str, credentials: Any, email: str | None, ask: Callable
-) -> bool:
-    """Whether the new login may replace row account_id's: it sees a property for each deployed
-    site of that account, or the operator says to store it anyway (another Google login would
-    silently cut those sites off their numbers)."""
-    sites = [site for site in supabase.deployed_sites() if str(site.gsc_account_id) == account_id]
-    if not sites:
-        return True
-    try:
-        listing = SearchConsole(cfg).service(credentials).sites().list().execute(num_retries=cfg.http_retries)
-        properties = verified_properties(listing if isinstance(listing, dict) else {})
-    except Exception as error:  # noqa: BLE001 - the check is a courtesy: the operator decides
-        say(f"Which properties this login sees could not be checked ({type(error).__name__}).")
-        lost = [site.label for site in sites]
-    else:
-        lost = [
-            site.label
-            for site in sites
-            if property_for_domain(normalised_domain(site.domain) or "", properties) is None
-        ]
-    if not lost:
-        return True
-    who = f"The Google account {email}" if email else "This Google login"
-    say(
-        f"{who} sees no Search Console property for {plural(len(lost), 'site')} of gsc_accounts row "
-        f"{account_id}: {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''}. Storing its token would "
-        "leave them without Search Console numbers (was another Google account signed in?)."
-    )
-    try:
-        return ask("Store it anyway? [y/N] ").strip().lower() in ("y", "yes")
-    except EOFError:  # no one to answer (stdin closed): the safe answer
+    def code_accepted(self, flow: Any) -> bool:
+        """Whether Google took a pasted code (CODE_ATTEMPTS of them) for the flow's tokens."""
+        for attempt in range(CODE_ATTEMPTS):
+            code = self.pasted_code()
+            if code is None:
+                return False
+            try:
+                flow.fetch_token(code=code)
+                return True
+            except Exception as error:  # noqa: BLE001 - oauthlib raises many kinds; each is one line here
+                log.error(
+                    "Google refused the code (%s): codes work once and expire in minutes; %s",
+                    error,
+                    "open the address again and paste the new one"
+                    if attempt + 1 < CODE_ATTEMPTS
+                    else "run authorize again",
+                )
         return False
 
-
-def pasted_code(ask: Callable[[str], str]) -> str | None:
-    """The authorization code from what the operator pasted, or None (logged) if there is none."""
-    try:
-        answer = ask("Address (or just the code): ").strip()
-    except EOFError:
-        answer = ""
-    fields_ = dict(parse_qsl(urlsplit(answer).query)) if "=" in answer else {}
-    if fields_.get("error"):
-        log.error(
-            "Google answered %s: access was not allowed in the browser; nothing was stored. "
-            "Run authorize again and choose Allow",
-            fields_["error"],
+    def keeps_the_sites(self, supabase: Supabase, credentials: Any, email: str | None) -> bool:
+        """Whether the new login may replace row account_id's: it sees a property for each deployed
+        site of that account, or the operator says to store it anyway (another Google login would
+        silently cut those sites off their numbers)."""
+        cfg, account_id = self.cfg, self.account_id
+        sites = [site for site in supabase.deployed_sites() if str(site.gsc_account_id) == account_id]
+        if not sites:
+            return True
+        try:
+            listing = (
+                SearchConsole(cfg).service(credentials).sites().list().execute(num_retries=cfg.http_retries)
+            )
+            properties = verified_properties(listing if isinstance(listing, dict) else {})
+        except Exception as error:  # noqa: BLE001 - the check is a courtesy: the operator decides
+            say(f"Which properties this login sees could not be checked ({type(error).__name__}).")
+            lost = [site.label for site in sites]
+        else:
+            lost = [
+                site.label
+                for site in sites
+                if property_for_domain(normalised_domain(site.domain) or "", properties) is None
+            ]
+        if not lost:
+            return True
+        who = f"The Google account {email}" if email else "This Google login"
+        say(
+            f"{who} sees no Search Console property for {plural(len(lost), 'site')} of gsc_accounts row "
+            f"{account_id}: {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''}. Storing its token would "
+            "leave them without Search Console numbers (was another Google account signed in?)."
         )
-        return None
-    code = fields_.get("code", answer)
-    if not code:
-        log.error("No code given: nothing was stored; run authorize again and paste the address")
-        return None
-    return code
+        try:
+            return self.ask("Store it anyway? [y/N] ").strip().lower() in ("y", "yes")
+        except EOFError:  # no one to answer (stdin closed): the safe answer
+            return False
 
+    def pasted_code(self) -> str | None:
+        """The authorization code from what the operator pasted, or None (logged) if there is none."""
+        try:
+            answer = self.ask("Address (or just the code): ").strip()
+        except EOFError:
+            answer = ""
+        fields_ = dict(parse_qsl(urlsplit(answer).query)) if "=" in answer else {}
+        if fields_.get("error"):
+            log.error(
+                "Google answered %s: access was not allowed in the browser; nothing was stored. "
+                "Run authorize again and choose Allow",
+                fields_["error"],
+            )
+            return None
+        code = fields_.get("code", answer)
+        if not code:
+            log.error("No code given: nothing was stored; run authorize again and paste the address")
+            return None
+        return code
 
-def email_of(id_token: str | None) -> str | None:
-    """The email claim of an id_token received straight from Google's token endpoint over TLS,
-    which is why its signature need not be checked (OpenID Connect Core 3.1.3.7)."""
-    try:
-        payload = id_token.split(".")[1]  # type: ignore[union-attr]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return str(claims["email"])
-    except Exception:  # noqa: BLE001 - no email is no label, not a failure
-        return None
+    @staticmethod
+    def email_of(id_token: str | None) -> str | None:
+        """The email claim of an id_token received straight from Google's token endpoint over TLS,
+        which is why its signature need not be checked (OpenID Connect Core 3.1.3.7)."""
+        try:
+            payload = id_token.split(".")[1]  # type: ignore[union-attr]
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            return str(claims["email"])
+        except Exception:  # noqa: BLE001 - no email is no label, not a failure
+            return None
 
-
-def authorize_service_account(cfg: Config, key_file: Path, account_id: str | None) -> int:
-    """Store a service account's JSON key once Google has accepted it; the key is never printed."""
-    key = service_account_key(key_file)
-    secret_filter.add(*secrets_of([key]))
-    client = supabase_client(cfg)
-    if account_id and not client.account_exists(account_id):
-        return ExitStatus.FAILED
-    email = str(key["client_email"])
-    try:  # a deleted or foreign key is refused now, not at 3 a.m.
-        console = SearchConsole(cfg)
-        console.refresh_now(console.credentials(key))
-    except RefreshError as error:
-        log.error("%s; nothing was stored", refresh_error_reason(error, account_id or "ID", key))
-        return ExitStatus.FAILED
-    except Exception as error:  # noqa: BLE001 - unreachable, or a key cryptography cannot read
-        log.error("The key of %s could not be tried with Google (%s); nothing was stored", email, error)
-        return ExitStatus.FAILED
-    same = None if account_id else client.row_of_service_account(email)
-    if same is not None:  # a new key for the same robot (a rotation): its row, not a second one
-        say(f"Service account {email} already has gsc_accounts row {same}: its key is replaced there.")
-    done = client.stored_account_row(
-        account_id or same, {"service_account_key": key, "label": email}, "oauth_refresh_token"
-    )
-    if done is None:
-        return ExitStatus.FAILED
-    say(
-        f"Stored the key of service account {email} in gsc_accounts row {done}. Point sites at it with gsc_account_id."
-    )
-    say(
-        f"One step is left: in Search Console, for each property of these sites, open Settings > Users and "
-        f"permissions > Add user, and add {email} (permission Restricted is enough)."
-    )
-    say(f"The key is stored: delete {key_file} from this disk.")
-    return ExitStatus.OK
-
-
-def service_account_key(key_file: Path) -> dict:
-    """The JSON key in key_file, checked for what Google needs; ConfigError (one line) otherwise."""
-    how = "download one: Google Cloud console > IAM > Service accounts > Keys > Add key > JSON"
-    try:
-        key = json.loads(key_file.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"--service-account {key_file}: cannot read it ({error.strerror})") from None
-    except ValueError:
-        raise ConfigError(f"--service-account {key_file} is not a JSON key file; {how}") from None
-    if not isinstance(key, dict) or key.get("type") != "service_account":
-        kind = key.get("type") if isinstance(key, dict) else None
-        raise ConfigError(
-            f"--service-account {key_file} is not a service account key (its type is {str(kind)[:30]!r}); {how}"
+    def service_account(self, key_file: Path) -> int:
+        """Store a service account's JSON key once Google has accepted it; the key is never printed."""
+        cfg, account_id = self.cfg, self.account_id
+        key = self.service_account_key(key_file)
+        secret_filter.add(*secrets_of([key]))
+        client = Supabase.of(cfg)
+        if account_id and not client.account_exists(account_id):
+            return ExitStatus.FAILED
+        email = str(key["client_email"])
+        try:  # a deleted or foreign key is refused now, not at 3 a.m.
+            console = SearchConsole(cfg)
+            console.refresh_now(console.credentials(key))
+        except RefreshError as error:
+            log.error("%s; nothing was stored", refresh_error_reason(error, account_id or "ID", key))
+            return ExitStatus.FAILED
+        except Exception as error:  # noqa: BLE001 - unreachable, or a key cryptography cannot read
+            log.error("The key of %s could not be tried with Google (%s); nothing was stored", email, error)
+            return ExitStatus.FAILED
+        same = None if account_id else client.row_of_service_account(email)
+        if same is not None:  # a new key for the same robot (a rotation): its row, not a second one
+            say(f"Service account {email} already has gsc_accounts row {same}: its key is replaced there.")
+        done = client.stored_account_row(
+            account_id or same, {"service_account_key": key, "label": email}, "oauth_refresh_token"
         )
-    missing = [name for name in ("client_email", "private_key") if not key.get(name)]
-    if missing:
-        raise ConfigError(f"--service-account {key_file} has no {' and no '.join(missing)}; {how}")
-    if "PRIVATE KEY-----" not in str(key["private_key"]):
-        raise ConfigError(f"--service-account {key_file}: its private_key is not a PEM private key; {how}")
-    return key
+        if done is None:
+            return ExitStatus.FAILED
+        say(
+            f"Stored the key of service account {email} in gsc_accounts row {done}. Point sites at it with gsc_account_id."
+        )
+        say(
+            f"One step is left: in Search Console, for each property of these sites, open Settings > Users and "
+            f"permissions > Add user, and add {email} (permission Restricted is enough)."
+        )
+        say(f"The key is stored: delete {key_file} from this disk.")
+        return ExitStatus.OK
+
+    @staticmethod
+    def service_account_key(key_file: Path) -> dict:
+        """The JSON key in key_file, checked for what Google needs; ConfigError (one line) otherwise."""
+        how = "download one: Google Cloud console > IAM > Service accounts > Keys > Add key > JSON"
+        try:
+            key = json.loads(key_file.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ConfigError(f"--service-account {key_file}: cannot read it ({error.strerror})") from None
+        except ValueError:
+            raise ConfigError(f"--service-account {key_file} is not a JSON key file; {how}") from None
+        if not isinstance(key, dict) or key.get("type") != "service_account":
+            kind = key.get("type") if isinstance(key, dict) else None
+            raise ConfigError(
+                f"--service-account {key_file} is not a service account key (its type is {str(kind)[:30]!r}); {how}"
+            )
+        missing = [name for name in ("client_email", "private_key") if not key.get(name)]
+        if missing:
+            raise ConfigError(f"--service-account {key_file} has no {' and no '.join(missing)}; {how}")
+        if "PRIVATE KEY-----" not in str(key["private_key"]):
+            raise ConfigError(
+                f"--service-account {key_file}: its private_key is not a PEM private key; {how}"
+            )
+        return key
 
 
 # ---------------------------------------------------------------------------
@@ -4486,14 +4531,6 @@ class Session:
     signalled: dict[str, int] = field(default_factory=dict)  # {"status": 128 + signal number}
 
 
-def nothing_before(args: argparse.Namespace, session: Session) -> None:
-    pass
-
-
-def as_it_is(args: argparse.Namespace, session: Session, cfg: Config | None, status: int) -> int:
-    return status
-
-
 @dataclass(frozen=True)
 class Command:
     """A subcommand as main() runs it: its handler (the configuration, its own options and the
@@ -4502,10 +4539,14 @@ class Command:
     help: str
     handler: Callable[[Config, argparse.Namespace, Session], int]
     needs: Callable[[argparse.Namespace], tuple[str, ...]] = lambda args: ()  # settings beyond Supabase's
-    before: Callable[[argparse.Namespace, Session], None] = nothing_before  # what may be a usage error
+    before: Callable[[argparse.Namespace, Session], None] = lambda args, session: (
+        None
+    )  # what may be a usage error
     # When the configuration or Supabase cannot be read: the exit status (after the error line).
     cannot_start: Callable[[argparse.Namespace], int] = lambda args: ExitStatus.FAILED
-    after: Callable[[argparse.Namespace, Session, Config | None, int], int] = as_it_is  # the last word
+    after: Callable[[argparse.Namespace, Session, Config | None, int], int] = (  # the last word
+        lambda args, session, cfg, status: status
+    )
     interrupted: str = "nothing was stored"  # what Ctrl-C left
     stops_on_signals: bool = False  # Ctrl-C and SIGTERM end it as its deadline would
     prints_problems: bool = False  # its problems are printed once, as its own lines, not logged too
@@ -4534,24 +4575,6 @@ def run_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
     return run(cfg, asked, session.deadline, session.outcome).exit_status()
 
 
-def check_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
-    return check(cfg, session.today, args.json)
-
-
-def accounts_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
-    return list_accounts(cfg)
-
-
-def status_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
-    return fleet_status(cfg, session.today, args.site[-1] if args.site else None, args.json)
-
-
-def authorize_command(cfg: Config, args: argparse.Namespace, session: Session) -> int:
-    if args.service_account:
-        return authorize_service_account(cfg, args.service_account, args.account)
-    return authorize(cfg, args.account)
-
-
 COMMANDS = {
     "run": Command(
         "fetch and store the numbers (the default: `aggregator.py` alone is `aggregator.py run`)",
@@ -4564,7 +4587,7 @@ COMMANDS = {
     ),
     "check": Command(
         "reach every service as a run would, write nothing, and name each problem with its fix",
-        check_command,
+        lambda cfg, args, session: Check(cfg, session.today).run(args.json),
         needs=lambda args: ("MATOMO_URL", "MATOMO_TOKEN_AUTH"),
         cannot_start=lambda args: print_check_report({}, args.json),
         prints_problems=True,
@@ -4572,17 +4595,24 @@ COMMANDS = {
     "authorize": Command(
         "store a Google account's refresh token (a browser round trip), or a service account's key, "
         "in gsc_accounts",
-        authorize_command,
+        lambda cfg, args, session: (
+            Authorize(cfg, args.account).service_account(args.service_account)
+            if args.service_account
+            else Authorize(cfg, args.account).refresh_token()
+        ),
         # A service account needs no OAuth client.
         needs=lambda args: () if args.service_account else ("GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET"),
     ),
     "accounts": Command(
-        "list the Search Console accounts: id, label, sites, and how the last run went", accounts_command
+        "list the Search Console accounts: id, label, sites, and how the last run went",
+        lambda cfg, args, session: list_accounts(cfg),
     ),
     "status": Command(
         "the fleet at a glance: which site-days are stored, provisional or missing per source, what the "
         "next night heals, and the sites that need a person",
-        status_command,
+        lambda cfg, args, session: FleetStatus(cfg, session.today).run(
+            args.site[-1] if args.site else None, args.json
+        ),
     ),
 }
 
@@ -4801,7 +4831,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitStatus.USAGE
     cfg, status = None, int(ExitStatus.FAILED)
     try:
-        cfg = load_config(args.env_file or default_env_file(), required=command.needs(args))
+        cfg = Config.load(args.env_file or Config.default_env_file(), required=command.needs(args))
         secret_filter.add(*cfg.secrets())
         WallClockSocket.limit = cfg.http_timeout
         session.deadline.at = time.monotonic() + cfg.run_deadline

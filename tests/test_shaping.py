@@ -248,8 +248,11 @@ def test_the_window_lets_a_unit_in_only_with_room_and_none_once_a_part_of_the_fl
 
 def test_status_dates_only_a_source_with_days_not_final():
     cells = {"oldest_hole": "2026-01-01"}
-    assert ag.oldest_not_final({**cells, "overall": {"missing": 0, "provisional": 0}}) == "-"
-    assert ag.oldest_not_final({**cells, "overall": {"missing": 0, "provisional": 2}}) == "2026-01-01"
+    assert ag.FleetStatus.oldest_not_final({**cells, "overall": {"missing": 0, "provisional": 0}}) == "-"
+    assert (
+        ag.FleetStatus.oldest_not_final({**cells, "overall": {"missing": 0, "provisional": 2}})
+        == "2026-01-01"
+    )
 
 
 def test_whether_a_person_must_act_is_the_reasons_value_not_its_words():
