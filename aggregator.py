@@ -55,8 +55,9 @@ Where a change goes (docs/development.md says more):
   a Matomo metric     a line in MATOMO_METRICS; a migration adding its column (and its SCHEMA
                       entry); its column in store_analytics' three lists; the views; tests in
                       test_matomo (stored), test_reading (views), test_nightly (dry run)
-  a Search Console    GscMetrics and metrics_by_day(); analytics_rows(); the same migration,
-  metric              store_analytics and view steps; test_search_console
+  a Search Console    a field of GscMetrics (its column is gsc_<field>: GSC_COLUMNS) read in
+  metric              metrics_by_day(); the same migration, store_analytics and view steps;
+                      test_search_console
   a rule of the table store_analytics in a new migration (create or replace); never a copy in
                       Python; tests through a run (test_supabase, test_matomo, ...)
   a source            a section beside Matomo's; SOURCES; analytics_rows(); Unit and Flow (one
@@ -1054,7 +1055,12 @@ class Supabase:
         said once, no further chunk is tried."""
         if hopeless.happened:
             return Merged(failed=len(chunk))
-        arguments = {"p_rows": chunk, "p_accept_zeros": accept_zeros, "p_dry_run": dry_run}
+        arguments = {
+            "p_columns": STORED_COLUMNS,
+            "p_rows": [list(map(row.get, STORED_COLUMNS)) for row in chunk],  # None: no value
+            "p_accept_zeros": accept_zeros,
+            "p_dry_run": dry_run,
+        }
         try:
             answer = self.rpc("store_analytics", arguments)
         except (APIError, httpx.HTTPError) as error:
@@ -1092,7 +1098,7 @@ class Supabase:
         of store_analytics with a row no site can own. Postgres resolves ON CONFLICT before it reads
         a row: a missing key fails at once (42P10), a present one lets the row reach the foreign key."""
         probe = {"date": "1970-01-01", "site_id": -1, "matomo_visits": 0, "matomo_final": True}
-        arguments = {"p_rows": [probe], "p_dry_run": True}
+        arguments = {"p_columns": list(probe), "p_rows": [list(probe.values())], "p_dry_run": True}
         try:
             self.client.rpc("store_analytics", arguments).execute()
         except APIError as error:
@@ -1303,14 +1309,16 @@ SCHEMA = {
     "site_sources_known() analytics_holes() analytics_coverage() analytics_attention()",
     "20261201000100_views.sql": "aggregator_runs(kind,arguments) analytics_daily analytics_weekly analytics_monthly",
     "20261206000000_matomo_metrics.sql": f"daily_analytics({','.join(MATOMO_COLUMNS[1:])})",
-    "20261206000100_store_analytics.sql": "store_analytics() schema_missing()",
+    "20261206000100_store_analytics.sql": "schema_missing()",
     "20261206000300_fixes.sql": "site_sources(fix)",
+    "20261207000000_rows_as_arrays.sql": "store_analytics()(p_columns)",
 }
 
 
 def schema_objects(listed: str) -> dict[str, list[str]]:
     """{name: what schema_missing is asked for it}: 'sites(id,domain)' is a table and the columns
-    the run uses ('sites', 'sites.id', ...), 'f()' a function, a bare name a table or view."""
+    the run uses ('sites', 'sites.id', ...), 'f()' a function ('f()(arg)' and an argument it
+    takes: 'f()', 'f().arg'), a bare name a table or view."""
     found = {}
     for name, columns in re.findall(r"(\w+(?:\(\))?)(?:\(([^)]+)\))?", listed):
         found[name] = [name] + ([f"{name}.{column}" for column in columns.split(",")] if columns else [])
@@ -2116,6 +2124,12 @@ class GscMetrics(NamedTuple):  # a tuple: a year of 10,000 sites makes 3 million
 
 
 NO_SEARCH_TRAFFIC = GscMetrics(0, 0, None, None)
+# Each metric's column in daily_analytics: a metric Search Console gives is a field of GscMetrics.
+GSC_COLUMNS = tuple(f"gsc_{name}" for name in GscMetrics._fields if name != "final")
+# What a row sends store_analytics, in this order: each row is an array of these values (a
+# quarter of the bytes of an object; None is no value). Each source's values travel with its
+# final flag.
+STORED_COLUMNS = ("date", "site_id", *MATOMO_COLUMNS, "matomo_final", *GSC_COLUMNS, "gsc_final")
 
 
 def search_console_today() -> dt.date:
@@ -2928,7 +2942,7 @@ def analytics_rows(
                 row["matomo_final"] = matomo_day.final
             m = site_gsc.get(day)
             if m is not None:
-                row["gsc_clicks"], row["gsc_impressions"], row["gsc_ctr"], row["gsc_position"] = m[:4]
+                row.update(zip(GSC_COLUMNS, m))  # the final flag, the last field, has no column here
                 row["gsc_final"] = m.final
             if len(row) > 2:
                 rows.append(row)
@@ -3857,18 +3871,7 @@ def sites_with_domains(sites: list[Site], domains: Iterable[str]) -> list[Site]:
 
 
 # Exactly the columns a run would store, and the domain, so that a site reads as itself.
-ROW_COLUMNS = (
-    "date",
-    "site_id",
-    "domain",
-    *MATOMO_COLUMNS,
-    "matomo_final",
-    "gsc_clicks",
-    "gsc_impressions",
-    "gsc_ctr",
-    "gsc_position",
-    "gsc_final",
-)
+ROW_COLUMNS = ("date", "site_id", "domain", *STORED_COLUMNS[2:])
 # Each column as wide as its name (the date, the id and the domain as wide as their values).
 ROW_FORMAT = "{:<10}  {:>8}  {:<28}  " + "  ".join(f"{{:>{len(c)}}}" for c in ROW_COLUMNS[3:])
 

@@ -44,9 +44,15 @@ def refusing_trigger(db):
     db.execute("drop function refuse()")
 
 
+def rows_sent(request) -> list[dict]:
+    """The rows a store_analytics call carries: arrays of values in the order p_columns names."""
+    body = request.json()
+    return [dict(zip(body["p_columns"], row)) for row in body["p_rows"]]
+
+
 def upsert_with(site_id):
     """Matches an upsert request whose rows include this site."""
-    return lambda r: r.path == STORE and any(row["site_id"] == site_id for row in r.json()["p_rows"])
+    return lambda r: r.path == STORE and any(row["site_id"] == site_id for row in rows_sent(r))
 
 
 def postgrest_error(status: int, code: str | None, message: str) -> dict:
@@ -90,7 +96,7 @@ def upsert_of(site):
     return lambda r: (
         r.method == "POST"
         and r.path == STORE
-        and any(row["site_id"] == site.id for row in r.json()["p_rows"])
+        and any(row["site_id"] == site.id for row in rows_sent(r))
     )
 
 
@@ -331,8 +337,13 @@ def test_a_missing_unique_constraint_names_the_migration(
             "20261206000100_store_analytics.sql",
             "schema_missing()",
         ),
+        (
+            "alter function store_analytics rename to store_analytics_gone",
+            "20261207000000_rows_as_arrays.sql",
+            "store_analytics()",
+        ),
     ],
-    ids=["a column", "the heal plan's function", "the newest migration"],
+    ids=["a column", "the heal plan's function", "the check itself", "rows as arrays"],
 )
 def test_a_database_missing_a_migration_object_stops_the_run_before_any_fetch(
     break_it, migration, named, fleet, db, matomo, google, run_aggregator
@@ -341,6 +352,7 @@ def test_a_database_missing_a_migration_object_stops_the_run_before_any_fetch(
     undo = {
         "gsc_accounts.service_account_key": (ROOT / "supabase/migrations" / migration).read_text(),
         "analytics_holes()": "alter function analytics_holes_gone rename to analytics_holes",
+        "store_analytics()": "alter function store_analytics_gone rename to store_analytics",
         "schema_missing()": "alter function store_analytics_gone rename to store_analytics;"
         "alter function schema_missing_gone rename to schema_missing",
     }[named]
