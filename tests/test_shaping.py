@@ -123,12 +123,14 @@ def test_days_from_the_first_incomplete_one_are_provisional_and_never_zero():
     assert ag.metrics_by_day({}, [D1, D2, D3], newest_final=D1) == {D1: ag.NO_SEARCH_TRAFFIC}
 
 
-def test_rows_carry_only_the_columns_whose_source_answered():
+def test_a_source_that_did_not_answer_leaves_its_part_of_the_row_empty():
     sites = [ag.Site(1, "a.com", 1, 1), ag.Site(2, "b.com", 2, 1), ag.Site(3, "c.com", 3, 1)]
     by_site = {1: {D1: visits(5, 4, 9, 2, 300)}, 2: {D1: ag.MatomoDay((0, None, 0, 0, 0), final=False)}}
     gsc = {1: {D1: ag.GscMetrics(1, 10, 0.1, 2.0)}, 3: {D1: ag.NO_SEARCH_TRAFFIC}}
     rows = ag.analytics_rows(sites, [D1], by_site, gsc)
-    assert rows == [
+    no_matomo = dict.fromkeys([*ag.MATOMO_COLUMNS, "matomo_final"])  # store_analytics keeps what is stored
+    no_gsc = dict.fromkeys([*ag.GSC_COLUMNS, "gsc_final"])
+    assert [dict(zip(ag.STORED_COLUMNS, row)) for row in rows] == [
         {
             "date": "2026-11-01",
             "site_id": 1,
@@ -153,10 +155,12 @@ def test_rows_carry_only_the_columns_whose_source_answered():
             "matomo_bounces": 0,
             "matomo_visit_seconds": 0,
             "matomo_final": False,
+            **no_gsc,
         },
         {
             "date": "2026-11-01",
             "site_id": 3,
+            **no_matomo,
             "gsc_clicks": 0,
             "gsc_impressions": 0,
             "gsc_ctr": None,

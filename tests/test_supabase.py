@@ -94,9 +94,7 @@ def read_of(table: str, **query: str | None):
 
 def upsert_of(site):
     return lambda r: (
-        r.method == "POST"
-        and r.path == STORE
-        and any(row["site_id"] == site.id for row in rows_sent(r))
+        r.method == "POST" and r.path == STORE and any(row["site_id"] == site.id for row in rows_sent(r))
     )
 
 
