@@ -2353,19 +2353,23 @@ def metrics_by_day(answer: Any, days: list[dt.date], newest_final: dt.date) -> d
     first_incomplete = (answer.get("metadata") or {}).get("firstIncompleteDate")
     if first_incomplete:
         newest_final = min(newest_final, dt.date.fromisoformat(first_incomplete) - dt.timedelta(days=1))
-    metrics = {day: NO_SEARCH_TRAFFIC for day in days if day <= newest_final}
+    metrics = dict.fromkeys([day for day in days if day <= newest_final], NO_SEARCH_TRAFFIC)
     wanted = {day.isoformat(): day for day in days}
+    record = tuple.__new__  # 3 million records in a year of 10,000 sites: built at C level
     for row in answer.get("rows", []):
         day = wanted.get(row["keys"][0])
         if day is None:
             dt.date.fromisoformat(row["keys"][0])  # a day outside the range is skipped, not a non-date
             continue
-        metrics[day] = GscMetrics(
-            round(row["clicks"]),
-            round(row["impressions"]),
-            row["ctr"],
-            row["position"],
-            final=day <= newest_final,
+        metrics[day] = record(
+            GscMetrics,
+            (
+                round(row["clicks"]),
+                round(row["impressions"]),
+                row["ctr"],
+                row["position"],
+                day <= newest_final,
+            ),
         )
     return metrics
 
