@@ -60,9 +60,10 @@ Where a change goes (docs/development.md says more):
                       test_search_console
   a rule of the table store_analytics in a new migration (create or replace); never a copy in
                       Python; tests through a run (test_supabase, test_matomo, ...)
-  a source            a section beside Matomo's; SOURCES; analytics_rows(); Unit and Flow (one
-                      more answer a unit waits for); its columns and final flag in a migration
-                      and in store_analytics; its SourceCount in Outcome; test_<source>.py
+  a source            a section beside Matomo's; SOURCES; its columns and final flag in
+                      STORED_COLUMNS, FINAL_FLAG, analytics_rows() and Upserts.joined(); Unit
+                      and Flow (one more answer a unit waits for); a migration and
+                      store_analytics; its SourceCount in Outcome; test_<source>.py
   a command           a handler and a Command in COMMANDS; its options in add_other_options();
                       test_commands
   a fault             classified once where it enters (MatomoError's kind, supabase_error_kind,
@@ -100,8 +101,7 @@ import time
 import warnings
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, TypeVar, Union
@@ -2053,9 +2053,8 @@ def matomo_ids_by_site(sites: Iterable[Site]) -> dict[SiteId, int]:
 def zero_runs(by_day: Mapping[dt.date, MatomoDay]) -> list[list[dt.date]]:
     """The runs of consecutive days with 0 visits: one look at the raw log covers a run."""
     runs: list[list[dt.date]] = []
-    for day in sorted(by_day):
-        if by_day[day].visits != 0:
-            continue
+    # Every site-day of a run passes here: its visits read as a field (numbers), not a property.
+    for day in sorted(day for day, matomo_day in by_day.items() if matomo_day.numbers[0] == 0):
         if runs and runs[-1][-1] == day - dt.timedelta(days=1):
             runs[-1].append(day)
         else:
@@ -2092,10 +2091,10 @@ def zero_looks(m: int, by_day: Mapping[dt.date, MatomoDay]) -> list[tuple[int, l
     there (so that any visit on a zero day shows as one too many); else one per run."""
     runs = zero_runs(by_day)
     if len(runs) > 1:
-        span = days_between(runs[0][0], runs[-1][-1])
-        counted = sum(by_day[day].visits for day in span if day in by_day)
+        first, last = runs[0][0], runs[-1][-1]
+        counted = sum(each.numbers[0] for day, each in by_day.items() if first <= day <= last)
         if counted < RAW_LOG_VISITS_PER_LOOK:
-            return [(m, span, counted + 1)]
+            return [(m, days_between(first, last), counted + 1)]
     return [(m, zeros, 1) for zeros in runs]
 
 
@@ -2538,6 +2537,9 @@ class GscRound:
     waiting: dict[AccountId, deque[SiteId]] = field(default_factory=dict)
     in_flight: dict[Future, tuple[SiteId, float]] = field(default_factory=dict)
     busy: Counter = field(default_factory=Counter)  # queries in flight per account
+    # Each query as it ends: one put per answer, where waiting on every query in flight for the
+    # first to end would take and give back 64 locks each time.
+    ended: queue.Queue = field(default_factory=queue.Queue)
     given_up: dict[str, dict[AccountId, list[SiteId]]] = field(default_factory=lambda: defaultdict(dict))
 
     def add_targets(self, targets: Mapping[SiteId, tuple[GscAccount, str]], days: list[dt.date]) -> None:
@@ -2600,9 +2602,20 @@ class GscRound:
                     account.quota.sent(now)
                     future = console.pool.submit(query, *self.targets[site_id], self.days[site_id])
                     self.in_flight[future] = (site_id, now)
+                    future.add_done_callback(self.ended.put)
                     self.busy[account_id] += 1
                     sent = True
         return next_turn
+
+    def ended_within(self, timeout: float) -> list[Future]:
+        """The queries that ended since the last call, waiting up to `timeout` for the first."""
+        ended: list[Future] = []
+        try:
+            ended.append(self.ended.get(timeout=timeout))
+            while True:
+                ended.append(self.ended.get_nowait())
+        except queue.Empty:
+            return ended
 
     def take_answer(self, future: Future) -> None:
         """Files one finished query: its numbers, a quota error (the site waits again), or a warning."""
@@ -2908,8 +2921,7 @@ class SearchConsole:
             next_turn = state.send_queries(query)
             wait_for = max(0.0, min(next_turn - time.monotonic(), 0.05 if more else 0.5))
             if state.in_flight:
-                done, _ = futures_wait(state.in_flight, timeout=wait_for, return_when=FIRST_COMPLETED)
-                for future in done:
+                for future in state.ended_within(wait_for):
                     state.take_answer(future)
             elif state.waiting:
                 deadline.wait(wait_for)
@@ -3975,10 +3987,8 @@ class Check:
 
     def __init__(self, cfg: Config, today: dt.date) -> None:
         self.cfg, self.today = cfg, today
-        self.found: dict[str, Any] = {
-            "lines": [],
-            "notes": [],
-        }  # "lines", "notes": printed before the problems
+        # What each service answered (--json); "lines" and "notes" are printed before the problems.
+        self.found: dict[str, Any] = {"lines": [], "notes": []}
 
     def run(self, as_json: bool) -> int:
         sites, keys = self.supabase()
