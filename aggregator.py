@@ -3407,7 +3407,8 @@ SITE_DAYS_IN_FLIGHT = 40_000
 @dataclass(eq=False)
 class Unit:
     """A few sites on their way through the run: one Matomo bulk request's worth, with their
-    Search Console queries, and what each source answered so far."""
+    Search Console queries, and what each source answered so far. A night's unit asks both
+    sources for the night's days; a healing unit asks one source for a range of holes."""
 
     index: int  # its place in the fleet
     sites: list[Site]
@@ -3515,7 +3516,7 @@ def fetch_and_store(
     not as the sum of their waits."""
     feed: queue.Queue = queue.Queue()  # each unit's Search Console queries, None at the end
     # One thread hands Search Console's queries out, MATOMO_WORKERS ask Matomo for the visits,
-    # and twice as many check the zeros of what it answered (the raw log, the stored counts).
+    # and twice as many check the zeros of what it answered in the raw log.
     with ThreadPoolExecutor(max_workers=2 * fetchers.matomo.workers) as checks:
         flow = Flow(fetchers, store, outcome, fetched, checks)
         with ThreadPoolExecutor(max_workers=1 + fetchers.matomo.workers) as pool:
@@ -3577,16 +3578,13 @@ class Flow:
         """The units the run stopped before asking for: missing tonight (healing's are left for
         the next nights)."""
         left = [site for rest in units for site in rest.sites]
-        if self.window.closed:  # the failure itself is said
-            pass
-        elif self.healing:
-            log.warning(
-                "%s: the holes of %d sites are left for the next nights",
-                self.fetchers.deadline.why,
-                len(left),
+        if not self.window.closed:  # else the failure itself is said
+            what = (
+                "the holes of %d sites are left for the next nights"
+                if self.healing
+                else "%d sites were not fetched"
             )
-        else:
-            log.warning("%s: %d sites were not fetched", self.fetchers.deadline.why, len(left))
+            log.warning("%s: " + what, self.fetchers.deadline.why, len(left))
         if not self.healing:
             self.outcome.give_up(left, self.outcome.sources_asked)
 
