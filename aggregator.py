@@ -834,6 +834,11 @@ def gsc_oldest_day(today: dt.date) -> dt.date:
     return today - dt.timedelta(days=GSC_RETENTION_DAYS)
 
 
+def gsc_expiring_before(today: dt.date) -> dt.date:
+    """Days before this one pass Search Console's retention within 30 days: healed first, and said."""
+    return gsc_oldest_day(today) + dt.timedelta(days=30)
+
+
 # ---------------------------------------------------------------------------
 # Supabase: reading the fleet, and the shared retry for its writes
 # ---------------------------------------------------------------------------
@@ -1439,7 +1444,7 @@ class MatomoState:
     down: str | None = None  # what every request answers while the whole install fails alike
     # The outage that outlasted MATOMO_RECOVERY_PAUSES: the batches it costs are not waited for again.
     gave_up_on: str | None = None
-    first_sent: bool = False  # the run's first bulk request goes alone (bulk_visits)
+    first_sent: bool = False  # the run's first bulk request goes alone (get_matomo_data)
     first_answered: threading.Event = field(default_factory=threading.Event, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     recovery: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one wait at a time
@@ -1624,7 +1629,7 @@ class MatomoClient:
             return f"{method} ({error})"
         return None if isinstance(answer, list) else f"{method} (an unexpected answer)"
 
-    def bulk_visits(self, site_ids: Iterable[int], days: list[dt.date]) -> MatomoAnswer:
+    def get_matomo_data(self, site_ids: Iterable[int], days: list[dt.date]) -> MatomoAnswer:
         """{matomo site id: {day: visits}} for the sites Matomo answered for (one bulk request's
         worth), what the install lost while it was down asked again once it answers. A site missing
         from the result has no value: it must not be stored as 0. The run's first request goes
@@ -2126,8 +2131,8 @@ GSC_COLUMNS = tuple(f"gsc_{name}" for name in GscMetrics._fields if name != "fin
 # flag: a flag that is None says the source gave the row nothing.
 STORED_COLUMNS = ("date", "site_id", *MATOMO_COLUMNS, "matomo_final", *GSC_COLUMNS, "gsc_final")
 FINAL_FLAG = {"matomo": STORED_COLUMNS.index("matomo_final"), "gsc": STORED_COLUMNS.index("gsc_final")}
-MATOMO_ONLY = (None,) * (len(GSC_COLUMNS) + 1)  # a row's Search Console part when it gave nothing
-GSC_ONLY = (None,) * (len(MATOMO_COLUMNS) + 1)  # its Matomo part likewise
+NO_GSC_PART = (None,) * (len(GSC_COLUMNS) + 1)  # a row's Search Console part when it gave nothing
+NO_MATOMO_PART = (None,) * (len(MATOMO_COLUMNS) + 1)  # its Matomo part likewise
 
 
 def search_console_today() -> dt.date:
@@ -2154,7 +2159,7 @@ class QuotaWindow:
     """At most `limit` queries in any rolling minute: one of Search Console's quotas.
 
     Pacing ourselves costs nothing under the quota and avoids a storm of 429s and backoffs above it.
-    Only the thread that hands out the queries (SearchConsole.stream) uses it: no lock.
+    Only the thread that hands out the queries (SearchConsole.get_gsc_data) uses it: no lock.
     """
 
     SECONDS = 60.5  # a little over a minute, so that the server's own window never counts limit + 1
@@ -2724,7 +2729,7 @@ class SearchConsole:
         """Asks the token endpoint for an access token now (the run's clients do it on first use)."""
         credentials.refresh(google_auth_httplib2.Request(httplib2.Http(timeout=self.cfg.http_timeout)))
 
-    def service(self, credentials: Credentials) -> Any:
+    def get_google_client(self, credentials: Credentials) -> Any:
         """A Search Console service for one account; building it makes no network call."""
         # Our own Http carries the timeout; the token refresh goes through it as well.
         http = google_auth_httplib2.AuthorizedHttp(
@@ -2761,7 +2766,7 @@ class SearchConsole:
                 f"store the key file again with {program()} authorize --service-account KEY.json --account {account_id}",
             )
         try:
-            service = self.service(credentials)
+            service = self.get_google_client(credentials)
             listing = service.sites().list().execute(num_retries=cfg.http_retries)
             if not isinstance(listing, dict):
                 raise ValueError("unexpected answer to sites.list; check GSC_API_ENDPOINT")
@@ -2895,12 +2900,12 @@ class SearchConsole:
     def query(
         self, account: GscAccount, site_url: str, days: list[dt.date], newest_final: dt.date
     ) -> dict[dt.date, GscMetrics]:
-        """One searchanalytics.query for the whole range (stream decides when it may go)."""
+        """One searchanalytics.query for the whole range (get_gsc_data decides when it may go)."""
         request = account.analytics.query(siteUrl=site_url, body=search_query(days))
         answer = request.execute(http=self.http(account.credentials), num_retries=self.cfg.http_retries)
         return metrics_by_day(answer, days, newest_final)
 
-    def stream(self, feed: queue.Queue, answered: GscAnswered) -> None:
+    def get_gsc_data(self, feed: queue.Queue, answered: GscAnswered) -> None:
         """Asks Search Console for each site that comes through `feed` (({site id: (account, property
         URL)}, days) at a time, None at the end), one query per site over its days, and calls
         `answered` for each as soon as it is known, until the feed ends and every site is answered.
@@ -2953,9 +2958,9 @@ def analytics_rows(
         for day, iso in dated:
             matomo_day, m = site_visits.get(day), site_gsc.get(day)
             if matomo_day is not None:
-                add([iso, site_id, *matomo_day.numbers, matomo_day.final, *(m or MATOMO_ONLY)])
+                add([iso, site_id, *matomo_day.numbers, matomo_day.final, *(m or NO_GSC_PART)])
             elif m is not None:
-                add([iso, site_id, *GSC_ONLY, *m])
+                add([iso, site_id, *NO_MATOMO_PART, *m])
     return rows
 
 
@@ -3521,7 +3526,7 @@ def fetch_and_store(
         flow = Flow(fetchers, store, outcome, fetched, checks)
         with ThreadPoolExecutor(max_workers=1 + fetchers.matomo.workers) as pool:
             f = fetchers
-            streams = [flow.watched(pool.submit(f.gsc.stream, feed, flow.gsc_answered))]
+            streams = [flow.watched(pool.submit(f.gsc.get_gsc_data, feed, flow.gsc_answered))]
             try:
                 streams += flow.dispatch(units, pool, feed)
             finally:
@@ -3596,7 +3601,7 @@ class Flow:
                 with self.lock:
                     self.not_asked += len(unit.matomo_ids)
             else:
-                answered = self.fetchers.matomo.bulk_visits(unit.matomo_ids.values(), unit.days)
+                answered = self.fetchers.matomo.get_matomo_data(unit.matomo_ids.values(), unit.days)
         finally:
             self.checked.append(self.watched(self.checks.submit(self.check_zeros, unit, answered)))
 
@@ -3824,7 +3829,7 @@ def heal(
         "matomo": set(fetchers.matomo_ids) & wanted if cfg.heal_matomo_site_days else set(),
         "gsc": set(fetchers.gsc.targets) & wanted if cfg.heal_gsc_queries else set(),
     }
-    expiring = gsc_oldest_day(asked.today) + dt.timedelta(days=30)
+    expiring = gsc_expiring_before(asked.today)
     plan = heal_plan(found, askable, coverage.window_from, expiring, cfg)
     plan.say([hole for hole in found if hole.site_id in askable[hole.source]], expiring)
     fetch_and_store(
@@ -4053,7 +4058,7 @@ class Check:
         with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
             parts = chunks(sorted(set(ids.values())), matomo.bulk_size)
             visits = by_site_id(
-                ids, merged_answers(pool.map(lambda part: matomo.bulk_visits(part, days), parts))
+                ids, merged_answers(pool.map(lambda part: matomo.get_matomo_data(part, days), parts))
             )
         answered = f"answered for {len(visits)} of the {len(ids)} sites with a Matomo id"
         found["lines"].append(f"Matomo {version}: {answered}")
@@ -4158,7 +4163,7 @@ class FleetStatus:
             - self.unavailable_sites(attention, source)
             for source in SOURCES
         }
-        expiring = gsc_oldest_day(today) + dt.timedelta(days=30)
+        expiring = gsc_expiring_before(today)
         plan = heal_plan(found, askable, coverage.window_from, expiring, cfg)
         report = {"sites": len(sites), **self.report(coverage, cells, found, plan, attention, expiring)}
         if as_json:
@@ -4408,7 +4413,11 @@ class Authorize:
             return True
         try:
             listing = (
-                SearchConsole(cfg).service(credentials).sites().list().execute(num_retries=cfg.http_retries)
+                SearchConsole(cfg)
+                .get_google_client(credentials)
+                .sites()
+                .list()
+                .execute(num_retries=cfg.http_retries)
             )
             properties = verified_properties(listing if isinstance(listing, dict) else {})
         except Exception as error:  # noqa: BLE001 - the check is a courtesy: the operator decides
