@@ -1827,25 +1827,24 @@ class MatomoClient:
         with ThreadPoolExecutor(max_workers=workers or self.workers) as pool:
             return [slot for answers in pool.map(ask, batches) for slot in answers]
 
-    def with_zeros_confirmed(self, visits: MatomoAnswer, settled: dt.date) -> MatomoAnswer:
-        """The visits, each 0 that is not confirmed made not final. A 0 is confirmed when Matomo's
-        raw log (the Live API) has no visit in its run of zero days (or, looked at over a site's
-        span of zeros, no more visits than the archives count there); where the visitor log is off,
-        when the day is older than `settled`. Asked in the batch's own thread, one request at a time:
-        the batches beside it hold the other MATOMO_WORKERS."""
-        looks = [look for m, by_day in visits.items() for look in zero_looks(m, by_day)]
+    def confirm_zeros(self, looks: list[ZeroLook], settled: dt.date) -> None:
+        """Makes each 0 of the looks' days not final unless it is confirmed: when Matomo's raw log
+        (the Live API) has no visit in its run of zero days (or, looked at over a site's span of
+        zeros, no more visits than the archives count there); where the visitor log is off, when
+        the day is older than `settled`. Asked in the caller's thread, one request at a time: the
+        bulk requests beside it hold the other MATOMO_WORKERS."""
         behind: list[int] = []
         log_off = None
         while looks:
-            queries = [raw_log_query(m, days, limit) for m, days, limit in looks]
+            queries = [raw_log_query(m, days, limit) for m, _, days, limit in looks]
             answers = self.bulk_answers(queries, "the visitor log (to confirm zeros)", workers=1)
             again = []
-            for (m, days, limit), slot in zip(looks, answers):
-                zeros = [day for day in days if visits[m][day].visits == 0]
+            for (m, by_day, days, limit), slot in zip(looks, answers):
+                zeros = [day for day in days if by_day[day].visits == 0]
                 if isinstance(slot, list) and len(slot) < limit:
                     continue  # no visit beyond what the archives count: the zeros are true
                 if isinstance(slot, list) and limit > 1:
-                    again += [(m, each, 1) for each in zero_runs({day: visits[m][day] for day in zeros})]
+                    again += [(m, by_day, each, 1) for each in zero_runs({day: by_day[day] for day in zeros})]
                     continue  # a visit too many somewhere: each run of zeros is looked at alone
                 if isinstance(slot, dict) and slot.get("result") == "error":
                     log_off = log_off or html.unescape(str(slot.get("message", "")))
@@ -1853,7 +1852,7 @@ class MatomoClient:
                 elif isinstance(slot, list):
                     behind.append(m)
                 for day in zeros:
-                    visits[m][day] = visits[m][day]._replace(final=False)
+                    by_day[day] = by_day[day]._replace(final=False)
             looks = again
         for m in sorted(set(behind)):
             site_warnings.add(
@@ -1868,7 +1867,6 @@ class MatomoClient:
                 "MATOMO_SETTLE_DAYS",
                 log_off,
             )
-        return visits
 
     def creation_days(self, ids: Iterable[int]) -> dict[int, dt.date | Reason]:
         """{Matomo id: the day the site was created in Matomo (ts_created, UTC), or why Matomo could
@@ -1885,18 +1883,6 @@ class MatomoClient:
                     f"Matomo: {html.unescape(str(slot.get('message', '')))}", UNKNOWN_MATOMO_ID_FIX
                 )
         return found
-
-    def confirmed_visits(
-        self,
-        ids: Mapping[SiteId, int],
-        answered: MatomoAnswer,
-        settled: dt.date | None,
-    ) -> dict[SiteId, dict]:
-        """What Matomo `answered` for some sites ({Matomo id: {day: visits}}) by site id, each 0 its
-        raw log does not confirm made not final. Asked beside the next bulk requests, not in their way."""
-        if settled is not None:
-            answered = self.with_zeros_confirmed(answered, settled)
-        return by_site_id(ids, answered)
 
 
 class CappedRetry(Retry):
@@ -2090,17 +2076,25 @@ def raw_log_query(idsite: int, days: list[dt.date], limit: int) -> str:
 RAW_LOG_VISITS_PER_LOOK = 1000
 
 
-def zero_looks(m: int, by_day: Mapping[dt.date, MatomoDay]) -> list[tuple[int, list[dt.date], int]]:
-    """The raw-log looks that confirm a site's zeros, each (Matomo id, days, filter_limit): one
-    over every zero day and the days between, listing one visit more than the archives count
-    there (so that any visit on a zero day shows as one too many); else one per run."""
-    runs = zero_runs(by_day)
-    if len(runs) > 1:
-        first, last = runs[0][0], runs[-1][-1]
-        counted = sum(each.numbers[0] for day, each in by_day.items() if first <= day <= last)
-        if counted < RAW_LOG_VISITS_PER_LOOK:
-            return [(m, days_between(first, last), counted + 1)]
-    return [(m, zeros, 1) for zeros in runs]
+# A look at the raw log: (Matomo id, the site's answer by day, the days looked at, filter_limit).
+ZeroLook = tuple[int, dict[dt.date, MatomoDay], list[dt.date], int]
+
+
+def zero_looks(answered: MatomoAnswer) -> list[ZeroLook]:
+    """The raw-log looks that confirm the zeros of an answer, for each site: one over every zero
+    day and the days between, listing one visit more than the archives count there (so that any
+    visit on a zero day shows as one too many); else one per run."""
+    looks: list[ZeroLook] = []
+    for m, by_day in answered.items():
+        runs = zero_runs(by_day)
+        if len(runs) > 1:
+            first, last = runs[0][0], runs[-1][-1]
+            counted = sum(each.numbers[0] for day, each in by_day.items() if first <= day <= last)
+            if counted < RAW_LOG_VISITS_PER_LOOK:
+                looks.append((m, by_day, days_between(first, last), counted + 1))
+                continue
+        looks += [(m, by_day, zeros, 1) for zeros in runs]
+    return looks
 
 
 # What fixes a Matomo id its install does not know (or the token may not view).
@@ -3559,6 +3553,9 @@ class Flow:
         self.by_site: dict[SiteId, Unit] = {}  # the unit of each site Search Console is asked for
         self.lock = threading.Lock()
         self.not_asked = 0  # sites Matomo was not asked for: the run was stopped first
+        self.matomo_pending = 0  # bulk requests sent or about to be, not answered yet
+        self.unchecked: list[tuple[Unit, MatomoAnswer]] = []  # answered, their zeros not yet looked at
+        self.looks: list[ZeroLook] = []  # the raw-log looks those wait for
 
     def dispatch(self, units: list[Unit], pool: Executor, feed: queue.Queue) -> list[Future]:
         """Lets the units in, as far as the window allows, until the run must stop; returns the
@@ -3574,6 +3571,8 @@ class Flow:
             if unit.targets:
                 feed.put((unit.targets, unit.gsc_days))
             if unit.matomo_ids:
+                with self.lock:
+                    self.matomo_pending += 1
                 asked.append(self.watched(pool.submit(self.ask_matomo, unit)))
             elif not unit.targets:
                 self.store_unit(unit)
@@ -3595,7 +3594,7 @@ class Flow:
 
     def ask_matomo(self, unit: Unit) -> None:
         """The unit's bulk request; its zeros are checked beside the next ones (check_zeros)."""
-        answered: dict = {}
+        answered: MatomoAnswer = {}
         try:
             if self.fetchers.deadline.passed():
                 with self.lock:
@@ -3603,17 +3602,37 @@ class Flow:
             else:
                 answered = self.fetchers.matomo.get_matomo_data(unit.matomo_ids.values(), unit.days)
         finally:
-            self.checked.append(self.watched(self.checks.submit(self.check_zeros, unit, answered)))
+            self.to_check(unit, answered)
 
-    def check_zeros(self, unit: Unit, answered: dict) -> None:
-        visits: dict = {}
+    def to_check(self, unit: Unit, answered: MatomoAnswer) -> None:
+        """Hands the unit to check_zeros. Its raw-log looks wait for those of the bulk requests
+        answered meanwhile, so that one request carries them together (Matomo pays per request,
+        as per sub-request): they go once a bulk request's worth wait, or no bulk request is left
+        to answer; a unit with no zero goes at once."""
+        looks = zero_looks(answered) if self.fetchers.settled is not None else []
+        with self.lock:
+            self.matomo_pending -= 1
+            ready = [] if looks else [(unit, answered)]
+            self.unchecked += [(unit, answered)] if looks else []
+            self.looks += looks
+            if len(self.looks) >= self.fetchers.matomo.state.cap or not self.matomo_pending:
+                ready, self.unchecked, looks, self.looks = ready + self.unchecked, [], self.looks, []
+            else:
+                looks = []
+        if ready:
+            self.checked.append(self.watched(self.checks.submit(self.check_zeros, ready, looks)))
+
+    def check_zeros(self, ready: list[tuple[Unit, MatomoAnswer]], looks: list[ZeroLook]) -> None:
+        confirmed = False
         try:
-            f = self.fetchers
-            visits = f.matomo.confirmed_visits(unit.matomo_ids, answered, f.settled)
+            if looks:
+                self.fetchers.matomo.confirm_zeros(looks, self.fetchers.settled or dt.date.min)
+            confirmed = True
         finally:
-            unit.visits = visits
-            self.fetched("matomo", len(unit.matomo_ids))
-            self.answered(unit)
+            for unit, answered in ready:  # a check that failed (a bug) leaves no zero as final
+                unit.visits = by_site_id(unit.matomo_ids, answered) if confirmed else {}
+                self.fetched("matomo", len(unit.matomo_ids))
+                self.answered(unit)
 
     def watched(self, future: Future) -> Future:
         """The future, which closes the window if it fails: a bug ends the run, never hangs it."""

@@ -496,6 +496,29 @@ def raw_log_looks(matomo) -> int:
     return sum(r.body.decode().count("Live.getLastVisitsDetails") for r in matomo.requests)
 
 
+def test_the_zeros_of_a_backfills_bulk_requests_are_confirmed_together_not_one_raw_log_request_each(
+    fleet, db, matomo, run_aggregator
+):
+    sites = fleet.many(40, [fleet.account()])
+    year = [DAY - dt.timedelta(days=n) for n in range(364, -1, -1)]
+    # Busy sites, each with one day of 0 visits (a look at the raw log each); a year is 8 sites to
+    # a bulk request: 5 bulk requests, 40 looks.
+    zero_day = {site.matomo_id: year[7 * n + 3].isoformat() for n, site in enumerate(sites)}
+    matomo.visits_fn = lambda m, day: (0 if day == zero_day[m] else 20) if m in zero_day else None
+
+    result = run_aggregator("--from", year[0].isoformat(), "--to", DAY.isoformat())
+
+    assert result.returncode == 0, result.stderr
+    assert db.execute(
+        "select count(*) filter (where matomo_visits = 0 and matomo_final), count(*) from daily_analytics"
+    ).fetchone() == (40, 40 * 365)
+    assert len(matomo.report_requests()) == 5 and raw_log_looks(matomo) == 40
+    # The looks of the bulk requests answered meanwhile go together (up to MATOMO_BULK_SIZE
+    # sub-requests), not one raw-log request for each bulk request's few.
+    raw_log_requests = [r for r in matomo.requests if matomo.kind(r) == "raw log"]
+    assert len(raw_log_requests) <= 2, f"{len(raw_log_requests)} raw-log requests for 5 bulk requests"
+
+
 def test_a_sparse_sites_year_costs_two_sub_requests_and_a_day_not_archived_is_still_found(
     fleet, db, matomo, run_aggregator
 ):
