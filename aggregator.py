@@ -3417,7 +3417,8 @@ class Unit:
     gsc_days: list[dt.date]
     holes: Mapping[SiteId, set[dt.date]] | None = None  # healing: only these days of its query are stored
     waiting: int = 0  # answers still to come: Matomo's (one for the unit), one per Search Console query
-    visits: dict = field(default_factory=dict)
+    visits: dict = field(default_factory=dict)  # by Matomo id until its zeros are confirmed, then by site
+    looks_left: int = 0  # its zeros' raw-log looks not answered yet
     gsc: dict = field(default_factory=dict)
 
     @property
@@ -3554,8 +3555,7 @@ class Flow:
         self.lock = threading.Lock()
         self.not_asked = 0  # sites Matomo was not asked for: the run was stopped first
         self.matomo_pending = 0  # bulk requests sent or about to be, not answered yet
-        self.unchecked: list[tuple[Unit, MatomoAnswer]] = []  # answered, their zeros not yet looked at
-        self.looks: list[ZeroLook] = []  # the raw-log looks those wait for
+        self.looks: list[tuple[ZeroLook, Unit]] = []  # raw-log looks not sent yet, each with its unit
 
     def dispatch(self, units: list[Unit], pool: Executor, feed: queue.Queue) -> list[Future]:
         """Lets the units in, as far as the window allows, until the run must stop; returns the
@@ -3605,34 +3605,51 @@ class Flow:
             self.to_check(unit, answered)
 
     def to_check(self, unit: Unit, answered: MatomoAnswer) -> None:
-        """Hands the unit to check_zeros. Its raw-log looks wait for those of the bulk requests
-        answered meanwhile, so that one request carries them together (Matomo pays per request,
-        as per sub-request): they go once a bulk request's worth wait, or no bulk request is left
-        to answer; a unit with no zero goes at once."""
+        """Hands the unit's zeros to check_zeros; a unit without a zero is done at once."""
         looks = zero_looks(answered) if self.fetchers.settled is not None else []
         with self.lock:
             self.matomo_pending -= 1
-            ready = [] if looks else [(unit, answered)]
-            self.unchecked += [(unit, answered)] if looks else []
-            self.looks += looks
-            if len(self.looks) >= self.fetchers.matomo.state.cap or not self.matomo_pending:
-                ready, self.unchecked, looks, self.looks = ready + self.unchecked, [], self.looks, []
-            else:
-                looks = []
-        if ready:
-            self.checked.append(self.watched(self.checks.submit(self.check_zeros, ready, looks)))
+            unit.visits, unit.looks_left = answered, len(looks)
+            self.looks += [(look, unit) for look in looks]
+            due = self.due_looks()
+        if due or not looks:
+            self.checked.append(
+                self.watched(self.checks.submit(self.check_zeros, due, None if looks else unit))
+            )
 
-    def check_zeros(self, ready: list[tuple[Unit, MatomoAnswer]], looks: list[ZeroLook]) -> None:
+    def due_looks(self) -> list[tuple[ZeroLook, Unit]]:
+        """The raw-log looks to send now (under the lock). Looks wait for those of other units, so
+        that a request carries a bulk request's worth (Matomo pays per request as per sub-request):
+        each whole request's worth goes at once, the rest once no bulk request is left to answer
+        and a unit waits for nothing else (to_check and gsc_answered ask again)."""
+        if not self.matomo_pending and any(unit.waiting == 1 for _, unit in self.looks):
+            due, self.looks = self.looks, []
+            return due
+        whole = len(self.looks) // self.fetchers.matomo.state.cap * self.fetchers.matomo.state.cap
+        due, self.looks = self.looks[:whole], self.looks[whole:]
+        return due
+
+    def check_zeros(self, due: list[tuple[ZeroLook, Unit]], unit: Unit | None) -> None:
+        """Sends the looks due; each unit whose last look this was (or `unit`, which had none) is
+        answered. A check that failed (a bug) leaves its units no Matomo value, never a 0 as final."""
         confirmed = False
         try:
-            if looks:
-                self.fetchers.matomo.confirm_zeros(looks, self.fetchers.settled or dt.date.min)
+            if due:
+                self.fetchers.matomo.confirm_zeros(
+                    [look for look, _ in due], self.fetchers.settled or dt.date.min
+                )
             confirmed = True
         finally:
-            for unit, answered in ready:  # a check that failed (a bug) leaves no zero as final
-                unit.visits = by_site_id(unit.matomo_ids, answered) if confirmed else {}
-                self.fetched("matomo", len(unit.matomo_ids))
-                self.answered(unit)
+            done = [unit] if unit else []
+            with self.lock:
+                for _, owner in due:
+                    owner.looks_left -= 1
+                    owner.visits = owner.visits if confirmed else {}
+                    done += [owner] if owner.looks_left == 0 else []
+            for each in done:
+                each.visits = by_site_id(each.matomo_ids, each.visits)
+                self.fetched("matomo", len(each.matomo_ids))
+                self.answered(each)
 
     def watched(self, future: Future) -> Future:
         """The future, which closes the window if it fails: a bug ends the run, never hangs it."""
@@ -3651,6 +3668,11 @@ class Flow:
                 unit.gsc[site_id] = metrics
         self.fetched("gsc", 1)
         self.answered(unit)
+        if self.looks:  # the unit may now wait only for its zeros' looks
+            with self.lock:
+                due = self.due_looks()
+            if due:
+                self.checked.append(self.watched(self.checks.submit(self.check_zeros, due, None)))
 
     def answered(self, unit: Unit) -> None:
         with self.lock:
