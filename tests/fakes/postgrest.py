@@ -17,7 +17,6 @@ from typing import Callable
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from .base import FakeServer, Request, Response
 
@@ -268,41 +267,52 @@ class FakePostgrest(FakeServer):
 
     def call(self, role: str, name: str, request: Request) -> Response:
         """POST /rpc/NAME with the arguments as a JSON object: a function returning a set answers
-        its rows (capped at max-rows like any read), one returning a value answers that value."""
-        args = request.json() or {}
+        its rows (capped at max-rows like any read), one returning a value answers that value.
+        As PostgREST does, the body goes to PostgreSQL as it came (json_to_record, each argument
+        typed as the function declares it): its values are never decoded and encoded again here."""
+        body = request.body.decode() or "{}"
         conn = self.connection()
+        keys, rows = conn.execute(
+            "select coalesce(array_agg(k), '{}'), "
+            "coalesce(json_array_length(case when json_typeof(%s::json -> 'p_rows') = 'array' "
+            "then %s::json -> 'p_rows' end), 0) from json_object_keys(%s::json) k",
+            [body, body, body],
+        ).fetchone()
         found = conn.execute(
-            "select p.proretset from pg_proc p join pg_namespace n on n.oid = p.pronamespace "
-            "where n.nspname = 'public' and p.proname = %s",
+            "select p.proretset, p.proargnames, p.proargtypes::oid[]::regtype[]::text[] from pg_proc p "
+            "join pg_namespace n on n.oid = p.pronamespace where n.nspname = 'public' and p.proname = %s",
             [name],
         ).fetchone()
-        if found is None:
+        types = dict(zip(found[1] or [], found[2])) if found else {}
+        if found is None or any(key not in types for key in keys):
             raise GatewayError(
                 404,
                 "PGRST202",
-                f"Could not find the function public.{name}({', '.join(sorted(args))}) in the schema cache",
+                f"Could not find the function public.{name}({', '.join(sorted(keys))}) in the schema cache",
             )
-        rows = len(args.get("p_rows") or [])  # the rows store_analytics writes
-        if self.row_cost:
+        if self.row_cost:  # the rows store_analytics writes
             time.sleep(self.row_cost * rows)
         if self.rows_within_timeout is not None and rows > self.rows_within_timeout:
             raise GatewayError(500, "57014", "canceling statement due to statement timeout")
-        named = sql.SQL(", ").join(sql.SQL("{} => %s").format(sql.Identifier(arg)) for arg in args)
+        named = sql.SQL(", ").join(sql.SQL("{0} => a.{0}").format(sql.Identifier(key)) for key in keys)
+        record = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(key), sql.SQL(types[key])) for key in keys
+        )
         function = sql.SQL("{}({})").format(sql.Identifier("public", name), named)
+        source = (
+            sql.SQL("json_to_record(%s::json) as a({})").format(record) if keys else sql.SQL("(select) a")
+        )
         if found[0]:
             query = sql.SQL(
-                "select coalesce(json_agg(t), '[]'::json) from (select * from {} limit {}) t"
-            ).format(function, sql.Literal(self.max_rows))
+                "select coalesce(json_agg(t), '[]'::json) from (select r.* from {}, lateral {} r limit {}) t"
+            ).format(source, function, sql.Literal(self.max_rows))
         else:
-            query = sql.SQL("select to_json({})").format(function)
+            query = sql.SQL("select to_json({}) from {}").format(function, source)
         with conn.transaction():
             conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
             if self.read_only:
                 conn.execute("set local transaction_read_only = on")
-            # PostgREST hands the body to the function as JSON: an array or object argument
-            # arrives as json/jsonb, never as a SQL array.
-            values = [Jsonb(v) if isinstance(v, (dict, list)) else v for v in args.values()]
-            value = conn.execute(query, values).fetchone()[0]
+            value = conn.execute(query, [body] if keys else []).fetchone()[0]
         return Response(200, value if isinstance(value, (dict, list)) else json.dumps(value))
 
     # -- writes -------------------------------------------------------------
