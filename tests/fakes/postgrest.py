@@ -272,11 +272,10 @@ class FakePostgrest(FakeServer):
         typed as the function declares it): its values are never decoded and encoded again here."""
         body = request.body.decode() or "{}"
         conn = self.connection()
-        keys, rows = conn.execute(
-            "select coalesce(array_agg(k), '{}'), "
-            "coalesce(json_array_length(case when json_typeof(%s::json -> 'p_rows') = 'array' "
-            "then %s::json -> 'p_rows' end), 0) from json_object_keys(%s::json) k",
-            [body, body, body],
+        keys, rows = conn.execute(  # the body's keys and the rows it carries, the body parsed once
+            "select coalesce(array_agg(key), '{}'), coalesce(sum(json_array_length(value)) filter "
+            "(where key = 'p_rows' and json_typeof(value) = 'array'), 0)::int from json_each(%s::json)",
+            [body],
         ).fetchone()
         found = conn.execute(
             "select p.proretset, p.proargnames, p.proargtypes::oid[]::regtype[]::text[] from pg_proc p "
