@@ -3417,8 +3417,9 @@ class Unit:
     gsc_days: list[dt.date]
     holes: Mapping[SiteId, set[dt.date]] | None = None  # healing: only these days of its query are stored
     waiting: int = 0  # answers still to come: Matomo's (one for the unit), one per Search Console query
-    visits: dict = field(default_factory=dict)  # by Matomo id until its zeros are confirmed, then by site
+    answered: MatomoAnswer = field(default_factory=dict)  # Matomo's answer while its zeros are looked at
     looks_left: int = 0  # its zeros' raw-log looks not answered yet
+    visits: dict = field(default_factory=dict)  # Matomo's values by site, its zeros confirmed
     gsc: dict = field(default_factory=dict)
 
     @property
@@ -3609,13 +3610,11 @@ class Flow:
         looks = zero_looks(answered) if self.fetchers.settled is not None else []
         with self.lock:
             self.matomo_pending -= 1
-            unit.visits, unit.looks_left = answered, len(looks)
+            unit.answered, unit.looks_left = answered, len(looks)
             self.looks += [(look, unit) for look in looks]
             due = self.due_looks()
         if due or not looks:
-            self.checked.append(
-                self.watched(self.checks.submit(self.check_zeros, due, None if looks else unit))
-            )
+            self.send_looks(due, None if looks else unit)
 
     def due_looks(self) -> list[tuple[ZeroLook, Unit]]:
         """The raw-log looks to send now (under the lock). Looks wait for those of other units, so
@@ -3625,9 +3624,14 @@ class Flow:
         if not self.matomo_pending and any(unit.waiting == 1 for _, unit in self.looks):
             due, self.looks = self.looks, []
             return due
-        whole = len(self.looks) // self.fetchers.matomo.state.cap * self.fetchers.matomo.state.cap
+        cap = self.fetchers.matomo.state.cap
+        whole = len(self.looks) // cap * cap
         due, self.looks = self.looks[:whole], self.looks[whole:]
         return due
+
+    def send_looks(self, due: list[tuple[ZeroLook, Unit]], unit: Unit | None = None) -> None:
+        """check_zeros in the checks' pool, watched: the looks due, and `unit` if it had none."""
+        self.checked.append(self.watched(self.checks.submit(self.check_zeros, due, unit)))
 
     def check_zeros(self, due: list[tuple[ZeroLook, Unit]], unit: Unit | None) -> None:
         """Sends the looks due; each unit whose last look this was (or `unit`, which had none) is
@@ -3644,10 +3648,10 @@ class Flow:
             with self.lock:
                 for _, owner in due:
                     owner.looks_left -= 1
-                    owner.visits = owner.visits if confirmed else {}
+                    owner.answered = owner.answered if confirmed else {}
                     done += [owner] if owner.looks_left == 0 else []
             for each in done:
-                each.visits = by_site_id(each.matomo_ids, each.visits)
+                each.visits, each.answered = by_site_id(each.matomo_ids, each.answered), {}
                 self.fetched("matomo", len(each.matomo_ids))
                 self.answered(each)
 
@@ -3672,7 +3676,7 @@ class Flow:
             with self.lock:
                 due = self.due_looks()
             if due:
-                self.checked.append(self.watched(self.checks.submit(self.check_zeros, due, None)))
+                self.send_looks(due)
 
     def answered(self, unit: Unit) -> None:
         with self.lock:
