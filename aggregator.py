@@ -209,6 +209,10 @@ def number(default: int, at_least: int = 1, at_most: int | None = None, why: str
     return field(default=default, metadata={"at_least": at_least, "at_most": at_most, "why": why})
 
 
+# PHP drops POST variables past max_input_vars (default 1,000): token_auth and the urls[N].
+MATOMO_MOST_SUB_REQUESTS = 900
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting; each field is read from the environment variable of its upper-cased name."""
@@ -230,8 +234,9 @@ class Config:
     http_timeout: int = number(60)  # seconds, for every single network call
     http_retries: int = number(3, at_least=0)  # retries of a transient failure
     run_deadline: int = number(7200)  # seconds after which no new fetch starts
-    # PHP drops POST variables past max_input_vars (default 1,000): token_auth and the urls[N].
-    matomo_bulk_size: int = number(100, at_most=900, why="PHP's max_input_vars")  # sites per bulk request
+    matomo_bulk_size: int = number(  # sites per bulk request
+        100, at_most=MATOMO_MOST_SUB_REQUESTS, why="PHP's max_input_vars"
+    )
     matomo_workers: int = number(3)  # bulk requests in flight
     gsc_workers: int = number(64)  # Search Console queries in flight, all accounts together
     gsc_account_workers: int = number(16)  # ... and per account
@@ -1430,6 +1435,11 @@ class MatomoConfigError(MatomoError):
 MATOMO_SITE_DAYS_PER_REQUEST = 3000
 # A site's range that is too slow for one request is asked for in halves down to this many days.
 MATOMO_MIN_DAYS_PER_REQUEST = 7
+# A raw-log look (a zero confirmed) is one query of the raw log on its index (site, time), at most
+# a few visits long, and reads no archive, where a report's sub-request reads a day's archive for
+# each of its days: a bulk request carries this many times as many looks as reports. (Matomo
+# pays per request too: each starts PHP and the API's dispatch again.)
+LOOKS_PER_SLOT = 3
 # After the whole install failed alike, it is asked again after these pauses (a php-fpm restart,
 # a proxy's blip) before the run gives up on what it lost meanwhile.
 MATOMO_RECOVERY_PAUSES = (1, 2, 4)
@@ -1441,6 +1451,7 @@ class MatomoState:
     """What a run learns about its Matomo install, shared by the request threads."""
 
     cap: int  # sites per bulk request: MATOMO_BULK_SIZE, or the install's API_bulk_request_limit
+    learned: bool = False  # whether the cap is the install's
     down: str | None = None  # what every request answers while the whole install fails alike
     # The outage that outlasted MATOMO_RECOVERY_PAUSES: the batches it costs are not waited for again.
     gave_up_on: str | None = None
@@ -1449,11 +1460,16 @@ class MatomoState:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     recovery: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one wait at a time
 
+    def looks_cap(self) -> int:
+        """Raw-log looks per bulk request: LOOKS_PER_SLOT times the reports, within PHP's
+        max_input_vars, unless the install sets its own limit."""
+        return self.cap if self.learned else min(MATOMO_MOST_SUB_REQUESTS, LOOKS_PER_SLOT * self.cap)
+
     def learn_cap(self, refused: int, error: MatomoError) -> None:
         with self.lock:
-            if refused > self.cap:
+            if refused > self.cap and self.learned:
                 return  # learned already, by a request sent before
-            self.cap = max(1, refused // 2)
+            self.cap, self.learned = min(self.cap, max(1, refused // 2)), True
         log.warning(
             "%s: asking for at most %d sites a request from now on. Set MATOMO_BULK_SIZE=%d, or raise "
             "API_bulk_request_limit in Matomo's config.ini.php (Matomo 5.8+)",
@@ -1804,10 +1820,10 @@ class MatomoClient:
         self.state.gave_up_on = down
         return False
 
-    def bulk_answers(self, queries: list[str], what: str, workers: int = 0) -> list[Any]:
-        """The answer slot of each sub-query, in bulk requests of the install's size, `workers` at a
-        time (MATOMO_WORKERS if 0); None where a request failed (said once per request, as `what`
-        could not be asked)."""
+    def bulk_answers(self, queries: list[str], what: str, workers: int = 0, size: int = 0) -> list[Any]:
+        """The answer slot of each sub-query, in bulk requests of `size` (the install's if 0),
+        `workers` at a time (MATOMO_WORKERS if 0); None where a request failed (said once per
+        request, as `what` could not be asked)."""
 
         def ask(batch: list[str]) -> list[Any]:
             if self.deadline.passed() or self.broken.happened:
@@ -1821,7 +1837,7 @@ class MatomoClient:
                 log.info("Matomo: %s could not be asked for %d sites (%s)", what, len(batch), error)
                 return [None] * len(batch)
 
-        batches = chunks(queries, self.state.cap)
+        batches = chunks(queries, size or self.state.cap)
         if workers == 1:
             return [slot for batch in batches for slot in ask(batch)]
         with ThreadPoolExecutor(max_workers=workers or self.workers) as pool:
@@ -1837,7 +1853,9 @@ class MatomoClient:
         log_off = None
         while looks:
             queries = [raw_log_query(m, days, limit) for m, _, days, limit in looks]
-            answers = self.bulk_answers(queries, "the visitor log (to confirm zeros)", workers=1)
+            answers = self.bulk_answers(
+                queries, "the visitor log (to confirm zeros)", workers=1, size=self.state.looks_cap()
+            )
             again = []
             for (m, by_day, days, limit), slot in zip(looks, answers):
                 zeros = [day for day in days if by_day[day].visits == 0]
@@ -3618,13 +3636,13 @@ class Flow:
 
     def due_looks(self) -> list[tuple[ZeroLook, Unit]]:
         """The raw-log looks to send now (under the lock). Looks wait for those of other units, so
-        that a request carries a bulk request's worth (Matomo pays per request as per sub-request):
-        each whole request's worth goes at once, the rest once no bulk request is left to answer
-        and a unit waits for nothing else (to_check and gsc_answered ask again)."""
+        that a request carries a whole request's worth of them (looks_cap; Matomo pays per request
+        as per sub-request): each whole request's worth goes at once, the rest once no bulk request
+        is left to answer and a unit waits for nothing else (to_check and gsc_answered ask again)."""
         if not self.matomo_pending and any(unit.waiting == 1 for _, unit in self.looks):
             due, self.looks = self.looks, []
             return due
-        cap = self.fetchers.matomo.state.cap
+        cap = self.fetchers.matomo.state.looks_cap()
         whole = len(self.looks) // cap * cap
         due, self.looks = self.looks[:whole], self.looks[whole:]
         return due

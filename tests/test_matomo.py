@@ -519,6 +519,41 @@ def test_the_zeros_of_a_backfills_bulk_requests_are_confirmed_together_not_one_r
     assert len(raw_log_requests) <= 2, f"{len(raw_log_requests)} raw-log requests for 5 bulk requests"
 
 
+def test_raw_log_looks_go_three_to_a_bulk_slot_within_the_limit_the_install_sets(
+    fleet, db, matomo, config, run_aggregator
+):
+    sites = fleet.many(60, [fleet.account()])
+    year = [DAY - dt.timedelta(days=n) for n in range(364, -1, -1)]
+    zero_day = {site.matomo_id: year[5 * n + 2].isoformat() for n, site in enumerate(sites)}
+    matomo.visits_fn = lambda m, day: (0 if day == zero_day[m] else 20) if m in zero_day else None
+    config["MATOMO_BULK_SIZE"] = "20"
+    span = ("--from", year[0].isoformat(), "--to", DAY.isoformat())
+
+    result = run_aggregator(*span)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert raw_log_looks(matomo) == 60
+    # A look is one indexed query of the raw log, no archive read: a request carries three
+    # times MATOMO_BULK_SIZE of them (60 here), where it carries MATOMO_BULK_SIZE reports.
+    looks_a_request = [r.body.decode().count("Live.getLastVisitsDetails") for r in matomo.requests]
+    assert sorted(n for n in looks_a_request if n) == [60]
+    # An install that caps its bulk requests (API_bulk_request_limit): the cap learned from the
+    # reports holds for the looks too, never a refused request of looks.
+    db.execute("delete from daily_analytics")
+    matomo.requests.clear()
+    matomo.bulk_request_limit = 5  # a year's report request carries 8 sites
+
+    again = run_aggregator(*span)
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert db.execute(
+        "select count(*) filter (where matomo_visits = 0 and matomo_final), count(*) from daily_analytics"
+    ).fetchone() == (60, 60 * 365)
+    looks_a_request = [r.body.decode().count("Live.getLastVisitsDetails") for r in matomo.requests]
+    assert sum(looks_a_request) == 60 and max(looks_a_request) <= 5  # none refused
+    assert matomo.counts["over limit"] <= 2
+
+
 def test_a_sparse_sites_year_costs_two_sub_requests_and_a_day_not_archived_is_still_found(
     fleet, db, matomo, run_aggregator
 ):
