@@ -1852,10 +1852,16 @@ class MatomoClient:
         behind: list[int] = []
         log_off = None
         while looks:
-            queries = [raw_log_query(m, days, limit) for m, _, days, limit in looks]
-            answers = self.bulk_answers(
-                queries, "the visitor log (to confirm zeros)", workers=1, size=self.state.looks_cap()
-            )
+            answers = [
+                slot
+                for request in look_requests(looks, self.state.looks_cap())
+                for slot in self.bulk_answers(
+                    [raw_log_query(m, days, limit) for m, _, days, limit in request],
+                    "the visitor log (to confirm zeros)",
+                    workers=1,
+                    size=len(request),
+                )
+            ]
             again = []
             for (m, by_day, days, limit), slot in zip(looks, answers):
                 zeros = [day for day in days if by_day[day].visits == 0]
@@ -2113,6 +2119,21 @@ def zero_looks(answered: MatomoAnswer) -> list[ZeroLook]:
                 continue
         looks += [(m, by_day, zeros, 1) for zeros in runs]
     return looks
+
+
+def look_requests(looks: list[ZeroLook], most: int) -> list[list[ZeroLook]]:
+    """The looks in the order given, in bulk requests of at most `most` looks that list at most
+    MATOMO_SITE_DAYS_PER_REQUEST visits between them: Matomo builds each listed visit's details
+    (plugins/Live/API.php) before showColumns drops them, about what a day's archive read costs."""
+    requests: list[list[ZeroLook]] = []
+    listed = 0
+    for look in looks:
+        if not requests or len(requests[-1]) == most or listed + look[3] > MATOMO_SITE_DAYS_PER_REQUEST:
+            requests.append([])
+            listed = 0
+        requests[-1].append(look)
+        listed += look[3]
+    return requests
 
 
 # What fixes a Matomo id its install does not know (or the token may not view).
@@ -3643,7 +3664,8 @@ class Flow:
             due, self.looks = self.looks, []
             return due
         cap = self.fetchers.matomo.state.looks_cap()
-        whole = len(self.looks) // cap * cap
+        sizes = [len(request) for request in look_requests([look for look, _ in self.looks], cap)]
+        whole = sum(sizes) - (sizes[-1] if sizes and sizes[-1] < cap else 0)  # the last may grow
         due, self.looks = self.looks[:whole], self.looks[whole:]
         return due
 
@@ -3690,7 +3712,7 @@ class Flow:
                 unit.gsc[site_id] = metrics
         self.fetched("gsc", 1)
         self.answered(unit)
-        if self.looks:  # the unit may now wait only for its zeros' looks
+        if self.looks and not self.matomo_pending:  # the unit may now wait only for its looks
             with self.lock:
                 due = self.due_looks()
             if due:

@@ -554,6 +554,31 @@ def test_raw_log_looks_go_three_to_a_bulk_slot_within_the_limit_the_install_sets
     assert matomo.counts["over limit"] <= 2
 
 
+def test_a_request_of_looks_lists_no_more_visits_than_a_request_of_reports_reads_days(
+    fleet, db, matomo, run_aggregator
+):
+    sites = fleet.many(30, [fleet.account()])
+    ids = {site.matomo_id for site in sites}
+    year = [DAY - dt.timedelta(days=n) for n in range(364, -1, -1)]
+    # Sparse sites, a visit every other day: a look each over its year, listing its 182 visits.
+    matomo.visits_fn = lambda m, day: (
+        (dt.date.fromisoformat(day).toordinal() % 2 if day else 0) if m in ids else None
+    )
+    # Matomo builds each listed visit's details, about what a day's archive read costs; behind a
+    # proxy that gives up after 4 s, a request of 8 sites' year of reports (2,920 days) is answered,
+    # one that lists the 5,460 visits of the 30 sites' looks is not.
+    matomo.site_day_cost = matomo.visit_cost = 0.001
+    matomo.proxy_timeout = 4
+
+    result = run_aggregator("--from", year[0].isoformat(), "--to", DAY.isoformat())
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert db.execute(
+        "select count(*) filter (where matomo_visits = 0), count(*) filter (where matomo_final) from daily_analytics"
+    ).fetchone() == (30 * 183, 30 * 365)
+    assert raw_log_looks(matomo) == 30
+
+
 def test_a_sparse_sites_year_costs_two_sub_requests_and_a_day_not_archived_is_still_found(
     fleet, db, matomo, run_aggregator
 ):

@@ -72,6 +72,10 @@ class FakeMatomo(FakeServer):
         self.fatal_page = FATAL_PAGE
         self.not_archived: set[str] = set()  # days core:archive has not processed: they look empty
         self.site_day_cost = 0.0  # seconds per site-day: sub-requests run one after another
+        # Seconds per visit a Live sub-request lists: Matomo builds each one's details (every
+        # VisitorDetails plugin) before showColumns drops them (plugins/Live/API.php,
+        # addFilterToCleanVisitors), as dear as a day's archive read.
+        self.visit_cost = 0.0
         self.max_input_vars: int | None = None  # PHP's limit on POST variables (default 1000)
         # Instead of `site_ids` and `visits`, a benchmark may generate visits (None: unknown site).
         self.visits_fn: Callable[[int, str], int | None] | None = None
@@ -184,14 +188,20 @@ class FakeMatomo(FakeServer):
             return Response(500, self.fatal_page, "text/html; charset=utf-8")
         site_days = sum(len(days_of(sub["date"])) for sub in subs if sub.get("method") == "VisitsSummary.get")
         self.site_days_worked += site_days
-        work = self.site_day_cost * site_days
+        answers = [self.answer(sub) for sub in subs]
+        listed = sum(
+            len(slot)
+            for sub, slot in zip(subs, answers)
+            if sub["method"] == "Live.getLastVisitsDetails" and isinstance(slot, list)
+        )
+        work = self.site_day_cost * site_days + self.visit_cost * listed
         if self.proxy_timeout is not None and work > self.proxy_timeout:
             time.sleep(self.proxy_timeout)  # PHP goes on; the proxy answers
             return Response(504, GATEWAY_TIMEOUT_PAGE, "text/html")
         if work:
             with self.php:  # a request waits for a free PHP worker, then works
                 time.sleep(work)
-        return Response(200, [self.answer(sub) for sub in subs])
+        return Response(200, answers)
 
     def answer(self, sub: dict[str, str]):
         site = int(sub.get("idSite", 0))
