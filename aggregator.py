@@ -2475,17 +2475,21 @@ def quota_project(key: AccountKey) -> str:
 
 def refresh_error_reason(error: RefreshError, account_id: AccountId | str, key: AccountKey) -> Reason:
     """What a refused token refresh means for this account, and the fix. Google's OAuth error
-    codes (invalid_grant, unauthorized_client, ...) are read once, here."""
-    said = refresh_error_text(error)
+    codes (invalid_grant, unauthorized_client, ...) are read here (oauth_refusal)."""
+    said, (code, description) = refresh_error_text(error), oauth_refusal(error)
     email = service_account_email(key)
     if email:
-        why = service_account_fix(said, account_id).about(f"Google refused service account {email}")
-    elif "invalid_grant" in said:
+        why = service_account_fix(code, description, account_id).about(
+            f"Google refused service account {email}"
+        )
+    elif code == "invalid_client":
+        return CLIENT_REFUSED
+    elif code == "invalid_grant":
         why = Reason(
             "the refresh token has expired or been revoked",
             f"re-authorize this account ({program()} authorize --account {account_id})",
         )
-    elif "unauthorized_client" in said:
+    elif code == "unauthorized_client":
         why = Reason(
             "the refresh token was issued to another OAuth client",
             f"re-authorize this account with this GOOGLE_CLIENT_ID ({program()} authorize --account {account_id})",
@@ -2500,24 +2504,34 @@ def refresh_error_text(error: RefreshError) -> str:
     return str(error.args[0]) if error.args else str(error)
 
 
-def service_account_fix(said: str, account_id: AccountId | str) -> Reason:
-    """The fix for each way Google's token endpoint refuses a service account's signed assertion."""
-    if "Robot is disabled" in said:
+def oauth_refusal(error: RefreshError) -> tuple[str, str]:
+    """Google's OAuth error code (RFC 6749 5.2: invalid_grant, invalid_client, ...) and its
+    description, from the answer google-auth keeps beside its message; ('', '') without one."""
+    answer = error.args[1] if len(error.args) > 1 else None
+    if isinstance(answer, dict):
+        return str(answer.get("error", "")), str(answer.get("error_description", ""))
+    return "", ""
+
+
+def service_account_fix(code: str, description: str, account_id: AccountId | str) -> Reason:
+    """The fix for each way Google's token endpoint refuses a service account's signed assertion
+    (one code, invalid_grant, for several causes: its description tells them apart)."""
+    if "Robot is disabled" in description:
         return Reason(
             "the service account is disabled", "enable it (Google Cloud console > IAM > Service accounts)"
         )
-    if "short-lived token" in said or "reasonable timeframe" in said:
+    if "short-lived token" in description or "reasonable timeframe" in description:
         return Reason(
             "this machine's clock is off, so Google takes the signed request for a stale one",
             "fix the clock (NTP)",
         )
-    if "deleted_client" in said:
+    if code == "deleted_client":
         return Reason(
             "the service account was deleted",
             "create a new service account, add it as a user of each property, and store its key with "
             f"{program()} authorize --service-account KEY.json --account {account_id}",
         )
-    if "invalid_grant" in said:
+    if code == "invalid_grant":
         return Reason(
             "its key was deleted or is not this account's (Invalid JWT Signature)",
             "create a new JSON key (Google Cloud console > IAM > Service accounts > Keys) and store it with "
@@ -2804,8 +2818,6 @@ class SearchConsole:
             if not isinstance(listing, dict):
                 raise ValueError("unexpected answer to sites.list; check GSC_API_ENDPOINT")
         except RefreshError as error:
-            if "invalid_client" in str(error) and not isinstance(key, dict):
-                return CLIENT_REFUSED
             return refresh_error_reason(error, account_id, key)
         except HttpError as error:
             if is_api_disabled(error):
@@ -4180,9 +4192,10 @@ class Check:
         try:
             console.refresh_now(console.credentials("aggregator-check-not-a-token"))
         except RefreshError as error:
-            if "invalid_client" in str(error):
+            code, _ = oauth_refusal(error)
+            if code == "invalid_client":
                 log.error("%s", CLIENT_REFUSED)
-            elif "invalid_grant" not in str(error):
+            elif code != "invalid_grant":
                 log.error("Google's token endpoint (GOOGLE_TOKEN_URI) failed: %s", error)
         except Exception as error:  # noqa: BLE001 - unreachable, or not a token endpoint at all
             log.error("Google's token endpoint (GOOGLE_TOKEN_URI) cannot be reached: %s", error)
