@@ -112,7 +112,9 @@ def stopped(signum: int, frame: object) -> None:
 
 def sandbox(settings: dict[str, str], google: FakeGoogle) -> None:
     """Leaves the stand-ins up, with their settings in sandbox.env, until Ctrl-C or SIGTERM."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a shell starts a background job (`demo.py --keep &` in a script) with SIGINT
+    # ignored, and Python then leaves it so; the sandbox must still stop on it.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stopped)
     env_file = write_env_file(ROOT / "sandbox.env", settings)
     google.codes[SANDBOX_CODE] = ("1//0sandbox-refresh-token", "sandbox@example.com")
