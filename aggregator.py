@@ -1962,40 +1962,43 @@ MatomoAnswer = dict[int, dict[dt.date, MatomoDay]]  # Matomo id -> day -> its nu
 LOST_WHILE_DOWN: dict[dt.date, MatomoDay] = {}
 
 
-def matomo_numbers(
-    value: dict, all_fields: Callable[[dict], tuple] = operator.itemgetter(*MATOMO_FIELDS)
-) -> tuple:
-    """A day's numbers in MATOMO_METRICS' order; None for a field the answer lacks (an install
-    that does not count unique visitors)."""
-    try:
-        return all_fields(value)
-    except KeyError:
-        return tuple(map(value.get, MATOMO_FIELDS))
+# A day without visits: [] in the answer (one record serves them all).
+EMPTY_DAY = MatomoDay(NO_VISIT)
 
 
-def matomo_days(slot: Any, days: list[dt.date]) -> dict[dt.date, MatomoDay]:
-    """Each day's numbers from one VisitsSummary.get answer; raises ValueError for an error slot."""
+def matomo_days(
+    slot: Any,
+    dated: list[tuple[dt.date, str]],
+    all_fields: Callable[[dict], tuple] = operator.itemgetter(*MATOMO_FIELDS),
+) -> dict[dt.date, MatomoDay]:
+    """Each day's numbers (in MATOMO_METRICS' order; None for a field the answer lacks, as where
+    the install does not count unique visitors) from one VisitsSummary.get answer, its days given
+    with their dates' text; raises ValueError for an error slot."""
     if isinstance(slot, dict) and slot.get("result") == "error":
         raise ValueError(slot.get("message", "error"))
-    if len(days) == 1:
-        slot = {days[0].isoformat(): slot}
+    if len(dated) == 1:
+        slot = {dated[0][1]: slot}
     if not isinstance(slot, dict):
         raise ValueError(f"unexpected answer {str(slot)[:80]!r}")
     found = {}
     # A year of 10,000 sites passes here 3.65 million times: each day's record is built at C
     # level (tuple.__new__, not the NamedTuple's Python __new__), its numbers with one itemgetter.
-    record, empty = tuple.__new__, (NO_VISIT, True)
-    for day in days:
-        value = slot.get(day.isoformat())
-        # An empty day is [] (or an object of zeros), never a missing key.
-        if value == []:
-            found[day] = record(MatomoDay, empty)
-            continue
-        numbers = matomo_numbers(value) if type(value) is dict else ()
-        # (a field that is not a whole number is refused by the table's column, for its row only)
-        if not numbers or type(numbers[0]) is not int:
+    record, answer_for = tuple.__new__, slot.get
+    for day, text in dated:
+        value = answer_for(text)
+        if type(value) is dict:
+            try:
+                numbers = all_fields(value)
+            except KeyError:
+                numbers = tuple(map(value.get, MATOMO_FIELDS))
+            # (a field that is not a whole number is refused by the table's column, for its row only)
+            if type(numbers[0]) is not int:
+                raise ValueError(f"no visits for {day} in the answer")
+            found[day] = record(MatomoDay, (numbers, True))
+        elif value == []:  # an empty day is [] (or an object of zeros), never a missing key
+            found[day] = EMPTY_DAY
+        else:
             raise ValueError(f"no visits for {day} in the answer")
-        found[day] = record(MatomoDay, (numbers, True))
     return found
 
 
@@ -2019,9 +2022,10 @@ def matomo_queries(ids: list[int], days: list[dt.date]) -> list[str]:
 
 def visits_of_answer(ids: list[int], days: list[dt.date], slots: list) -> MatomoAnswer:
     result = {}
+    dated = [(day, day.isoformat()) for day in days]
     for site_id, slot in zip(ids, slots):
         try:
-            result[site_id] = matomo_days(slot, days)
+            result[site_id] = matomo_days(slot, dated)
         except ValueError as error:
             site_warnings.add(str(error), f"Matomo site id {site_id}")
     return result

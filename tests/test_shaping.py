@@ -57,6 +57,10 @@ def visits(*numbers):
     return ag.MatomoDay(numbers)
 
 
+def matomo_days(slot, days):
+    return ag.matomo_days(slot, [(day, day.isoformat()) for day in days])
+
+
 def test_matomo_days_reads_every_matomo_shape():
     full = {
         "nb_uniq_visitors": 4,
@@ -65,20 +69,20 @@ def test_matomo_days_reads_every_matomo_shape():
         "bounce_count": 2,
         "sum_visit_length": 300,
     }
-    assert ag.matomo_days({**full, "bounce_rate": "40%"}, [D1]) == {D1: visits(5, 4, 9, 2, 300)}
+    assert matomo_days({**full, "bounce_rate": "40%"}, [D1]) == {D1: visits(5, 4, 9, 2, 300)}
     zero = {"nb_visits": 0, "nb_actions": 0, "bounce_count": 0, "sum_visit_length": 0, "bounce_rate": "0%"}
-    assert ag.matomo_days(zero, [D1]) == {D1: visits(0, None, 0, 0, 0)}  # no unique visitors: not 0
-    assert ag.matomo_days([], [D1]) == {D1: visits(0, 0, 0, 0, 0)}  # a day without visits
+    assert matomo_days(zero, [D1]) == {D1: visits(0, None, 0, 0, 0)}  # no unique visitors: not 0
+    assert matomo_days([], [D1]) == {D1: visits(0, 0, 0, 0, 0)}  # a day without visits
     ranged = {"2026-11-01": {"nb_visits": 2}, "2026-11-02": [], "2026-11-03": full}
-    assert ag.matomo_days(ranged, [D1, D2, D3]) == {
+    assert matomo_days(ranged, [D1, D2, D3]) == {
         D1: visits(2, None, None, None, None),
         D2: visits(0, 0, 0, 0, 0),
         D3: visits(5, 4, 9, 2, 300),
     }
     with pytest.raises(ValueError, match="website id"):
-        ag.matomo_days({"result": "error", "message": "website id was set to '99'"}, [D1])
+        matomo_days({"result": "error", "message": "website id was set to '99'"}, [D1])
     with pytest.raises(ValueError):
-        ag.matomo_days({"2026-11-01": []}, [D1, D2])  # a day missing from the answer is no value
+        matomo_days({"2026-11-01": []}, [D1, D2])  # a day missing from the answer is no value
 
 
 def test_metrics_by_day_treats_absent_rows_on_final_days_as_no_traffic():
