@@ -1471,8 +1471,8 @@ class MatomoState:
                 return  # learned already, by a request sent before
             self.cap, self.learned = min(self.cap, max(1, refused // 2)), True
         log.warning(
-            "%s: asking for at most %d sites a request from now on. Set MATOMO_BULK_SIZE=%d, or raise "
-            "API_bulk_request_limit in Matomo's config.ini.php (Matomo 5.8+)",
+            "%s: asking for at most %d sites a request from now on (set MATOMO_BULK_SIZE=%d, or raise "
+            "that limit)",
             error,
             self.cap,
             self.cap,
@@ -1584,17 +1584,20 @@ class MatomoClient:
         try:
             answer = self.call("API.getBulkRequest", {f"urls[{n}]": q for n, q in enumerate(sub_queries)})
         except MatomoError as error:
-            if error.kind == "refused" and len(sub_queries) > 1:  # Matomo 5.8's API_bulk_request_limit
+            if error.kind == "refused" and len(sub_queries) > 1:
                 raise MatomoError(
-                    f"Matomo refused {len(sub_queries)} sub-requests in one ({error})", "limit"
+                    f"Matomo refused {len(sub_queries)} sub-requests in one ({error}): the limit is its "
+                    "API_bulk_request_limit (config.ini.php, Matomo 5.8+)",
+                    "limit",
                 ) from None
             raise
         if not isinstance(answer, list):
             raise MatomoError("Matomo answered HTTP 200 with an unexpected body")
         if len(answer) != len(sub_queries):
             raise MatomoError(
-                f"Matomo answered {len(answer)} results for {len(sub_queries)} queries "
-                "(PHP's max_input_vars may be below MATOMO_BULK_SIZE)"
+                f"Matomo answered {len(answer)} results for {len(sub_queries)} queries: the limit is PHP's "
+                "max_input_vars (php.ini), past which PHP drops the rest of a request",
+                "limit" if len(answer) < len(sub_queries) else "error",
             )
         return answer
 

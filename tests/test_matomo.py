@@ -554,6 +554,26 @@ def test_raw_log_looks_go_three_to_a_bulk_slot_within_the_limit_the_install_sets
     assert matomo.counts["over limit"] <= 2
 
 
+def test_looks_past_phps_max_input_vars_are_asked_again_within_it_and_their_zeros_confirmed(
+    fleet, db, matomo, config, run_aggregator
+):
+    sites = fleet.many(30, [fleet.account()])
+    week = [DAY - dt.timedelta(days=n) for n in range(6, -1, -1)]
+    zero_day = {site.matomo_id: week[n % 7].isoformat() for n, site in enumerate(sites)}
+    matomo.visits_fn = lambda m, day: (0 if day == zero_day[m] else 20) if m in zero_day else None
+    # Reports of 10 sites fit in PHP's max_input_vars; 30 looks (three to a report's slot) do not.
+    config["MATOMO_BULK_SIZE"] = "10"
+    matomo.max_input_vars = 12  # token_auth and 11 urls[N]: the rest is silently dropped
+
+    result = run_aggregator("--from", week[0].isoformat(), "--to", DAY.isoformat())
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert db.execute(
+        "select count(*) filter (where matomo_visits = 0 and matomo_final), count(*) from daily_analytics"
+    ).fetchone() == (30, 30 * 7)
+    assert raw_log_looks(matomo) <= 30 + 30  # the dropped request, then requests within the limit
+
+
 def test_a_request_of_looks_lists_no_more_visits_than_a_request_of_reports_reads_days(
     fleet, db, matomo, run_aggregator
 ):
