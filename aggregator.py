@@ -1054,7 +1054,7 @@ class Supabase:
 
     def store_chunk(
         self,
-        chunk: list[list],
+        chunk: list[tuple],
         hopeless: Once,
         accept_zeros: bool,
         dry_run: bool = False,
@@ -1867,7 +1867,7 @@ class MatomoClient:
             ]
             again = []
             for (m, by_day, days, limit), slot in zip(looks, answers):
-                zeros = [day for day in days if by_day[day].visits == 0]
+                zeros = [day for day in days if by_day[day][0] == 0]
                 if isinstance(slot, list) and len(slot) < limit:
                     continue  # no visit beyond what the archives count: the zeros are true
                 if isinstance(slot, list) and limit > 1:
@@ -1879,7 +1879,7 @@ class MatomoClient:
                 elif isinstance(slot, list):
                     behind.append(m)
                 for day in zeros:
-                    by_day[day] = by_day[day]._replace(final=False)
+                    by_day[day] = (*by_day[day][:-1], False)
             looks = again
         for m in sorted(set(behind)):
             site_warnings.add(
@@ -1945,18 +1945,16 @@ def token_refused(message: str) -> str:
     )
 
 
-class MatomoDay(NamedTuple):  # a tuple: a year of 10,000 sites makes 3.65 million of them
-    """A site's day in Matomo: its numbers in MATOMO_METRICS' order (None: not in the answer), and
-    whether they are final. A 0 its raw log has not confirmed is not: a day the archiver has not
-    processed answers exactly like a day without visits (matomo_final = false; the next nights
-    fetch it again)."""
-
-    numbers: tuple
-    final: bool = True
-
-    @property
-    def visits(self) -> int:
-        return self.numbers[0]
+# A site's day in Matomo: its numbers in MATOMO_METRICS' order (None: not in the answer), then
+# whether they are final; the row's Matomo part as it is stored. A 0 its raw log has not
+# confirmed is not final: a day the archiver has not processed answers exactly like a day
+# without visits (matomo_final = false; the next nights fetch it again).
+# A plain tuple, as a day of Search Console's is (metrics_by_day), not a NamedTuple: the cyclic
+# collector stops tracking a plain tuple of plain values at its first pass, never an instance of
+# a subclass of tuple, and a year of 10,000 sites makes 3.65 million of each. As NamedTuples they
+# made most of what every collection of the young generations scanned (8 of the year's 77 CPU s).
+MatomoDay = tuple
+FINAL = (True,)
 
 
 MatomoAnswer = dict[int, dict[dt.date, MatomoDay]]  # Matomo id -> day -> its numbers
@@ -1966,7 +1964,7 @@ LOST_WHILE_DOWN: dict[dt.date, MatomoDay] = {}
 
 
 # A day without visits: [] in the answer (one record serves them all).
-EMPTY_DAY = MatomoDay(NO_VISIT)
+EMPTY_DAY = (*NO_VISIT, True)
 
 
 def matomo_days(
@@ -1984,9 +1982,9 @@ def matomo_days(
     if not isinstance(slot, dict):
         raise ValueError(f"unexpected answer {str(slot)[:80]!r}")
     found = {}
-    # A year of 10,000 sites passes here 3.65 million times: each day's record is built at C
-    # level (tuple.__new__, not the NamedTuple's Python __new__), its numbers with one itemgetter.
-    record, answer_for = tuple.__new__, slot.get
+    # A year of 10,000 sites passes here 3.65 million times: each day's numbers are read with one
+    # itemgetter, its record is one concatenation.
+    answer_for = slot.get
     for day, text in dated:
         value = answer_for(text)
         if type(value) is dict:
@@ -1997,7 +1995,7 @@ def matomo_days(
             # (a field that is not a whole number is refused by the table's column, for its row only)
             if type(numbers[0]) is not int:
                 raise ValueError(f"no visits for {day} in the answer")
-            found[day] = record(MatomoDay, (numbers, True))
+            found[day] = numbers + FINAL
         elif value == []:  # an empty day is [] (or an object of zeros), never a missing key
             found[day] = EMPTY_DAY
         else:
@@ -2076,7 +2074,7 @@ def zero_runs(by_day: Mapping[dt.date, MatomoDay]) -> list[list[dt.date]]:
     """The runs of consecutive days with 0 visits: one look at the raw log covers a run."""
     runs: list[list[dt.date]] = []
     # Every site-day of a run passes here: its visits read as a field (numbers), not a property.
-    for day in sorted(day for day, matomo_day in by_day.items() if matomo_day.numbers[0] == 0):
+    for day in sorted(day for day, matomo_day in by_day.items() if matomo_day[0] == 0):
         if runs and runs[-1][-1] == day - dt.timedelta(days=1):
             runs[-1].append(day)
         else:
@@ -2120,7 +2118,7 @@ def zero_looks(answered: MatomoAnswer) -> list[ZeroLook]:
         runs = zero_runs(by_day)
         if len(runs) > 1:
             first, last = runs[0][0], runs[-1][-1]
-            counted = sum(each.numbers[0] for day, each in by_day.items() if first <= day <= last)
+            counted = sum(each[0] for day, each in by_day.items() if first <= day <= last)
             if counted < RAW_LOG_VISITS_PER_LOOK:
                 looks.append((m, by_day, days_between(first, last), counted + 1))
                 continue
@@ -2155,7 +2153,10 @@ UNKNOWN_MATOMO_ID_FIX = (
 # ---------------------------------------------------------------------------
 
 
-class GscMetrics(NamedTuple):  # a tuple: a year of 10,000 sites makes 3 million of them
+class GscMetrics(NamedTuple):
+    """The layout of a site's day in Search Console, the row's part as it is stored; each is a plain
+    tuple in this layout (see MatomoDay for why)."""
+
     clicks: int
     impressions: int
     ctr: float | None
@@ -2163,7 +2164,7 @@ class GscMetrics(NamedTuple):  # a tuple: a year of 10,000 sites makes 3 million
     final: bool = True  # False: Search Console may still revise the day
 
 
-NO_SEARCH_TRAFFIC = GscMetrics(0, 0, None, None)
+NO_SEARCH_TRAFFIC = tuple(GscMetrics(0, 0, None, None))
 # Each metric's column in daily_analytics: a metric Search Console gives is a field of GscMetrics.
 GSC_COLUMNS = tuple(f"gsc_{name}" for name in GscMetrics._fields if name != "final")
 # A row: a list of these values, in this order, as store_analytics takes it (a quarter of the
@@ -2381,7 +2382,7 @@ def property_for_domain(domain: str, properties: Mapping[str, str]) -> str | Non
     return None
 
 
-def metrics_by_day(answer: Any, days: list[dt.date], newest_final: dt.date) -> dict[dt.date, GscMetrics]:
+def metrics_by_day(answer: Any, days: list[dt.date], newest_final: dt.date) -> dict[dt.date, tuple]:
     """Per-day metrics of a searchanalytics.query answer (dataState "all") grouped by date.
 
     Search Console omits days without data (and omits `rows` entirely when nothing at all),
@@ -2399,21 +2400,18 @@ def metrics_by_day(answer: Any, days: list[dt.date], newest_final: dt.date) -> d
         newest_final = min(newest_final, dt.date.fromisoformat(first_incomplete) - dt.timedelta(days=1))
     metrics = dict.fromkeys([day for day in days if day <= newest_final], NO_SEARCH_TRAFFIC)
     wanted = {day.isoformat(): day for day in days}
-    record = tuple.__new__  # 3 million records in a year of 10,000 sites: built at C level
     for row in answer.get("rows", []):
         day = wanted.get(row["keys"][0])
         if day is None:
             dt.date.fromisoformat(row["keys"][0])  # a day outside the range is skipped, not a non-date
             continue
-        metrics[day] = record(
-            GscMetrics,
-            (
-                round(row["clicks"]),
-                round(row["impressions"]),
-                row["ctr"],
-                row["position"],
-                day <= newest_final,
-            ),
+        # a plain tuple in GscMetrics' layout (3 million in a year of 10,000 sites; see MatomoDay)
+        metrics[day] = (
+            round(row["clicks"]),
+            round(row["impressions"]),
+            row["ctr"],
+            row["position"],
+            day <= newest_final,
         )
     return metrics
 
@@ -2951,7 +2949,7 @@ class SearchConsole:
 
     def query(
         self, account: GscAccount, site_url: str, days: list[dt.date], newest_final: dt.date
-    ) -> dict[dt.date, GscMetrics]:
+    ) -> dict[dt.date, tuple]:
         """One searchanalytics.query for the whole range (get_gsc_data decides when it may go)."""
         request = account.analytics.query(siteUrl=site_url, body=search_query(days))
         answer = request.execute(http=self.http(account.credentials), num_retries=self.cfg.http_retries)
@@ -2994,25 +2992,28 @@ def analytics_rows(
     sites: Iterable[Site],
     days: list[dt.date],
     visits: Mapping[SiteId, Mapping[dt.date, MatomoDay]],
-    gsc: Mapping[SiteId, Mapping[dt.date, GscMetrics]],
-) -> list[list]:
+    gsc: Mapping[SiteId, Mapping[dt.date, tuple]],
+) -> list[tuple]:
     """One row (STORED_COLUMNS' values) per site and day that has at least one fetched value.
 
     A source's values are None where it did not answer for that site and day: that is what keeps
     a stored value from being overwritten.
     """
-    rows: list[list] = []
+    rows: list[tuple] = []
     add = rows.append
     dated = [(day, day.isoformat()) for day in days]
     for site in sites:
         site_id, site_visits, site_gsc = site.id, visits.get(site.id, {}), gsc.get(site.id, {})
-        # A year of 10,000 sites passes here 3.65 million times: each row is one list display.
+        # A year of 10,000 sites passes here 3.65 million times: each row is one tuple display.
+        # A tuple, not a list: a tuple of plain values leaves the cyclic collector's lists at its
+        # first collection, where a list would be scanned by every later one while it waits in
+        # a chunk (lists made the year's collections 2.6 times as dear, 8 s of its CPU).
         for day, iso in dated:
             matomo_day, m = site_visits.get(day), site_gsc.get(day)
             if matomo_day is not None:
-                add([iso, site_id, *matomo_day.numbers, matomo_day.final, *(m or NO_GSC_PART)])
+                add((iso, site_id, *matomo_day, *(m or NO_GSC_PART)))
             elif m is not None:
-                add([iso, site_id, *NO_MATOMO_PART, *m])
+                add((iso, site_id, *NO_MATOMO_PART, *m))
     return rows
 
 
@@ -3174,12 +3175,12 @@ class Upserts:
             outcome,
         )
         self.accept_zeros = accept_zeros
-        self.filling: dict[tuple[str, SiteId], list] = {}
+        self.filling: dict[tuple[str, SiteId], tuple] = {}
         self.sent: list[Future] = []
         self.lock = threading.Lock()
         self.slots = threading.Semaphore(2 * cfg.upsert_workers)
 
-    def add(self, rows: list[list], index: int = 0) -> None:
+    def add(self, rows: list[tuple], index: int = 0) -> None:
         full = []
         with self.lock:
             for row in rows:
@@ -3195,22 +3196,22 @@ class Upserts:
             self.send(chunk)
 
     @staticmethod
-    def joined(first: list, then: list) -> list:
+    def joined(first: tuple, then: tuple) -> tuple:
         """One site-day's two rows as one, source by source: each source's part from the later row
         that carries it (its final flag set), else from the first."""
         m = FINAL_FLAG["matomo"]  # a row: date, site_id, Matomo's part up to its flag, Search Console's
         matomo = then if then[m] is not None else first
         gsc = then if then[FINAL_FLAG["gsc"]] is not None else first
-        return [*first[:2], *matomo[2 : m + 1], *gsc[m + 1 :]]
+        return (*first[:2], *matomo[2 : m + 1], *gsc[m + 1 :])
 
-    def send(self, chunk: list[list]) -> None:
+    def send(self, chunk: list[tuple]) -> None:
         self.slots.acquire()
         future = self.pool.submit(self.store, chunk)
         future.add_done_callback(lambda _: self.slots.release())
         with self.lock:
             self.sent = [each for each in self.sent if not each.done()] + [future]
 
-    def store(self, chunk: list[list]) -> None:
+    def store(self, chunk: list[tuple]) -> None:
         merged = self.client.store_chunk(chunk, self.hopeless, self.accept_zeros)
         say_kept_zeros(merged.kept, self.outcome.domains)
         self.outcome.count_stored(merged)
@@ -4017,7 +4018,7 @@ class DryRunTable:
         self.hopeless = Once()
         self.waiting: dict[int, list[dict]] = {}  # units fetched before one earlier in the fleet
 
-    def add(self, rows: list[list], index: int = 0) -> None:
+    def add(self, rows: list[tuple], index: int = 0) -> None:
         merged = Merged()
         for chunk in chunks(rows, self.size):
             merged += self.client.store_chunk(chunk, self.hopeless, self.accept_zeros, dry_run=True)
@@ -4929,9 +4930,9 @@ def take_over_the_process(args: argparse.Namespace, session: Session) -> None:
     site_warnings.flush(say_nothing=True)
     progress.forget()
     # The libraries' objects live as long as the run: the cyclic collector need not scan them
-    # again and again while thousands of answers are parsed. Each site-day's record (MatomoDay,
-    # GscMetrics) is a tracked object: with the default thresholds a year of 10,000 sites made
-    # about 200 full collections of what is in flight, 15 of the run's 95 CPU seconds. Fewer full
+    # again and again while thousands of answers are parsed. With the default thresholds a year
+    # of 10,000 sites made about 200 full collections of what is in flight (each site-day's
+    # records then tracked for ever), 15 of the run's 95 CPU seconds. Fewer full
     # collections (gen2 after 100 gen1 ones, not 10) cost 1.6 s there; young garbage (the HTTP
     # libraries' reference cycles, which hold request bodies) is still collected as often.
     gc.freeze()

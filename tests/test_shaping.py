@@ -54,7 +54,7 @@ def test_property_for_domain_prefers_the_domain_property_then_https_then_http():
 
 
 def visits(*numbers):
-    return ag.MatomoDay(numbers)
+    return (*numbers, True)  # a MatomoDay: the numbers, then their final flag
 
 
 def matomo_days(slot, days):
@@ -129,7 +129,7 @@ def test_days_from_the_first_incomplete_one_are_provisional_and_never_zero():
 
 def test_a_source_that_did_not_answer_leaves_its_part_of_the_row_empty():
     sites = [ag.Site(1, "a.com", 1, 1), ag.Site(2, "b.com", 2, 1), ag.Site(3, "c.com", 3, 1)]
-    by_site = {1: {D1: visits(5, 4, 9, 2, 300)}, 2: {D1: ag.MatomoDay((0, None, 0, 0, 0), final=False)}}
+    by_site = {1: {D1: visits(5, 4, 9, 2, 300)}, 2: {D1: (0, None, 0, 0, 0, False)}}
     gsc = {1: {D1: ag.GscMetrics(1, 10, 0.1, 2.0)}, 3: {D1: ag.NO_SEARCH_TRAFFIC}}
     rows = ag.analytics_rows(sites, [D1], by_site, gsc)
     no_matomo = dict.fromkeys([*ag.MATOMO_COLUMNS, "matomo_final"])  # store_analytics keeps what is stored
