@@ -2098,10 +2098,13 @@ def raw_log_query(idsite: int, days: list[dt.date], limit: int) -> str:
     )
 
 
-# A site's zeros are confirmed with one look at its raw log over all of them when the archives
-# count fewer visits than this between them (a sparse site: a year in one sub-request; the visits
-# come as their ids only, a few bytes each); a busier site's raw log is looked at once per run of
-# zero days.
+# A site's zeros are confirmed with one look at its raw log over all of them when that lists no
+# more visits (those the archives count between them) than this for each run of zero days it
+# stands for, and at most RAW_LOG_VISITS_PER_LOOK: a sparse site's year in one sub-request. Matomo
+# builds each listed visit's details (though only ids come back): a run's own look lists none
+# and costs about what ten listed visits do (a report request's 3,000 site-days are worth 300
+# looks). Else each run of zero days is looked at alone.
+RAW_LOG_VISITS_PER_RUN = 10
 RAW_LOG_VISITS_PER_LOOK = 1000
 
 
@@ -2119,7 +2122,7 @@ def zero_looks(answered: MatomoAnswer) -> list[ZeroLook]:
         if len(runs) > 1:
             first, last = runs[0][0], runs[-1][-1]
             counted = sum(each[0] for day, each in by_day.items() if first <= day <= last)
-            if counted < RAW_LOG_VISITS_PER_LOOK:
+            if counted < min(RAW_LOG_VISITS_PER_RUN * len(runs), RAW_LOG_VISITS_PER_LOOK):
                 looks.append((m, by_day, days_between(first, last), counted + 1))
                 continue
         looks += [(m, by_day, zeros, 1) for zeros in runs]

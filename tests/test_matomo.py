@@ -574,6 +574,26 @@ def test_looks_past_phps_max_input_vars_are_asked_again_within_it_and_their_zero
     assert raw_log_looks(matomo) <= 30 + 30  # the dropped request, then requests within the limit
 
 
+def test_a_busy_sites_few_zeros_are_looked_at_one_by_one_not_by_listing_its_visits(
+    fleet, db, matomo, run_aggregator
+):
+    busy = fleet.site("busy.example.com")
+    month = [DAY - dt.timedelta(days=n) for n in range(29, -1, -1)]
+    zeros = {month[5], month[14], month[22]}
+    for day in month:
+        fleet.visits(busy, 0 if day in zeros else 20, day=day)
+
+    result = run_aggregator("--from", month[0].isoformat(), "--to", DAY.isoformat())
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert db.execute(
+        "select count(*) filter (where matomo_visits = 0 and matomo_final) from daily_analytics"
+    ).fetchone() == (3,)
+    # Matomo builds every visit a look lists: three looks of one day each list none, where one
+    # look over the span of the zeros would list the 340 visits between them.
+    assert raw_log_looks(matomo) == 3 and matomo.visits_listed == 0
+
+
 def test_a_request_of_looks_lists_no_more_visits_than_a_request_of_reports_reads_days(
     fleet, db, matomo, run_aggregator
 ):

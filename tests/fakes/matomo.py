@@ -76,6 +76,7 @@ class FakeMatomo(FakeServer):
         # VisitorDetails plugin) before showColumns drops them (plugins/Live/API.php,
         # addFilterToCleanVisitors), as dear as a day's archive read.
         self.visit_cost = 0.0
+        self.visits_listed = 0  # the visits its Live answers listed: the work visit_cost charges for
         self.max_input_vars: int | None = None  # PHP's limit on POST variables (default 1000)
         # Instead of `site_ids` and `visits`, a benchmark may generate visits (None: unknown site).
         self.visits_fn: Callable[[int, str], int | None] | None = None
@@ -194,6 +195,7 @@ class FakeMatomo(FakeServer):
             for sub, slot in zip(subs, answers)
             if sub["method"] == "Live.getLastVisitsDetails" and isinstance(slot, list)
         )
+        self.visits_listed += listed
         work = self.site_day_cost * site_days + self.visit_cost * listed
         if self.proxy_timeout is not None and work > self.proxy_timeout:
             time.sleep(self.proxy_timeout)  # PHP goes on; the proxy answers
