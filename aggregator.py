@@ -352,10 +352,11 @@ class Config:
     def warn_of_unknown_settings(env_file: Path, names: Iterable[str]) -> None:
         """A typo (GSC_QMP for GSC_QPM) would otherwise leave the default in force without a word."""
         known = [f.name.upper() for f in fields(Config)]
+        prefixes = tuple({name.split("_")[0] + "_" for name in known})  # SUPABASE_, GSC_, HEAL_, ...
         for name in names:
             alias = SETTING_ALIASES.get(name.upper())
             guess = [alias] if alias else difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
-            if name not in known and (guess or name.upper().startswith(SETTING_PREFIXES)):
+            if name not in known and (guess or name.upper().startswith(prefixes)):
                 hint = f"did you mean {guess[0]}? " if guess else ""
                 log.warning(
                     "%s in %s is not a setting of aggregator.py (%sit is ignored)", name, env_file, hint
@@ -369,20 +370,6 @@ class Config:
 
 # What .env.example holds where the operator's own values go.
 PLACEHOLDER = re.compile(r"replace-with-|your-project-ref|your-check-uuid|//matomo\.example\.com")
-SETTING_PREFIXES = (
-    "SUPABASE_",
-    "MATOMO_",
-    "GOOGLE_",
-    "GSC_",
-    "HTTP_",
-    "RUN_",
-    "UPSERT_",
-    "PROGRESS_",
-    "HEAL_",
-    "HISTORY_",
-    "HEALTHCHECK_",
-    "DEPLOYED_",
-)
 
 
 # Names other tools use for our settings: a closest spelling would point elsewhere (SUPABASE_KEY
@@ -917,42 +904,25 @@ class Supabase:
         """A migration's function's answer (POST /rest/v1/rpc/NAME), retried alike."""
         return self.execute(self.client.rpc(name, dict(arguments))).data
 
-    def fetch_all(
-        self,
-        table: str,
-        columns: str,
-        narrow: Callable[[Any], Any] = lambda q: q,
-        order: str = "id",
-    ) -> list[dict]:
-        """Every row of a table that `narrow` (filters on a query) keeps, page by page.
-
-        Ordered by one column (which `columns` must hold), each page starts after the last row read
-        (keyset paging): a row deleted meanwhile shifts no other row into an earlier page. Ordered by
-        several, pages go by offset, and an offset that a deletion put past the end (416, PGRST103)
-        ends the read. Paging stops once the total PostgREST counts (Prefer: count=exact) is read, or
-        at an empty page, never at a short one: a project whose max-rows is below PAGE_SIZE answers
-        short pages all the way through. `order` must be unique per row.
-        """
+    def fetch_all(self, table: str, columns: str, narrow: Callable[[Any], Any] = lambda q: q) -> list[dict]:
+        """Every row of a table that `narrow` (filters on a query) keeps, page by page, each page
+        after the last id read (keyset paging: a row deleted meanwhile shifts no other row into an
+        earlier page). Paging stops once the total PostgREST counts (Prefer: count=exact) is read,
+        or at an empty page, never at a short one: a project whose max-rows is below PAGE_SIZE
+        answers short pages all the way through. `columns` must hold id."""
         rows: list[dict] = []
-        by_key = "," not in order
         while True:
             # The count spares the empty page that would otherwise end every read: a round trip.
-            query = narrow(self.table(table).select(columns, count=CountMethod.exact))
-            for column in order.split(","):
-                query = query.order(column)
-            if by_key and rows:
-                query = query.gt(order, rows[-1][order])
-            start = 0 if by_key else len(rows)
+            query = narrow(self.table(table).select(columns, count=CountMethod.exact)).order("id")
+            if rows:
+                query = query.gt("id", rows[-1]["id"])
             try:
-                answer = self.execute(query.range(start, start + PAGE_SIZE - 1))
+                answer = self.execute(query.range(0, PAGE_SIZE - 1))
             except (APIError, httpx.HTTPError) as error:
-                if isinstance(error, APIError) and error.code == "PGRST103":
-                    return rows
                 raise SupabaseError(describe_supabase_error(error, f"reading {table}")) from None
             page = rows_of(answer.data, table)
             rows.extend(page)
-            left = answer.count is not None and (len(page) if by_key else len(rows)) >= answer.count
-            if not page or left:
+            if not page or (answer.count is not None and len(page) >= answer.count):
                 return rows
 
     def no_sites(self) -> str:
@@ -1453,6 +1423,7 @@ class MatomoState:
     cap: int  # sites per bulk request: MATOMO_BULK_SIZE, or the install's API_bulk_request_limit
     learned: bool = False  # whether the cap is the install's
     down: str | None = None  # what every request answers while the whole install fails alike
+    down_with: MatomoError | None = None  # the failed request's error that began it
     # The outage that outlasted MATOMO_RECOVERY_PAUSES: the batches it costs are not waited for again.
     gave_up_on: str | None = None
     first_sent: bool = False  # the run's first bulk request goes alone (get_matomo_data)
@@ -1619,10 +1590,10 @@ class MatomoClient:
             raise
         return str(answer.get("value", "?")) if isinstance(answer, dict) else "?"
 
-    def install_trouble(self) -> str | None:
+    def install_trouble(self) -> MatomoError | None:
         """None when the install answers its own API (so a failed request failed for what it asked);
-        else what it answers instead. A wrong URL needs proof: an HTML page that is not an error
-        status, twice; a 5xx or no connection is trouble that may pass, never a wrong URL."""
+        else what it answers instead, its kind "html" for a wrong URL. That needs proof: an HTML
+        page that is not an error status, twice; a 5xx or no connection is trouble that may pass."""
         for attempt in range(2):
             try:
                 self.version()
@@ -1631,7 +1602,7 @@ class MatomoClient:
                 raise
             except MatomoError as error:
                 if error.kind != "html" or attempt:
-                    return str(error)
+                    return error
             self.deadline.wait(1)
         raise AssertionError("unreachable")
 
@@ -1702,16 +1673,16 @@ class MatomoClient:
         if error.kind == "slow":
             return self.visits_in_parts(ids, days, error)
         if not probed:
-            if self.state.down and str(error) in self.state.down:  # still down: no need to ask again
-                return self.install_down(ids, self.state.down)
+            if self.state.down and self.state.down_with and error.same_as(self.state.down_with):
+                return self.install_down(ids, error, self.state.down)  # still down: no need to ask again
             try:
                 trouble = self.install_trouble()
             except MatomoConfigError as refused:
                 return self.stop_asking(str(refused))
-            if trouble and URL_HINT in trouble:
-                return self.stop_asking(trouble)
+            if trouble and trouble.kind == "html":  # MATOMO_URL is wrong
+                return self.stop_asking(str(trouble))
             if trouble:
-                return self.install_down(ids, f"{error}; to API.getMatomoVersion too")
+                return self.install_down(ids, error, f"{error}; to API.getMatomoVersion too")
         if len(ids) == 1:
             log.warning("Matomo site id %s: %s; no Matomo value for it", ids[0], error)
             return {}
@@ -1736,7 +1707,9 @@ class MatomoClient:
             # Each half may hold one failing site: only a request that names none of them tells.
             trouble = self.database_trouble()
             if trouble:
-                return self.install_down(ids, f"{error}, for every part of the request and to {trouble}")
+                return self.install_down(
+                    ids, error, f"{error}, for every part of the request and to {trouble}"
+                )
         return merged_answers(
             answer if isinstance(answer, dict) else self.visits_after(half, days, answer, probed=True)
             for half, answer in zip(halves, answers)
@@ -1774,11 +1747,11 @@ class MatomoClient:
             log.error("%s", why)
         return {}
 
-    def install_down(self, ids: list[int], why: str) -> MatomoAnswer:
+    def install_down(self, ids: list[int], error: MatomoError, why: str) -> MatomoAnswer:
         """The whole install fails alike (its database down, PHP restarting): one error line, and the
         batch is asked again if the install answers within MATOMO_RECOVERY_PAUSES."""
         with self.state.lock:
-            self.state.down = why
+            self.state.down, self.state.down_with = why, error
         if self.down_said.first():
             log.error(
                 "Matomo fails every request alike: %s. The install (or its database) is down or overloaded; "
@@ -4922,21 +4895,15 @@ def stop_on_signals(session: Session) -> None:
 
 
 def take_over_the_process(args: argparse.Namespace, session: Session) -> None:
-    """Every process-wide effect of a start, here and nowhere else (the contents block lists
-    them): the singletons emptied, so that main() can run twice in one process; the cyclic
-    collector frozen; the root log handlers; a wall clock on every socket (its limit is
-    HTTP_TIMEOUT, once the configuration is read); oauthlib's scope setting; and, for a command
-    that stops on signals, the Ctrl-C and SIGTERM handlers."""
+    """Every process-wide effect of a start (the contents block lists them), here and nowhere else."""
     secret_filter.forget()
     problems.lines.clear()
     site_warnings.flush(say_nothing=True)
     progress.forget()
     # The libraries' objects live as long as the run: the cyclic collector need not scan them
-    # again and again while thousands of answers are parsed. With the default thresholds a year
-    # of 10,000 sites made about 200 full collections of what is in flight (each site-day's
-    # records then tracked for ever), 15 of the run's 95 CPU seconds. Fewer full
-    # collections (gen2 after 100 gen1 ones, not 10) cost 1.6 s there; young garbage (the HTTP
-    # libraries' reference cycles, which hold request bodies) is still collected as often.
+    # again and again while thousands of answers are parsed; and fewer full collections (gen2
+    # after 100 gen1 ones, not 10): young garbage (the HTTP libraries' reference cycles, which
+    # hold request bodies) is still collected as often (docs/performance.md has the figures).
     gc.freeze()
     gc.set_threshold(700, 10, 100)
     setup_logging(args.log_level, args.log_file, quiet_problems=args.command.prints_problems)
