@@ -102,7 +102,7 @@ import warnings
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, TypeVar, Union
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit
@@ -874,6 +874,9 @@ class Supabase:
     client: Client
     attempts: int
     deployed: str = "deployed"  # DEPLOYED_STATUS
+    # The run's (run() gives it): once it has passed, no retry, and no write waits for Supabase to
+    # answer again.
+    deadline: Deadline = field(default_factory=lambda: Deadline(math.inf))
 
     @classmethod
     @functools.cache
@@ -885,7 +888,7 @@ class Supabase:
         # gives its own.
         http = httpx.Client(timeout=cfg.http_timeout, follow_redirects=True, http2=True)
         options = ClientOptions(httpx_client=http, auto_refresh_token=False, persist_session=False)
-        # postgrest-py 2.2x+ retries GETs by itself (1, 2, 4 s) under our with_retries: one policy,
+        # postgrest-py 2.2x+ retries GETs by itself (1, 2, 4 s) under our execute(): one policy,
         # ours, covers reads and writes alike (older releases have neither the option nor the retry).
         if hasattr(options, "postgrest_client_retry"):
             options.postgrest_client_retry = False
@@ -897,8 +900,32 @@ class Supabase:
         return self.client.table(name)
 
     def execute(self, request: Any) -> Any:
-        """A postgrest-py request's answer, transient failures retried (with_retries)."""
-        return with_retries(request.execute, self.attempts)
+        """A postgrest-py request's answer, transient failures retried with backoff (0.5, 1, 2 s)
+        until the run's deadline (an upsert is idempotent, so it is safe to retry)."""
+        for attempt in range(self.attempts):
+            try:
+                return request.execute()
+            except (APIError, httpx.HTTPError) as error:
+                if (
+                    attempt + 1 == self.attempts
+                    or self.deadline.passed()
+                    or supabase_error_kind(error) != "transient"
+                ):
+                    raise
+                log.info(
+                    "Supabase: transient error (%s), retrying", describe_supabase_error(error, "talking")
+                )
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def stop_writing(self, hopeless: Once, said: str, person: bool = True) -> None:
+        """No further write is tried (`hopeless` is the run's), said once: a fault every write
+        meets alike until a person acts, after which no fetch starts either (nothing of it could
+        be stored), or a Supabase that does not answer once the deadline has passed."""
+        if hopeless.first(Reason(said, person=person)):
+            log.error("%s; no further upsert is tried", said)
+            if person:
+                self.deadline.stop("Supabase refuses every write")
 
     def rpc(self, name: str, arguments: Mapping[str, Any]) -> Any:
         """A migration's function's answer (POST /rest/v1/rpc/NAME), retried alike."""
@@ -1054,18 +1081,18 @@ class Supabase:
                 first = self.store_chunk(chunk[:half], hopeless, accept_zeros, dry_run, code)
                 return first + self.store_chunk(chunk[half:], hopeless, accept_zeros, dry_run, code)
             said = describe_supabase_error(error, "storing rows")
-            if kind in ("key", "schema", "everywhere"):
-                if hopeless.first(said):
-                    log.error("%s; no further upsert is tried", said)
+            late = kind == "transient" and self.deadline.passed()  # no wait for it to answer again
+            if kind in ("key", "schema", "everywhere") or late:
+                self.stop_writing(hopeless, f"{self.deadline.why}: {said}" if late else said, not late)
                 return Merged(failed=len(chunk))
             what = f"site {chunk[0][1]}, {chunk[0][0]}" if len(chunk) == 1 else f"{len(chunk)} records"
             log.error("%s; %s not stored", said, what)
             return Merged(failed=len(chunk))
         if not (isinstance(answer, dict) and isinstance(answer.get("stored"), int)):
-            if hopeless.first():
-                log.error(
-                    "store_analytics did not answer its JSON object: SUPABASE_URL must be the project's API URL"
-                )
+            said = (
+                "store_analytics did not answer its JSON object: SUPABASE_URL must be the project's API URL"
+            )
+            self.stop_writing(hopeless, said)
             return Merged(failed=len(chunk))
         return Merged(answer["stored"], answer["kept"], answer["rows"] or [])
 
@@ -1358,22 +1385,6 @@ def describe_supabase_error(error: Exception, doing: str) -> str:
     elif code.startswith("P0"):
         fix = "a trigger or function in the database raised it for every row: see Database > Triggers in Supabase"
     return f"Supabase error while {doing}: {message} (code {code}): {fix}"
-
-
-def with_retries(call: Callable[[], T], attempts: int) -> T:
-    """Run call(), retrying transient Supabase failures with exponential backoff (0.5, 1, 2 s).
-
-    postgrest-py retries only GET requests; an upsert is idempotent, so it is safe to retry.
-    """
-    for attempt in range(attempts):
-        try:
-            return call()
-        except (APIError, httpx.HTTPError) as error:
-            if attempt + 1 == attempts or supabase_error_kind(error) != "transient":
-                raise
-            log.info("Supabase: transient error (%s), retrying", describe_supabase_error(error, "talking"))
-            time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------
@@ -3371,7 +3382,7 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
     visits and Search Console's numbers, shape one row per site and day, and upsert them, each
     source and the upserts kept busy side by side (fetch_and_store); then, in the nightly run,
     heal the holes of earlier nights."""
-    client = Supabase.of(cfg)
+    client = replace(Supabase.of(cfg), deadline=deadline)
     lacks = client.missing_schema()
     if lacks:  # nothing is fetched that could not be stored, nor a night ended 0 with its healing off
         log.error("%s", lacks)
@@ -3757,7 +3768,7 @@ def what_needs_a_person(
             outcome.must_act(why, [site.id for site in sites if site.gsc_account_id == account_id])
     for site_id, why in skipped.items():
         outcome.must_act(why.about(site_label(site_id, outcome.domains.get(site_id))), [site_id])
-    if hopeless.happened:
+    if needs_person(hopeless.why):  # not Supabase silent at the deadline: the next nights store it
         outcome.must_act(hopeless.why)
 
 
@@ -3792,9 +3803,7 @@ def remember_sources(client: Supabase, known: list[dict], hopeless: Once) -> boo
         client.store_learned_sources(known)
     except (APIError, httpx.HTTPError) as error:
         if supabase_error_kind(error) in ("key", "schema", "everywhere"):
-            said = describe_supabase_error(error, "storing site_sources")
-            if hopeless.first(said):
-                log.error("%s; no further upsert is tried", said)
+            client.stop_writing(hopeless, describe_supabase_error(error, "storing site_sources"))
         else:
             log.error(
                 "%s; the holes of earlier nights are not healed this run",

@@ -144,6 +144,52 @@ def test_an_error_every_row_meets_is_one_line_and_few_requests(
     assert lines_with("records were not stored", result.stderr)
 
 
+@pytest.mark.parametrize("fault", ["read-only", "trigger"])
+def test_once_every_write_is_refused_no_further_fetch_starts(
+    fault, fleet, db, gateway, matomo, config, request, run_aggregator
+):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(60)]
+    for site in sites:
+        fleet.visits(site, 5)
+    if fault == "read-only":
+        gateway.read_only = True  # the site_sources write before the fetch meets it first
+    else:
+        request.getfixturevalue("refusing_trigger")  # the first chunk of rows meets it
+    matomo.inject(lambda r: "VisitsSummary" in r.body.decode(), status=200, delay=0.2, times=999)
+    config.update(MATOMO_BULK_SIZE="2", MATOMO_WORKERS="1", UPSERT_CHUNK_SIZE="2")
+
+    result = run_aggregator("--date", DAY.isoformat())
+
+    assert result.returncode == 4
+    assert len(matomo.report_requests()) <= 5  # of 30: nothing of the rest could be stored
+    assert lines_with("Supabase refuses every write: ", result.stderr)
+    assert result.summary.endswith("Stored 0 records.")
+
+
+def test_a_supabase_that_stops_answering_writes_holds_the_run_no_longer_than_its_deadline(
+    fleet, db, gateway, config, run_aggregator
+):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(40)]
+    for site in sites:
+        fleet.visits(site, 7)
+    gateway.inject(lambda r: r.path == STORE, hang=True, times=999)
+    config.update(
+        UPSERT_CHUNK_SIZE="1", UPSERT_WORKERS="2", HTTP_TIMEOUT="2", HTTP_RETRIES="1", RUN_DEADLINE="3"
+    )
+
+    started = time.monotonic()
+    result = run_aggregator("--date", DAY.isoformat())
+
+    # Retried until the deadline, then no chunk waits for it: 40 chunks of 4.5 s each took 90 s.
+    assert time.monotonic() - started < 3 + 2 * 2 + 5
+    assert result.returncode == 1
+    assert result.summary.endswith("Stored 0 records.")
+    assert lines_with(
+        "RUN_DEADLINE reached: Supabase did not answer in time while storing rows", result.stderr
+    )
+    assert lines_with("40 records were not stored; re-run the same dates", result.stderr)
+
+
 def test_a_503_on_an_upsert_chunk_is_retried(fleet, db, gateway, config, run_aggregator):
     sites = [fleet.site(f"s{n}.example.com") for n in range(4)]
     for site in sites:
