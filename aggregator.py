@@ -1498,6 +1498,7 @@ class MatomoClient:
             raise_on_status=False,
         )
         retry.cap = min(30.0, cfg.http_timeout)  # never wait longer than a request may take
+        retry.deadline = deadline
         session = requests.Session()
         session.mount("http://", HTTPAdapter(max_retries=retry))
         session.mount("https://", HTTPAdapter(max_retries=retry))
@@ -1897,18 +1898,23 @@ class MatomoClient:
 
 
 class CappedRetry(Retry):
-    """urllib3's Retry, but a server's Retry-After is obeyed for `cap` seconds at most
-    (urllib3 obeys `Retry-After: 3600` as it stands, on every retry)."""
+    """urllib3's Retry, but a server's Retry-After is obeyed for `cap` seconds at most (urllib3
+    obeys `Retry-After: 3600` as it stands, on every retry), and none is left once the run's
+    deadline has passed: each would wait up to HTTP_TIMEOUT more."""
 
     cap: float = 30.0
+    deadline: Deadline | None = None
 
     def get_retry_after(self, response: Any) -> float | None:
         seconds = super().get_retry_after(response)
         return None if seconds is None else min(seconds, self.cap)
 
+    def is_exhausted(self) -> bool:
+        return super().is_exhausted() or bool(self.deadline and self.deadline.passed())
+
     def new(self, **kwargs: Any) -> CappedRetry:
         retry = super().new(**kwargs)
-        retry.cap = self.cap
+        retry.cap, retry.deadline = self.cap, self.deadline
         return retry
 
 
@@ -2305,6 +2311,25 @@ def error_reasons(error: HttpError) -> set[str]:
         return set()
 
 
+class RunStopped(Exception):
+    """The run's deadline passed (or a signal came) before a retry could be sent."""
+
+
+class DeadlineHttp(httplib2.Http):
+    """httplib2's Http that sends nothing once the run's deadline has passed: googleapiclient's
+    own retries (num_retries) would go on after it, each waiting up to HTTP_TIMEOUT. It raises
+    what googleapiclient does not retry."""
+
+    def __init__(self, deadline: Deadline, timeout: int) -> None:
+        super().__init__(timeout=timeout)
+        self.deadline = deadline
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        if self.deadline.passed():
+            raise RunStopped(self.deadline.why)
+        return super().request(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class GscAccount:
     id: AccountId
@@ -2669,6 +2694,9 @@ class GscRound:
         self.busy[account.id] -= 1
         try:
             metrics = future.result()
+        except RunStopped as stopped:
+            self.give_up(account.id, str(stopped), [site_id])
+            return
         except HttpError as error:
             if is_quota_error(error):
                 self.quota_met(site_id, sent_at, error)
@@ -2788,7 +2816,7 @@ class SearchConsole:
         """An authorized Http whose connections belong to the calling thread; the credentials are
         shared by all threads."""
         if not hasattr(self.this_thread, "http"):
-            self.this_thread.http = httplib2.Http(timeout=self.cfg.http_timeout)
+            self.this_thread.http = DeadlineHttp(self.deadline, timeout=self.cfg.http_timeout)
         return google_auth_httplib2.AuthorizedHttp(credentials, http=self.this_thread.http)
 
     def connect_account(

@@ -223,6 +223,26 @@ def test_a_hung_matomo_times_out_and_the_rest_is_stored(fleet, db, matomo, confi
     assert (stored(db)[site.id]["matomo_visits"], stored(db)[site.id]["gsc_clicks"]) == (21, 2)
 
 
+def test_a_matomo_answering_503_slowly_is_not_retried_past_the_run_deadline(
+    fleet, matomo, config, run_aggregator
+):
+    for n in range(6):
+        fleet.site(f"s{n}.example.com")
+    # A proxy's 503 after a second and a half, every time: urllib3 retries a 503 (HTTP_RETRIES).
+    matomo.inject(lambda r: True, status=503, body=HTML_502, content_type="text/html", delay=1.5, times=999)
+    config.update(
+        HTTP_TIMEOUT="2", HTTP_RETRIES="3", RUN_DEADLINE="2", MATOMO_BULK_SIZE="1", MATOMO_WORKERS="1"
+    )
+
+    started = time.monotonic()
+    result = run_aggregator("--date", DAY.isoformat())
+
+    assert time.monotonic() - started < 2 + 2 + 3  # 9.8 s when each request used its retries
+    assert matomo.count() <= 2  # the first request's attempts: none after the deadline
+    assert result.returncode == 3
+    assert lines_with("RUN_DEADLINE reached: Matomo was not asked for", result.stderr)
+
+
 def test_a_trickling_matomo_is_cut_off_by_the_wall_clock(fleet, db, matomo, config, run_aggregator):
     site = fleet.site("example.com", fleet.account())
     fleet.store(site, matomo_visits=21)
