@@ -2799,9 +2799,9 @@ class SearchConsole:
 
     def get_google_client(self, credentials: Credentials) -> Any:
         """A Search Console service for one account; building it makes no network call."""
-        # Our own Http carries the timeout; the token refresh goes through it as well.
+        # Our own Http carries the timeout and the deadline; the token refresh goes through it too.
         http = google_auth_httplib2.AuthorizedHttp(
-            credentials, http=httplib2.Http(timeout=self.cfg.http_timeout)
+            credentials, http=DeadlineHttp(self.deadline, timeout=self.cfg.http_timeout)
         )
         return build(
             "searchconsole",

@@ -649,3 +649,22 @@ def test_a_run_that_outlives_its_access_tokens_still_fetches_everything(
         6,
     ]
     assert google.count("/token") > 1
+
+
+def test_accounts_whose_property_list_never_comes_are_not_waited_for_past_the_run_deadline(
+    fleet, db, google, config, run_aggregator
+):
+    sites = [fleet.site(f"s{n}.example.com", fleet.account()) for n in range(3)]
+    for site in sites:
+        fleet.visits(site, 3)
+    google.inject(lambda r: google.kind(r) == "sites.list", hang=True, times=99)
+    config.update(HTTP_TIMEOUT="2", HTTP_RETRIES="3", RUN_DEADLINE="2")
+
+    started = time.monotonic()
+    result = run_aggregator()
+
+    assert time.monotonic() - started < 2 + 2 + 2 + 3  # each account's first timeout and one pause
+    assert google.count(lambda r: google.kind(r) == "sites.list") == 3  # no retry after the deadline
+    assert result.returncode == 3
+    assert result.summary.endswith("Fetched GSC data for 0. Stored 0 records.")
+    assert len(lines_with("RUN_DEADLINE reached; no GSC data for its 1 sites", result.stderr)) == 3
