@@ -4069,9 +4069,9 @@ class DryRunTable:
 
 def record_run(
     cfg: Config, started_at: dt.datetime, status: int, document: dict, kind: str = "nightly"
-) -> str | None:
+) -> Reason | None:
     """One row in aggregator_runs for dashboards and `accounts`; None, or what kept it from
-    being written (supabase_error_kind's word)."""
+    being written (whether a person must act, and the fix)."""
     row = {
         "started_at": started_at.isoformat(),
         "date_from": document["from"],
@@ -4090,8 +4090,11 @@ def record_run(
         row = redacted(row)
         Supabase.of(cfg).table("aggregator_runs").insert(row, returning=ReturnMethod.minimal).execute()
     except (APIError, httpx.HTTPError) as error:
-        log.warning("%s; this run is not recorded", describe_supabase_error(error, "recording the run"))
-        return supabase_error_kind(error)
+        said, kind = describe_supabase_error(error, "recording the run"), supabase_error_kind(error)
+        log.warning("%s; this run is not recorded", said)
+        if kind in ("key", "schema"):  # the reads worked: the table or its grant lacks
+            return Reason(f"aggregator_runs cannot be written: apply {MIGRATION}")
+        return Reason(said, person=kind == "everywhere")
     return None
 
 
@@ -5016,8 +5019,8 @@ def recorded(cfg: Config, args: argparse.Namespace, outcome: Outcome, status: in
     started_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
     failed = record_run(cfg, started_at, status, outcome.report(status, seconds), kind)
     if failed and status in (ExitStatus.OK, ExitStatus.PARTIAL):
-        if failed in ("key", "schema", "everywhere"):
-            outcome.must_act(f"aggregator_runs cannot be written: apply {MIGRATION}")
+        if failed.person:
+            outcome.must_act(failed)
         return int(outcome.exit_status() if outcome.person else ExitStatus.PARTIAL)
     return status
 

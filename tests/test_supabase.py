@@ -190,6 +190,25 @@ def test_a_supabase_that_stops_answering_writes_holds_the_run_no_longer_than_its
     assert lines_with("40 records were not stored; re-run the same dates", result.stderr)
 
 
+def test_a_project_gone_read_only_before_the_run_is_recorded_names_its_own_fix(
+    fleet, db, gateway, run_aggregator
+):
+    fleet.visits(fleet.site("shop.example.com"), 1)
+
+    def disk_full_once_stored(request) -> None:  # the disk reaches 95% with the run's last rows
+        if request.path == "/rest/v1/aggregator_runs" and request.method == "POST":
+            gateway.read_only = True
+
+    gateway.before = disk_full_once_stored
+    result = run_aggregator("--date", DAY.isoformat())
+
+    assert result.returncode == 4
+    assert stored(db)
+    (verdict,) = lines_with("Exit status 4", result.stderr, verdict=True)
+    assert "read-only mode" in verdict and "free disk space" in verdict
+    assert "migrations" not in verdict  # nothing to apply: a full disk
+
+
 def test_a_503_on_an_upsert_chunk_is_retried(fleet, db, gateway, config, run_aggregator):
     sites = [fleet.site(f"s{n}.example.com") for n in range(4)]
     for site in sites:
