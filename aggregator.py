@@ -2702,12 +2702,12 @@ class GscRound:
                 self.quota_met(site_id, sent_at, error)
             elif is_api_disabled(error):
                 self.give_up(account.id, api_disabled(account.project), [site_id])
-            else:
-                log.warning("GSC %s: HTTP %s: %s", site_url, error.status_code, http_error_reason(error))
+            else:  # one line per cause, not per site: an outage answers every query alike
+                site_warnings.add(f"HTTP {error.status_code}: {http_error_reason(error)}", f"GSC {site_url}")
                 self.answer(site_id, None)
             return
         except Exception as error:  # noqa: BLE001 - a cut-off answer, a dropped refresh: this site only
-            log.warning("GSC %s: %s: %s", site_url, type(error).__name__, error)
+            site_warnings.add(f"{type(error).__name__}: {error}", f"GSC {site_url}")
             self.answer(site_id, None)
             return
         account.quota.succeeded(sent_at)

@@ -428,6 +428,27 @@ def test_a_property_that_keeps_failing_costs_only_its_gsc_value(fleet, db, googl
     assert lines_with("GSC sc-domain:broken.example.com: HTTP 503", result.stderr)
 
 
+def test_a_search_console_outage_is_one_warning_not_one_per_site(fleet, db, google, config, run_aggregator):
+    account = fleet.account()
+    sites = [fleet.site(f"s{n}.example.com", account) for n in range(50)]
+    for site in sites:
+        fleet.visits(site, 3)
+    unavailable = {
+        "error": {"code": 503, "message": "The service is currently unavailable.", "status": "UNAVAILABLE"}
+    }
+    google.inject("/searchAnalytics/query", status=503, body=unavailable, times=9999)
+    config["HTTP_RETRIES"] = "0"
+
+    result = run_aggregator()
+
+    assert result.returncode == 3
+    assert result.summary.endswith("Fetched Matomo data for 50. Fetched GSC data for 0. Stored 150 records.")
+    # cron mails warnings: one line for the cause, with the count, not fifty (a fleet's thousands)
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 2, warnings  # the cause, and the verdict
+    assert "HTTP 503: The service is currently unavailable." in warnings[0] and "and 45 more" in warnings[0]
+
+
 def test_a_search_console_answer_cut_off_mid_body_costs_only_that_site(
     fleet, db, google, config, run_aggregator
 ):
