@@ -2051,10 +2051,8 @@ def matomo_ids_by_site(sites: Iterable[Site]) -> dict[SiteId, int]:
             continue
         found = matomo_id(site)
         if found is None:
-            log.warning(
-                "%s: matomo_site_id %r is not a positive number; Matomo skipped",
-                site.label,
-                site.matomo_site_id,
+            site_warnings.add(
+                f"matomo_site_id {site.matomo_site_id!r} is not a positive number; Matomo skipped", site.label
             )
         else:
             ids[site.id] = found
@@ -2871,13 +2869,14 @@ class SearchConsole:
                 by_account[site.gsc_account_id].append(site)
         if every_account:
             by_account = {account_id: [] for account_id in keys} | by_account
-        for account_id in by_account.keys() - keys.keys():
+        for account_id in by_account.keys() - keys.keys():  # its row deleted: a person must act
+            why = Reason(
+                f"gsc_account_id {account_id} matches no row of gsc_accounts",
+                f"set sites.gsc_account_id to an account `{program()} accounts` lists, or add one with authorize",
+            )
             for site in by_account[account_id]:
-                log.warning(
-                    "%s: gsc_account_id %s matches no row of gsc_accounts; GSC skipped",
-                    site.label,
-                    account_id,
-                )
+                self.skipped[site.id] = why
+                site_warnings.add(f"{why}; GSC skipped", site.label)  # one line for all its sites
         projects: dict[str, QuotaWindow] = {}
         futures = {
             account_id: pool.submit(

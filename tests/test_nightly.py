@@ -548,6 +548,24 @@ def test_bad_rows_are_skipped_for_their_source_with_one_warning_each(
     )
 
 
+def test_the_sites_of_an_account_row_that_is_gone_are_one_warning(
+    fleet, db, loose_sites_schema, run_aggregator
+):
+    for n in range(30):  # their gsc_accounts row was deleted (a sites table of its own, no foreign key)
+        db.execute(
+            "insert into sites (domain, status_deployment, gsc_account_id) values (%s, 'deployed', 999)",
+            [f"s{n}.example.com"],
+        )
+
+    result = run_aggregator("--date", DAY.isoformat())
+
+    warnings = [
+        line for line in lines_with("gsc_account_id 999 matches no row", result.stderr) if " WARNING " in line
+    ]
+    assert len(warnings) == 1 and "and 25 more" in warnings[0], warnings
+    assert result.returncode == 4  # no later night can fix it: a person must
+
+
 def test_two_sites_with_one_domain_do_not_both_get_its_search_numbers(fleet, db, google, run_aggregator):
     account = fleet.account()
     first = fleet.site("example.com", account)
