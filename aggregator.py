@@ -21,7 +21,8 @@ Contents, in the order the file reads; each section gives the next what it names
   Configuration      Config from .env and the environment, checked at once      no network
   Logging            the one secret filter on every line; progress; warnings     no network
                      grouped per cause
-  Small tools        Deadline, the wall clock on every socket, Once, chunks      no network
+  Small tools        Deadline, the wall clock on every socket, Once, Reason      no network
+                     (why a person must act, as a value), chunks
   Dates              the days a run asks for                                      no network
   Supabase           the class Supabase: the deployed sites, the accounts, the    network
                      holes, the schema check (SCHEMA), the retry every call
@@ -31,7 +32,7 @@ Contents, in the order the file reads; each section gives the next what it names
                      in the raw log; beside it the queries and the answers' parsing
   Search Console     SearchConsole: each account connected, its properties;      network
                      one query per site, streamed within each account's quota
-                     (GscRound); beside it the answers' parsing and the Reasons
+                     (GscRound); beside it the answers' parsing and its Reasons
   Shaping rows       rows from answers; the heal plan (pure functions)             no network
   Storing            chunks of rows to store_analytics, where the table's rules   network
                      live (a source that gave nothing, final values, zeros)
@@ -730,6 +731,33 @@ class Once:
             if first:
                 self.why = why
             return first
+
+
+class Reason(str):
+    """Why an account or a site's source cannot be used, decided where the fault is met: the
+    sentence a person reads (the str itself: what, then the fix, then what the service said),
+    the fix alone (stored in site_sources.fix: status prints it), whether a person must act
+    (else the next nights retry by themselves), and whether every account of its OAuth client or
+    Cloud project meets it alike (one setting to fix, said once). Exit statuses, needs_a_person
+    and the fix printed come from these values, never from words."""
+
+    what: str
+    fix: str
+    said: str
+    person: bool
+    shared: bool
+
+    def __new__(
+        cls, what: str, fix: str = "", person: bool = True, shared: bool = False, said: str = ""
+    ) -> Reason:
+        text = f"{what}: {fix}" if fix else what
+        reason = super().__new__(cls, f"{text} ({said})" if said else text)
+        reason.what, reason.fix, reason.said, reason.person, reason.shared = what, fix, said, person, shared
+        return reason
+
+    def about(self, whom: str) -> Reason:
+        """The same reason, said of `whom` (an account, a service account)."""
+        return Reason(f"{whom}: {self.what}", self.fix, self.person, self.shared, self.said)
 
 
 def plural(count: int, noun: str) -> str:
@@ -1479,6 +1507,7 @@ class MatomoClient:
     deadline: Deadline
     state: MatomoState
     broken: Once = field(default_factory=Once)  # the URL or the token is wrong
+    unknown: dict[int, Reason] = field(default_factory=dict)  # ids the token may not view: never asked
     down_said: Once = field(default_factory=Once)
     log_off_said: Once = field(default_factory=Once)
 
@@ -1880,11 +1909,23 @@ class MatomoClient:
                 log_off,
             )
 
+    def learn_unknown(self, ids: Iterable[int]) -> None:
+        """`unknown`: those of the ids the install does not know or the token may not view, from
+        Matomo's own list of what the token may view (an error slot's words are in the token
+        user's language); nothing if the list cannot be read (the bulk requests meet the fault)."""
+        try:
+            viewable = self.call("SitesManager.getSitesIdWithAtLeastViewAccess", {})
+        except MatomoError:
+            return
+        if isinstance(viewable, list):
+            known = {int(m) for m in viewable if str(m).isdigit()}
+            self.unknown.update((m, UNKNOWN_MATOMO_ID) for m in ids if m not in known)
+
     def creation_days(self, ids: Iterable[int]) -> dict[int, dt.date | Reason]:
         """{Matomo id: the day the site was created in Matomo (ts_created, UTC), or why Matomo could
         not say (an unknown id)}; ids whose request failed are left out, to be asked another night."""
-        found: dict[int, dt.date | Reason] = {}
-        ordered = sorted(set(ids))
+        found: dict[int, dt.date | Reason] = {m: self.unknown[m] for m in ids if m in self.unknown}
+        ordered = sorted(set(ids) - found.keys())
         queries = [f"method=SitesManager.getSiteFromId&idSite={m}" for m in ordered]
         for m, slot in zip(ordered, self.bulk_answers(queries, "the sites' creation day")):
             created = slot.get("ts_created") if isinstance(slot, dict) else None
@@ -2137,6 +2178,9 @@ def look_requests(looks: list[ZeroLook], most: int) -> list[list[ZeroLook]]:
 UNKNOWN_MATOMO_ID_FIX = (
     "correct sites.matomo_site_id, or add the site in Matomo (or give view access to it to the user of "
     "MATOMO_TOKEN_AUTH)"
+)
+UNKNOWN_MATOMO_ID = Reason(
+    "Matomo has no site with its matomo_site_id that MATOMO_TOKEN_AUTH may view", UNKNOWN_MATOMO_ID_FIX
 )
 
 
@@ -2434,33 +2478,6 @@ def http_error_reason(error: HttpError) -> str:
     if error.status_code == 403:
         return f"{reason} (grant this account access to the property in Search Console)"
     return reason
-
-
-class Reason(str):
-    """Why an account or a site's source cannot be used, decided where the fault is met: the
-    sentence a person reads (the str itself: what, then the fix, then what the service said),
-    the fix alone (stored in site_sources.fix: status prints it), whether a person must act
-    (else the next nights retry by themselves), and whether every account of its OAuth client or
-    Cloud project meets it alike (one setting to fix, said once). Exit statuses, needs_a_person
-    and the fix printed come from these values, never from words."""
-
-    what: str
-    fix: str
-    said: str
-    person: bool
-    shared: bool
-
-    def __new__(
-        cls, what: str, fix: str = "", person: bool = True, shared: bool = False, said: str = ""
-    ) -> Reason:
-        text = f"{what}: {fix}" if fix else what
-        reason = super().__new__(cls, f"{text} ({said})" if said else text)
-        reason.what, reason.fix, reason.said, reason.person, reason.shared = what, fix, said, person, shared
-        return reason
-
-    def about(self, whom: str) -> Reason:
-        """The same reason, said of `whom` (an account, a service account)."""
-        return Reason(f"{whom}: {self.what}", self.fix, self.person, self.shared, self.said)
 
 
 def needs_person(state: object) -> bool:
@@ -3405,10 +3422,9 @@ class Asked:
 
 
 def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outcome:
-    """The job, in the seed's five steps: read the deployed sites and the accounts; get Matomo's
-    visits and Search Console's numbers, shape one row per site and day, and upsert them, each
-    source and the upserts kept busy side by side (fetch_and_store); then, in the nightly run,
-    heal the holes of earlier nights."""
+    """The job, in the seed's five steps: read the deployed sites and the accounts; get both sources'
+    numbers, shape one row per site and day, and upsert them, the sources and the upserts kept busy
+    side by side (fetch_and_store); then, in the nightly run, heal the holes of earlier nights."""
     client = replace(Supabase.of(cfg), deadline=deadline)
     lacks = client.missing_schema()
     if lacks:  # nothing is fetched that could not be stored, nor a night ended 0 with its healing off
@@ -3444,7 +3460,8 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         holes_read = (
             reader.submit(client.holes, coverage) if remembered and asked.heals_tonight(cfg) else None
         )
-        fetchers = Fetchers(cfg, matomo, matomo_ids, asked.zeros_settled_before(cfg), gsc, deadline)
+        known_ids = {site_id: m for site_id, m in matomo_ids.items() if m not in matomo.unknown}
+        fetchers = Fetchers(cfg, matomo, known_ids, asked.zeros_settled_before(cfg), gsc, deadline)
         fetch_and_store(
             fetchers, night_units(fetchers, sites, days, gsc_days), store, outcome, progress.fetched
         )
@@ -3789,6 +3806,10 @@ def what_needs_a_person(
     """The run's problems that another night cannot fix: each with the sites it costs."""
     if matomo.broken.happened:
         outcome.must_act(matomo.broken.why, [site.id for site in sites if site.id in matomo_ids])
+    for site in sites:
+        if matomo_ids.get(site.id) in matomo.unknown:  # one line for them all
+            site_warnings.add(f"{UNKNOWN_MATOMO_ID}; Matomo not asked", site.label)
+            outcome.must_act(UNKNOWN_MATOMO_ID.about(site.label), [site.id])
     for account_id, state in outcome.gsc_accounts.items():
         if needs_person(state):
             why = state if is_shared(state) else state.about(f"GSC account {account_id}")
@@ -3810,10 +3831,12 @@ def sources_known(
     account_states: Mapping[AccountId, str],
 ) -> list[dict] | None:
     """The site_sources rows this run learnt anew (stored before the night's rows: store_analytics
-    reads each site's creation day there): the creation day of each site new to Matomo (or with
+    reads each site's creation day there), once Matomo has said which ids the token may not view
+    (MatomoClient.unknown, never asked): the creation day of each site new to Matomo (or with
     another Matomo id: asked only when Matomo is healed, the one use of older days), and why
     Search Console cannot be asked for a site tonight. None if site_sources could not be read:
     nothing is healed."""
+    matomo.learn_unknown(matomo_ids.values())
     if isinstance(learned, SupabaseError):
         log.error("%s; the holes of earlier nights are not healed this run", learned)
         return None
@@ -4174,8 +4197,12 @@ class Check:
             found["matomo"] = {"reachable": False}
             return
         ids, days = matomo_ids_by_site(sites), [self.today - dt.timedelta(days=DEFAULT_LAG_DAYS)]
+        matomo.learn_unknown(ids.values())
+        for site in sites:
+            if ids.get(site.id) in matomo.unknown:
+                site_warnings.add(str(UNKNOWN_MATOMO_ID), site.label)
         with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
-            parts = chunks(sorted(set(ids.values())), matomo.bulk_size)
+            parts = chunks(sorted(set(ids.values()) - matomo.unknown.keys()), matomo.bulk_size)
             visits = by_site_id(
                 ids, merged_answers(pool.map(lambda part: matomo.get_matomo_data(part, days), parts))
             )

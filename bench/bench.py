@@ -169,6 +169,7 @@ def seed(conn: psycopg.Connection, google: FakeGoogle, matomo: FakeMatomo, s: Sc
     google.search_fn = search_metrics
     google.qpm, google.project_qpm = s.qpm, s.project_qpm
     matomo.visits_fn = visits_fn(s.sites)
+    matomo.site_ids = set(range(1, s.sites + 1))  # what the token may view
 
 
 def visits_fn(sites: int):

@@ -19,13 +19,16 @@ import pytest
 
 from conftest import CONFIG_NAMES, DAY, ROOT, lines_with, shown_on_a_terminal
 
+HELD_PORTS: list[socket.socket] = []
+
 
 def closed_url() -> str:
-    """An address where nothing listens: connections are refused."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+    """An address where nothing listens: connections are refused. The port stays bound (never
+    listening) for the session, so that another test's server cannot take it meanwhile."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    HELD_PORTS.append(probe)
+    return f"http://127.0.0.1:{probe.getsockname()[1]}/"
 
 
 def problems_of(result) -> list[str]:
@@ -108,7 +111,7 @@ def test_check_names_each_problem_with_its_fix(fleet, db, matomo, without_confli
     problems = [line for line in result.stdout.splitlines() if line.startswith("Problem: ")]
     assert len(problems) == 4, result.stdout
     assert any("apply every file of supabase/migrations/" in p for p in problems)
-    assert any(f"Matomo site id {unknown.matomo_id}: An unexpected website" in p for p in problems)
+    assert any(f"Site {unknown.id} (unknown.example.com): Matomo has no site with its" in p for p in problems)
     assert any(
         f"GSC account {revoked.id}: the refresh token has expired or been revoked" in p for p in problems
     )
@@ -198,7 +201,7 @@ def test_check_json_gives_the_same_problems_for_monitoring(fleet, matomo, run_ag
     assert result.returncode == 1
     report = json.loads(result.stdout)
     assert report["exit_status"] == 1
-    assert len(report["problems"]) == 1 and f"Matomo site id {unknown.matomo_id}" in report["problems"][0]
+    assert len(report["problems"]) == 1 and f"Site {unknown.id} (unknown." in report["problems"][0]
     assert report["matomo"] == {"reachable": True, "version": "5.4.0", "sites": 1, "answered": 0}
     assert report["supabase"]["sites"] == 1
 

@@ -76,7 +76,7 @@ def test_a_whole_install_down_is_one_error_and_a_few_requests(
 
     assert result.returncode == 3
     batches = 3  # 250 sites, MATOMO_BULK_SIZE 100
-    assert matomo.count() <= 2 * batches + 4, matomo.count()
+    assert matomo.count() <= 1 + 2 * batches + 4, matomo.count()  # and the ids the token may view
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line or " WARNING " in line]
     matomo_errors = [line for line in errors if "Matomo" in line and "Exit status" not in line]
     assert len(matomo_errors) == 1, "\n".join(matomo_errors)
@@ -229,7 +229,8 @@ def test_a_matomo_answering_503_slowly_is_not_retried_past_the_run_deadline(
     for n in range(6):
         fleet.site(f"s{n}.example.com")
     # A proxy's 503 after a second and a half, every time: urllib3 retries a 503 (HTTP_RETRIES).
-    matomo.inject(lambda r: True, status=503, body=HTML_502, content_type="text/html", delay=1.5, times=999)
+    bulk = lambda r: r.query.get("method") == "API.getBulkRequest"  # noqa: E731
+    matomo.inject(bulk, status=503, body=HTML_502, content_type="text/html", delay=1.5, times=999)
     config.update(
         HTTP_TIMEOUT="2", HTTP_RETRIES="3", RUN_DEADLINE="2", MATOMO_BULK_SIZE="1", MATOMO_WORKERS="1"
     )
@@ -238,7 +239,7 @@ def test_a_matomo_answering_503_slowly_is_not_retried_past_the_run_deadline(
     result = run_aggregator("--date", DAY.isoformat())
 
     assert time.monotonic() - started < 2 + 2 + 3  # 9.8 s when each request used its retries
-    assert matomo.count() <= 2  # the first request's attempts: none after the deadline
+    assert matomo.count(bulk) <= 2  # the first request's attempts: none after the deadline
     assert result.returncode == 3
     assert lines_with("RUN_DEADLINE reached: Matomo was not asked for", result.stderr)
 
@@ -279,9 +280,9 @@ def test_an_html_page_says_matomo_url_is_probably_wrong(fleet, db, matomo, confi
     )  # 3 sites x 2 final days, and the provisional DAY of the one site with search traffic
     assert (stored(db)[sites[0].id]["matomo_visits"], stored(db)[sites[0].id]["gsc_clicks"]) == (40, 2)
     assert len(lines_with("MATOMO_URL is probably wrong", result.stderr)) == 1  # and the verdict again
-    # the first chunk and the API.getMatomoVersion probe, twice (a wrong URL needs proof); the other
-    # chunks would fail the same way
-    assert matomo.count() == 3
+    # the ids the token may view, the first chunk and the API.getMatomoVersion probe, twice (a wrong
+    # URL needs proof); the other chunks would fail the same way
+    assert matomo.count() == 4
 
 
 def test_a_rejected_matomo_token_is_one_clear_line(fleet, db, matomo, config, run_aggregator):
@@ -306,6 +307,25 @@ def test_a_rejected_matomo_token_is_one_clear_line(fleet, db, matomo, config, ru
     assert len(warnings) == 1 and "Matomo rejected MATOMO_TOKEN_AUTH" in warnings[0]
 
 
+def test_sites_matomo_does_not_know_are_a_persons_to_fix_and_never_asked(fleet, db, matomo, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(12)]
+    for site in sites[:10]:  # deleted in Matomo, or the token's user lost its view access
+        matomo.site_ids.discard(site.matomo_id)
+
+    result = run_aggregator("--date", DAY.isoformat(), "--json")
+
+    assert result.returncode == 4  # it was 3, with a re-run that could never fetch them
+    asked = {site for body in matomo.bodies for site, _ in body}
+    assert asked == {sites[10].matomo_id, sites[11].matomo_id}
+    warnings = [
+        line for line in lines_with("Matomo has no site with its", result.stderr) if " WARNING " in line
+    ]
+    assert len(warnings) == 1 and "and 5 more" in warnings[0], warnings  # it was one line a site
+    needs = json.loads(result.stdout)["needs_a_person"]
+    assert sorted(need["sites"][0] for need in needs) == sorted(site.id for site in sites[:10])
+    assert all("correct sites.matomo_site_id" in need["fix"] for need in needs)
+
+
 def test_the_matomo_token_travels_only_in_the_post_body(fleet, matomo, run_aggregator):
     fleet.visits(fleet.site("example.com"), 1)
 
@@ -314,7 +334,11 @@ def test_the_matomo_token_travels_only_in_the_post_body(fleet, matomo, run_aggre
     for request in matomo.requests:
         assert request.method == "POST" and request.form["token_auth"] == matomo.token
         assert "token_auth" not in request.query
-        assert request.query == {"module": "API", "method": "API.getBulkRequest", "format": "json"}
+        assert request.query == {"module": "API", "method": request.query["method"], "format": "json"}
+    assert {request.query["method"] for request in matomo.requests} == {
+        "SitesManager.getSitesIdWithAtLeastViewAccess",  # the ids the token may view, once
+        "API.getBulkRequest",
+    }
 
 
 # ---------------------------------------------------------------------------
