@@ -156,6 +156,7 @@ class ExitStatus(enum.IntEnum):
     PERSON = 4  # a person must fix something, named in the last line
     INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT
     TERMINATED = 143  # SIGTERM (a stopping system, `kill`): 128 + SIGTERM
+    OUTPUT_CLOSED = 141  # stdout's reader went away (`| head`): 128 + SIGPIPE, as a shell's tools
 
 
 # Search Console publishes a day's data after about two days, and keeps revising the last
@@ -583,9 +584,17 @@ def redacted(value: T) -> T:
     return value
 
 
+class OutputClosed(Exception):
+    """stdout's reader has gone (`--dry-run | head`): nothing more is printed, and the run stops."""
+
+
 def say(*lines: str) -> None:
     """Prints lines on stdout, through the secret filter: the one door to stdout."""
-    print(redacted("\n".join(lines)), flush=True)
+    try:
+        print(redacted("\n".join(lines)), flush=True)
+    except BrokenPipeError:  # later lines, and the flush at exit, go nowhere instead of failing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise OutputClosed from None
 
 
 def setup_logging(level: str, log_file: Path | None = None, quiet_problems: bool = False) -> None:
@@ -3751,6 +3760,7 @@ class Flow:
         def close_if_failed(done: Future) -> None:
             if done.exception() is not None:
                 self.window.close()
+                self.fetchers.deadline.stop("the run failed")  # nor is anything more asked
 
         future.add_done_callback(close_if_failed)
         return future
@@ -4253,15 +4263,14 @@ class Check:
 def print_check_report(found: dict, as_json: bool) -> int:
     status = ExitStatus.FAILED if problems.lines else ExitStatus.OK
     lines = found.pop("lines", []) + found.pop("notes", [])
-    if as_json:
-        say(json.dumps({**found, "problems": problems.lines, "exit_status": status}, default=str))
-        return status
-    for line in lines:
-        say(line)
-    for line in problems.lines:
-        say(f"Problem: {line}")
     count = len(problems.lines)
-    say("All good." if not count else f"{count} problem{'s' if count > 1 else ''}.")
+    with contextlib.suppress(OutputClosed):  # the report is the last thing check does
+        if as_json:
+            say(json.dumps({**found, "problems": problems.lines, "exit_status": status}, default=str))
+            return status
+        for line in [*lines, *(f"Problem: {line}" for line in problems.lines)]:
+            say(line)
+        say("All good." if not count else f"{count} problem{'s' if count > 1 else ''}.")
     return status
 
 
@@ -5011,6 +5020,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("Interrupted; %s", command.interrupted)
         status = ExitStatus.INTERRUPTED
+    except OutputClosed:
+        log.info("stdout was closed by its reader: stopped; %s", command.interrupted)
+        status = ExitStatus.OUTPUT_CLOSED
     except Exception:  # noqa: BLE001 - a bug: log it (redacted) instead of a raw traceback
         log.exception("Unexpected error; please report it with this log")
     return int(command.after(args, session, cfg, int(status)))
@@ -5030,7 +5042,8 @@ def finished(args: argparse.Namespace, session: Session, cfg: Config | None, sta
     if cfg and not args.dry_run:
         status = recorded(cfg, args, outcome, status, seconds)
     if args.json:
-        say(json.dumps(outcome.report(status, seconds), default=str))
+        with contextlib.suppress(OutputClosed):  # its reader gone: the log still gets the verdict
+            say(json.dumps(outcome.report(status, seconds), default=str))
     verdict = f"Exit status {status} after {time.monotonic() - session.started:.1f} s.{what_to_do(outcome)}"
     log.log(logging.INFO if status == ExitStatus.OK else logging.WARNING, "%s", verdict)
     if cfg and not args.dry_run:

@@ -135,6 +135,33 @@ def test_log_lines_say_their_utc_offset_and_one_site_is_one_site(fleet, run_aggr
 # ---------------------------------------------------------------------------
 
 
+def test_a_dry_run_piped_into_head_stops_without_a_traceback(fleet, matomo, config, launch):
+    for n in range(400):
+        fleet.site(f"s{n}.example.com")
+    config.update(MATOMO_BULK_SIZE="10", MATOMO_WORKERS="1")
+    matomo.site_day_cost = 0.01
+
+    process = launch("--from", (DAY - dt.timedelta(days=4)).isoformat(), "--to", DAY.isoformat(), "--dry-run")
+    assert process.stdout.readline().startswith("date")
+    process.stdout.close()  # `| head -1` has what it wanted and exits
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 141  # 128 + SIGPIPE, as the shell's own tools end
+    assert "Traceback" not in stderr and "Unexpected error" not in stderr, stderr[-2000:]
+    assert len(matomo.report_requests()) < 10  # of 40: nothing more is asked once no one reads
+
+
+def test_a_json_summary_nobody_reads_leaves_the_run_its_exit_status(fleet, launch):
+    fleet.visits(fleet.site("shop.example.com"), 3)
+
+    process = launch("--date", DAY.isoformat(), "--json")
+    process.stdout.close()  # a monitoring wrapper that died
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 0
+    assert "Traceback" not in stderr, stderr[-2000:]
+
+
 def test_a_python_without_the_dependencies_says_what_to_run_instead():
     # -S: no site-packages, as the system's python3 started outside the venv
     done = subprocess.run([sys.executable, "-S", str(ROOT / "aggregator.py")], capture_output=True, text=True)
