@@ -874,7 +874,12 @@ def gsc_expiring_before(today: dt.date) -> dt.date:
 
 
 class SupabaseError(Exception):
-    """Supabase could not be read; nothing can be done this run."""
+    """Supabase could not be read; nothing can be done this run (or that part of it). `person`:
+    no later run gets past it by itself."""
+
+    def __init__(self, message: str, person: bool = False) -> None:
+        super().__init__(message)
+        self.person = person
 
 
 @dataclass(frozen=True)
@@ -1017,7 +1022,8 @@ class Supabase:
         try:
             answer = self.rpc(name, arguments)
         except (APIError, httpx.HTTPError) as error:
-            raise SupabaseError(describe_supabase_error(error, f"calling {name}")) from None
+            person = supabase_error_kind(error) in ("key", "schema", "everywhere", "too big")
+            raise SupabaseError(describe_supabase_error(error, f"calling {name}"), person) from None
         if not isinstance(answer, kind):
             raise SupabaseError(
                 f"{name} did not answer a JSON {kind.__name__}: SUPABASE_URL must be the project's API URL"
@@ -1415,7 +1421,9 @@ def describe_supabase_error(error: Exception, doing: str) -> str:
         "key": "use the service_role key (Project Settings > API) as SUPABASE_SERVICE_ROLE_KEY",
         "schema": f"the tables do not match what the aggregator expects: apply {MIGRATION}",
         "transient": "Supabase is having trouble (retried); re-run the same dates once it is back",
-        "too big": "the statement timeout cancelled it even for a few rows: lower UPSERT_CHUNK_SIZE",
+        "too big": "the database's statement timeout cancelled it, even for one row where it was a write: "
+        "raise the API's (SQL editor: alter role service_role set statement_timeout = '60s'; "
+        "notify pgrst, 'reload config')",
     }.get(supabase_error_kind(error), "see the Supabase logs")
     if code in EVERYWHERE_ERRORS:
         fix = EVERYWHERE_ERRORS[code]
@@ -3972,6 +3980,8 @@ def heal(
         found = holes_read.result()
     except SupabaseError as error:
         log.error("%s; the holes of earlier nights are not healed this run", error)
+        if error.person:  # the same read fails every night until someone acts
+            outcome.must_act(str(error))
         return
     wanted = {site.id for site in sites}
     askable = {

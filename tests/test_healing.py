@@ -433,6 +433,27 @@ def test_a_site_deployed_again_has_the_days_it_was_away_healed(healing, fleet, d
     assert [table(db, site)[day][:2] for day in window[20:]] == [(10, True)] * 10
 
 
+def test_holes_the_statement_timeout_cannot_list_are_a_persons_to_fix(
+    healing, fleet, db, gateway, run_aggregator
+):
+    fleet.visits(fleet.site("shop.example.com"), 4)
+    # A table grown past what analytics_holes reads within the API's statement_timeout (8 s).
+    timeout = {
+        "code": "57014",
+        "details": None,
+        "hint": None,
+        "message": "canceling statement due to statement timeout",
+    }
+    gateway.inject("/rest/v1/rpc/analytics_holes", status=500, body=timeout, times=9)
+
+    result = run_aggregator()
+
+    assert result.returncode == 4  # it was 0: no night would ever heal, and no one heard
+    assert result.summary.endswith("Stored 3 records.")  # the night's own days
+    (error,) = lines_with("calling analytics_holes", result.stderr)
+    assert "alter role service_role set statement_timeout" in error and "UPSERT_CHUNK_SIZE" not in error
+
+
 def test_a_day_before_2005_is_refused_with_the_reason(run_aggregator):
     result = run_aggregator("--date", "1999-12-31")
 
