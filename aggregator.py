@@ -3887,7 +3887,8 @@ def matomo_rows(
     matomo_ids: Mapping[SiteId, int],
     learned: Mapping[tuple[SiteId, str], dict],
 ) -> list[dict]:
-    """site_sources rows for the sites whose creation day in Matomo is not known yet."""
+    """site_sources rows for the sites whose creation day in Matomo is not known yet, or that
+    Matomo no longer knows (status then lists them)."""
     new = {
         site.id: matomo_ids[site.id]
         for site in sites
@@ -3896,6 +3897,7 @@ def matomo_rows(
             (site.id, "matomo") not in learned
             or learned[(site.id, "matomo")]["source_key"] != str(matomo_ids[site.id])
             or not learned[(site.id, "matomo")]["available_from"]
+            or matomo_ids[site.id] in matomo.unknown
         )
     }
     found = matomo.creation_days(new.values()) if new else {}

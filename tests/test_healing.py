@@ -365,6 +365,20 @@ def test_status_names_the_fix_each_fault_was_met_with(healing, fleet, db, run_ag
     assert fixes[unknown.id].startswith("correct sites.matomo_site_id")
 
 
+def test_a_site_matomo_stops_knowing_is_named_by_status(healing, fleet, db, run_aggregator):
+    site = fleet.site("gone.example.com")
+    fleet.visits(site, 5)
+    assert run_aggregator().returncode == 0  # its creation day learnt: Matomo knew it
+    fleet.matomo.site_ids.discard(site.matomo_id)  # deleted in Matomo, or the token's access withdrawn
+
+    assert run_aggregator().returncode == 4
+    report = json.loads(run_aggregator("status", "--json").stdout)
+
+    (need,) = report["needs_a_person"]
+    assert (need["site_id"], need["source"]) == (site.id, "matomo")
+    assert need["fix"].startswith("correct sites.matomo_site_id")
+
+
 def test_status_of_an_empty_fleet_says_why_as_run_does(fleet, config, run_aggregator):
     fleet.site("shop.example.com")
     config["DEPLOYED_STATUS"] = "live"  # matches no row
