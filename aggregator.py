@@ -1496,14 +1496,10 @@ class MatomoState:
         with self.lock:
             if refused > self.cap and self.learned:
                 return  # learned already, by a request sent before
-            self.cap, self.learned = min(self.cap, max(1, refused // 2)), True
-        log.warning(
-            "%s: asking for at most %d sites a request from now on (set MATOMO_BULK_SIZE=%d, or raise "
-            "that limit)",
-            error,
-            self.cap,
-            self.cap,
-        )
+            before, self.cap, self.learned = self.cap, min(self.cap, max(1, refused // 2)), True
+        # (a request of raw-log looks, larger than the reports', may teach a limit the reports keep)
+        advice = f" (set MATOMO_BULK_SIZE={self.cap}, or raise that limit)" if self.cap < before else ""
+        log.warning("%s: asking at most %d sub-requests a request from now on%s", error, self.cap, advice)
 
 
 @dataclass(frozen=True)

@@ -616,6 +616,9 @@ def test_looks_past_phps_max_input_vars_are_asked_again_within_it_and_their_zero
         "select count(*) filter (where matomo_visits = 0 and matomo_final), count(*) from daily_analytics"
     ).fetchone() == (30, 30 * 7)
     assert raw_log_looks(matomo) <= 30 + 30  # the dropped request, then requests within the limit
+    (learnt,) = lines_with("max_input_vars", result.stderr)
+    # the reports keep their size, already within the limit: no advice to set it
+    assert "asking at most 10 sub-requests a request" in learnt and "set MATOMO_BULK_SIZE" not in learnt
 
 
 def test_a_busy_sites_few_zeros_are_looked_at_one_by_one_not_by_listing_its_visits(
