@@ -1930,7 +1930,13 @@ class MatomoClient:
             viewable = self.call("SitesManager.getSitesIdWithAtLeastViewAccess", {})
         except MatomoError:
             return
-        if isinstance(viewable, list):
+        ids = set(ids)
+        if viewable == [] and ids:  # the token's user may view no site at all: one fault, not one a site
+            self.stop_asking(
+                "MATOMO_TOKEN_AUTH may view no site of the install: give its user view access to the sites "
+                "(Administration > System > Users), or use a token of a user who has it"
+            )
+        elif isinstance(viewable, list):
             known = {int(m) for m in viewable if str(m).isdigit()}
             self.unknown.update((m, UNKNOWN_MATOMO_ID) for m in ids if m not in known)
 

@@ -326,6 +326,19 @@ def test_sites_matomo_does_not_know_are_a_persons_to_fix_and_never_asked(fleet, 
     assert all("correct sites.matomo_site_id" in need["fix"] for need in needs)
 
 
+def test_a_token_whose_user_may_view_no_site_is_one_fault(fleet, db, matomo, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(5)]
+    matomo.site_ids.clear()  # a new token's user, never given access to any site
+
+    result = run_aggregator("--date", DAY.isoformat(), "--json")
+
+    assert result.returncode == 4
+    assert matomo.report_requests() == []
+    (need,) = json.loads(result.stdout)["needs_a_person"]
+    assert "MATOMO_TOKEN_AUTH may view no site" in need["problem"]
+    assert sorted(need["sites"]) == sorted(site.id for site in sites)
+
+
 def test_the_matomo_token_travels_only_in_the_post_body(fleet, matomo, run_aggregator):
     fleet.visits(fleet.site("example.com"), 1)
 
