@@ -195,6 +195,7 @@ def test_check_spots_placeholders_and_mistyped_settings_before_any_network_call(
 def test_check_json_gives_the_same_problems_for_monitoring(fleet, matomo, run_aggregator):
     unknown = fleet.site("unknown.example.com")
     matomo.site_ids.discard(unknown.matomo_id)
+    matomo.site_ids.add(999)  # the install's other sites, which the token may view
 
     result = run_aggregator("check", "--json")
 
