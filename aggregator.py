@@ -919,6 +919,7 @@ class Supabase:
     # The run's (run() gives it): once it has passed, no retry, and no write waits for Supabase to
     # answer again.
     deadline: Deadline = field(default_factory=lambda: Deadline(math.inf))
+    refused: dict[str, set[SiteId]] = field(default_factory=dict)  # a run's: sites whose rows failed alike
 
     @classmethod
     @functools.cache
@@ -1098,28 +1099,28 @@ class Supabase:
         hopeless: Once,
         accept_zeros: bool,
         dry_run: bool = False,
-        whole_failed_with: str | None = None,
+        failed_with: str = "",
     ) -> Merged:
         """Merges rows with what is stored, through the migration's store_analytics (where every rule
-        of the table lives). `hopeless` is the run's: once a fault every chunk would meet is found,
-        said once, no further chunk is tried."""
-        if hopeless.happened:
+        of the table lives). A chunk the database refuses is halved down to the rows to blame, each
+        costing only its site (a site refused once is not sent again with that code); once sites of
+        REFUSED_SITES have been refused alike, every row would be (two bad sites are not an outage).
+        `hopeless` is the run's: once a fault every chunk would meet is found, said once, no further
+        chunk is tried."""
+        refused = self.refused.setdefault(failed_with, set()) if failed_with else set()
+        if hopeless.happened or (refused and {row[1] for row in chunk} <= refused):
             return Merged(failed=len(chunk))
-        arguments = {
-            "p_columns": STORED_COLUMNS,
-            "p_rows": chunk,
-            "p_accept_zeros": accept_zeros,
-            "p_dry_run": dry_run,
-        }
+        arguments = {"p_columns": STORED_COLUMNS, "p_rows": chunk, "p_accept_zeros": accept_zeros}
         try:
-            answer = self.rpc("store_analytics", arguments)
+            answer = self.rpc("store_analytics", {**arguments, "p_dry_run": dry_run})
         except (APIError, httpx.HTTPError) as error:
             kind, code = supabase_error_kind(error), str(getattr(error, "code", "") or "")
-            if kind == "other" and code == whole_failed_with and code not in ROW_ERRORS:
-                kind = "everywhere"  # a half fails as the whole did: no row is to blame
+            if kind == "other" and len(chunk) == 1 and code not in ROW_ERRORS:  # a row of its own
+                self.refused.setdefault(code, set()).add(chunk[0][1])
+                kind = "everywhere" if len(self.refused[code]) >= REFUSED_SITES else kind
             if kind in ("too big", "other") and len(chunk) > 1:
-                # Too much work for the statement timeout, or one row sinks the chunk (its site
-                # deleted during the run: 23503): halves are stored, or find the row.
+                # Too much work for the statement timeout, or rows that sink the chunk (a site
+                # deleted during the run: 23503): halves are stored, or find the rows.
                 half = len(chunk) // 2
                 first = self.store_chunk(chunk[:half], hopeless, accept_zeros, dry_run, code)
                 return first + self.store_chunk(chunk[half:], hopeless, accept_zeros, dry_run, code)
@@ -1379,6 +1380,8 @@ KEY_ERRORS = {"401", "403", "42501", "PGRST301", "PGRST302", "PGRST303"}
 TRANSIENT_ERRORS = {"PGRST000", "PGRST001", "PGRST002", "PGRST003", "57P01", "40001", "40P01"}
 # Errors one row can cause (its site deleted during the run, a value out of range, a row twice).
 ROW_ERRORS = {"23502", "23503", "23505", "23514", "21000", "22003", "22007", "22P02"}
+# Rows of this many sites refused alike (one code, not a row's own kind) mean every row would be.
+REFUSED_SITES = 3
 # Errors every write meets alike until someone acts: one request shows the fault.
 EVERYWHERE_ERRORS = {
     "25006": "the Supabase project is in read-only mode, which it enters when its disk reaches 95% of the "
@@ -3444,7 +3447,7 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
     """The job, in the seed's five steps: read the deployed sites and the accounts; get both sources'
     numbers, shape one row per site and day, and upsert them, the sources and the upserts kept busy
     side by side (fetch_and_store); then, in the nightly run, heal the holes of earlier nights."""
-    client = replace(Supabase.of(cfg), deadline=deadline)
+    client = replace(Supabase.of(cfg), deadline=deadline, refused={})
     lacks = client.missing_schema()
     if lacks:  # nothing is fetched that could not be stored, nor a night ended 0 with its healing off
         log.error("%s", lacks)

@@ -260,6 +260,31 @@ def test_an_upsert_chunk_refused_for_one_row_loses_only_that_row(fleet, db, gate
     assert lines_with("3 records were not stored", result.stderr)
 
 
+def test_two_rows_a_trigger_refuses_lose_only_themselves(fleet, db, gateway, run_aggregator):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(8)]
+    for site in sites:
+        fleet.visits(site, 7)
+    first, last = sites[0], sites[-1]  # one in each half of the chunk
+    db.execute(
+        "create function refuse_two() returns trigger language plpgsql as $$ begin "
+        f"if new.site_id in ({first.id}, {last.id}) then raise exception 'site is being migrated'; end if; "
+        "return new; end $$"
+    )
+    db.execute(
+        "create trigger refuse_two before insert or update on daily_analytics "
+        "for each row execute function refuse_two()"
+    )
+    try:
+        result = run_aggregator("--date", DAY.isoformat())
+    finally:  # the database outlives the test
+        db.execute("drop trigger refuse_two on daily_analytics")
+        db.execute("drop function refuse_two()")
+
+    assert result.returncode == 3  # two bad sites are not an outage
+    assert sorted(stored(db)) == [site.id for site in sites[1:-1]]
+    assert lines_with("2 records were not stored", result.stderr)
+
+
 @pytest.mark.parametrize("errors", [TRANSIENT[:6], TRANSIENT[6:]], ids=["first six", "last six"])
 def test_postgrests_own_transient_errors_are_retried_on_reads_and_writes(
     errors, fleet, db, gateway, config, run_aggregator
