@@ -3219,14 +3219,8 @@ class Upserts:
     def __init__(
         self, client: Supabase, cfg: Config, pool: Executor, hopeless: Once, outcome: Any, accept_zeros: bool
     ) -> None:
-        self.client, self.size, self.pool, self.hopeless, self.outcome = (
-            client,
-            cfg.upsert_chunk_size,
-            pool,
-            hopeless,
-            outcome,
-        )
-        self.accept_zeros = accept_zeros
+        self.client, self.size, self.pool, self.hopeless = client, cfg.upsert_chunk_size, pool, hopeless
+        self.outcome, self.accept_zeros = outcome, accept_zeros
         self.filling: dict[tuple[str, SiteId], tuple] = {}
         self.sent: list[Future] = []
         self.lock = threading.Lock()
@@ -4069,12 +4063,8 @@ class DryRunTable:
 
     def __init__(self, client: Supabase, cfg: Config, outcome: Outcome, accept_zeros: bool) -> None:
         say(ROW_FORMAT.format(*ROW_COLUMNS))
-        self.client, self.size, self.outcome, self.accept_zeros = (
-            client,
-            cfg.upsert_chunk_size,
-            outcome,
-            accept_zeros,
-        )
+        self.client, self.size = client, cfg.upsert_chunk_size
+        self.outcome, self.accept_zeros = outcome, accept_zeros
         self.domains, self.next, self.lock = outcome.domains, 0, threading.Lock()
         self.hopeless = Once()
         self.waiting: dict[int, list[dict]] = {}  # units fetched before one earlier in the fleet
@@ -4737,9 +4727,8 @@ class Command:
     help: str
     handler: Callable[[Config, argparse.Namespace, Session], int]
     needs: Callable[[argparse.Namespace], tuple[str, ...]] = lambda args: ()  # settings beyond Supabase's
-    before: Callable[[argparse.Namespace, Session], None] = lambda args, session: (
-        None
-    )  # what may be a usage error
+    # What may be a usage error, before the process is set up.
+    before: Callable[[argparse.Namespace, Session], None] = lambda args, session: None
     # When the configuration or Supabase cannot be read: the exit status (after the error line).
     cannot_start: Callable[[argparse.Namespace], int] = lambda args: ExitStatus.FAILED
     after: Callable[[argparse.Namespace, Session, Config | None, int], int] = (  # the last word
