@@ -1741,7 +1741,7 @@ class MatomoClient:
             if trouble:
                 return self.install_down(ids, error, f"{error}; to API.getMatomoVersion too")
         if len(ids) == 1:
-            log.warning("Matomo site id %s: %s; no Matomo value for it", ids[0], error)
+            site_warnings.add(f"{error}; no Matomo value", f"Matomo site id {ids[0]}")  # one line a cause
             return {}
         return self.visits_in_halves(ids, days, error)
 
@@ -1793,9 +1793,7 @@ class MatomoClient:
                 return {ids[0]: LOST_WHILE_DOWN}  # asked again whole once the install answers
             found = {day: visits for part in parts for day, visits in part.get(ids[0], {}).items()}
             return {ids[0]: found} if found else {}
-        log.warning(
-            "Matomo site id %s: %s even for %d days; no Matomo value for it", ids[0], error, len(days)
-        )
+        site_warnings.add(f"{error} even for {len(days)} days; no Matomo value", f"Matomo site id {ids[0]}")
         return {}
 
     def stop_asking(self, why: str) -> MatomoAnswer:

@@ -339,6 +339,22 @@ def test_a_token_whose_user_may_view_no_site_is_one_fault(fleet, db, matomo, run
     assert sorted(need["sites"]) == sorted(site.id for site in sites)
 
 
+def test_many_sites_each_failing_with_the_same_php_error_are_one_warning(
+    fleet, db, matomo, config, run_aggregator
+):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(30)]
+    visited(fleet, sites)
+    matomo.fatal_sites.update(site.matomo_id for site in sites[::3])  # ten sites' archives are broken
+    config["MATOMO_BULK_SIZE"] = "10"
+
+    result = run_aggregator("--date", DAY.isoformat())
+
+    assert result.returncode == 3
+    assert visits_on(db, sites) == [None if n % 3 == 0 else n + 1 for n in range(30)]
+    warnings = [line for line in lines_with("no Matomo value", result.stderr) if " WARNING " in line]
+    assert len(warnings) == 1 and "and 5 more" in warnings[0], warnings  # it was one line a site
+
+
 def test_the_matomo_token_travels_only_in_the_post_body(fleet, matomo, run_aggregator):
     fleet.visits(fleet.site("example.com"), 1)
 
