@@ -2982,17 +2982,14 @@ class SearchConsole:
                 targets[site.id] = (account, site_url)
 
     def no_property(self, site: Site, account: GscAccount, domain: str) -> Reason:
-        """Why a site of a connected account is not asked (said as a warning too)."""
-        log.warning(
-            "%s: account %s has no verified Search Console property for %s "
-            "(looked for sc-domain:%s and https/http URL prefixes)%s",
+        """Why a site of a connected account is not asked (said as a warning too: one line for the
+        account's sites, an account that lost its access to hundreds of properties included)."""
+        robot = account.service_account
+        site_warnings.add(
+            f"account {account.id} has no verified Search Console property for the site's domain (looked "
+            "for sc-domain: and https/http URL prefixes)"
+            + (f"; add {robot} as a user of the property in Search Console" if robot else ""),
             site.label,
-            account.id,
-            domain,
-            domain,
-            f"; add {account.service_account} as a user of the property in Search Console"
-            if account.service_account
-            else "",
         )
         return Reason(
             f"account {account.id} has no Search Console property for {domain}",

@@ -482,6 +482,21 @@ def test_a_property_listing_entry_without_site_url_does_not_cost_the_account(
     assert stored(db, DAY - dt.timedelta(days=1))[site.id]["gsc_clicks"] == 3
 
 
+def test_an_account_that_lost_its_properties_is_one_warning_for_its_sites(fleet, db, google, run_aggregator):
+    account = fleet.account()
+    sites = [fleet.site(f"s{n}.example.com", account, prop=None) for n in range(20)]  # access removed
+
+    result = run_aggregator("--json")
+
+    assert result.returncode == 4
+    warnings = [
+        line for line in lines_with("has no verified Search Console", result.stderr) if " WARNING " in line
+    ]
+    assert len(warnings) == 1 and "and 15 more" in warnings[0], warnings  # it was one line a site
+    needs = json.loads(result.stdout)["needs_a_person"]
+    assert sorted(site_id for need in needs for site_id in need["sites"]) == sorted(s.id for s in sites)
+
+
 def test_permission_levels_are_compared_as_the_discovery_document_spells_them(
     fleet, db, google, run_aggregator
 ):
@@ -492,7 +507,7 @@ def test_permission_levels_are_compared_as_the_discovery_document_spells_them(
     result = run_aggregator()
 
     assert result.returncode == 4
-    assert lines_with("no verified Search Console property for example.com", result.stderr)
+    assert lines_with("(example.com): account 1 has no verified Search Console property", result.stderr)
     assert google.count("/searchAnalytics/query") == 0
     assert gsc_state(db, site)[:2] == (3, 30)
 
