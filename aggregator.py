@@ -1406,8 +1406,13 @@ def supabase_error_kind(error: Exception) -> str:
     if code == "57014":  # the statement timeout: the same request would time out again
         return "too big"
     # A numeric code is the HTTP status of a non-JSON answer (a proxy's 5xx, Cloudflare's 52x, a
-    # proxy's 429 that asks to wait); no code at all is Supabase's gateway speaking, not PostgREST.
-    if code in TRANSIENT_ERRORS or code[:2] in ("08", "53") or code in ("429", "") or code.startswith("5"):
+    # proxy's 408 or 429, which ask to try again); no code at all is Supabase's gateway speaking.
+    if (
+        code in TRANSIENT_ERRORS
+        or code[:2] in ("08", "53")
+        or code in ("408", "429", "")
+        or code.startswith("5")
+    ):
         return "transient"
     return "other"
 

@@ -209,15 +209,16 @@ def test_a_project_gone_read_only_before_the_run_is_recorded_names_its_own_fix(
     assert "migrations" not in verdict  # nothing to apply: a full disk
 
 
+@pytest.mark.parametrize("status", [429, 408])
 def test_a_429_from_a_proxy_in_front_of_supabase_is_waited_out_not_taken_for_a_broken_table(
-    fleet, db, gateway, config, run_aggregator
+    status, fleet, db, gateway, config, run_aggregator
 ):
     sites = [fleet.site(f"s{n}.example.com") for n in range(4)]
     for site in sites:
         fleet.visits(site, 7)
     too_many = {
-        "status": 429,
-        "body": "<html><title>429 Too Many Requests</title></html>",
+        "status": status,
+        "body": f"<html><title>{status}</title></html>",
         "content_type": "text/html",
     }
     gateway.inject(lambda r: r.path == STORE, times=3, **too_many)  # a burst for every write in flight
