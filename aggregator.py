@@ -1115,9 +1115,10 @@ class Supabase:
             answer = self.rpc("store_analytics", {**arguments, "p_dry_run": dry_run})
         except (APIError, httpx.HTTPError) as error:
             kind, code = supabase_error_kind(error), str(getattr(error, "code", "") or "")
-            if kind == "other" and len(chunk) == 1 and code not in ROW_ERRORS:  # a row of its own
+            if kind == "other" and len(chunk) == 1:  # a row of its own: its site's others not sent
                 self.refused.setdefault(code, set()).add(chunk[0][1])
-                kind = "everywhere" if len(self.refused[code]) >= REFUSED_SITES else kind
+                many = code not in ROW_ERRORS and len(self.refused[code]) >= REFUSED_SITES
+                kind = "everywhere" if many else kind
             if kind in ("too big", "other") and len(chunk) > 1:
                 # Too much work for the statement timeout, or rows that sink the chunk (a site
                 # deleted during the run: 23503): halves are stored, or find the rows.

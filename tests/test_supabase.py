@@ -3,6 +3,7 @@ errors, a gateway that hangs or is not Supabase, and a schema that is not the mi
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import time
 
@@ -303,6 +304,31 @@ def test_two_rows_a_trigger_refuses_lose_only_themselves(fleet, db, gateway, run
     assert result.returncode == 3  # two bad sites are not an outage
     assert sorted(stored(db)) == [site.id for site in sites[1:-1]]
     assert lines_with("2 records were not stored", result.stderr)
+
+
+def test_a_site_deleted_during_a_backfill_costs_a_few_requests_not_one_per_row(
+    fleet, db, gateway, run_aggregator
+):
+    sites = [fleet.site(f"s{n}.example.com") for n in range(3)]
+    month = [DAY - dt.timedelta(days=n) for n in range(29, -1, -1)]
+    for site in sites:
+        for day in month:
+            fleet.visits(site, 7, day=day)
+    doomed = sites[1]
+
+    def delete_the_site_before_the_first_upsert(request) -> None:
+        if request.method == "POST" and request.path == STORE:
+            db.execute("delete from sites where id = %s", [doomed.id])
+            gateway.before = None
+
+    gateway.before = delete_the_site_before_the_first_upsert
+
+    result = run_aggregator("--from", month[0].isoformat(), "--to", DAY.isoformat())
+
+    assert result.returncode == 3
+    assert sorted(stored(db)) == [sites[0].id, sites[2].id]
+    assert lines_with("30 records were not stored", result.stderr)
+    assert upserts(gateway) <= 20  # halves down to its first row, then its other rows are not sent
 
 
 @pytest.mark.parametrize("errors", [TRANSIENT[:6], TRANSIENT[6:]], ids=["first six", "last six"])
