@@ -56,6 +56,17 @@ def upsert_with(site_id):
     return lambda r: r.path == STORE and any(row["site_id"] == site_id for row in rows_sent(r))
 
 
+def delete_before_the_first_upsert(db, gateway, site) -> None:
+    """The site is deleted during the run, after its rows were fetched: they fail its foreign key."""
+
+    def delete(request) -> None:
+        if request.method == "POST" and request.path == STORE:
+            db.execute("delete from sites where id = %s", [site.id])
+            gateway.before = None
+
+    gateway.before = delete
+
+
 def postgrest_error(status: int, code: str | None, message: str) -> dict:
     body = {"code": code, "details": None, "hint": None, "message": message}
     return {"status": status, "body": body if code else {"message": message}}
@@ -265,13 +276,7 @@ def test_an_upsert_chunk_refused_for_one_row_loses_only_that_row(fleet, db, gate
     for site in sites:
         fleet.visits(site, 7)
     doomed = sites[2]
-
-    def delete_the_site_before_the_first_upsert(request) -> None:
-        if request.method == "POST" and request.path == STORE:
-            db.execute("delete from sites where id = %s", [doomed.id])
-            gateway.before = None
-
-    gateway.before = delete_the_site_before_the_first_upsert
+    delete_before_the_first_upsert(db, gateway, doomed)
 
     result = run_aggregator()
 
@@ -315,13 +320,7 @@ def test_a_site_deleted_during_a_backfill_costs_a_few_requests_not_one_per_row(
         for day in month:
             fleet.visits(site, 7, day=day)
     doomed = sites[1]
-
-    def delete_the_site_before_the_first_upsert(request) -> None:
-        if request.method == "POST" and request.path == STORE:
-            db.execute("delete from sites where id = %s", [doomed.id])
-            gateway.before = None
-
-    gateway.before = delete_the_site_before_the_first_upsert
+    delete_before_the_first_upsert(db, gateway, doomed)
 
     result = run_aggregator("--from", month[0].isoformat(), "--to", DAY.isoformat())
 
