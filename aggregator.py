@@ -1023,7 +1023,7 @@ class Supabase:
         try:
             answer = self.rpc(name, arguments)
         except (APIError, httpx.HTTPError) as error:
-            person = supabase_error_kind(error) in ("key", "schema", "everywhere", "too big")
+            person = supabase_error_kind(error) in (*UNTIL_A_PERSON_ACTS, "too big")  # a read: no halves
             raise SupabaseError(describe_supabase_error(error, f"calling {name}"), person) from None
         if not isinstance(answer, kind):
             raise SupabaseError(
@@ -1110,9 +1110,14 @@ class Supabase:
         refused = self.refused.setdefault(failed_with, set()) if failed_with else set()
         if hopeless.happened or (refused and {row[1] for row in chunk} <= refused):
             return Merged(failed=len(chunk))
-        arguments = {"p_columns": STORED_COLUMNS, "p_rows": chunk, "p_accept_zeros": accept_zeros}
+        arguments = {
+            "p_columns": STORED_COLUMNS,
+            "p_rows": chunk,
+            "p_accept_zeros": accept_zeros,
+            "p_dry_run": dry_run,
+        }
         try:
-            answer = self.rpc("store_analytics", {**arguments, "p_dry_run": dry_run})
+            answer = self.rpc("store_analytics", arguments)
         except (APIError, httpx.HTTPError) as error:
             kind, code = supabase_error_kind(error), str(getattr(error, "code", "") or "")
             if kind == "other" and len(chunk) == 1:  # a row of its own: its site's others not sent
@@ -1127,7 +1132,7 @@ class Supabase:
                 return first + self.store_chunk(chunk[half:], hopeless, accept_zeros, dry_run, code)
             said = describe_supabase_error(error, "storing rows")
             late = kind == "transient" and self.deadline.passed()  # no wait for it to answer again
-            if kind in ("key", "schema", "everywhere") or late:
+            if kind in UNTIL_A_PERSON_ACTS or late:
                 self.stop_writing(hopeless, f"{self.deadline.why}: {said}" if late else said, not late)
                 return Merged(failed=len(chunk))
             what = f"site {chunk[0][1]}, {chunk[0][0]}" if len(chunk) == 1 else f"{len(chunk)} records"
@@ -1383,6 +1388,8 @@ TRANSIENT_ERRORS = {"PGRST000", "PGRST001", "PGRST002", "PGRST003", "57P01", "40
 ROW_ERRORS = {"23502", "23503", "23505", "23514", "21000", "22003", "22007", "22P02"}
 # Rows of this many sites refused alike (one code, not a row's own kind) mean every row would be.
 REFUSED_SITES = 3
+# supabase_error_kind's kinds that every request meets alike until a person acts.
+UNTIL_A_PERSON_ACTS = ("key", "schema", "everywhere")
 # Errors every write meets alike until someone acts: one request shows the fault.
 EVERYWHERE_ERRORS = {
     "25006": "the Supabase project is in read-only mode, which it enters when its disk reaches 95% of the "
@@ -1946,6 +1953,13 @@ class MatomoClient:
         elif isinstance(viewable, list):
             known = {int(m) for m in viewable if str(m).isdigit()}
             self.unknown.update((m, UNKNOWN_MATOMO_ID) for m in ids if m not in known)
+
+    def unknown_sites(self, sites: Iterable[Site], ids: Mapping[SiteId, int]) -> list[Site]:
+        """The sites whose Matomo id is `unknown`, said in one warning for them all."""
+        found = [site for site in sites if ids.get(site.id) in self.unknown]
+        for site in found:
+            site_warnings.add(f"{UNKNOWN_MATOMO_ID}; Matomo not asked", site.label)
+        return found
 
     def creation_days(self, ids: Iterable[int]) -> dict[int, dt.date | Reason]:
         """{Matomo id: the day the site was created in Matomo (ts_created, UTC), or why Matomo could
@@ -3824,10 +3838,8 @@ def what_needs_a_person(
     """The run's problems that another night cannot fix: each with the sites it costs."""
     if matomo.broken.happened:
         outcome.must_act(matomo.broken.why, [site.id for site in sites if site.id in matomo_ids])
-    for site in sites:
-        if matomo_ids.get(site.id) in matomo.unknown:  # one line for them all
-            site_warnings.add(f"{UNKNOWN_MATOMO_ID}; Matomo not asked", site.label)
-            outcome.must_act(UNKNOWN_MATOMO_ID.about(site.label), [site.id])
+    for site in matomo.unknown_sites(sites, matomo_ids):
+        outcome.must_act(UNKNOWN_MATOMO_ID.about(site.label), [site.id])
     for account_id, state in outcome.gsc_accounts.items():
         if needs_person(state):
             why = state if is_shared(state) else state.about(f"GSC account {account_id}")
@@ -3870,7 +3882,7 @@ def remember_sources(client: Supabase, known: list[dict], hopeless: Once) -> boo
     try:
         client.store_learned_sources(known)
     except (APIError, httpx.HTTPError) as error:
-        if supabase_error_kind(error) in ("key", "schema", "everywhere"):
+        if supabase_error_kind(error) in UNTIL_A_PERSON_ACTS:
             client.stop_writing(hopeless, describe_supabase_error(error, "storing site_sources"))
         else:
             log.error(
@@ -4216,9 +4228,7 @@ class Check:
             return
         ids, days = matomo_ids_by_site(sites), [self.today - dt.timedelta(days=DEFAULT_LAG_DAYS)]
         matomo.learn_unknown(ids.values())
-        for site in sites:
-            if ids.get(site.id) in matomo.unknown:
-                site_warnings.add(str(UNKNOWN_MATOMO_ID), site.label)
+        matomo.unknown_sites(sites, ids)
         with ThreadPoolExecutor(max_workers=matomo.workers) as pool:
             parts = chunks(sorted(set(ids.values()) - matomo.unknown.keys()), matomo.bulk_size)
             visits = by_site_id(
