@@ -245,8 +245,9 @@ class Config:
     gsc_qpm: int = number(1200)  # queries per minute per account: Search Console's per-user quota
     # ... and per Cloud project: every account authorised through one OAuth client shares it.
     gsc_project_qpm: int = number(40000)
-    # An account over its quota pauses this long, doubling up to five times (the load quota
-    # takes about 15 minutes to clear), within RUN_DEADLINE.
+    # An account over its quota, or whose queries Search Console fails (OUTAGE_FAILURES in a row),
+    # pauses this long, doubling up to five times (the load quota takes about 15 minutes to
+    # clear), within RUN_DEADLINE.
     gsc_quota_pause: int = number(60)
     upsert_chunk_size: int = number(1000)  # rows per upsert request (about 150 KB of JSON)
     upsert_workers: int = number(6)  # upsert requests in flight
@@ -2297,7 +2298,8 @@ class QuotaWindow:
 
 class AccountQuota:
     """When an account may send its next query: its own per-minute quota, its Cloud project's
-    (shared with every account of the project), and a pause after Google said a quota is used up.
+    (shared with every account of the project), and a pause after Google said a quota is used up,
+    or after OUTAGE_FAILURES queries in a row failed transiently (Search Console is down).
 
     Google answers every query in flight with the quota error at once: all the errors of queries
     sent before a pause began are that one event, never a new (doubled) pause. After a pause one
@@ -2311,6 +2313,8 @@ class AccountQuota:
         self.paused_at = -math.inf  # when the last pause began
         self.resume_at = 0.0
         self.reasons: set[str] = set()  # what Google said while exhausted
+        self.failures = 0  # queries that failed transiently since the last one that succeeded
+        self.down: str | None = None  # what every query answered while Search Console failed
 
     def next_turn(self, now: float) -> float:
         return max(self.resume_at, self.window.next_turn(now), self.project.next_turn(now))
@@ -2323,8 +2327,18 @@ class AccountQuota:
         self.project.take(now)
 
     def succeeded(self, sent_at: float) -> None:
+        self.failures = 0
         if sent_at >= self.paused_at:
-            self.pauses, self.reasons = 0, set()
+            self.pauses, self.reasons, self.down = 0, set(), None
+
+    def failing(self, said: str) -> bool:
+        """Whether a query that failed transiently after its retries (a 5xx, a timeout) meets an
+        outage of Search Console, which then pauses the account as a used-up quota does: from
+        OUTAGE_FAILURES in a row without a success (a property or two that fail are no outage)."""
+        self.failures += 1
+        if self.failures >= OUTAGE_FAILURES and self.down is None:
+            self.down = said
+        return self.down is not None
 
     def exhausted(self, sent_at: float, now: float, reasons: set[str]) -> float | None:
         """A query sent at `sent_at` met a used-up quota: the pause that starts now (0 when the
@@ -2341,6 +2355,13 @@ class AccountQuota:
 
     def why_exhausted(self, days: list[dt.date], until: str) -> str:
         """What stayed exhausted, and what to do about it."""
+        if self.down:  # said alike of every account, so one line for them all
+            return Reason(
+                f"Search Console failed every query ({self.down}) {until}",
+                "the next runs fetch these days by themselves",
+                person=False,
+                shared=True,
+            )
         if self.reasons & LOAD_QUOTA_REASONS:
             return (
                 f"Search Console's load or daily quota of this account stayed exhausted {until} (queries for "
@@ -2354,6 +2375,8 @@ class AccountQuota:
 
 
 QUOTA_PAUSES = 5
+# Queries of an account that fail transiently in a row, after their retries, that make an outage.
+OUTAGE_FAILURES = 5
 # Search Console's quota errors: the per-minute ones (429, or 403 rateLimitExceeded) and the
 # load and daily quotas (403 quotaExceeded, dailyLimitExceeded), which googleapiclient does not
 # retry at all. Newer front ends give the reason only in error.details[] (RATE_LIMIT_EXCEEDED)
@@ -2666,6 +2689,7 @@ class GscRound:
     # first to end would take and give back 64 locks each time.
     ended: queue.Queue = field(default_factory=queue.Queue)
     given_up: dict[str, dict[AccountId, list[SiteId]]] = field(default_factory=lambda: defaultdict(dict))
+    asked_again: set[SiteId] = field(default_factory=set)  # sites whose query failed once transiently
 
     def add_targets(self, targets: Mapping[SiteId, tuple[GscAccount, str]], days: list[dt.date]) -> None:
         for site_id, target in targets.items():
@@ -2743,7 +2767,8 @@ class GscRound:
             return ended
 
     def take_answer(self, future: Future) -> None:
-        """Files one finished query: its numbers, a quota error (the site waits again), or a warning."""
+        """Files one finished query: its numbers, a quota error or an outage (the site waits again),
+        or a warning."""
         site_id, sent_at = self.in_flight.pop(future)
         account, site_url = self.targets[site_id]
         self.busy[account.id] -= 1
@@ -2753,46 +2778,64 @@ class GscRound:
             self.give_up(account.id, str(stopped), [site_id])
             return
         except HttpError as error:
+            said = f"HTTP {error.status_code}: {http_error_reason(error)}"
             if is_quota_error(error):
-                self.quota_met(site_id, sent_at, error)
+                self.paused(
+                    site_id, sent_at, error_reasons(error), f"Search Console quota exceeded ({error.reason})"
+                )
             elif is_api_disabled(error):
                 self.give_up(account.id, api_disabled(account.project), [site_id])
-            else:  # one line per cause, not per site: an outage answers every query alike
-                site_warnings.add(f"HTTP {error.status_code}: {http_error_reason(error)}", f"GSC {site_url}")
-                self.answer(site_id, None)
+            else:
+                self.failed(site_id, sent_at, said, transient=error.status_code >= 500)
             return
         except Exception as error:  # noqa: BLE001 - a cut-off answer, a dropped refresh: this site only
-            site_warnings.add(f"{type(error).__name__}: {error}", f"GSC {site_url}")
-            self.answer(site_id, None)
+            transient = isinstance(error, (OSError, httplib2.HttpLib2Error))  # no answer, or none in time
+            self.failed(site_id, sent_at, f"{type(error).__name__}: {error}", transient)
             return
         account.quota.succeeded(sent_at)
         self.answer(site_id, metrics)
 
-    def quota_met(self, site_id: SiteId, sent_at: float, error: HttpError) -> None:
-        """The site's query met a used-up quota: it waits at the head of its account's queue, and the
-        account pauses, once per burst of such errors."""
+    def failed(self, site_id: SiteId, sent_at: float, said: str, transient: bool) -> None:
+        """A query failed after its retries: the site waits again while Search Console fails every
+        query alike (an outage, or a burst longer than the retries), else it is one line per cause
+        (not per site) and no value."""
+        account, site_url = self.targets[site_id]
+        first = site_id not in self.asked_again  # a property that fails again is no sign of an outage
+        if transient and (first or account.quota.down) and account.quota.failing(said):
+            self.asked_again.add(site_id)
+            # at the end of the queue: the probe after the pause is another property's query
+            self.paused(site_id, sent_at, set(), f"Search Console fails every query ({said})", last=True)
+        elif transient and first:  # its query met a burst: asked once more
+            self.asked_again.add(site_id)
+            self.waiting.setdefault(account.id, deque()).append(site_id)
+        else:
+            site_warnings.add(said, f"GSC {site_url}")
+            self.answer(site_id, None)
+
+    def paused(
+        self, site_id: SiteId, sent_at: float, reasons: set[str], said: str, last: bool = False
+    ) -> None:
+        """The site's query met a used-up quota or an outage: it waits at the head of its account's
+        queue (`last`: at its end), and the account pauses, once per burst of such errors."""
         account = self.targets[site_id][0]
-        pause = account.quota.exhausted(sent_at, time.monotonic(), error_reasons(error))
+        pause = account.quota.exhausted(sent_at, time.monotonic(), reasons)
         if pause is None:
             why = account.quota.why_exhausted(self.days[site_id], f"after {QUOTA_PAUSES} pauses")
             self.give_up(account.id, why, [site_id])
             return
-        self.waiting.setdefault(account.id, deque()).appendleft(site_id)
+        waiting = self.waiting.setdefault(account.id, deque())
+        (waiting.append if last else waiting.appendleft)(site_id)
         if pause:
-            log.info(
-                "GSC account %s: Search Console quota exceeded (%s); pausing its queries for %.0f s",
-                account.id,
-                error.reason,
-                pause,
-            )
+            log.info("GSC account %s: %s; pausing its queries for %.0f s", account.id, said, pause)
 
     def say_given_up(self) -> None:
         """One line per reason (and per account, unless the reason is the whole project's) for the
         sites left without a Search Console value."""
         for why, by_account in self.given_up.items():
             if is_shared(why):
-                site_ids = [site_id for ids in by_account.values() for site_id in ids]
-                log.error("%s: no GSC data for %d sites (ids %s)", why, len(site_ids), id_list(site_ids))
+                site_ids = sorted(site_id for ids in by_account.values() for site_id in ids)
+                level = logging.ERROR if needs_person(why) else logging.WARNING
+                log.log(level, "%s: no GSC data for %d sites (ids %s)", why, len(site_ids), id_list(site_ids))
                 continue
             for account_id, site_ids in by_account.items():
                 log.warning(

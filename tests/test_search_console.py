@@ -45,6 +45,10 @@ def queries_of(google, sites) -> list[float]:
 
 
 YESTERDAY = TODAY - dt.timedelta(days=1)
+# What Google answers while Search Console itself fails (an outage: every query alike)
+UNAVAILABLE = {
+    "error": {"code": 503, "message": "The service is currently unavailable.", "status": "UNAVAILABLE"}
+}
 
 
 def gsc_state(db, site, day: dt.date = DAY) -> tuple:
@@ -433,11 +437,8 @@ def test_a_search_console_outage_is_one_warning_not_one_per_site(fleet, db, goog
     sites = [fleet.site(f"s{n}.example.com", account) for n in range(50)]
     for site in sites:
         fleet.visits(site, 3)
-    unavailable = {
-        "error": {"code": 503, "message": "The service is currently unavailable.", "status": "UNAVAILABLE"}
-    }
-    google.inject("/searchAnalytics/query", status=503, body=unavailable, times=9999)
-    config["HTTP_RETRIES"] = "0"
+    google.inject("/searchAnalytics/query", status=503, body=UNAVAILABLE, times=9999)
+    config.update(HTTP_RETRIES="0", GSC_QUOTA_PAUSE="1", RUN_DEADLINE="6")
 
     result = run_aggregator()
 
@@ -446,7 +447,46 @@ def test_a_search_console_outage_is_one_warning_not_one_per_site(fleet, db, goog
     # cron mails warnings: one line for the cause, with the count, not fifty (a fleet's thousands)
     warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
     assert len(warnings) == 2, warnings  # the cause, and the verdict
-    assert "HTTP 503: The service is currently unavailable." in warnings[0] and "and 45 more" in warnings[0]
+    assert "HTTP 503: The service is currently unavailable." in warnings[0] and "50 sites" in warnings[0]
+    # Not one query per site: the 16 in flight, those sent as the first failures (OUTAGE_FAILURES - 1)
+    # came back, then one probe after each pause (1, 2, 4 s) that fits before the deadline
+    assert google.count("/searchAnalytics/query") <= 16 + 4 + 3
+
+
+def test_a_burst_of_503s_for_every_query_in_flight_costs_no_site(fleet, db, google, config, run_aggregator):
+    account = fleet.account()
+    sites = [fleet.site(f"s{n}.example.com", account) for n in range(30)]
+    searched(fleet, sites)
+    # Search Console fails for a moment, longer than googleapiclient's retries: every query in flight
+    google.inject("/searchAnalytics/query", status=503, body=UNAVAILABLE, times=16)
+    config.update(HTTP_RETRIES="0", GSC_QUOTA_PAUSE="1")
+
+    result = run_aggregator()
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert clicks_on(db, sites) == list(range(1, 31))
+
+
+def test_properties_that_fail_in_a_row_are_no_outage_of_their_account(
+    fleet, db, google, config, run_aggregator
+):
+    account = fleet.account()
+    bad = [fleet.site(f"bad{n}.example.com", account) for n in range(5)]
+    good = [fleet.site(f"good{n}.example.com", account) for n in range(10)]
+    searched(fleet, good)
+    for site in bad:  # five properties whose queries fail whatever is asked: enough to look like an outage
+        google.inject(query_of(site), status=500, body=UNAVAILABLE, times=99)
+    config.update(HTTP_RETRIES="0", GSC_QUOTA_PAUSE="1", GSC_ACCOUNT_WORKERS="1")
+
+    result = run_aggregator()
+
+    assert result.returncode == 3
+    assert clicks_on(db, good) == list(range(1, 11)) and clicks_on(db, bad) == [None] * 5
+    assert result.summary.startswith(
+        "Processed 15 sites. Fetched Matomo data for 15. Fetched GSC data for 10."
+    )
+    # one pause (the first five in a row), not a pause for each of their queries asked again
+    assert len(lines_with("pausing its queries", result.stderr)) <= 1
 
 
 def test_a_search_console_answer_cut_off_mid_body_costs_only_that_site(
