@@ -1538,6 +1538,7 @@ class MatomoClient:
     state: MatomoState
     broken: Once = field(default_factory=Once)  # the URL or the token is wrong
     unknown: dict[int, Reason] = field(default_factory=dict)  # ids the token may not view: never asked
+    skipped: dict[SiteId, Reason] = field(default_factory=dict)  # sites whose matomo_site_id cannot be used
     down_said: Once = field(default_factory=Once)
     log_off_said: Once = field(default_factory=Once)
 
@@ -1937,6 +1938,32 @@ class MatomoClient:
                 log_off,
             )
 
+    def ids_of(self, sites: Iterable[Site]) -> dict[SiteId, int]:
+        """{site id: Matomo id} for the sites Matomo is asked for; `skipped` says why each other site
+        with a matomo_site_id is not (a person must act): a malformed id, or one that a site of a
+        lower id has (that site gets its numbers; both would count the same visits)."""
+        ids: dict[SiteId, int] = {}
+        owner: dict[int, SiteId] = {}
+        for site in sorted(sites, key=lambda s: s.id):
+            if site.matomo_site_id is None:
+                continue
+            found = matomo_id(site)
+            if found is None:
+                why = Reason(
+                    f"matomo_site_id {site.matomo_site_id!r} is not a positive number", MATOMO_ID_FIX
+                )
+            elif found in owner:
+                why = Reason(
+                    f"site {owner[found]} has the same matomo_site_id ({found}) and gets its numbers",
+                    MATOMO_ID_FIX,
+                )
+            else:
+                ids[site.id] = owner[found] = found
+                continue
+            self.skipped[site.id] = why
+            site_warnings.add(f"{why}; Matomo skipped", site.label)
+        return ids
+
     def learn_unknown(self, ids: Iterable[int]) -> None:
         """`unknown`: those of the ids the install does not know or the token may not view, from
         Matomo's own list of what the token may view (an error slot's words are in the token
@@ -2125,22 +2152,6 @@ def matomo_id(site: Site) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def matomo_ids_by_site(sites: Iterable[Site]) -> dict[SiteId, int]:
-    """{site id: Matomo id} for the sites that have a usable one; a malformed one is warned about."""
-    ids = {}
-    for site in sites:
-        if site.matomo_site_id is None:
-            continue
-        found = matomo_id(site)
-        if found is None:
-            site_warnings.add(
-                f"matomo_site_id {site.matomo_site_id!r} is not a positive number; Matomo skipped", site.label
-            )
-        else:
-            ids[site.id] = found
-    return ids
-
-
 def zero_runs(by_day: Mapping[dt.date, MatomoDay]) -> list[list[dt.date]]:
     """The runs of consecutive days with 0 visits: one look at the raw log covers a run."""
     runs: list[list[dt.date]] = []
@@ -2216,6 +2227,10 @@ def look_requests(looks: list[ZeroLook], most: int) -> list[list[ZeroLook]]:
 
 
 # What fixes a Matomo id its install does not know (or the token may not view).
+MATOMO_ID_FIX = (
+    "set sites.matomo_site_id to the site's own id in Matomo (All Websites), or status_deployment of a "
+    "duplicate to something other than deployed"
+)
 UNKNOWN_MATOMO_ID_FIX = (
     "correct sites.matomo_site_id, or add the site in Matomo (or give view access to it to the user of "
     "MATOMO_TOKEN_AUTH)"
@@ -3496,9 +3511,8 @@ class Asked:
 
 
 def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outcome:
-    """The job, in the seed's five steps: read the deployed sites and the accounts; get both sources'
-    numbers, shape one row per site and day, and upsert them, the sources and the upserts kept busy
-    side by side (fetch_and_store); then, in the nightly run, heal the holes of earlier nights."""
+    """The job: read the deployed sites and the accounts; get both sources' numbers, shape rows and
+    upsert them, all busy side by side (fetch_and_store); in the nightly run, heal earlier holes."""
     client = replace(Supabase.of(cfg), deadline=deadline, refused={})
     lacks = client.missing_schema()
     if lacks:  # nothing is fetched that could not be stored, nor a night ended 0 with its healing off
@@ -3518,7 +3532,8 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             if asked.dry_run
             else Upserts(client, cfg, upserts, hopeless, outcome, asked.accept_zero_visits)
         )
-        matomo, matomo_ids = MatomoClient.of(cfg, deadline), matomo_ids_by_site(sites)
+        matomo = MatomoClient.of(cfg, deadline)
+        matomo_ids = matomo.ids_of(sites)
         gsc = SearchConsole(cfg, gsc_pool, deadline, outcome.gsc_accounts)
         if gsc_days:
             gsc.connect(sites, keys)
@@ -3887,7 +3902,7 @@ def what_needs_a_person(
         if needs_person(state):
             why = state if is_shared(state) else state.about(f"GSC account {account_id}")
             outcome.must_act(why, [site.id for site in sites if site.gsc_account_id == account_id])
-    for site_id, why in skipped.items():
+    for site_id, why in [*matomo.skipped.items(), *skipped.items()]:
         outcome.must_act(why.about(site_label(site_id, outcome.domains.get(site_id))), [site_id])
     if needs_person(hopeless.why):  # not Supabase silent at the deadline: the next nights store it
         outcome.must_act(hopeless.why)
@@ -3943,7 +3958,7 @@ def matomo_rows(
     learned: Mapping[tuple[SiteId, str], dict],
 ) -> list[dict]:
     """site_sources rows for the sites whose creation day in Matomo is not known yet, or that
-    Matomo no longer knows (status then lists them)."""
+    Matomo no longer knows, or whose matomo_site_id cannot be used (status then lists them)."""
     new = {
         site.id: matomo_ids[site.id]
         for site in sites
@@ -3956,25 +3971,31 @@ def matomo_rows(
         )
     }
     found = matomo.creation_days(new.values()) if new else {}
-    rows = []
-    for site_id, m in new.items():
-        if m not in found:
-            continue
-        said = found[m]
-        day = said if isinstance(said, dt.date) else None
-        rows.append(
-            {
-                "site_id": site_id,
-                "source": "matomo",
-                "source_key": str(m),
-                "available_from": day.isoformat() if day else None,
-                "history_from": day.isoformat() if day else None,
-                "unavailable": None if day else said,
-                "fix": None if day or not isinstance(said, Reason) else said.fix,
-                "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-            }
-        )
+    rows = [source_row(site_id, "matomo", str(m), found[m]) for site_id, m in new.items() if m in found]
+    for site in sites:
+        why, was = matomo.skipped.get(site.id), learned.get((site.id, "matomo"), {})
+        if why and (was.get("unavailable"), was.get("fix")) != (why, why.fix):
+            rows.append(source_row(site.id, "matomo", str(site.matomo_site_id), why))
     return rows
+
+
+def source_row(
+    site_id: SiteId, source: str, key: str, state: dt.date | Reason | None, history: str = ""
+) -> dict:
+    """A site_sources row: the source's key for the site (its Matomo id, its account), and the day
+    its data begins (`state`, a date: for Matomo the site's creation) or why it cannot be asked."""
+    day = state.isoformat() if isinstance(state, dt.date) else None
+    why = state if isinstance(state, Reason) else None
+    return {
+        "site_id": site_id,
+        "source": source,
+        "source_key": key,
+        "available_from": day,
+        "history_from": history or day,
+        "unavailable": why,
+        "fix": why.fix if why else None,
+        "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
 
 
 def gsc_rows(
@@ -3995,18 +4016,7 @@ def gsc_rows(
         fix = why.fix if why else None
         if was and (was["source_key"], was["unavailable"], was["fix"]) == (key, why, fix):
             continue
-        rows.append(
-            {
-                "site_id": site.id,
-                "source": "gsc",
-                "source_key": key,
-                "available_from": None,
-                "history_from": gsc_oldest_day(today).isoformat(),
-                "unavailable": why,
-                "fix": fix,
-                "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-            }
-        )
+        rows.append(source_row(site.id, "gsc", key, why, gsc_oldest_day(today).isoformat()))
     return rows
 
 
@@ -4269,7 +4279,7 @@ class Check:
             log.error("%s", error)
             found["matomo"] = {"reachable": False}
             return
-        ids, days = matomo_ids_by_site(sites), [self.today - dt.timedelta(days=DEFAULT_LAG_DAYS)]
+        ids, days = matomo.ids_of(sites), [self.today - dt.timedelta(days=DEFAULT_LAG_DAYS)]
         matomo.learn_unknown(ids.values())
         matomo.unknown_sites(sites, ids)
         with ThreadPoolExecutor(max_workers=matomo.workers) as pool:

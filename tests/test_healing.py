@@ -380,6 +380,23 @@ def test_a_site_matomo_stops_knowing_is_named_by_status(healing, fleet, db, run_
     assert need["fix"].startswith("correct sites.matomo_site_id")
 
 
+def test_a_matomo_id_two_sites_share_is_named_by_status_until_it_is_corrected(
+    healing, fleet, db, run_aggregator
+):
+    first, copy = fleet.site("shop.example.com"), fleet.site("shop-copy.example.com")
+    db.execute("update sites set matomo_site_id = %s where id = %s", [first.matomo_id, copy.id])
+
+    assert run_aggregator().returncode == 4
+    (need,) = json.loads(run_aggregator("status", "--json").stdout)["needs_a_person"]
+    assert (need["site_id"], need["source"]) == (copy.id, "matomo")
+    assert need["fix"].startswith("set sites.matomo_site_id")
+
+    fleet.matomo.site_ids.add(first.matomo_id + 100)
+    db.execute("update sites set matomo_site_id = %s where id = %s", [first.matomo_id + 100, copy.id])
+    assert run_aggregator().returncode == 0
+    assert json.loads(run_aggregator("status", "--json").stdout)["needs_a_person"] == []
+
+
 def test_status_of_an_empty_fleet_says_why_as_run_does(fleet, config, run_aggregator):
     fleet.site("shop.example.com")
     config["DEPLOYED_STATUS"] = "live"  # matches no row

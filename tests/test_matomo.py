@@ -326,6 +326,34 @@ def test_sites_matomo_does_not_know_are_a_persons_to_fix_and_never_asked(fleet, 
     assert all("correct sites.matomo_site_id" in need["fix"] for need in needs)
 
 
+def test_a_matomo_id_two_sites_share_gives_its_numbers_to_one_and_a_person_decides(
+    fleet, db, matomo, run_aggregator
+):
+    first, copy = fleet.site("shop.example.com"), fleet.site("shop-copy.example.com")
+    fleet.visits(first, 7, day=DAY)
+    db.execute("update sites set matomo_site_id = %s where id = %s", [first.matomo_id, copy.id])
+
+    result = run_aggregator("--date", DAY.isoformat(), "--json")
+
+    assert result.returncode == 4  # it was 0: both sites stored the same visits, counted twice
+    assert {site: row["matomo_visits"] for site, row in stored(db).items()} == {first.id: 7}
+    (need,) = json.loads(result.stdout)["needs_a_person"]
+    assert need["sites"] == [copy.id] and f"site {first.id} has the same matomo_site_id" in need["problem"]
+    assert "matomo_site_id" in need["fix"]
+
+
+def test_a_matomo_id_that_is_no_number_is_a_persons_to_fix(fleet, db, matomo, run_aggregator):
+    site = fleet.site("shop.example.com")
+    db.execute("update sites set matomo_site_id = -5 where id = %s", [site.id])
+
+    result = run_aggregator("--date", DAY.isoformat(), "--json")
+
+    assert result.returncode == 4  # it was 3, with a re-run that could never fetch it
+    (need,) = json.loads(result.stdout)["needs_a_person"]
+    assert need["sites"] == [site.id] and "set sites.matomo_site_id" in need["fix"]
+    assert matomo.report_requests() == []
+
+
 def test_a_token_whose_user_may_view_no_site_is_one_fault(fleet, db, matomo, run_aggregator):
     sites = [fleet.site(f"s{n}.example.com") for n in range(5)]
     matomo.site_ids.clear()  # a new token's user, never given access to any site
