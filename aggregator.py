@@ -1610,7 +1610,9 @@ class MatomoClient:
             ) from None
         if isinstance(answer, dict) and answer.get("result") == "error":
             message = html.unescape(str(answer.get("message", "")))
-            if "authenticate" in message:
+            # A whole request refused for access (NoAccessException: 401) is the token's: a bad one, or
+            # one whose user may view no site (in that user's language); a site's own is in its slot.
+            if status == 401:
                 raise MatomoConfigError(token_refused(message), "error")
             raise MatomoError(
                 f"Matomo error (HTTP {status}): {message}", "refused" if status == 400 else "error"
@@ -2039,8 +2041,8 @@ def page_text(page: str, limit: int = 160) -> str:
 
 def token_refused(message: str) -> str:
     return (
-        f"Matomo rejected MATOMO_TOKEN_AUTH ({message}): create a new token "
-        "(Administration > Personal > Security) with view access to every site"
+        f"Matomo rejected MATOMO_TOKEN_AUTH ({message}): use a valid token (Administration > Personal > "
+        "Security) of a user with view access to every site"
     )
 
 

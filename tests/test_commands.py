@@ -165,6 +165,21 @@ def test_check_goes_on_past_a_dead_supabase_to_a_wrong_token_and_secret(config, 
     assert "not-the-token" not in result.output and "not-the-secret" not in result.output
 
 
+@pytest.mark.parametrize("language", ["en", "de"])
+def test_check_names_the_fix_for_a_token_whose_user_may_view_no_site_in_its_users_language(
+    fleet, matomo, language, run_aggregator
+):
+    fleet.site("shop.example.com")
+    matomo.site_ids.clear()  # a new token's user, never given access to any site
+    matomo.language = language
+
+    result = run_aggregator("check")
+
+    assert result.returncode == 1
+    (problem,) = problems_of(result)
+    assert "MATOMO_TOKEN_AUTH" in problem and "view access" in problem, problem
+
+
 def test_check_tries_every_account_also_those_without_sites(fleet, run_aggregator):
     fleet.site("shop.example.com", fleet.account())
     unused = fleet.account(revoked=True)

@@ -16,6 +16,11 @@ from urllib.parse import parse_qsl
 
 from .base import FakeServer, Request, Response
 
+# General_ExceptionPrivilegeAtLeastOneWebsite, as lang/en.json and lang/de.json word it
+NO_VIEW_ACCESS = {
+    "en": "You can't access this resource as it requires 'view' access for at least one website.",
+    "de": "Sie haben keinen Zugang zu dieser Ressource, weil sie 'view' Zugriff für mindestens eine Webseite benötigt.",
+}
 HTML_PAGE = "<!DOCTYPE html><html><head><title>Sign in - Matomo</title></head><body>Sign in</body></html>"
 # What core/FrontController.php sends when a PHP \Error escapes any sub-request of a bulk request.
 FATAL_PAGE = (
@@ -66,6 +71,8 @@ class FakeMatomo(FakeServer):
         super().__init__()
         self.token = token
         self.site_ids: set[int] = set()
+        # The token user's language: Matomo translates its access errors into it (lang/*.json)
+        self.language = "en"
         self.visits: dict[tuple[int, str], int] = {}
         self.error_slots: dict[int, str] = {}  # Matomo site id -> message of its error slot
         self.fatal_sites: set[int] = set()  # a request that names one of these answers `fatal_page`
@@ -162,6 +169,10 @@ class FakeMatomo(FakeServer):
                 },
             )
         if request.query.get("method") == "API.getMatomoVersion":
+            if (
+                not self.site_ids and not self.visits_fn
+            ):  # Piwik::checkUserHasSomeViewAccess(): a NoAccessException
+                return Response(401, {"result": "error", "message": NO_VIEW_ACCESS[self.language]})
             return Response(200, {"value": "5.4.0"})
         if request.query.get("method") == "SitesManager.getSitesIdWithAtLeastViewAccess":
             return Response(200, sorted(self.site_ids))  # read from the database's access tables
