@@ -3015,9 +3015,8 @@ class SearchConsole:
                 if account not in said:
                     said.add(account)
                     log.error("%s. No Search Console data from these accounts this run", account)
-            else:
-                sites_of = len(by_account[account_id])
-                log.warning("GSC account %s: %s; no GSC data for its %d sites", account_id, account, sites_of)
+            else:  # one line per cause: an outage answers every account alike
+                site_warnings.add(f"{account}; no GSC data for its sites", f"GSC account {account_id}")
 
     def match(self, sites: Iterable[Site]) -> None:
         """`targets`: {site id: (account, property)} for the sites whose account holds a property for

@@ -453,6 +453,24 @@ def test_a_search_console_outage_is_one_warning_not_one_per_site(fleet, db, goog
     assert google.count("/searchAnalytics/query") <= 16 + 4 + 3
 
 
+def test_a_search_console_outage_met_while_connecting_the_accounts_is_one_warning(
+    fleet, db, google, config, run_aggregator
+):
+    accounts = [fleet.account() for _ in range(20)]
+    for account in accounts:
+        fleet.visits(fleet.site(f"shop{account.id}.example.com", account), 3)
+    google.inject(lambda r: google.kind(r) == "sites.list", status=503, body=UNAVAILABLE, times=9999)
+    config["HTTP_RETRIES"] = "0"
+
+    result = run_aggregator()
+
+    assert result.returncode == 3  # the next nights fetch them by themselves
+    assert result.summary.endswith("Fetched Matomo data for 20. Fetched GSC data for 0. Stored 60 records.")
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 2, warnings  # the cause (with the accounts it cost), and the verdict
+    assert "HTTP 503" in warnings[0] and "and 15 more" in warnings[0]
+
+
 def test_a_burst_of_503s_for_every_query_in_flight_costs_no_site(fleet, db, google, config, run_aggregator):
     account = fleet.account()
     sites = [fleet.site(f"s{n}.example.com", account) for n in range(30)]
@@ -743,4 +761,5 @@ def test_accounts_whose_property_list_never_comes_are_not_waited_for_past_the_ru
     assert google.count(lambda r: google.kind(r) == "sites.list") == 3  # no retry after the deadline
     assert result.returncode == 3
     assert result.summary.endswith("Fetched GSC data for 0. Stored 0 records.")
-    assert len(lines_with("RUN_DEADLINE reached; no GSC data for its 1 sites", result.stderr)) == 3
+    (said,) = [line for line in lines_with("no GSC data for", result.stderr) if " WARNING " in line]
+    assert said.count("GSC account") == 3  # one line for the three accounts (it was one each)
