@@ -2228,11 +2228,12 @@ def look_requests(looks: list[ZeroLook], most: int) -> list[list[ZeroLook]]:
     return requests
 
 
-# What fixes a Matomo id its install does not know (or the token may not view).
+# What fixes a matomo_site_id that is no number, or one another site has.
 MATOMO_ID_FIX = (
     "set sites.matomo_site_id to the site's own id in Matomo (All Websites), or status_deployment of a "
     "duplicate to something other than deployed"
 )
+# What fixes a Matomo id its install does not know (or the token may not view).
 UNKNOWN_MATOMO_ID_FIX = (
     "correct sites.matomo_site_id, or add the site in Matomo (or give view access to it to the user of "
     "MATOMO_TOKEN_AUTH)"
