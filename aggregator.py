@@ -1111,12 +1111,9 @@ class Supabase:
         refused = self.refused.setdefault(failed_with, set()) if failed_with else set()
         if hopeless.happened or (refused and {row[1] for row in chunk} <= refused):
             return Merged(failed=len(chunk))
-        arguments = {
-            "p_columns": STORED_COLUMNS,
-            "p_rows": chunk,
-            "p_accept_zeros": accept_zeros,
-            "p_dry_run": dry_run,
-        }
+        arguments = dict(
+            p_columns=STORED_COLUMNS, p_rows=chunk, p_accept_zeros=accept_zeros, p_dry_run=dry_run
+        )
         try:
             answer = self.rpc("store_analytics", arguments)
         except (APIError, httpx.HTTPError) as error:
