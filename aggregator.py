@@ -3709,7 +3709,9 @@ def fetch_and_store(
         for each in list(flow.checked):
             each.result()
     if flow.not_asked:
-        log.warning("%s: Matomo was not asked for %d sites", fetchers.deadline.why, flow.not_asked)
+        log.warning(
+            "%s: Matomo was not asked for %s", fetchers.deadline.why, plural(len(flow.not_asked), "site")
+        )
 
 
 class Flow:
@@ -3731,7 +3733,7 @@ class Flow:
         self.window = Window(SITE_DAYS_IN_FLIGHT)
         self.by_site: dict[SiteId, Unit] = {}  # the unit of each site Search Console is asked for
         self.lock = threading.Lock()
-        self.not_asked = 0  # sites Matomo was not asked for: the run was stopped first
+        self.not_asked: set[SiteId] = set()  # sites Matomo was not asked for: the run was stopped first
         self.matomo_pending = 0  # bulk requests sent or about to be, not answered yet
         self.looks: list[tuple[ZeroLook, Unit]] = []  # raw-log looks not sent yet, each with its unit
 
@@ -3759,14 +3761,17 @@ class Flow:
     def stopped(self, units: list[Unit]) -> None:
         """The units the run stopped before asking for: missing tonight (healing's are left for
         the next nights)."""
-        left = [site for rest in units for site in rest.sites]
+        left = list(
+            {site.id: site for rest in units for site in rest.sites}.values()
+        )  # a site's holes: units
         if not self.window.closed:  # else the failure itself is said
+            sites = plural(len(left), "site")
             what = (
-                "the holes of %d sites are left for the next nights"
+                f"the holes of {sites} are left for the next nights"
                 if self.healing
-                else "%d sites were not fetched"
+                else f"{sites} {'was' if len(left) == 1 else 'were'} not fetched"
             )
-            log.warning("%s: " + what, self.fetchers.deadline.why, len(left))
+            log.warning("%s: %s", self.fetchers.deadline.why, what)
         if not self.healing:
             self.outcome.give_up(left, self.outcome.sources_asked)
 
@@ -3776,7 +3781,7 @@ class Flow:
         try:
             if self.fetchers.deadline.passed():
                 with self.lock:
-                    self.not_asked += len(unit.matomo_ids)
+                    self.not_asked.update(unit.matomo_ids)
             else:
                 answered = self.fetchers.matomo.get_matomo_data(unit.matomo_ids.values(), unit.days)
         finally:

@@ -491,3 +491,22 @@ def test_a_day_before_2005_is_refused_with_the_reason(run_aggregator):
 
     assert result.returncode == 2
     assert "1999-12-31 is before 2005" in result.stderr
+
+
+def test_healing_cut_short_by_the_deadline_counts_each_site_once(
+    healing, fleet, db, matomo, config, run_aggregator
+):
+    site = fleet.site("shop.example.com")
+    created = TODAY - dt.timedelta(days=45)
+    matomo.created[site.matomo_id] = f"{created} 09:00:00"
+    for back in (10, 20, 30):  # three stored days split its history into four holes: four requests
+        fleet.store(site, day=DAY - dt.timedelta(days=back), matomo_visits=5, matomo_final=True)
+    night = f"{DAY - dt.timedelta(days=2)},{DAY}"
+    heals = lambda r: "VisitsSummary.get" in str(r.form) and night not in str(r.form)  # noqa: E731
+    matomo.inject(heals, status=200, delay=3, times=99)  # Matomo slow on old days: the deadline comes
+    config.update(RUN_DEADLINE="2", MATOMO_BULK_SIZE="1", MATOMO_WORKERS="1")
+
+    result = run_aggregator()
+
+    said = [line for line in lines_with("RUN_DEADLINE reached", result.stderr) if " WARNING " in line]
+    assert said and all(" 1 site" in line for line in said), said  # one site, however many holes
