@@ -1937,13 +1937,16 @@ class MatomoClient:
                 log_off,
             )
 
-    def ids_of(self, sites: Iterable[Site]) -> dict[SiteId, int]:
+    def ids_of(self, sites: Iterable[Site], fleet: Iterable[Site] = ()) -> dict[SiteId, int]:
         """{site id: Matomo id} for the sites Matomo is asked for; `skipped` says why each other site
         with a matomo_site_id is not (a person must act): a malformed id, or one that a site of a
-        lower id has (that site gets its numbers; both would count the same visits)."""
+        lower id in the deployed `fleet` has (that site gets its numbers; both would count the
+        same visits), whether or not that site is asked for in this run (--site)."""
         ids: dict[SiteId, int] = {}
         owner: dict[int, SiteId] = {}
-        for site in sorted(sites, key=lambda s: s.id):
+        for site in sorted([*fleet, *sites], key=lambda s: s.id):
+            owner.setdefault(matomo_id(site) or 0, site.id)
+        for site in sites:
             if site.matomo_site_id is None:
                 continue
             found = matomo_id(site)
@@ -1951,13 +1954,13 @@ class MatomoClient:
                 why = Reason(
                     f"matomo_site_id {site.matomo_site_id!r} is not a positive number", MATOMO_ID_FIX
                 )
-            elif found in owner:
+            elif owner[found] != site.id:
                 why = Reason(
                     f"site {owner[found]} has the same matomo_site_id ({found}) and gets its numbers",
                     MATOMO_ID_FIX,
                 )
             else:
-                ids[site.id] = owner[found] = found
+                ids[site.id] = found
                 continue
             self.skipped[site.id] = why
             site_warnings.add(f"{why}; Matomo skipped", site.label)
@@ -3016,14 +3019,18 @@ class SearchConsole:
             else:  # one line per cause: an outage answers every account alike
                 site_warnings.add(f"{account}; no GSC data for its sites", f"GSC account {account_id}")
 
-    def match(self, sites: Iterable[Site]) -> None:
+    def match(self, sites: Iterable[Site], fleet: Iterable[Site] = ()) -> None:
         """`targets`: {site id: (account, property)} for the sites whose account holds a property for
         their domain; `skipped`: why each other site of a connected account is not asked (a person must act).
 
-        Two deployed sites with one domain would both get its numbers: the first (lowest id) does.
+        Two deployed sites with one domain would both get its numbers: the first (lowest id) does,
+        also when only the other is asked for (--site): the rest of the deployed `fleet` counts.
         """
-        skipped, targets = self.skipped, self.targets
-        owner_of: dict[str, SiteId] = {}
+        skipped, targets, asked = self.skipped, self.targets, {site.id for site in sites}
+        owner_of: dict[str, SiteId] = {}  # a domain's site of the lowest id, asked for or not
+        for site in sorted(fleet, key=lambda s: s.id, reverse=True):
+            if site.id not in asked and site.gsc_account_id is not None and normalised_domain(site.domain):
+                owner_of[normalised_domain(site.domain) or ""] = site.id
         for site in sorted(sites, key=lambda s: s.id):
             account = self.accounts.get(site.gsc_account_id) if site.gsc_account_id is not None else None
             if account is None:
@@ -3041,21 +3048,21 @@ class SearchConsole:
                 )
             elif site_url is None:
                 skipped[site.id] = self.no_property(site, account, domain)
-            elif property_key(site_url) in owner_of:
+            elif owner_of.get(domain, site.id) < site.id:
                 skipped[site.id] = Reason(
-                    f"site {owner_of[property_key(site_url)]} has the same domain ({domain}) and gets its numbers",
+                    f"site {owner_of[domain]} has the same domain ({domain}) and gets its numbers",
                     "set status_deployment of the duplicate to something other than deployed",
                 )
                 log.warning(
                     "%s: site %s has the same domain (%s): only site %s gets its Search Console numbers; "
                     "set status_deployment of the duplicate to something other than deployed",
                     site.label,
-                    owner_of[property_key(site_url)],
+                    owner_of[domain],
                     domain,
-                    owner_of[property_key(site_url)],
+                    owner_of[domain],
                 )
             else:
-                owner_of[property_key(site_url)] = site.id
+                owner_of[domain] = site.id
                 targets[site.id] = (account, site_url)
 
     def no_property(self, site: Site, account: GscAccount, domain: str) -> Reason:
@@ -3518,7 +3525,7 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
         log.error("%s", lacks)
         outcome.must_act(lacks)
         return outcome
-    sites, keys, days, learned = fleet_to_fetch(client, asked)
+    fleet, sites, keys, days, learned = fleet_to_fetch(client, asked)
     gsc_days = [day for day in days if day >= gsc_oldest_day(asked.today)]
     outcome.begin(sites, days, ["matomo", "gsc"] if gsc_days else ["matomo"])
     with contextlib.ExitStack() as stack:
@@ -3532,11 +3539,11 @@ def run(cfg: Config, asked: Asked, deadline: Deadline, outcome: Outcome) -> Outc
             else Upserts(client, cfg, upserts, hopeless, outcome, asked.accept_zero_visits)
         )
         matomo = MatomoClient.of(cfg, deadline)
-        matomo_ids = matomo.ids_of(sites)
+        matomo_ids = matomo.ids_of(sites, fleet)
         gsc = SearchConsole(cfg, gsc_pool, deadline, outcome.gsc_accounts)
         if gsc_days:
             gsc.connect(sites, keys)
-            gsc.match(sites)
+            gsc.match(sites, fleet)
             progress.fetched("gsc", outcome.gsc.wanted - len(gsc.targets))  # nothing to ask for these
         known = sources_known(
             learned, cfg, asked, sites, matomo, matomo_ids, gsc.skipped, outcome.gsc_accounts
@@ -4075,15 +4082,16 @@ def heal(
 
 def fleet_to_fetch(
     client: Supabase, asked: Asked
-) -> tuple[list[Site], dict[AccountId, AccountKey], list[dt.date], dict | SupabaseError]:
-    """The deployed sites to fetch, every account's credential, the days asked for (each site's
-    older provisional values are the heal plan's), and what earlier runs learnt of the sites'
-    sources (or why it could not be read), read side by side."""
+) -> tuple[list[Site], list[Site], dict[AccountId, AccountKey], list[dt.date], dict | SupabaseError]:
+    """Every deployed site (which of two alike gets the numbers is decided over them all), those to
+    fetch, every account's credential, the days asked for (each site's older provisional values are
+    the heal plan's), and what earlier runs learnt of the sites' sources (or why it could not be
+    read), read side by side."""
     with ThreadPoolExecutor(max_workers=2) as side:
         sites_read = side.submit(client.deployed_sites)
         learned_read = side.submit(client.learned_sources)
         keys = client.account_keys()
-        sites = sites_read.result()
+        fleet = sites = sites_read.result()
         learned: dict | SupabaseError
         try:
             learned = learned_read.result()
@@ -4098,7 +4106,7 @@ def fleet_to_fetch(
     if asked.only_domains:
         sites = sites_with_domains(sites, asked.only_domains)
     log.info("Aggregating %s to %s for %d deployed sites", days[0], days[-1], len(sites))
-    return sites, keys, days, learned
+    return fleet, sites, keys, days, learned
 
 
 def sites_with_domains(sites: list[Site], domains: Iterable[str]) -> list[Site]:

@@ -584,6 +584,23 @@ def test_two_sites_with_one_domain_do_not_both_get_its_search_numbers(fleet, db,
     assert "set status_deployment of the duplicate" in verdict
 
 
+def test_a_duplicate_asked_for_alone_with_site_still_does_not_get_the_numbers(
+    fleet, db, google, run_aggregator
+):
+    account = fleet.account()
+    first = fleet.site("example.com", account)
+    second = fleet.site("www.example.com", account, prop=None)  # the same domain, once normalised
+    db.execute("update sites set matomo_site_id = %s where id = %s", [first.matomo_id, second.id])
+    fleet.visits(first, 7)
+    fleet.search(first, 4, 40, day=DAY - dt.timedelta(days=1))
+
+    result = run_aggregator("--site", str(second.id))  # by hand: only the duplicate is read
+
+    assert result.returncode == 4
+    assert stored(db, DAY - dt.timedelta(days=1)).get(second.id) is None  # neither its visits nor its clicks
+    assert stored(db).get(second.id) is None
+
+
 def test_a_unicode_domain_matches_its_punycode_property_and_back(fleet, db, google, run_aggregator):
     account = fleet.account()
     umlaut = fleet.site("bücher.de", account, prop="sc-domain:xn--bcher-kva.de")
