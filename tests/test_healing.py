@@ -503,8 +503,8 @@ def test_healing_cut_short_by_the_deadline_counts_each_site_once(
         fleet.store(site, day=DAY - dt.timedelta(days=back), matomo_visits=5, matomo_final=True)
     night = f"{DAY - dt.timedelta(days=2)},{DAY}"
     heals = lambda r: "VisitsSummary.get" in str(r.form) and night not in str(r.form)  # noqa: E731
-    matomo.inject(heals, status=200, delay=3, times=99)  # Matomo slow on old days: the deadline comes
-    config.update(RUN_DEADLINE="2", MATOMO_BULK_SIZE="1", MATOMO_WORKERS="1")
+    matomo.inject(heals, status=200, delay=5, times=99)  # Matomo slow on old days: the deadline comes
+    config.update(RUN_DEADLINE="4", MATOMO_BULK_SIZE="1", MATOMO_WORKERS="1")  # the night's own, in time
 
     result = run_aggregator()
 
