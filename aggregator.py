@@ -1937,15 +1937,17 @@ class MatomoClient:
                 log_off,
             )
 
-    def ids_of(self, sites: Iterable[Site], fleet: Iterable[Site] = ()) -> dict[SiteId, int]:
+    def ids_of(self, sites: list[Site], fleet: list[Site] | None = None) -> dict[SiteId, int]:
         """{site id: Matomo id} for the sites Matomo is asked for; `skipped` says why each other site
         with a matomo_site_id is not (a person must act): a malformed id, or one that a site of a
         lower id in the deployed `fleet` has (that site gets its numbers; both would count the
         same visits), whether or not that site is asked for in this run (--site)."""
         ids: dict[SiteId, int] = {}
         owner: dict[int, SiteId] = {}
-        for site in sorted([*fleet, *sites], key=lambda s: s.id):
-            owner.setdefault(matomo_id(site) or 0, site.id)
+        for site in sorted(fleet or sites, key=lambda s: s.id):
+            m = matomo_id(site)
+            if m is not None:
+                owner.setdefault(m, site.id)
         for site in sites:
             if site.matomo_site_id is None:
                 continue
@@ -3029,8 +3031,9 @@ class SearchConsole:
         skipped, targets, asked = self.skipped, self.targets, {site.id for site in sites}
         owner_of: dict[str, SiteId] = {}  # a domain's site of the lowest id, asked for or not
         for site in sorted(fleet, key=lambda s: s.id, reverse=True):
-            if site.id not in asked and site.gsc_account_id is not None and normalised_domain(site.domain):
-                owner_of[normalised_domain(site.domain) or ""] = site.id
+            domain = normalised_domain(site.domain)
+            if site.id not in asked and site.gsc_account_id is not None and domain:
+                owner_of[domain] = site.id
         for site in sorted(sites, key=lambda s: s.id):
             account = self.accounts.get(site.gsc_account_id) if site.gsc_account_id is not None else None
             if account is None:
@@ -3768,9 +3771,8 @@ class Flow:
     def stopped(self, units: list[Unit]) -> None:
         """The units the run stopped before asking for: missing tonight (healing's are left for
         the next nights)."""
-        left = list(
-            {site.id: site for rest in units for site in rest.sites}.values()
-        )  # a site's holes: units
+        # once each: a site with several holes is in several units
+        left = list({site.id: site for rest in units for site in rest.sites}.values())
         if not self.window.closed:  # else the failure itself is said
             sites = plural(len(left), "site")
             what = (
